@@ -1,0 +1,81 @@
+// Every moeforge op schema, in one place. Notation: T tokens, K experts per token, E experts,
+// S = T*K routed rows, H hidden, I expert intermediate size, r LoRA rank.
+// Kernels are registered per backend in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cpp; fake (meta)
+// kernels and autograd live in python/moeforge/ops.py.
+#include <torch/library.h>
+
+namespace {
+// Whether this binary was compiled with the CUDA kernels (not whether a GPU is present).
+bool built_with_cuda() {
+#ifdef MOEFORGE_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+TORCH_LIBRARY(moeforge, m) {
+  m.set_python_module("moeforge.ops");
+
+  m.def("built_with_cuda() -> bool", &built_with_cuda);
+
+  // Expert-sorted routing plan from topk_ids [T,K]: sorted_pairs [S] (flat pair t*K+k of each
+  // row, stable, grouped by expert, dropped pairs last), pair_to_row [T,K] (-1 = dropped),
+  // expert_offsets [E+1]. Ids < 0 or >= num_experts are dropped. All int32.
+  m.def(
+      "routing(Tensor topk_ids, int num_experts) -> (Tensor sorted_pairs, Tensor pair_to_row, "
+      "Tensor expert_offsets)");
+
+  // Gather tokens into expert order: out[row(t,k)] = w[t,k] * x[t]; dropped rows are zero.
+  m.def("permute(Tensor x, Tensor sorted_pairs, Tensor pair_to_row, Tensor? weights=None) -> Tensor");
+
+  // Token-major weighted combine: out[t] = sum_k w[t,k] * y[row(t,k)]; no atomics.
+  m.def("combine(Tensor y, Tensor sorted_pairs, Tensor pair_to_row, Tensor? weights=None) -> Tensor");
+
+  // Per-pair dot product: out[t,k] = <rows[row(t,k)], tokens[t]> (routing-weight gradients).
+  m.def("routed_dot(Tensor rows, Tensor tokens, Tensor pair_to_row) -> Tensor");
+
+  // Grouped GEMM: rows [offsets[e], offsets[e+1]) of x times expert e's weight (+ bias).
+  // weight [E,out,in] (nn.Linear, y = x W^T) or, with weight_transposed, [E,in,out] (y = x W).
+  // Rows >= offsets[E] (dropped) are zero.
+  m.def(
+      "grouped_mm(Tensor x, Tensor weight, Tensor expert_offsets, Tensor? bias=None, "
+      "bool weight_transposed=False) -> Tensor");
+
+  // Backward of grouped_mm: (grad_x, grad_weight, grad_bias); an entry of output_mask that is
+  // False skips that work and returns an empty tensor (frozen weights cost no dW GEMM).
+  m.def(
+      "grouped_mm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor expert_offsets, "
+      "bool weight_transposed, bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, "
+      "Tensor grad_bias)");
+
+  // Gated activation h [rows, 2I] -> a [rows, I]. variant "silu": HF layout, gate = h[:, :I],
+  // up = h[:, I:], a = silu(gate) * up. "gpt_oss": gate = h[:, 0::2], up = h[:, 1::2],
+  // gate = min(gate, limit), up = clamp(up, -limit, limit), a = (up + 1) * gate * sigmoid(alpha*gate).
+  m.def("swiglu(Tensor h, str variant=\"silu\", float alpha=1.702, float limit=7.0) -> Tensor");
+  m.def(
+      "swiglu_backward(Tensor grad_a, Tensor h, str variant=\"silu\", float alpha=1.702, "
+      "float limit=7.0) -> Tensor");
+
+  // Split LoRA on routed rows, PEFT layout: lora_A [E*r, in] expert-major, lora_B [out, r*E]
+  // rank-major. lora_u = x A_e^T [rows, r]; delta = scaling * lora_u B_e^T [rows, out].
+  // Never forms B_e A_e.
+  m.def(
+      "expert_lora(Tensor x, Tensor lora_A, Tensor lora_B, Tensor expert_offsets, float scaling) "
+      "-> (Tensor delta, Tensor lora_u)");
+  m.def(
+      "expert_lora_backward(Tensor grad_delta, Tensor x, Tensor lora_u, Tensor lora_A, "
+      "Tensor lora_B, Tensor expert_offsets, float scaling, bool[3] output_mask) -> "
+      "(Tensor grad_x, Tensor grad_A, Tensor grad_B)");
+
+  // Fused router losses over all layers' logits [T,E] together (HF semantics): the load-balancing
+  // loss E * sum_e (count_e / R) * (psum_e / R) and the z-loss mean(logsumexp^2), one pass.
+  // row_mask [T] (flattened attention mask) excludes padding rows. expert_counts [E] int64.
+  m.def(
+      "router_loss(Tensor[] logits, Tensor? row_mask, int top_k) -> (Tensor aux_loss, "
+      "Tensor z_loss, Tensor expert_counts)");
+  m.def(
+      "router_loss_backward(Tensor grad_aux, Tensor grad_z, Tensor[] logits, Tensor? row_mask, "
+      "Tensor expert_counts, int top_k) -> Tensor[]");
+}

@@ -1,0 +1,48 @@
+// One check_<op>_inputs per op, called by every backend (CPU and CUDA) before any work, so that a
+// user gets the same clear error whichever device their tensors are on.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string_view>
+
+namespace moeforge {
+
+void check_routing_inputs(const at::Tensor& topk_ids, int64_t num_experts);
+
+// permute, combine and routed_dot share the routing plan made by `routing`.
+void check_permute_inputs(const at::Tensor& x, const at::Tensor& sorted_pairs,
+                          const at::Tensor& pair_to_row, const std::optional<at::Tensor>& weights);
+void check_combine_inputs(const at::Tensor& y, const at::Tensor& sorted_pairs,
+                          const at::Tensor& pair_to_row, const std::optional<at::Tensor>& weights);
+void check_routed_dot_inputs(const at::Tensor& rows, const at::Tensor& tokens,
+                             const at::Tensor& pair_to_row);
+
+void check_grouped_mm_inputs(const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& expert_offsets,
+                             const std::optional<at::Tensor>& bias, bool weight_transposed);
+void check_grouped_mm_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
+                                      const at::Tensor& weight, const at::Tensor& expert_offsets,
+                                      bool weight_transposed);
+
+// The SwiGLU variants: "silu" = HF layout (gate columns first, then up), silu(gate) * up;
+// "gpt_oss" = interleaved (gate even, up odd), clamped, (up + 1) * gate * sigmoid(alpha * gate).
+enum class SwigluVariant { kSilu, kGptOss };
+SwigluVariant parse_swiglu_variant(std::string_view op, std::string_view variant);
+void check_swiglu_inputs(const at::Tensor& h, std::string_view variant, double alpha, double limit);
+void check_swiglu_backward_inputs(const at::Tensor& grad_a, const at::Tensor& h,
+                                  std::string_view variant, double alpha, double limit);
+
+// Returns the LoRA rank r (lora_A is [num_experts * r, in]).
+int64_t check_expert_lora_inputs(std::string_view op, const at::Tensor& x,
+                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                 const at::Tensor& expert_offsets);
+
+void check_router_loss_inputs(std::string_view op, at::TensorList logits,
+                              const std::optional<at::Tensor>& row_mask, int64_t top_k);
+
+// Host-side value checks of expert_offsets: only where reading them costs no device sync (CPU).
+void check_offsets_values(std::string_view op, const at::Tensor& expert_offsets, int64_t num_rows);
+
+}  // namespace moeforge

@@ -1,0 +1,59 @@
+// The gated activations of MoE expert FFNs and their derivatives, as scalar functions shared by
+// the CPU kernels (csrc/cpu) and the CUDA kernels (kernels/). Arithmetic in `T` = float or double.
+//
+//   silu    (HF Qwen/Mixtral/OLMoE/DeepSeek): a = silu(g) * u = g * sigmoid(g) * u
+//   gpt_oss (clamped):  g' = min(g, limit), u' = clamp(u, -limit, limit),
+//                       a = (u' + 1) * g' * sigmoid(alpha * g')
+// Gradients through the clamps follow torch.clamp: they pass where the input lies inside the
+// closed interval and are zero outside it.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define MOEFORGE_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MOEFORGE_HOST_DEVICE inline
+#endif
+
+namespace moeforge::kernels {
+
+template <typename T>
+MOEFORGE_HOST_DEVICE T sigmoid(T x) {
+  using std::exp;
+  return T(1) / (T(1) + exp(-x));
+}
+
+template <typename T>
+MOEFORGE_HOST_DEVICE T silu_glu(T gate, T up) {
+  return gate * sigmoid(gate) * up;
+}
+
+// d a / d gate and d a / d up for silu_glu, written into *dg and *du (scaled by grad).
+template <typename T>
+MOEFORGE_HOST_DEVICE void silu_glu_backward(T grad, T gate, T up, T* dg, T* du) {
+  const T s = sigmoid(gate);
+  const T silu = gate * s;
+  *du = grad * silu;
+  *dg = grad * up * (s + silu * (T(1) - s));
+}
+
+template <typename T>
+MOEFORGE_HOST_DEVICE T gpt_oss_glu(T gate, T up, T alpha, T limit) {
+  const T g = gate > limit ? limit : gate;
+  const T u = up > limit ? limit : (up < -limit ? -limit : up);
+  return (u + T(1)) * g * sigmoid(alpha * g);
+}
+
+template <typename T>
+MOEFORGE_HOST_DEVICE void gpt_oss_glu_backward(T grad, T gate, T up, T alpha, T limit, T* dg,
+                                               T* du) {
+  const T g = gate > limit ? limit : gate;
+  const T u = up > limit ? limit : (up < -limit ? -limit : up);
+  const T s = sigmoid(alpha * g);
+  const T glu = g * s;
+  *du = (up >= -limit && up <= limit) ? grad * glu : T(0);
+  *dg = gate <= limit ? grad * (u + T(1)) * (s + alpha * glu * (T(1) - s)) : T(0);
+}
+
+}  // namespace moeforge::kernels

@@ -1,0 +1,425 @@
+"""Typed wrappers, fake (meta) kernels and autograd for the ``torch.ops.moeforge`` operators.
+
+Notation: T tokens, K experts per token (top-k), E experts, S = T*K routed rows, H hidden size,
+I expert intermediate size, r LoRA rank. Routed rows are in *expert order*: rows
+``expert_offsets[e]:expert_offsets[e+1]`` belong to expert e; rows past ``expert_offsets[E]``
+belong to dropped pairs (expert id < 0 or >= E) and are zero everywhere.
+
+Every op's kernels (CPU and CUDA) live in C++; this module only registers what torch needs in
+Python: fake kernels for ``torch.compile`` and autograd formulas whose backward calls our own
+backward ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from moeforge import _library
+
+_library.load()
+_ops = torch.ops.moeforge
+
+__all__ = [
+    "RoutingPlan",
+    "combine",
+    "expert_lora",
+    "grouped_mm",
+    "permute",
+    "router_loss",
+    "routing",
+    "swiglu",
+]
+
+
+class RoutingPlan(NamedTuple):
+    """Expert-sorted routing metadata made by :func:`routing` (all int32, same device as ids).
+
+    Attributes:
+        sorted_pairs: ``[S]`` flat pair index ``t*K + k`` of each routed row, grouped by expert
+            (stable), dropped pairs last.
+        pair_to_row: ``[T, K]`` routed row of each (token, slot) pair; -1 for dropped pairs.
+        expert_offsets: ``[E + 1]`` row offsets; ``expert_offsets[E]`` = number of kept rows.
+    """
+
+    sorted_pairs: Tensor
+    pair_to_row: Tensor
+    expert_offsets: Tensor
+
+    @property
+    def tokens_per_expert(self) -> Tensor:
+        """``[E]`` number of rows routed to each expert."""
+        return self.expert_offsets.diff()
+
+
+# ------------------------------------------------------------------------------------------
+# routing
+# ------------------------------------------------------------------------------------------
+
+
+def routing(topk_ids: Tensor, num_experts: int) -> RoutingPlan:
+    """Sort the (token, slot) pairs of ``topk_ids [T, K]`` (int32/int64) by expert.
+
+    Ids outside ``[0, num_experts)`` are dropped rows (HF's expert-parallel sentinels). No host
+    synchronisation on CUDA, deterministic.
+    """
+    return RoutingPlan(*_ops.routing(topk_ids, num_experts))
+
+
+@torch.library.register_fake("moeforge::routing")
+def _routing_fake(topk_ids: Tensor, num_experts: int):
+    return (
+        topk_ids.new_empty(topk_ids.numel(), dtype=torch.int32),
+        topk_ids.new_empty(topk_ids.shape, dtype=torch.int32),
+        topk_ids.new_empty(num_experts + 1, dtype=torch.int32),
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# permute / combine / routed_dot
+# ------------------------------------------------------------------------------------------
+
+
+def permute(x: Tensor, plan: RoutingPlan, weights: Tensor | None = None) -> Tensor:
+    """Gather token rows into expert order: ``out[row(t,k)] = w[t,k] * x[t]``.
+
+    Args:
+        x: ``[T, H]`` token activations.
+        plan: from :func:`routing`.
+        weights: optional ``[T, K]`` per-pair scale (any float dtype).
+
+    Returns:
+        ``[S, H]`` in ``x.dtype``; dropped rows are zero.
+    """
+    return _ops.permute(x, plan.sorted_pairs, plan.pair_to_row, weights)
+
+
+def combine(y: Tensor, plan: RoutingPlan, weights: Tensor | None = None) -> Tensor:
+    """Token-major weighted sum of expert outputs: ``out[t] = sum_k w[t,k] * y[row(t,k)]``.
+
+    Args:
+        y: ``[S, H]`` expert outputs in expert order.
+        plan: from :func:`routing`.
+        weights: optional ``[T, K]`` routing weights (fp32 or the dtype of y).
+
+    Returns:
+        ``[T, H]`` in ``y.dtype``; accumulated in fp32, deterministic (no atomics).
+    """
+    return _ops.combine(y, plan.sorted_pairs, plan.pair_to_row, weights)
+
+
+@torch.library.register_fake("moeforge::permute")
+def _permute_fake(x, sorted_pairs, pair_to_row, weights=None):
+    return x.new_empty(sorted_pairs.shape[0], x.shape[1])
+
+
+@torch.library.register_fake("moeforge::combine")
+def _combine_fake(y, sorted_pairs, pair_to_row, weights=None):
+    return y.new_empty(pair_to_row.shape[0], y.shape[1])
+
+
+@torch.library.register_fake("moeforge::routed_dot")
+def _routed_dot_fake(rows, tokens, pair_to_row):
+    return rows.new_empty(pair_to_row.shape[0], pair_to_row.shape[1])
+
+
+def _permute_setup(ctx, inputs, output):
+    x, sorted_pairs, pair_to_row, weights = inputs
+    weights_need_grad = weights is not None and ctx.needs_input_grad[3]
+    ctx.save_for_backward(
+        sorted_pairs, pair_to_row, weights, x if weights_need_grad else None
+    )
+
+
+def _permute_backward(ctx, grad):
+    sorted_pairs, pair_to_row, weights, x = ctx.saved_tensors
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _ops.combine(grad, sorted_pairs, pair_to_row, weights)
+    if weights is not None and ctx.needs_input_grad[3]:
+        grad_w = _ops.routed_dot(grad, x, pair_to_row).to(weights.dtype)
+    return grad_x, None, None, grad_w
+
+
+def _combine_setup(ctx, inputs, output):
+    y, sorted_pairs, pair_to_row, weights = inputs
+    weights_need_grad = weights is not None and ctx.needs_input_grad[3]
+    ctx.save_for_backward(
+        sorted_pairs, pair_to_row, weights, y if weights_need_grad else None
+    )
+
+
+def _combine_backward(ctx, grad):
+    sorted_pairs, pair_to_row, weights, y = ctx.saved_tensors
+    grad_y = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_y = _ops.permute(grad, sorted_pairs, pair_to_row, weights)
+    if weights is not None and ctx.needs_input_grad[3]:
+        grad_w = _ops.routed_dot(y, grad.to(y.dtype), pair_to_row).to(weights.dtype)
+    return grad_y, None, None, grad_w
+
+
+torch.library.register_autograd(
+    "moeforge::permute", _permute_backward, setup_context=_permute_setup
+)
+torch.library.register_autograd(
+    "moeforge::combine", _combine_backward, setup_context=_combine_setup
+)
+
+
+# ------------------------------------------------------------------------------------------
+# grouped_mm
+# ------------------------------------------------------------------------------------------
+
+
+def grouped_mm(
+    x: Tensor,
+    weight: Tensor,
+    expert_offsets: Tensor,
+    bias: Tensor | None = None,
+    weight_transposed: bool = False,
+) -> Tensor:
+    """Per-expert GEMM over expert-sorted rows.
+
+    Args:
+        x: ``[S, in]`` rows in expert order.
+        weight: ``[E, out, in]`` (nn.Linear / HF layout, ``y = x W^T``) or, with
+            ``weight_transposed``, ``[E, in, out]`` (gpt-oss layout, ``y = x W``).
+        expert_offsets: ``[E + 1]`` int32 from :func:`routing`.
+        bias: optional ``[E, out]``.
+
+    Returns:
+        ``[S, out]``; rows past ``expert_offsets[E]`` are zero. fp32 accumulation.
+    """
+    return _ops.grouped_mm(x, weight, expert_offsets, bias, weight_transposed)
+
+
+@torch.library.register_fake("moeforge::grouped_mm")
+def _grouped_mm_fake(x, weight, expert_offsets, bias=None, weight_transposed=False):
+    return x.new_empty(x.shape[0], weight.shape[2 if weight_transposed else 1])
+
+
+@torch.library.register_fake("moeforge::grouped_mm_backward")
+def _grouped_mm_backward_fake(grad_out, x, weight, expert_offsets, weight_transposed, output_mask):
+    out_features = weight.shape[2 if weight_transposed else 1]
+    empty = x.new_empty(0)
+    return (
+        x.new_empty(x.shape) if output_mask[0] else empty,
+        weight.new_empty(weight.shape) if output_mask[1] else empty,
+        x.new_empty(weight.shape[0], out_features) if output_mask[2] else empty,
+    )
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    x, weight, expert_offsets, bias, weight_transposed = inputs
+    ctx.weight_transposed = weight_transposed
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, expert_offsets)
+
+
+def _grouped_mm_backward(ctx, grad):
+    x, weight, expert_offsets = ctx.saved_tensors
+    mask = [
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1],
+        ctx.has_bias and ctx.needs_input_grad[3],
+    ]
+    if not any(mask):
+        return None, None, None, None, None
+    grad_x, grad_w, grad_b = _ops.grouped_mm_backward(
+        grad, x, weight, expert_offsets, ctx.weight_transposed, mask
+    )
+    return (
+        grad_x if mask[0] else None,
+        grad_w if mask[1] else None,
+        None,
+        grad_b if mask[2] else None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "moeforge::grouped_mm", _grouped_mm_backward, setup_context=_grouped_mm_setup
+)
+
+
+# ------------------------------------------------------------------------------------------
+# swiglu
+# ------------------------------------------------------------------------------------------
+
+GPT_OSS_ALPHA = 1.702
+GPT_OSS_LIMIT = 7.0
+
+
+def swiglu(
+    h: Tensor, variant: str = "silu", alpha: float = GPT_OSS_ALPHA, limit: float = GPT_OSS_LIMIT
+) -> Tensor:
+    """Gated activation of the expert FFN: ``h [S, 2I] -> a [S, I]``.
+
+    ``variant="silu"``: HF layout, gate = ``h[:, :I]``, up = ``h[:, I:]``, ``a = silu(gate) * up``.
+    ``variant="gpt_oss"``: interleaved gate = ``h[:, 0::2]``, up = ``h[:, 1::2]``, clamped:
+    ``a = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``.
+    """
+    return _ops.swiglu(h, variant, alpha, limit)
+
+
+@torch.library.register_fake("moeforge::swiglu")
+def _swiglu_fake(h, variant="silu", alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT):
+    return h.new_empty(h.shape[0], h.shape[1] // 2)
+
+
+@torch.library.register_fake("moeforge::swiglu_backward")
+def _swiglu_backward_fake(grad_a, h, variant="silu", alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT):
+    return h.new_empty(h.shape)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    h, variant, alpha, limit = inputs
+    ctx.args = (variant, alpha, limit)
+    ctx.save_for_backward(h)
+
+
+def _swiglu_backward(ctx, grad):
+    (h,) = ctx.saved_tensors
+    return _ops.swiglu_backward(grad, h, *ctx.args), None, None, None
+
+
+torch.library.register_autograd("moeforge::swiglu", _swiglu_backward, setup_context=_swiglu_setup)
+
+
+# ------------------------------------------------------------------------------------------
+# expert_lora
+# ------------------------------------------------------------------------------------------
+
+
+def expert_lora(
+    x: Tensor, lora_A: Tensor, lora_B: Tensor, expert_offsets: Tensor, scaling: float
+) -> Tensor:
+    """Split LoRA delta on routed rows, in PEFT's expert layout.
+
+    Args:
+        x: ``[S, in]`` rows in expert order.
+        lora_A: ``[E*r, in]``, expert-major (rows ``e*r:(e+1)*r`` are expert e's A).
+        lora_B: ``[out, r*E]``, rank-major (column ``j*E + e`` is rank j of expert e).
+        expert_offsets: ``[E + 1]`` int32.
+        scaling: LoRA scale (``alpha / r``).
+
+    Returns:
+        ``[S, out]`` = ``scaling * (x A_e^T) B_e^T`` per expert; ``B_e A_e`` is never formed.
+    """
+    delta, _ = _ops.expert_lora(x, lora_A, lora_B, expert_offsets, scaling)
+    return delta
+
+
+@torch.library.register_fake("moeforge::expert_lora")
+def _expert_lora_fake(x, lora_A, lora_B, expert_offsets, scaling):
+    rank = lora_A.shape[0] // (expert_offsets.shape[0] - 1)
+    return x.new_empty(x.shape[0], lora_B.shape[0]), x.new_empty(x.shape[0], rank)
+
+
+@torch.library.register_fake("moeforge::expert_lora_backward")
+def _expert_lora_backward_fake(
+    grad_delta, x, lora_u, lora_A, lora_B, expert_offsets, scaling, output_mask
+):
+    empty = x.new_empty(0)
+    return (
+        x.new_empty(x.shape) if output_mask[0] else empty,
+        lora_A.new_empty(lora_A.shape) if output_mask[1] else empty,
+        lora_B.new_empty(lora_B.shape) if output_mask[2] else empty,
+    )
+
+
+def _expert_lora_setup(ctx, inputs, output):
+    x, lora_A, lora_B, expert_offsets, scaling = inputs
+    _, lora_u = output
+    ctx.scaling = scaling
+    ctx.mark_non_differentiable(lora_u)
+    ctx.save_for_backward(x, lora_u, lora_A, lora_B, expert_offsets)
+
+
+def _expert_lora_backward(ctx, grad_delta, _grad_u):
+    x, lora_u, lora_A, lora_B, expert_offsets = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:3])
+    if not any(mask):
+        return None, None, None, None, None
+    grad_x, grad_A, grad_B = _ops.expert_lora_backward(
+        grad_delta, x, lora_u, lora_A, lora_B, expert_offsets, ctx.scaling, mask
+    )
+    return (
+        grad_x if mask[0] else None,
+        grad_A if mask[1] else None,
+        grad_B if mask[2] else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "moeforge::expert_lora", _expert_lora_backward, setup_context=_expert_lora_setup
+)
+
+
+# ------------------------------------------------------------------------------------------
+# router_loss
+# ------------------------------------------------------------------------------------------
+
+
+def router_loss(
+    logits: Tensor | Sequence[Tensor], top_k: int, row_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Fused load-balancing loss and z-loss over all layers' router logits, in one pass.
+
+    Args:
+        logits: one ``[T, E]`` tensor, or a sequence of them (one per MoE layer).
+        top_k: experts per token.
+        row_mask: optional ``[T]`` (e.g. ``attention_mask.flatten()``); zero rows are excluded.
+
+    Returns:
+        ``(aux_loss, z_loss)``, 0-d fp32 (fp64 for fp64 logits). ``aux_loss`` has HF's semantics
+        (``load_balancing_loss_func``: statistics of all layers together, uniform routing gives
+        ``top_k``); ``z_loss`` is the mean over kept rows of all layers of ``logsumexp^2``.
+    """
+    layers = [logits] if isinstance(logits, Tensor) else list(logits)
+    if not layers:  # the dispatcher cannot route an op whose only tensors are an empty list
+        raise ValueError("moeforge.router_loss: logits must hold at least one layer's router logits")
+    aux, z, _ = _ops.router_loss(layers, row_mask, top_k)
+    return aux, z
+
+
+@torch.library.register_fake("moeforge::router_loss")
+def _router_loss_fake(logits, row_mask, top_k):
+    first = logits[0]
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    return (
+        first.new_empty((), dtype=dtype),
+        first.new_empty((), dtype=dtype),
+        first.new_empty(first.shape[1], dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("moeforge::router_loss_backward")
+def _router_loss_backward_fake(grad_aux, grad_z, logits, row_mask, expert_counts, top_k):
+    return [layer.new_empty(layer.shape) for layer in logits]
+
+
+def _router_loss_setup(ctx, inputs, output):
+    logits, row_mask, top_k = inputs
+    _, _, counts = output
+    ctx.top_k = top_k
+    ctx.num_layers = len(logits)
+    ctx.mark_non_differentiable(counts)
+    ctx.save_for_backward(row_mask, counts, *logits)
+
+
+def _router_loss_backward(ctx, grad_aux, grad_z, _grad_counts):
+    row_mask, counts, *logits = ctx.saved_tensors
+    grads = _ops.router_loss_backward(grad_aux, grad_z, logits, row_mask, counts, ctx.top_k)
+    return grads, None, None
+
+
+torch.library.register_autograd(
+    "moeforge::router_loss", _router_loss_backward, setup_context=_router_loss_setup
+)
