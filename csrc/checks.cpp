@@ -34,8 +34,8 @@ void check_same_dtype(std::string_view op, std::string_view name, const at::Tens
 
 void check_same_device(std::string_view op, std::string_view name, const at::Tensor& t,
                        std::string_view ref_name, const at::Tensor& ref) {
-  MOEFORGE_CHECK_VALUE(t.device() == ref.device(), op, name, " must be on the device of ",
-                       ref_name, " (", ref.device(), "), got ", t.device());
+  MOEFORGE_CHECK_VALUE(t.device() == ref.device(), op, name, " must be on the device of ", ref_name,
+                       " (", ref.device(), "), got ", t.device());
 }
 
 void check_contiguous(std::string_view op, std::string_view name, const at::Tensor& t) {

@@ -1,7 +1,8 @@
 // Small helpers that make every input check read like a sentence:
 //   moeforge.permute: topk_ids must be 2-D [num_tokens, top_k], got shape [4, 2, 3]
 // Each names the op, the argument, the rule and the value it got. User errors are TORCH_CHECK
-// (RuntimeError / ValueError / TypeError in Python); TORCH_INTERNAL_ASSERT is for our own invariants.
+// (RuntimeError / ValueError / TypeError in Python); TORCH_INTERNAL_ASSERT is for our own
+// invariants.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -28,10 +28,12 @@ TORCH_LIBRARY(moeforge, m) {
       "Tensor expert_offsets)");
 
   // Gather tokens into expert order: out[row(t,k)] = w[t,k] * x[t]; dropped rows are zero.
-  m.def("permute(Tensor x, Tensor sorted_pairs, Tensor pair_to_row, Tensor? weights=None) -> Tensor");
+  m.def(
+      "permute(Tensor x, Tensor sorted_pairs, Tensor pair_to_row, Tensor? weights=None) -> Tensor");
 
   // Token-major weighted combine: out[t] = sum_k w[t,k] * y[row(t,k)]; no atomics.
-  m.def("combine(Tensor y, Tensor sorted_pairs, Tensor pair_to_row, Tensor? weights=None) -> Tensor");
+  m.def(
+      "combine(Tensor y, Tensor sorted_pairs, Tensor pair_to_row, Tensor? weights=None) -> Tensor");
 
   // Per-pair dot product: out[t,k] = <rows[row(t,k)], tokens[t]> (routing-weight gradients).
   m.def("routed_dot(Tensor rows, Tensor tokens, Tensor pair_to_row) -> Tensor");
@@ -52,7 +54,8 @@ TORCH_LIBRARY(moeforge, m) {
 
   // Gated activation h [rows, 2I] -> a [rows, I]. variant "silu": HF layout, gate = h[:, :I],
   // up = h[:, I:], a = silu(gate) * up. "gpt_oss": gate = h[:, 0::2], up = h[:, 1::2],
-  // gate = min(gate, limit), up = clamp(up, -limit, limit), a = (up + 1) * gate * sigmoid(alpha*gate).
+  // gate = min(gate, limit), up = clamp(up, -limit, limit), a = (up + 1) * gate *
+  // sigmoid(alpha*gate).
   m.def("swiglu(Tensor h, str variant=\"silu\", float alpha=1.702, float limit=7.0) -> Tensor");
   m.def(
       "swiglu_backward(Tensor grad_a, Tensor h, str variant=\"silu\", float alpha=1.702, "

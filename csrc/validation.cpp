@@ -160,9 +160,8 @@ void check_swiglu_backward_inputs(const at::Tensor& grad_a, const at::Tensor& h,
   check_size(op, "grad_a", grad_a, 1, h.size(1) / 2, "h.size(1) / 2");
 }
 
-int64_t check_expert_lora_inputs(std::string_view op, const at::Tensor& x,
-                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                 const at::Tensor& expert_offsets) {
+int64_t check_expert_lora_inputs(std::string_view op, const at::Tensor& x, const at::Tensor& lora_A,
+                                 const at::Tensor& lora_B, const at::Tensor& expert_offsets) {
   check_dim(op, "x", x, 2, "[num_rows, in_features]");
   check_floating(op, "x", x);
   check_dim(op, "expert_offsets", expert_offsets, 1, "[num_experts + 1]");
@@ -196,8 +195,8 @@ void check_router_loss_inputs(std::string_view op, at::TensorList logits,
   const int64_t num_experts = first.size(1);
   MOEFORGE_CHECK_VALUE(num_experts >= 1, op, "logits must have >= 1 expert, got shape ",
                        first.sizes());
-  MOEFORGE_CHECK_VALUE(top_k >= 1 && top_k <= num_experts, op, "top_k must be in [1, num_experts=",
-                       num_experts, "], got ", top_k);
+  MOEFORGE_CHECK_VALUE(top_k >= 1 && top_k <= num_experts, op,
+                       "top_k must be in [1, num_experts=", num_experts, "], got ", top_k);
   for (size_t l = 1; l < logits.size(); ++l) {
     const std::string name = "logits[" + std::to_string(l) + "]";
     check_dim(op, name, logits[l], 2, "[num_tokens, num_experts]");
@@ -208,7 +207,8 @@ void check_router_loss_inputs(std::string_view op, at::TensorList logits,
   if (row_mask.has_value()) {
     const at::Tensor& m = *row_mask;
     check_dim(op, "row_mask", m, 1, "[num_tokens] (the flattened attention mask)");
-    MOEFORGE_CHECK_TYPE(!m.is_complex(), op, "row_mask must be bool or real, got ", m.scalar_type());
+    MOEFORGE_CHECK_TYPE(!m.is_complex(), op, "row_mask must be bool or real, got ",
+                        m.scalar_type());
     check_same_device(op, "row_mask", m, "logits[0]", first);
     for (size_t l = 0; l < logits.size(); ++l) {
       check_size(op, "logits[" + std::to_string(l) + "]", logits[l], 0, m.size(0),

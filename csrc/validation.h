@@ -35,9 +35,8 @@ void check_swiglu_backward_inputs(const at::Tensor& grad_a, const at::Tensor& h,
                                   std::string_view variant, double alpha, double limit);
 
 // Returns the LoRA rank r (lora_A is [num_experts * r, in]).
-int64_t check_expert_lora_inputs(std::string_view op, const at::Tensor& x,
-                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                 const at::Tensor& expert_offsets);
+int64_t check_expert_lora_inputs(std::string_view op, const at::Tensor& x, const at::Tensor& lora_A,
+                                 const at::Tensor& lora_B, const at::Tensor& expert_offsets);
 
 void check_router_loss_inputs(std::string_view op, at::TensorList logits,
                               const std::optional<at::Tensor>& row_mask, int64_t top_k);

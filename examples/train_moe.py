@@ -24,8 +24,16 @@ import moeforge
 class MoELanguageModel(nn.Module):
     """Embedding -> n x (RMSNorm -> MoE, residual) -> RMSNorm -> LM head."""
 
-    def __init__(self, vocab: int, hidden: int, intermediate: int, experts: int, top_k: int,
-                 layers: int, lora_rank: int) -> None:
+    def __init__(
+        self,
+        vocab: int,
+        hidden: int,
+        intermediate: int,
+        experts: int,
+        top_k: int,
+        layers: int,
+        lora_rank: int,
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, hidden)
         self.norms = nn.ModuleList(nn.RMSNorm(hidden) for _ in range(layers))
@@ -70,7 +78,9 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--lora-rank", type=int, default=0, help="train expert LoRA only (frozen experts)")
+    p.add_argument(
+        "--lora-rank", type=int, default=0, help="train expert LoRA only (frozen experts)"
+    )
     p.add_argument("--aux-coef", type=float, default=0.01)
     p.add_argument("--z-coef", type=float, default=0.001)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -80,8 +90,9 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     vocab, branching = 256, 2
-    model = MoELanguageModel(vocab, args.hidden, args.intermediate, args.experts, args.top_k,
-                             args.layers, args.lora_rank).to(args.device)
+    model = MoELanguageModel(
+        vocab, args.hidden, args.intermediate, args.experts, args.top_k, args.layers, args.lora_rank
+    ).to(args.device)
     if args.lora_rank:
         for block in model.blocks:
             block.experts.gate_up_proj.requires_grad_(False)
@@ -89,10 +100,14 @@ def main() -> None:
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
     data = synthetic_batches(vocab, branching, args.batch, args.seq, args.device, args.seed)
-    print(f"moeforge {moeforge.__version__} | CUDA kernels built: {moeforge.built_with_cuda()} | "
-          f"device {args.device} | {sum(q.numel() for q in params):,} trainable parameters")
-    print(f"target: loss -> ln({branching}) = {math.log(branching):.3f} (from ln({vocab}) = "
-          f"{math.log(vocab):.3f})")
+    print(
+        f"moeforge {moeforge.__version__} | CUDA kernels built: {moeforge.built_with_cuda()} | "
+        f"device {args.device} | {sum(q.numel() for q in params):,} trainable parameters"
+    )
+    print(
+        f"target: loss -> ln({branching}) = {math.log(branching):.3f} (from ln({vocab}) = "
+        f"{math.log(vocab):.3f})"
+    )
 
     first = last = float("nan")
     tokens = 0
@@ -113,8 +128,10 @@ def main() -> None:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             rate = tokens / (time.perf_counter() - start)
-            print(f"step {step:4d} | loss {last:.4f} | aux {aux.item():.4f} | z {z.item():.3f} | "
-                  f"{rate:,.0f} tokens/s")
+            print(
+                f"step {step:4d} | loss {last:.4f} | aux {aux.item():.4f} | z {z.item():.3f} | "
+                f"{rate:,.0f} tokens/s"
+            )
     print(f"loss {first:.4f} -> {last:.4f}")
     if not last < first - 0.5:
         raise SystemExit("the loss did not fall: something is wrong")

@@ -74,4 +74,6 @@ def assert_low_precision_close(out, ref64, ref_lowp, *, factor: float = 2.0, ato
     assert torch.isfinite(out).all(), "non-finite values in the output"
     err = (out.double() - ref64.double()).abs().max().item() if out.numel() else 0.0
     ref_err = (ref_lowp.double() - ref64.double()).abs().max().item() if out.numel() else 0.0
-    assert err <= factor * ref_err + atol, f"error {err:.3e} > {factor} x reference error {ref_err:.3e} + {atol}"
+    assert err <= factor * ref_err + atol, (
+        f"error {err:.3e} > {factor} x reference error {ref_err:.3e} + {atol}"
+    )

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import LOW_PRECISION, assert_low_precision_close
 
+from conftest import LOW_PRECISION, assert_low_precision_close
 from moeforge import ops, reference
 
 
@@ -24,7 +24,7 @@ def test_matches_peft_materialised_delta(device, counts, dropped, rank):
     x, A, B, offs = make_case(counts, 11, 7, rank, device, torch.float64, dropped)
     out = ops.expert_lora(x, A, B, offs, 0.5)
     torch.testing.assert_close(out, reference.expert_lora(x, A, B, offs, 0.5))
-    assert (out[int(offs[-1]):] == 0).all()
+    assert (out[int(offs[-1]) :] == 0).all()
 
 
 def test_peft_layout_is_rank_major_in_B():
@@ -76,11 +76,20 @@ def test_opcheck(device):
 
 def test_bad_input_errors():
     x, A, B, offs = make_case([2, 2, 2], 4, 3, 2, "cpu", torch.float32)
-    with pytest.raises(ValueError, match=r"moeforge\.expert_lora: LoRA rank mismatch: lora_A\.size\(0\) must be num_experts \* rank = 3 \* r, got 5"):
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.expert_lora: LoRA rank mismatch: lora_A\.size\(0\) must be num_experts \* rank = 3 \* r, got 5",
+    ):
         ops.expert_lora(x, A[:5], B, offs, 1.0)
-    with pytest.raises(ValueError, match=r"moeforge\.expert_lora: LoRA rank mismatch: lora_B\.size\(1\) must equal lora_A\.size\(0\) \(rank \* num_experts = 6\), got 9"):
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.expert_lora: LoRA rank mismatch: lora_B\.size\(1\) must equal lora_A\.size\(0\) \(rank \* num_experts = 6\), got 9",
+    ):
         ops.expert_lora(x, A, torch.randn(3, 9), offs, 1.0)
-    with pytest.raises(ValueError, match=r"moeforge\.expert_lora: lora_A\.size\(1\) must equal in_features of x \(4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.expert_lora: lora_A\.size\(1\) must equal in_features of x \(4\)",
+    ):
         ops.expert_lora(x, torch.randn(6, 5), B, offs, 1.0)
     with pytest.raises(TypeError, match=r"moeforge\.expert_lora: lora_B must have the dtype of x"):
         ops.expert_lora(x, A, B.double(), offs, 1.0)

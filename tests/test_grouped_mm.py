@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import LOW_PRECISION, assert_low_precision_close, random_topk_ids
 
+from conftest import LOW_PRECISION, assert_low_precision_close, random_topk_ids
 from moeforge import ops, reference
 
 
@@ -20,7 +20,9 @@ def make_weight(E, n_in, n_out, transposed, device, dtype):
 
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("counts,dropped", [([3, 0, 5, 1], 0), ([0, 0, 7], 4), ([0, 0], 0), ([1], 2)])
+@pytest.mark.parametrize(
+    "counts,dropped", [([3, 0, 5, 1], 0), ([0, 0, 7], 4), ([0, 0], 0), ([1], 2)]
+)
 def test_matches_reference(device, transposed, with_bias, counts, dropped):
     offs, rows = make_offsets(counts, device, dropped)
     E, n_in, n_out = len(counts), 13, 9
@@ -29,7 +31,7 @@ def test_matches_reference(device, transposed, with_bias, counts, dropped):
     b = torch.randn(E, n_out, device=device, dtype=torch.float64) if with_bias else None
     out = ops.grouped_mm(x, w, offs, b, transposed)
     torch.testing.assert_close(out, reference.grouped_mm(x, w, offs, b, transposed))
-    assert (out[int(offs[-1]):] == 0).all()  # dropped rows
+    assert (out[int(offs[-1]) :] == 0).all()  # dropped rows
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
@@ -80,7 +82,14 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.moeforge.grouped_mm.default, (x.detach(), wt, offs, None, True))
     torch.library.opcheck(
         torch.ops.moeforge.grouped_mm_backward.default,
-        (torch.randn(rows, 4, device=device), x.detach(), w.detach(), offs, False, [True, True, False]),
+        (
+            torch.randn(rows, 4, device=device),
+            x.detach(),
+            w.detach(),
+            offs,
+            False,
+            [True, True, False],
+        ),
     )
 
 
@@ -88,21 +97,43 @@ def test_bad_input_errors():
     offs, rows = make_offsets([2, 3], "cpu")
     x = torch.randn(rows, 4)
     w = torch.randn(2, 6, 4)
-    with pytest.raises(ValueError, match=r"moeforge\.grouped_mm: weight must be 3-D \[num_experts, out_features, in_features\], got shape \[6, 4\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.grouped_mm: weight must be 3-D \[num_experts, out_features, in_features\], got shape \[6, 4\]",
+    ):
         ops.grouped_mm(x, w[0], offs)
-    with pytest.raises(ValueError, match=r"moeforge\.grouped_mm: weight\.size\(2\) must equal in_features of x \(4\), got shape \[2, 4, 6\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.grouped_mm: weight\.size\(2\) must equal in_features of x \(4\), got shape \[2, 4, 6\]",
+    ):
         ops.grouped_mm(x, w.transpose(1, 2), offs)
-    with pytest.raises(TypeError, match=r"moeforge\.grouped_mm: weight must have the dtype of x \(Float\), got Double"):
+    with pytest.raises(
+        TypeError,
+        match=r"moeforge\.grouped_mm: weight must have the dtype of x \(Float\), got Double",
+    ):
         ops.grouped_mm(x, w.double(), offs)
-    with pytest.raises(ValueError, match=r"moeforge\.grouped_mm: expert_offsets\.size\(0\) must equal num_experts of weight \+ 1 \(3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.grouped_mm: expert_offsets\.size\(0\) must equal num_experts of weight \+ 1 \(3\)",
+    ):
         ops.grouped_mm(x, w, offs[:2])
-    with pytest.raises(TypeError, match=r"moeforge\.grouped_mm: expert_offsets must be Int, got Long"):
+    with pytest.raises(
+        TypeError, match=r"moeforge\.grouped_mm: expert_offsets must be Int, got Long"
+    ):
         ops.grouped_mm(x, w, offs.long())
-    with pytest.raises(ValueError, match=r"moeforge\.grouped_mm: expert_offsets must be non-decreasing"):
+    with pytest.raises(
+        ValueError, match=r"moeforge\.grouped_mm: expert_offsets must be non-decreasing"
+    ):
         ops.grouped_mm(x, w, torch.tensor([0, 3, 2], dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"moeforge\.grouped_mm: expert_offsets\[-1\] must be <= num_rows \(5\), got 9"):
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.grouped_mm: expert_offsets\[-1\] must be <= num_rows \(5\), got 9",
+    ):
         ops.grouped_mm(x, w, torch.tensor([0, 3, 9], dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"moeforge\.grouped_mm: bias\.size\(1\) must equal out_features of weight \(6\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.grouped_mm: bias\.size\(1\) must equal out_features of weight \(6\)",
+    ):
         ops.grouped_mm(x, w, offs, torch.randn(2, 5))
 
 
@@ -113,5 +144,6 @@ def test_pipeline_offsets_from_routing(device):
     x = torch.randn(30, 8, device=device, dtype=torch.float64)
     xs = ops.permute(x, plan)
     w = make_weight(4, 8, 3, False, device, torch.float64)
-    torch.testing.assert_close(ops.grouped_mm(xs, w, plan.expert_offsets),
-                               reference.grouped_mm(xs, w, plan.expert_offsets))
+    torch.testing.assert_close(
+        ops.grouped_mm(xs, w, plan.expert_offsets), reference.grouped_mm(xs, w, plan.expert_offsets)
+    )

@@ -3,9 +3,9 @@ float64, LoRA vs PEFT's materialised delta, torch.compile(fullgraph=True) forwar
 
 import pytest
 import torch
-from conftest import random_topk_ids
 
 import moeforge
+from conftest import random_topk_ids
 from moeforge import reference
 from moeforge.functional import ExpertLoRA, moe_experts
 
@@ -17,14 +17,23 @@ def make_weights(E, H, I, layout, device, dtype=torch.float64):
         return gu, dn, None, None
     gu = torch.randn(E, H, 2 * I, device=device, dtype=dtype) / H**0.5
     dn = torch.randn(E, I, H, device=device, dtype=dtype) / I**0.5
-    return gu, dn, torch.randn(E, 2 * I, device=device, dtype=dtype), torch.randn(E, H, device=device, dtype=dtype)
+    return (
+        gu,
+        dn,
+        torch.randn(E, 2 * I, device=device, dtype=dtype),
+        torch.randn(E, H, device=device, dtype=dtype),
+    )
 
 
 @pytest.mark.parametrize("layout", ["hf", "gpt_oss"])
-@pytest.mark.parametrize("T,K,E,drop", [(0, 2, 4, 0.0), (23, 1, 5, 0.0), (31, 3, 6, 0.2), (16, 4, 4, 0.0)])
+@pytest.mark.parametrize(
+    "T,K,E,drop", [(0, 2, 4, 0.0), (23, 1, 5, 0.0), (31, 3, 6, 0.2), (16, 4, 4, 0.0)]
+)
 def test_pipeline_matches_eager_loop_values_and_gradients(device, layout, T, K, E, drop):
     H, I = 12, 10
-    ids = random_topk_ids(T, K, E, device=device, drop_fraction=drop, skip_experts=(1,) if E > 4 else ())
+    ids = random_topk_ids(
+        T, K, E, device=device, drop_fraction=drop, skip_experts=(1,) if E > 4 else ()
+    )
     x = torch.randn(T, H, device=device, dtype=torch.float64)
     w = torch.rand(T, K, device=device, dtype=torch.float64)
     gu, dn, gub, dnb = make_weights(E, H, I, layout, device)
@@ -58,16 +67,27 @@ def test_pipeline_lora_matches_peft_materialisation(device):
     w = torch.rand(T, K, device=device, dtype=torch.float64)
     gu, dn, _, _ = make_weights(E, H, I, "hf", device)
     lora = {
-        "gu": (torch.randn(E * r, H, device=device, dtype=torch.float64),
-               torch.randn(2 * I, r * E, device=device, dtype=torch.float64)),
-        "dn": (torch.randn(E * r, I, device=device, dtype=torch.float64),
-               torch.randn(H, r * E, device=device, dtype=torch.float64)),
+        "gu": (
+            torch.randn(E * r, H, device=device, dtype=torch.float64),
+            torch.randn(2 * I, r * E, device=device, dtype=torch.float64),
+        ),
+        "dn": (
+            torch.randn(E * r, I, device=device, dtype=torch.float64),
+            torch.randn(H, r * E, device=device, dtype=torch.float64),
+        ),
     }
     s = 0.5
     A_gu, B_gu = (t.requires_grad_() for t in lora["gu"])
     A_dn, B_dn = (t.requires_grad_() for t in lora["dn"])
-    out = moe_experts(x, ids, w, gu, dn, gate_up_lora=ExpertLoRA(A_gu, B_gu, s),
-                      down_lora=ExpertLoRA(A_dn, B_dn, s))
+    out = moe_experts(
+        x,
+        ids,
+        w,
+        gu,
+        dn,
+        gate_up_lora=ExpertLoRA(A_gu, B_gu, s),
+        down_lora=ExpertLoRA(A_dn, B_dn, s),
+    )
     # PEFT: W_eff = W + s * B_e A_e, materialised for every expert.
     gu_eff = gu + s * reference.peft_expert_delta_weight(A_gu, B_gu, E)
     dn_eff = dn + s * reference.peft_expert_delta_weight(A_dn, B_dn, E)
@@ -98,9 +118,11 @@ def test_moe_module_forward_backward(device):
     _, weights, ids = moe.gate(x.reshape(-1, 16))
     s = moe.experts.lora["gate_up_proj"].scaling
     gu = moe.experts.gate_up_proj + s * reference.peft_expert_delta_weight(
-        moe.experts.lora["gate_up_proj"].lora_A, moe.experts.lora["gate_up_proj"].lora_B, 6)
+        moe.experts.lora["gate_up_proj"].lora_A, moe.experts.lora["gate_up_proj"].lora_B, 6
+    )
     dn = moe.experts.down_proj + s * reference.peft_expert_delta_weight(
-        moe.experts.lora["down_proj"].lora_A, moe.experts.lora["down_proj"].lora_B, 6)
+        moe.experts.lora["down_proj"].lora_A, moe.experts.lora["down_proj"].lora_B, 6
+    )
     ref = reference.moe_experts_loop(x.reshape(-1, 16), ids, weights, gu, dn).view_as(x)
     torch.testing.assert_close(out, ref)
     (out.square().mean() + moeforge.load_balancing_loss([logits], 6, 2)).backward()
@@ -115,8 +137,10 @@ def test_state_dict_names_match_hf():
     assert moe.experts.down_proj.shape == (6, 16, 12)
     oss = moeforge.Experts(4, 8, 6, layout="gpt_oss")
     assert {n: tuple(p.shape) for n, p in oss.named_parameters()} == {
-        "gate_up_proj": (4, 8, 12), "down_proj": (4, 6, 8),
-        "gate_up_proj_bias": (4, 12), "down_proj_bias": (4, 8),
+        "gate_up_proj": (4, 8, 12),
+        "down_proj": (4, 6, 8),
+        "gate_up_proj_bias": (4, 12),
+        "down_proj_bias": (4, 8),
     }
 
 
@@ -158,7 +182,9 @@ def test_torch_compile_fullgraph_forward_backward(device, dtype):
 
 
 def test_module_rejects_bad_arguments():
-    with pytest.raises(ValueError, match=r"moeforge\.TopKRouter: top_k must be in \[1, num_experts=4\], got 5"):
+    with pytest.raises(
+        ValueError, match=r"moeforge\.TopKRouter: top_k must be in \[1, num_experts=4\], got 5"
+    ):
         moeforge.MoE(8, 4, 4, 5)
     with pytest.raises(ValueError, match=r"moeforge\.expert_ffn: layout must be one of"):
         moeforge.Experts(4, 8, 4, layout="mixtral")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from conftest import (
     LOW_PRECISION,
     ROUTING_CASES,
@@ -9,14 +10,14 @@ from conftest import (
     random_topk_ids,
     routing_case_id,
 )
-
 from moeforge import ops, reference
 
 
 def make_case(case, hidden, device, dtype, weight_dtype=None):
     T, K, E, distinct, drop, skip = case
-    ids = random_topk_ids(T, K, E, device=device, distinct=distinct, drop_fraction=drop,
-                          skip_experts=skip)
+    ids = random_topk_ids(
+        T, K, E, device=device, distinct=distinct, drop_fraction=drop, skip_experts=skip
+    )
     plan = ops.routing(ids, E)
     x = torch.randn(T, hidden, device=device, dtype=dtype)
     w = torch.rand(T, K, device=device, dtype=weight_dtype or dtype) + 0.1
@@ -56,11 +57,13 @@ def test_non_contiguous_inputs(device):
     x_nc = torch.randn(16, 25, device=device, dtype=torch.float64).T
     w_nc = torch.rand(2, 25, device=device, dtype=torch.float64).T
     assert not x_nc.is_contiguous() and not w_nc.is_contiguous()
-    torch.testing.assert_close(ops.permute(x_nc, plan, w_nc),
-                               reference.permute(x_nc, *plan[:2], w_nc))
+    torch.testing.assert_close(
+        ops.permute(x_nc, plan, w_nc), reference.permute(x_nc, *plan[:2], w_nc)
+    )
     y_nc = torch.randn(16, 50, device=device, dtype=torch.float64).T
-    torch.testing.assert_close(ops.combine(y_nc, plan, w_nc),
-                               reference.combine(y_nc, *plan[:2], w_nc))
+    torch.testing.assert_close(
+        ops.combine(y_nc, plan, w_nc), reference.combine(y_nc, *plan[:2], w_nc)
+    )
 
 
 def test_inputs_are_not_modified(device):
@@ -71,8 +74,9 @@ def test_inputs_are_not_modified(device):
     assert all(torch.equal(a, b) for a, b in zip(plan, plan0))
 
 
-@pytest.mark.parametrize("case", [ROUTING_CASES[2], ROUTING_CASES[4], ROUTING_CASES[5]],
-                         ids=routing_case_id)
+@pytest.mark.parametrize(
+    "case", [ROUTING_CASES[2], ROUTING_CASES[4], ROUTING_CASES[5]], ids=routing_case_id
+)
 def test_gradcheck(case):
     plan, x, w = make_case(case, 5, "cpu", torch.float64)
     x.requires_grad_()
@@ -97,39 +101,61 @@ def test_fp32_weights_with_bf16_data_get_fp32_grads(device):
 def test_opcheck(device):
     plan, x, w = make_case((9, 3, 4, True, 0.2, ()), 6, device, torch.float32)
     y = torch.randn(27, 6, device=device)
-    for args in [(x, plan.sorted_pairs, plan.pair_to_row, w),
-                 (x, plan.sorted_pairs, plan.pair_to_row, None)]:
+    for args in [
+        (x, plan.sorted_pairs, plan.pair_to_row, w),
+        (x, plan.sorted_pairs, plan.pair_to_row, None),
+    ]:
         torch.library.opcheck(torch.ops.moeforge.permute.default, args)
-    for args in [(y, plan.sorted_pairs, plan.pair_to_row, w),
-                 (y, plan.sorted_pairs, plan.pair_to_row, None)]:
+    for args in [
+        (y, plan.sorted_pairs, plan.pair_to_row, w),
+        (y, plan.sorted_pairs, plan.pair_to_row, None),
+    ]:
         torch.library.opcheck(torch.ops.moeforge.combine.default, args)
     torch.library.opcheck(torch.ops.moeforge.routed_dot.default, (y, x, plan.pair_to_row))
     # With gradients flowing (autograd registration + AOT dispatch).
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-    torch.library.opcheck(torch.ops.moeforge.permute.default,
-                          (xg, plan.sorted_pairs, plan.pair_to_row, wg))
+    torch.library.opcheck(
+        torch.ops.moeforge.permute.default, (xg, plan.sorted_pairs, plan.pair_to_row, wg)
+    )
     yg = y.clone().requires_grad_()
-    torch.library.opcheck(torch.ops.moeforge.combine.default,
-                          (yg, plan.sorted_pairs, plan.pair_to_row, wg))
+    torch.library.opcheck(
+        torch.ops.moeforge.combine.default, (yg, plan.sorted_pairs, plan.pair_to_row, wg)
+    )
 
 
 def test_bad_input_errors():
     plan, x, w = make_case((6, 2, 3, True, 0.0, ()), 4, "cpu", torch.float32)
-    with pytest.raises(ValueError, match=r"moeforge\.permute: x must be 2-D \[num_tokens, hidden\]"):
+    with pytest.raises(
+        ValueError, match=r"moeforge\.permute: x must be 2-D \[num_tokens, hidden\]"
+    ):
         ops.permute(x[None], plan)
-    with pytest.raises(TypeError, match=r"moeforge\.permute: x must be float32, float64, bfloat16 or float16, got Long"):
+    with pytest.raises(
+        TypeError,
+        match=r"moeforge\.permute: x must be float32, float64, bfloat16 or float16, got Long",
+    ):
         ops.permute(x.long(), plan)
-    with pytest.raises(ValueError, match=r"moeforge\.permute: pair_to_row\.size\(0\) must equal num_tokens of x \(5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.permute: pair_to_row\.size\(0\) must equal num_tokens of x \(5\)",
+    ):
         ops.permute(x[:5], plan)
-    with pytest.raises(ValueError, match=r"moeforge\.permute: weights must have the shape of pair_to_row"):
+    with pytest.raises(
+        ValueError, match=r"moeforge\.permute: weights must have the shape of pair_to_row"
+    ):
         ops.permute(x, plan, w[:, :1])
-    with pytest.raises(ValueError, match=r"moeforge\.combine: y\.size\(0\) must equal num_tokens \* top_k"):
+    with pytest.raises(
+        ValueError, match=r"moeforge\.combine: y\.size\(0\) must equal num_tokens \* top_k"
+    ):
         ops.combine(torch.randn(11, 4), plan)
     with pytest.raises(TypeError, match=r"moeforge\.combine: pair_to_row must be Int"):
         torch.ops.moeforge.combine(torch.randn(12, 4), plan.sorted_pairs, plan.pair_to_row.long())
-    with pytest.raises(ValueError, match=r"moeforge\.permute: sorted_pairs\[0\] must be in \[0, 12\), got 99"):
+    with pytest.raises(
+        ValueError, match=r"moeforge\.permute: sorted_pairs\[0\] must be in \[0, 12\), got 99"
+    ):
         bad = plan.sorted_pairs.clone()
         bad[0] = 99
         torch.ops.moeforge.permute(x, bad, plan.pair_to_row)
-    with pytest.raises(ValueError, match=r"moeforge\.routed_dot: tokens\.size\(1\) must equal hidden of rows"):
+    with pytest.raises(
+        ValueError, match=r"moeforge\.routed_dot: tokens\.size\(1\) must equal hidden of rows"
+    ):
         torch.ops.moeforge.routed_dot(torch.randn(12, 4), torch.randn(6, 3), plan.pair_to_row)

@@ -3,9 +3,9 @@ the z-loss, fused; forward values, gradients, opcheck, errors."""
 
 import pytest
 import torch
-from conftest import LOW_PRECISION
 
 import moeforge
+from conftest import LOW_PRECISION
 from moeforge import ops, reference
 
 
@@ -25,7 +25,9 @@ def test_matches_hf_load_balancing_loss(device, layers, B, S, E, K, masked):
     expected = reference.load_balancing_loss(logits, E, K, mask)
     torch.testing.assert_close(aux, expected)
     z = moeforge.router_z_loss(logits, mask)
-    torch.testing.assert_close(z, reference.router_z_loss(logits, None if mask is None else mask.reshape(-1)))
+    torch.testing.assert_close(
+        z, reference.router_z_loss(logits, None if mask is None else mask.reshape(-1))
+    )
 
 
 def test_uniform_routing_gives_top_k(device):
@@ -71,8 +73,10 @@ def test_gradients_match_hf_reference(device):
     aux, z = moeforge.router_losses(ours, 2, mask)
     (aux + 0.1 * z).backward()
     ref = [t.clone().requires_grad_() for t in logits]
-    (reference.load_balancing_loss(ref, 6, 2, mask)
-     + 0.1 * reference.router_z_loss(ref, mask.reshape(-1))).backward()
+    (
+        reference.load_balancing_loss(ref, 6, 2, mask)
+        + 0.1 * reference.router_z_loss(ref, mask.reshape(-1))
+    ).backward()
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a.grad, b.grad)
         assert a.grad.abs().sum() > 0
@@ -88,23 +92,38 @@ def test_opcheck(device):
     logits = make_logits(2, 9, 5, device, torch.float32)
     mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1], device=device)
     torch.library.opcheck(torch.ops.moeforge.router_loss.default, (logits, mask, 2))
-    torch.library.opcheck(torch.ops.moeforge.router_loss.default,
-                          ([t.clone().requires_grad_() for t in logits], None, 2))
+    torch.library.opcheck(
+        torch.ops.moeforge.router_loss.default,
+        ([t.clone().requires_grad_() for t in logits], None, 2),
+    )
     _, _, counts = torch.ops.moeforge.router_loss(logits, mask, 2)
     one = torch.ones((), device=device)
-    torch.library.opcheck(torch.ops.moeforge.router_loss_backward.default,
-                          (one, one, logits, mask, counts, 2))
+    torch.library.opcheck(
+        torch.ops.moeforge.router_loss_backward.default, (one, one, logits, mask, counts, 2)
+    )
 
 
 def test_bad_input_errors():
     logits = make_logits(2, 4, 3, "cpu", torch.float32)
-    with pytest.raises(ValueError, match=r"moeforge\.router_loss: top_k must be in \[1, num_experts=3\], got 4"):
+    with pytest.raises(
+        ValueError, match=r"moeforge\.router_loss: top_k must be in \[1, num_experts=3\], got 4"
+    ):
         ops.router_loss(logits, 4)
-    with pytest.raises(ValueError, match=r"moeforge\.router_loss: logits\[1\]\.size\(1\) must equal num_experts of logits\[0\] \(3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.router_loss: logits\[1\]\.size\(1\) must equal num_experts of logits\[0\] \(3\)",
+    ):
         ops.router_loss([logits[0], torch.randn(4, 5)], 1)
-    with pytest.raises(ValueError, match=r"moeforge\.router_loss: logits\[0\]\.size\(0\) must equal num_tokens of row_mask \(5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.router_loss: logits\[0\]\.size\(0\) must equal num_tokens of row_mask \(5\)",
+    ):
         ops.router_loss(logits, 1, torch.ones(5))
-    with pytest.raises(ValueError, match=r"moeforge\.router_loss: logits must hold at least one layer"):
+    with pytest.raises(
+        ValueError, match=r"moeforge\.router_loss: logits must hold at least one layer"
+    ):
         ops.router_loss([], 1)
-    with pytest.raises(ValueError, match=r"moeforge\.load_balancing_loss: num_experts \(4\) must equal"):
+    with pytest.raises(
+        ValueError, match=r"moeforge\.load_balancing_loss: num_experts \(4\) must equal"
+    ):
         moeforge.load_balancing_loss(logits, 4, 1)

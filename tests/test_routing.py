@@ -1,7 +1,7 @@
 import pytest
 import torch
-from conftest import ROUTING_CASES, random_topk_ids, routing_case_id
 
+from conftest import ROUTING_CASES, random_topk_ids, routing_case_id
 from moeforge import ops, reference
 
 
@@ -9,8 +9,16 @@ from moeforge import ops, reference
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
 def test_routing_matches_reference(device, case, id_dtype):
     T, K, E, distinct, drop, skip = case
-    ids = random_topk_ids(T, K, E, device=device, dtype=id_dtype, distinct=distinct,
-                          drop_fraction=drop, skip_experts=skip)
+    ids = random_topk_ids(
+        T,
+        K,
+        E,
+        device=device,
+        dtype=id_dtype,
+        distinct=distinct,
+        drop_fraction=drop,
+        skip_experts=skip,
+    )
     plan = ops.routing(ids, E)
     expected = reference.routing(ids.cpu(), E)
     for got, want in zip(plan, expected):
@@ -30,7 +38,7 @@ def test_routing_is_a_permutation_grouped_by_expert(device):
     assert torch.equal(pairs.sort().values, torch.arange(flat.numel()))
     offs = plan.expert_offsets.tolist()
     for e in range(12):
-        chunk = pairs[offs[e]:offs[e + 1]]
+        chunk = pairs[offs[e] : offs[e + 1]]
         assert (flat[chunk] == e).all()
         assert (chunk.diff() > 0).all()  # stable: ascending pair index within an expert
     rows = plan.pair_to_row.reshape(-1).long().cpu()
@@ -54,9 +62,18 @@ def test_routing_opcheck(device):
 @pytest.mark.parametrize(
     ("ids", "num_experts", "error", "match"),
     [
-        (torch.zeros(4, 2, 3, dtype=torch.long), 4, ValueError,
-         r"moeforge\.routing: topk_ids must be 2-D \[num_tokens, top_k\], got shape \[4, 2, 3\]"),
-        (torch.zeros(4, 2), 4, TypeError, r"moeforge\.routing: topk_ids must be int32 or int64.*Float"),
+        (
+            torch.zeros(4, 2, 3, dtype=torch.long),
+            4,
+            ValueError,
+            r"moeforge\.routing: topk_ids must be 2-D \[num_tokens, top_k\], got shape \[4, 2, 3\]",
+        ),
+        (
+            torch.zeros(4, 2),
+            4,
+            TypeError,
+            r"moeforge\.routing: topk_ids must be int32 or int64.*Float",
+        ),
         (torch.zeros(4, 2, dtype=torch.long), 0, ValueError, r"num_experts must be >= 1, got 0"),
     ],
 )

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import LOW_PRECISION, assert_low_precision_close
 
+from conftest import LOW_PRECISION, assert_low_precision_close
 from moeforge import ops, reference
 
 VARIANTS = ["silu", "gpt_oss"]
@@ -29,8 +29,9 @@ def test_gpt_oss_clamps_are_exercised():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_custom_alpha_limit(device, variant):
     h = make_h(9, 10, device, torch.float64)
-    torch.testing.assert_close(ops.swiglu(h, variant, 1.3, 2.5),
-                               reference.swiglu(h, variant, 1.3, 2.5))
+    torch.testing.assert_close(
+        ops.swiglu(h, variant, 1.3, 2.5), reference.swiglu(h, variant, 1.3, 2.5)
+    )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -39,8 +40,9 @@ def test_low_precision(device, variant, dtype):
     h = make_h(128, 64, device, dtype)
     out = ops.swiglu(h, variant)
     assert out.dtype == dtype
-    assert_low_precision_close(out, reference.swiglu(h.double(), variant),
-                               reference.swiglu(h, variant))
+    assert_low_precision_close(
+        out, reference.swiglu(h.double(), variant), reference.swiglu(h, variant)
+    )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -70,20 +72,31 @@ def test_opcheck(device):
     h = make_h(7, 6, device, torch.float32)
     for variant in VARIANTS:
         torch.library.opcheck(torch.ops.moeforge.swiglu.default, (h, variant, 1.702, 7.0))
-        torch.library.opcheck(torch.ops.moeforge.swiglu.default,
-                              (h.clone().requires_grad_(), variant, 1.702, 7.0))
-        torch.library.opcheck(torch.ops.moeforge.swiglu_backward.default,
-                              (torch.randn(7, 6, device=device), h, variant, 1.702, 7.0))
+        torch.library.opcheck(
+            torch.ops.moeforge.swiglu.default, (h.clone().requires_grad_(), variant, 1.702, 7.0)
+        )
+        torch.library.opcheck(
+            torch.ops.moeforge.swiglu_backward.default,
+            (torch.randn(7, 6, device=device), h, variant, 1.702, 7.0),
+        )
 
 
 def test_bad_input_errors():
-    with pytest.raises(ValueError, match=r"moeforge\.swiglu: h\.size\(1\) must be even \(gate and up halves\), got 5"):
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.swiglu: h\.size\(1\) must be even \(gate and up halves\), got 5",
+    ):
         ops.swiglu(torch.randn(3, 5))
-    with pytest.raises(ValueError, match=r"moeforge\.swiglu: variant must be \"silu\" or \"gpt_oss\", got \"gelu\""):
+    with pytest.raises(
+        ValueError, match=r"moeforge\.swiglu: variant must be \"silu\" or \"gpt_oss\", got \"gelu\""
+    ):
         ops.swiglu(torch.randn(3, 4), "gelu")
     with pytest.raises(ValueError, match=r"moeforge\.swiglu: h must be 2-D"):
         ops.swiglu(torch.randn(4))
     with pytest.raises(ValueError, match=r"moeforge\.swiglu: limit must be > 0, got -1"):
         ops.swiglu(torch.randn(3, 4), "gpt_oss", 1.0, -1.0)
-    with pytest.raises(ValueError, match=r"moeforge\.swiglu_backward: grad_a\.size\(1\) must equal h\.size\(1\) / 2 \(2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.swiglu_backward: grad_a\.size\(1\) must equal h\.size\(1\) / 2 \(2\)",
+    ):
         torch.ops.moeforge.swiglu_backward(torch.randn(3, 3), torch.randn(3, 4))

@@ -55,12 +55,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_lora_backward_cpu(
                        op, "grad_delta must be [num_rows, out_features] = [", x.size(0), ", ",
                        out_features, "], got ", grad_delta.sizes());
   MOEFORGE_CHECK_VALUE(lora_u.dim() == 2 && lora_u.size(0) == x.size(0) && lora_u.size(1) == rank,
-                       op, "lora_u must be [num_rows, rank] = [", x.size(0), ", ", rank,
-                       "], got ", lora_u.sizes());
+                       op, "lora_u must be [num_rows, rank] = [", x.size(0), ", ", rank, "], got ",
+                       lora_u.sizes());
   const auto empty = [&] { return at::empty({0}, x.options()); };
   at::Tensor grad_x = output_mask[0] ? at::zeros_like(x, at::MemoryFormat::Contiguous) : empty();
-  at::Tensor grad_A = output_mask[1] ? at::zeros_like(lora_A, at::MemoryFormat::Contiguous) : empty();
-  at::Tensor grad_B = output_mask[2] ? at::zeros_like(lora_B, at::MemoryFormat::Contiguous) : empty();
+  at::Tensor grad_A =
+      output_mask[1] ? at::zeros_like(lora_A, at::MemoryFormat::Contiguous) : empty();
+  at::Tensor grad_B =
+      output_mask[2] ? at::zeros_like(lora_B, at::MemoryFormat::Contiguous) : empty();
   const at::Tensor B = lora_B.reshape({out_features, rank, num_experts});
   const at::Tensor grad_B3 =
       output_mask[2] ? grad_B.view({out_features, rank, num_experts}) : at::Tensor();
@@ -70,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_lora_backward_cpu(
     const int64_t begin = o[e], rows = o[e + 1] - o[e];
     if (rows == 0) continue;
     const at::Tensor dd = as_compute(grad_delta.narrow(0, begin, rows));  // [n, out]
-    const at::Tensor A_e = as_compute(lora_A.narrow(0, e * rank, rank));   // [r, in]
+    const at::Tensor A_e = as_compute(lora_A.narrow(0, e * rank, rank));  // [r, in]
     if (output_mask[0] || output_mask[1]) {
       const at::Tensor du = dd.mm(as_compute(B.select(2, e))).mul_(scaling);  // [n, r]
       if (output_mask[0]) grad_x.narrow(0, begin, rows).copy_(du.mm(A_e));

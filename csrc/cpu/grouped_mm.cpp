@@ -16,7 +16,9 @@ bool is_reduced_float(const at::Tensor& t) {
 }
 
 // The type GEMMs run in: float32 for half types, else the tensor's own.
-at::Tensor as_compute(const at::Tensor& t) { return is_reduced_float(t) ? t.to(at::kFloat) : t; }
+at::Tensor as_compute(const at::Tensor& t) {
+  return is_reduced_float(t) ? t.to(at::kFloat) : t;
+}
 
 at::Tensor grouped_mm_cpu(const at::Tensor& x, const at::Tensor& weight,
                           const at::Tensor& expert_offsets, const std::optional<at::Tensor>& bias,
@@ -51,12 +53,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cpu(
   const auto empty = [&] { return at::empty({0}, x.options()); };
 
   // dx = dy W_e: the forward op with the other weight orientation.
-  at::Tensor grad_x = output_mask[0]
-                          ? grouped_mm_cpu(grad_out, weight, expert_offsets, std::nullopt,
-                                           !weight_transposed)
-                          : empty();
+  at::Tensor grad_x = output_mask[0] ? grouped_mm_cpu(grad_out, weight, expert_offsets,
+                                                      std::nullopt, !weight_transposed)
+                                     : empty();
   at::Tensor grad_w = output_mask[1] ? at::zeros_like(weight) : empty();
-  at::Tensor grad_b = output_mask[2] ? at::zeros({num_experts, out_features}, x.options()) : empty();
+  at::Tensor grad_b =
+      output_mask[2] ? at::zeros({num_experts, out_features}, x.options()) : empty();
   if (output_mask[1] || output_mask[2]) {
     const at::Tensor offs = expert_offsets.contiguous();
     const int32_t* o = offs.data_ptr<int32_t>();

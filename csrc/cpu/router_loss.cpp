@@ -105,28 +105,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_loss_cpu(
   const int64_t width = 2 * num_experts + 2;
   std::vector<double> partial(num_chunks * width, 0.0);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits[0].scalar_type(), "moeforge.router_loss", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<acc_t> p(num_experts);
-      std::vector<int64_t> sel(top_k);
-      for (int64_t c = c0; c < c1; ++c) {
-        double* part = partial.data() + c * width;
-        const int64_t g_end = std::min(total, (c + 1) * kChunkRows);
-        for (int64_t g = c * kChunkRows; g < g_end; ++g) {
-          const auto [l, t] = rows.locate(g);
-          if (!keep.empty() && !keep[t]) continue;
-          const scalar_t* row = logits[l].data_ptr<scalar_t>() + t * num_experts;
-          const acc_t lse = softmax_row(row, num_experts, p.data());
-          top_k_row(row, num_experts, top_k, sel.data());
-          for (int64_t k = 0; k < top_k; ++k) part[sel[k]] += 1.0;
-          for (int64_t e = 0; e < num_experts; ++e) part[num_experts + e] += double(p[e]);
-          part[2 * num_experts] += double(lse) * double(lse);
-          part[2 * num_experts + 1] += 1.0;
-        }
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits[0].scalar_type(), "moeforge.router_loss", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+          std::vector<acc_t> p(num_experts);
+          std::vector<int64_t> sel(top_k);
+          for (int64_t c = c0; c < c1; ++c) {
+            double* part = partial.data() + c * width;
+            const int64_t g_end = std::min(total, (c + 1) * kChunkRows);
+            for (int64_t g = c * kChunkRows; g < g_end; ++g) {
+              const auto [l, t] = rows.locate(g);
+              if (!keep.empty() && !keep[t]) continue;
+              const scalar_t* row = logits[l].data_ptr<scalar_t>() + t * num_experts;
+              const acc_t lse = softmax_row(row, num_experts, p.data());
+              top_k_row(row, num_experts, top_k, sel.data());
+              for (int64_t k = 0; k < top_k; ++k) part[sel[k]] += 1.0;
+              for (int64_t e = 0; e < num_experts; ++e) part[num_experts + e] += double(p[e]);
+              part[2 * num_experts] += double(lse) * double(lse);
+              part[2 * num_experts + 1] += 1.0;
+            }
+          }
+        });
+      });
 
   std::vector<double> sum(width, 0.0);
   for (int64_t c = 0; c < num_chunks; ++c) {
@@ -174,34 +175,36 @@ std::vector<at::Tensor> router_loss_backward_cpu(const at::Tensor& grad_aux,
   const double ga = grad_aux.item<double>(), gz = grad_z.item<double>();
   const double inv = kept > 0 ? 1.0 / double(kept) : 0.0;
   const double c_aux = ga * double(num_experts) * inv * inv;  // d aux / d psum_e = c_aux * count_e
-  const double c_z = gz * 2.0 * inv;                            // d z / d lse = c_z * lse
+  const double c_z = gz * 2.0 * inv;                          // d z / d lse = c_z * lse
 
   std::vector<at::Tensor> grads;
   for (const auto& lg : logits) {
     at::Tensor g = at::empty_like(lg);
     const int64_t n = lg.size(0);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lg.scalar_type(), "moeforge.router_loss_backward", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* in = lg.data_ptr<scalar_t>();
-      scalar_t* out = g.data_ptr<scalar_t>();
-      at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> p(num_experts);
-        for (int64_t t = begin; t < end; ++t) {
-          scalar_t* grow = out + t * num_experts;
-          if (!keep.empty() && !keep[t]) {
-            std::fill(grow, grow + num_experts, scalar_t(0));
-            continue;
-          }
-          const acc_t lse = softmax_row(in + t * num_experts, num_experts, p.data());
-          acc_t dot = 0;
-          for (int64_t e = 0; e < num_experts; ++e) dot += p[e] * acc_t(counts[e]);
-          for (int64_t e = 0; e < num_experts; ++e) {
-            const acc_t d = acc_t(c_aux) * p[e] * (acc_t(counts[e]) - dot) + acc_t(c_z) * lse * p[e];
-            grow[e] = static_cast<scalar_t>(d);
-          }
-        }
-      });
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, lg.scalar_type(), "moeforge.router_loss_backward", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const scalar_t* in = lg.data_ptr<scalar_t>();
+          scalar_t* out = g.data_ptr<scalar_t>();
+          at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+            std::vector<acc_t> p(num_experts);
+            for (int64_t t = begin; t < end; ++t) {
+              scalar_t* grow = out + t * num_experts;
+              if (!keep.empty() && !keep[t]) {
+                std::fill(grow, grow + num_experts, scalar_t(0));
+                continue;
+              }
+              const acc_t lse = softmax_row(in + t * num_experts, num_experts, p.data());
+              acc_t dot = 0;
+              for (int64_t e = 0; e < num_experts; ++e) dot += p[e] * acc_t(counts[e]);
+              for (int64_t e = 0; e < num_experts; ++e) {
+                const acc_t d =
+                    acc_t(c_aux) * p[e] * (acc_t(counts[e]) - dot) + acc_t(c_z) * lse * p[e];
+                grow[e] = static_cast<scalar_t>(d);
+              }
+            }
+          });
+        });
     grads.push_back(g);
   }
   return grads;

@@ -55,6 +55,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_cpu(const at::Tensor& top
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moeforge, CPU, m) { m.impl("routing", &routing_cpu); }
+TORCH_LIBRARY_IMPL(moeforge, CPU, m) {
+  m.impl("routing", &routing_cpu);
+}
 
 }  // namespace moeforge

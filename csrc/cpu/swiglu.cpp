@@ -22,30 +22,32 @@ struct GateUpColumns {
   int64_t up(int64_t j) const { return interleaved ? 2 * j + 1 : intermediate + j; }
 };
 
-at::Tensor swiglu_cpu(const at::Tensor& h_in, c10::string_view variant, double alpha, double limit) {
+at::Tensor swiglu_cpu(const at::Tensor& h_in, c10::string_view variant, double alpha,
+                      double limit) {
   check_swiglu_inputs(h_in, variant, alpha, limit);
   const SwigluVariant v = parse_swiglu_variant("swiglu", variant);
   const at::Tensor h = h_in.contiguous();
   const int64_t rows = h.size(0), inter = h.size(1) / 2;
   const GateUpColumns cols{v == SwigluVariant::kGptOss, inter};
   at::Tensor out = at::empty({rows, inter}, h.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "moeforge.swiglu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* in = h.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const acc_t a = static_cast<acc_t>(alpha), lim = static_cast<acc_t>(limit);
-    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* row = in + r * 2 * inter;
-        for (int64_t j = 0; j < inter; ++j) {
-          const acc_t g = row[cols.gate(j)], u = row[cols.up(j)];
-          const acc_t y = v == SwigluVariant::kSilu ? kernels::silu_glu(g, u)
-                                                    : kernels::gpt_oss_glu(g, u, a, lim);
-          o[r * inter + j] = static_cast<scalar_t>(y);
-        }
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, h.scalar_type(), "moeforge.swiglu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* in = h.data_ptr<scalar_t>();
+        scalar_t* o = out.data_ptr<scalar_t>();
+        const acc_t a = static_cast<acc_t>(alpha), lim = static_cast<acc_t>(limit);
+        at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const scalar_t* row = in + r * 2 * inter;
+            for (int64_t j = 0; j < inter; ++j) {
+              const acc_t g = row[cols.gate(j)], u = row[cols.up(j)];
+              const acc_t y = v == SwigluVariant::kSilu ? kernels::silu_glu(g, u)
+                                                        : kernels::gpt_oss_glu(g, u, a, lim);
+              o[r * inter + j] = static_cast<scalar_t>(y);
+            }
+          }
+        });
+      });
   return out;
 }
 
@@ -58,30 +60,31 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_a_in, const at::Tensor& h_
   const int64_t rows = h.size(0), inter = h.size(1) / 2;
   const GateUpColumns cols{v == SwigluVariant::kGptOss, inter};
   at::Tensor grad_h = at::empty_like(h);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "moeforge.swiglu_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* in = h.data_ptr<scalar_t>();
-    const scalar_t* ga = grad_a.data_ptr<scalar_t>();
-    scalar_t* gh = grad_h.data_ptr<scalar_t>();
-    const acc_t a = static_cast<acc_t>(alpha), lim = static_cast<acc_t>(limit);
-    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* row = in + r * 2 * inter;
-        scalar_t* grow = gh + r * 2 * inter;
-        for (int64_t j = 0; j < inter; ++j) {
-          const acc_t g = row[cols.gate(j)], u = row[cols.up(j)], dy = ga[r * inter + j];
-          acc_t dg, du;
-          if (v == SwigluVariant::kSilu) {
-            kernels::silu_glu_backward(dy, g, u, &dg, &du);
-          } else {
-            kernels::gpt_oss_glu_backward(dy, g, u, a, lim, &dg, &du);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, h.scalar_type(), "moeforge.swiglu_backward", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* in = h.data_ptr<scalar_t>();
+        const scalar_t* ga = grad_a.data_ptr<scalar_t>();
+        scalar_t* gh = grad_h.data_ptr<scalar_t>();
+        const acc_t a = static_cast<acc_t>(alpha), lim = static_cast<acc_t>(limit);
+        at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const scalar_t* row = in + r * 2 * inter;
+            scalar_t* grow = gh + r * 2 * inter;
+            for (int64_t j = 0; j < inter; ++j) {
+              const acc_t g = row[cols.gate(j)], u = row[cols.up(j)], dy = ga[r * inter + j];
+              acc_t dg, du;
+              if (v == SwigluVariant::kSilu) {
+                kernels::silu_glu_backward(dy, g, u, &dg, &du);
+              } else {
+                kernels::gpt_oss_glu_backward(dy, g, u, a, lim, &dg, &du);
+              }
+              grow[cols.gate(j)] = static_cast<scalar_t>(dg);
+              grow[cols.up(j)] = static_cast<scalar_t>(du);
+            }
           }
-          grow[cols.gate(j)] = static_cast<scalar_t>(dg);
-          grow[cols.up(j)] = static_cast<scalar_t>(du);
-        }
-      }
-    });
-  });
+        });
+      });
   return grad_h;
 }
 

@@ -6,19 +6,19 @@ namespace moeforge {
 namespace {
 
 void no_cuda_kernels(const c10::OperatorHandle& op, torch::jit::Stack* /*stack*/) {
-  TORCH_CHECK(false, "moeforge.", op.schema().name().substr(std::string("moeforge::").size()),
-              ": this build of moeforge has no CUDA kernels (it was built with a CPU-only torch "
-              "or without a working nvcc); reinstall with `pip install --no-build-isolation .` on a "
-              "machine with a CUDA build of torch and the CUDA toolkit");
+  TORCH_CHECK(
+      false, "moeforge.", op.schema().name().substr(std::string("moeforge::").size()),
+      ": this build of moeforge has no CUDA kernels (it was built with a CPU-only torch "
+      "or without a working nvcc); reinstall with `pip install --no-build-isolation .` on a "
+      "machine with a CUDA build of torch and the CUDA toolkit");
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moeforge, CUDA, m) {
-  for (const char* name :
-       {"routing", "permute", "combine", "routed_dot", "grouped_mm", "grouped_mm_backward",
-        "swiglu", "swiglu_backward", "expert_lora", "expert_lora_backward", "router_loss",
-        "router_loss_backward"}) {
+  for (const char* name : {"routing", "permute", "combine", "routed_dot", "grouped_mm",
+                           "grouped_mm_backward", "swiglu", "swiglu_backward", "expert_lora",
+                           "expert_lora_backward", "router_loss", "router_loss_backward"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_cuda_kernels>());
   }
 }

@@ -117,9 +117,7 @@ def moe_experts(
     return ops.combine(y_sorted, plan, top_k_weights)
 
 
-def route_topk(
-    logits: Tensor, top_k: int, norm_topk_prob: bool = True
-) -> tuple[Tensor, Tensor]:
+def route_topk(logits: Tensor, top_k: int, norm_topk_prob: bool = True) -> tuple[Tensor, Tensor]:
     """Qwen3-MoE / OLMoE / Mixtral routing: fp32 softmax, top-k, optional renormalisation.
 
     Args:

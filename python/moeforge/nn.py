@@ -41,7 +41,9 @@ class TopKRouter(nn.Module):
         self.top_k = top_k
         self.num_experts = num_experts
         self.norm_topk_prob = norm_topk_prob
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
+        self.weight = nn.Parameter(
+            torch.empty(num_experts, hidden_size, device=device, dtype=dtype)
+        )
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -55,8 +57,14 @@ class _LoRAPair(nn.Module):
     """One projection's expert LoRA: ``lora_A [E*r, in]``, ``lora_B [out, r*E]`` (PEFT layout)."""
 
     def __init__(
-        self, num_experts: int, in_features: int, out_features: int, rank: int, alpha: float,
-        device=None, dtype=None,
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
         self.scaling = alpha / rank
@@ -133,7 +141,8 @@ class Experts(nn.Module):
         for name in targets:
             if name not in shapes:
                 raise ValueError(
-                    f"moeforge.Experts.add_lora: targets must be among {tuple(shapes)}, got {name!r}"
+                    "moeforge.Experts.add_lora: targets must be among "
+                    f"{tuple(shapes)}, got {name!r}"
                 )
             in_f, out_f = shapes[name]
             ref = getattr(self, name)

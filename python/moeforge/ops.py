@@ -129,9 +129,7 @@ def _routed_dot_fake(rows, tokens, pair_to_row):
 def _permute_setup(ctx, inputs, output):
     x, sorted_pairs, pair_to_row, weights = inputs
     weights_need_grad = weights is not None and ctx.needs_input_grad[3]
-    ctx.save_for_backward(
-        sorted_pairs, pair_to_row, weights, x if weights_need_grad else None
-    )
+    ctx.save_for_backward(sorted_pairs, pair_to_row, weights, x if weights_need_grad else None)
 
 
 def _permute_backward(ctx, grad):
@@ -147,9 +145,7 @@ def _permute_backward(ctx, grad):
 def _combine_setup(ctx, inputs, output):
     y, sorted_pairs, pair_to_row, weights = inputs
     weights_need_grad = weights is not None and ctx.needs_input_grad[3]
-    ctx.save_for_backward(
-        sorted_pairs, pair_to_row, weights, y if weights_need_grad else None
-    )
+    ctx.save_for_backward(sorted_pairs, pair_to_row, weights, y if weights_need_grad else None)
 
 
 def _combine_backward(ctx, grad):
@@ -384,7 +380,9 @@ def router_loss(
     """
     layers = [logits] if isinstance(logits, Tensor) else list(logits)
     if not layers:  # the dispatcher cannot route an op whose only tensors are an empty list
-        raise ValueError("moeforge.router_loss: logits must hold at least one layer's router logits")
+        raise ValueError(
+            "moeforge.router_loss: logits must hold at least one layer's router logits"
+        )
     aux, z, _ = _ops.router_loss(layers, row_mask, top_k)
     return aux, z
 
