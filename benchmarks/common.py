@@ -1,0 +1,69 @@
+"""Shared benchmark helpers: timing (CUDA events, warm-up, median), environment, model shapes."""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+
+# (H, I, E, K) of one MoE layer.
+MODEL_SHAPES = {
+    "qwen3-30b-a3b": (2048, 768, 128, 8),
+    "olmoe": (2048, 1024, 64, 8),
+    "mixtral-8x7b": (4096, 14336, 8, 2),
+    "gpt-oss-20b": (2880, 2880, 32, 4),
+    "qwen3-235b-a22b": (4096, 1536, 128, 8),
+    "deepseek-v3": (7168, 2048, 256, 8),
+}
+
+
+def time_ms(fn: Callable[[], object], device: str, warmup: int = 5, iters: int = 20) -> float:
+    """Median wall time of ``fn`` in ms: CUDA events on GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def environment(device: str) -> str:
+    """One line: device, torch version, commit, date — printed above every results table."""
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    date = datetime.date.today().isoformat()
+    return f"device: {name} | torch {torch.__version__} | commit {commit} | date {date}"
+
+
+def routed_ids(T: int, K: int, E: int, device: str) -> torch.Tensor:
+    """Top-k ids of a random softmax router: distinct experts per token, ``[T, K]`` int64."""
+    return torch.rand(T, E, device=device).topk(K, dim=-1).indices
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    print(" | ".join(c.ljust(widths[c]) for c in columns))
+    print("-|-".join("-" * widths[c] for c in columns))
+    for r in rows:
+        print(" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
