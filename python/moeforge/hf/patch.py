@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from moeforge.hf.experts_interface import experts_layout, run_experts, warn_once
+from moeforge.hf.losses import causal_lm_forward_with_z_loss, patch_aux_loss, unpatch_aux_loss
 from moeforge.hf.peft_lora import expert_loras, is_param_wrapper, unwrap_param_wrappers
 
 __all__ = ["patch_model", "unpatch_model"]
@@ -131,6 +132,26 @@ def _peft_experts_forward(
     )
 
 
+def _z_loss_forward(module: nn.Module, *args, **kwargs):
+    """Patched ``<M>ForCausalLM.forward``: HF's, plus the opt-in z-loss."""
+    coef = module.__dict__["_moeforge_z_loss_coef"]
+    original = functools.partial(_original_forward, module)
+    return causal_lm_forward_with_z_loss(original, coef, *args, **kwargs)
+
+
+def _install_z_loss(model: nn.Module, z_loss_coef: float) -> list[str]:
+    """Wrap the forward of every causal-LM head that adds the router aux loss."""
+    heads = []
+    for name, module in model.named_modules():
+        # The head sets router_aux_loss_coef in __init__ (wrappers such as PeftModel only
+        # forward the attribute, and must not be wrapped a second time).
+        if "router_aux_loss_coef" in module.__dict__ and hasattr(module, "lm_head"):
+            module.__dict__["_moeforge_z_loss_coef"] = float(z_loss_coef)
+            _install(module, "z_loss", _z_loss_forward)
+            heads.append(name)
+    return heads
+
+
 def _is_experts_like(module: nn.Module) -> bool:
     down = getattr(module, "down_proj", None)
     if isinstance(down, Tensor) and down.dim() == 3:
@@ -146,7 +167,13 @@ def _unknown_moe_reason(module: nn.Module) -> str | None:
     return None
 
 
-def patch_model(model: nn.Module, *, strict: bool = False) -> list[str]:
+def patch_model(
+    model: nn.Module,
+    *,
+    strict: bool = False,
+    fused_aux_loss: bool = True,
+    z_loss_coef: float = 0.0,
+) -> list[str]:
     """Run every known MoE experts module of ``model`` on moeforge kernels, in place.
 
     Works on bare transformers models and on PEFT models (``get_peft_model`` /
@@ -156,6 +183,13 @@ def patch_model(model: nn.Module, *, strict: bool = False) -> list[str]:
     Args:
         model: a transformers model, a PEFT model, or any module containing them.
         strict: raise instead of warning when an MoE module cannot be patched.
+        fused_aux_loss: compute the family's load-balancing loss (``output_router_logits=True``)
+            with moeforge's fused ``router_loss`` op; same value as HF's
+            (:mod:`moeforge.hf.losses`).
+        z_loss_coef: if > 0, add ``z_loss_coef * z_loss`` (ST-MoE router z-loss, from the same
+            fused pass) to the loss whenever HF adds the aux loss (labels given and
+            ``output_router_logits=True``); the output gains a ``z_loss`` entry. Needs
+            ``fused_aux_loss``.
 
     Returns:
         The qualified names of the experts modules now running on moeforge (the PEFT wrapper's
@@ -187,6 +221,14 @@ def patch_model(model: nn.Module, *, strict: bool = False) -> list[str]:
             base.__dict__["_moeforge_wrapped"] = True
             _install(chain[0], "peft", _peft_experts_forward)
         patched.append(name)
+    if z_loss_coef < 0:
+        raise ValueError(f"moeforge.patch_model: z_loss_coef must be >= 0, got {z_loss_coef}")
+    if z_loss_coef > 0 and not fused_aux_loss:
+        raise ValueError("moeforge.patch_model: z_loss_coef > 0 needs fused_aux_loss=True")
+    if patched and fused_aux_loss:
+        patch_aux_loss(model)
+        if z_loss_coef > 0:
+            _install_z_loss(model, z_loss_coef)
     if skipped:
         message = (
             f"moeforge.patch_model: {len(skipped)} MoE module(s) left to transformers: "
@@ -215,6 +257,8 @@ def unpatch_model(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         role = _restore(module)
         module.__dict__.pop("_moeforge_wrapped", None)
-        if role is not None and id(module) not in wrapped_ids:
+        module.__dict__.pop("_moeforge_z_loss_coef", None)
+        if role in ("experts", "peft") and id(module) not in wrapped_ids:
             restored.append(name)
+    unpatch_aux_loss(model)
     return restored

@@ -1,0 +1,142 @@
+"""HF router losses on moeforge's fused ``router_loss`` op.
+
+* The auxiliary load-balancing loss: each supported family's modeling module calls its own
+  module-level ``load_balancing_loss_func(router_logits, num_experts, top_k, attention_mask)``;
+  :func:`patch_aux_loss` swaps that function for :func:`fused_load_balancing_loss_func`, the same
+  value (HF semantics: all layers together, attention-mask aware) from one fused pass. The swap is
+  per modeling module, i.e. for every model of that family in the process — harmless, since the
+  function is a drop-in — and :func:`unpatch_aux_loss` restores HF's.
+* The opt-in z-loss: :func:`causal_lm_forward_with_z_loss` wraps the ``<M>ForCausalLM.forward``
+  of a patched model and adds ``z_loss_coef * z`` to the loss when labels are given, reusing the
+  z-loss that the fused pass computed for the aux loss (``output_router_logits=True`` is needed,
+  as for the aux loss). The output gains a ``z_loss`` entry.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import sys
+
+from torch import Tensor, nn
+
+from moeforge.losses import router_losses
+
+__all__ = [
+    "causal_lm_forward_with_z_loss",
+    "fused_load_balancing_loss_func",
+    "patch_aux_loss",
+    "unpatch_aux_loss",
+]
+
+# Families whose modeling module defines the HF load_balancing_loss_func verbatim (checked against
+# transformers 5.17's source; DeepSeek-V3 has no aux loss).
+AUX_LOSS_FAMILIES = (
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "olmoe",
+    "qwen3_next",
+    "qwen3_5_moe",
+    "gpt_oss",
+)
+
+_originals: dict[str, object] = {}  # modeling module name -> HF's load_balancing_loss_func
+# Set by causal_lm_forward_with_z_loss around the model's forward; the fused aux loss leaves the
+# z-loss of the same pass there.
+_z_loss_sink: contextvars.ContextVar[list[Tensor] | None] = contextvars.ContextVar(
+    "moeforge_z_loss_sink", default=None
+)
+
+
+def fused_load_balancing_loss_func(
+    gate_logits: Tensor | tuple[Tensor, ...] | None,
+    num_experts: int | None = None,
+    top_k: int = 2,
+    attention_mask: Tensor | None = None,
+) -> Tensor | int:
+    """Drop-in for transformers' ``load_balancing_loss_func`` (same arguments, same value).
+
+    Args:
+        gate_logits: a tuple of per-layer router logits ``[B*S, E]`` (anything else gives 0, as
+            in HF).
+        num_experts: E.
+        top_k: experts per token.
+        attention_mask: optional ``[B, S]``; padding rows are excluded.
+
+    Returns:
+        The 0-d float32 aux loss (before ``router_aux_loss_coef``).
+    """
+    if gate_logits is None or not isinstance(gate_logits, tuple):
+        return 0
+    device = gate_logits[0].device
+    layers = [layer.to(device) for layer in gate_logits]
+    if num_experts is not None and layers[0].shape[-1] != num_experts:
+        raise ValueError(
+            f"moeforge.load_balancing_loss: num_experts ({num_experts}) must equal the last "
+            f"dimension of router_logits, got shape {tuple(layers[0].shape)}"
+        )
+    mask = None if attention_mask is None else attention_mask.to(device)
+    aux, z = router_losses(layers, top_k, mask)
+    sink = _z_loss_sink.get()
+    if sink is not None:
+        sink.append(z)
+    return aux.float()  # HF accumulates in, and returns, float32 whatever the logits dtype
+
+
+def _modeling_modules(model: nn.Module) -> list[str]:
+    names = {type(m).__module__ for m in model.modules()}
+    wanted = {f"transformers.models.{f}.modeling_{f}" for f in AUX_LOSS_FAMILIES}
+    return sorted(names & wanted)
+
+
+def patch_aux_loss(model: nn.Module) -> list[str]:
+    """Route the aux loss of ``model``'s family through :func:`fused_load_balancing_loss_func`.
+
+    Returns:
+        The modeling modules patched, e.g.
+        ``["transformers.models.qwen3_moe.modeling_qwen3_moe"]``.
+    """
+    patched = []
+    for name in _modeling_modules(model):
+        module = importlib.import_module(name)
+        current = getattr(module, "load_balancing_loss_func", None)
+        if current is None:
+            continue
+        if current is not fused_load_balancing_loss_func:
+            _originals[name] = current
+            module.load_balancing_loss_func = fused_load_balancing_loss_func
+        patched.append(name)
+    return patched
+
+
+def unpatch_aux_loss(model: nn.Module) -> list[str]:
+    """Restore HF's ``load_balancing_loss_func`` in ``model``'s modeling modules."""
+    restored = []
+    for name in _modeling_modules(model):
+        if name in _originals:
+            sys.modules[name].load_balancing_loss_func = _originals.pop(name)
+            restored.append(name)
+    return restored
+
+
+def causal_lm_forward_with_z_loss(original, z_loss_coef: float, *args, **kwargs):
+    """``<M>ForCausalLM.forward`` plus ``z_loss_coef * z_loss`` on the loss (labels given).
+
+    Args:
+        original: the forward being wrapped.
+        z_loss_coef: the z-loss coefficient (ST-MoE uses 1e-3).
+    """
+    sink: list[Tensor] = []
+    token = _z_loss_sink.set(sink)
+    try:
+        out = original(*args, **kwargs)
+    finally:
+        _z_loss_sink.reset(token)
+    if not sink:
+        return out  # no router logits were collected (output_router_logits=False)
+    z = sink[-1]
+    out["z_loss"] = z
+    if getattr(out, "loss", None) is not None:
+        out["loss"] = out.loss + z_loss_coef * z.to(out.loss.device)
+    return out
