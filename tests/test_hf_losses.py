@@ -18,12 +18,18 @@ from test_hf import batch, make_model, run  # noqa: E402
 QWEN3 = "transformers.models.qwen3_moe.modeling_qwen3_moe"
 
 
-@pytest.fixture(autouse=True)
 def _restore_hf_loss_functions():
-    yield
     for name, fn in list(hf_losses._originals.items()):
         importlib.import_module(name).load_balancing_loss_func = fn
         hf_losses._originals.pop(name)
+
+
+@pytest.fixture(autouse=True)
+def _hf_loss_functions():
+    # Other tests may leave a family patched (the swap is process-wide by design).
+    _restore_hf_loss_functions()
+    yield
+    _restore_hf_loss_functions()
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])

@@ -1,0 +1,53 @@
+// Shared helpers of the CUDA glue (csrc/cuda/*.cpp, host compiler): turn a launcher's cudaError_t
+// into a TORCH_CHECK naming the op, and map ATen element types to the CUDA types that the
+// torch-free launchers in kernels/ take.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <string_view>
+
+namespace moeforge {
+
+// Raises `moeforge.<op>: CUDA error: <message>` unless err is cudaSuccess.
+inline void check_cuda(cudaError_t err, std::string_view op) {
+  TORCH_CHECK(err == cudaSuccess, "moeforge.", op, ": CUDA error: ", cudaGetErrorString(err));
+}
+
+// The CUDA element type of an ATen scalar_t (same size and bit layout).
+template <typename scalar_t>
+struct CudaType {
+  using type = scalar_t;
+};
+template <>
+struct CudaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+template <typename scalar_t>
+using cuda_type_t = typename CudaType<scalar_t>::type;
+
+static_assert(sizeof(at::Half) == sizeof(__half) && alignof(at::Half) == alignof(__half));
+static_assert(sizeof(at::BFloat16) == sizeof(__nv_bfloat16) &&
+              alignof(at::BFloat16) == alignof(__nv_bfloat16));
+
+// t's data as the CUDA type of scalar_t (t must hold scalar_t).
+template <typename scalar_t>
+const cuda_type_t<scalar_t>* cuda_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const cuda_type_t<scalar_t>*>(t.const_data_ptr<scalar_t>());
+}
+template <typename scalar_t>
+cuda_type_t<scalar_t>* cuda_mutable_ptr(at::Tensor& t) {
+  return reinterpret_cast<cuda_type_t<scalar_t>*>(t.mutable_data_ptr<scalar_t>());
+}
+
+}  // namespace moeforge

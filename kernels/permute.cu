@@ -1,0 +1,323 @@
+// permute / combine / routed_dot on the GPU (see moeforge/kernels/permute.h for the contract).
+// Memory-bound row kernels: 16-byte vector loads and stores when every row start is 16-byte
+// aligned (hidden * sizeof(scalar_t) % 16 == 0 and aligned base pointers), a scalar path otherwise.
+// Rows are visited by grid-stride loops over gridDim.x only, so any T*K < 2^63 launches (no
+// gridDim.y limit). Arithmetic in acc_type_t<scalar_t>; permute and combine use explicitly rounded
+// multiply and add (no FMA contraction) so that float32/float64 results equal the CPU kernels.
+#include <algorithm>
+#include <cstdint>
+
+#include "moeforge/kernels/cuda_check.h"
+#include "moeforge/kernels/permute.h"
+
+namespace moeforge::kernels {
+namespace {
+
+constexpr int kBlockThreads = 256;
+constexpr int kWarp = 32;
+constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // grid-stride loops cover the rest
+constexpr int kVecBytes = 16;
+
+// ---- element conversions and non-contracted arithmetic ------------------------------------------
+__device__ __forceinline__ float to_acc(float v) {
+  return v;
+}
+__device__ __forceinline__ double to_acc(double v) {
+  return v;
+}
+__device__ __forceinline__ float to_acc(__half v) {
+  return __half2float(v);
+}
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t from_acc(acc_type_t<scalar_t> v);
+template <>
+__device__ __forceinline__ float from_acc<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ double from_acc<double>(double v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Rounded multiply / add that the compiler may not fuse into an FMA (the CPU kernels do not).
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  return __fmul_rn(a, b);
+}
+__device__ __forceinline__ double mul_rn(double a, double b) {
+  return __dmul_rn(a, b);
+}
+__device__ __forceinline__ float add_rn(float a, float b) {
+  return __fadd_rn(a, b);
+}
+__device__ __forceinline__ double add_rn(double a, double b) {
+  return __dadd_rn(a, b);
+}
+
+// N consecutive elements moved as one aligned load/store (N = 16 / sizeof(scalar_t) or 1).
+template <typename scalar_t, int N>
+struct alignas(sizeof(scalar_t) * N) Pack {
+  scalar_t v[N];
+};
+
+template <typename scalar_t>
+constexpr int kVec = kVecBytes / static_cast<int>(sizeof(scalar_t));
+
+// True when rows of `hidden` elements starting at every pointer are 16-byte aligned.
+template <typename scalar_t>
+bool vectorizable(int64_t hidden, const void* a, const void* b = nullptr) {
+  const auto aligned = [](const void* p) {
+    return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0;
+  };
+  return hidden % kVec<scalar_t> == 0 && aligned(a) && (b == nullptr || aligned(b));
+}
+
+// Threads that share one row: a power of two in [32, 256] covering the row's packs, so short
+// rows pack several per 256-thread block (blockDim = (threads_per_row, rows_per_block)).
+dim3 row_block(int64_t packs_per_row) {
+  int threads = kWarp;
+  while (threads < kBlockThreads && threads < packs_per_row) threads *= 2;
+  return dim3(threads, kBlockThreads / threads);
+}
+
+int64_t grid_for(int64_t items, int64_t items_per_block) {
+  return std::clamp<int64_t>((items + items_per_block - 1) / items_per_block, 1, kMaxBlocks);
+}
+
+// ---- permute ------------------------------------------------------------------------------------
+// Gather into expert order. For each output row i in [0, S): p = sorted_pairs[i];
+//   out[i, :] = w[p] * x[p / K, :]   (w = 1 without weights), or 0 when the pair is dropped
+// (pair_to_row[p] < 0) or p lies outside [0, S) (a corrupt plan is treated as dropped).
+// Work: blockDim.x threads per row, blockDim.y rows per block, grid-stride over rows; each thread
+// moves N-element packs. O(S*H) bytes; deterministic (each output element written once).
+template <typename scalar_t, int N>
+__global__ void __launch_bounds__(kBlockThreads)
+    permute_kernel(const scalar_t* __restrict__ x,                    // [T, H]
+                   const int32_t* __restrict__ sorted_pairs,          // [S]
+                   const int32_t* __restrict__ pair_to_row,           // [T, K] = [S]
+                   const acc_type_t<scalar_t>* __restrict__ weights,  // [T, K] or nullptr
+                   scalar_t* __restrict__ out,                        // [S, H]
+                   int64_t num_rows, int64_t top_k, int64_t hidden) {
+  using acc_t = acc_type_t<scalar_t>;
+  using P = Pack<scalar_t, N>;
+  const int64_t packs = hidden / N;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.y + threadIdx.y; i < num_rows;
+       i += int64_t{gridDim.x} * blockDim.y) {
+    const int64_t p = sorted_pairs[i];
+    const bool routed = p >= 0 && p < num_rows && pair_to_row[p] >= 0;
+    P* dst = reinterpret_cast<P*>(out + i * hidden);
+    if (!routed) {
+      P zero;
+#pragma unroll
+      for (int e = 0; e < N; ++e) zero.v[e] = from_acc<scalar_t>(acc_t(0));
+      for (int64_t j = threadIdx.x; j < packs; j += blockDim.x) dst[j] = zero;
+      continue;
+    }
+    const acc_t scale = weights != nullptr ? weights[p] : acc_t(1);
+    const P* src = reinterpret_cast<const P*>(x + (p / top_k) * hidden);
+    for (int64_t j = threadIdx.x; j < packs; j += blockDim.x) {
+      const P a = src[j];
+      P b;
+#pragma unroll
+      for (int e = 0; e < N; ++e) b.v[e] = from_acc<scalar_t>(mul_rn(scale, to_acc(a.v[e])));
+      dst[j] = b;
+    }
+  }
+}
+
+// ---- combine ------------------------------------------------------------------------------------
+// Token-major weighted sum. For each token t in [0, T):
+//   out[t, :] = sum_{k = 0..K-1, row = pair_to_row[t, k] in [0, S)} w[t, k] * y[row, :]
+// accumulated in acc_t in ascending k (the CPU order), rounded once. Dropped pairs (row < 0) and
+// out-of-range rows are skipped. blockDim.x threads per token, blockDim.y tokens per block,
+// grid-stride over tokens. No atomics: each output element is written by one thread, so results
+// are deterministic and bit-equal to the CPU kernel for float32/float64. O((T*K + T)*H) bytes.
+template <typename scalar_t, int N>
+__global__ void __launch_bounds__(kBlockThreads)
+    combine_kernel(const scalar_t* __restrict__ y,                    // [S, H]
+                   const int32_t* __restrict__ pair_to_row,           // [T, K]
+                   const acc_type_t<scalar_t>* __restrict__ weights,  // [T, K] or nullptr
+                   scalar_t* __restrict__ out,                        // [T, H]
+                   int64_t num_tokens, int64_t top_k, int64_t hidden) {
+  using acc_t = acc_type_t<scalar_t>;
+  using P = Pack<scalar_t, N>;
+  const int64_t packs = hidden / N;
+  const int64_t num_rows = num_tokens * top_k;
+  for (int64_t t = int64_t{blockIdx.x} * blockDim.y + threadIdx.y; t < num_tokens;
+       t += int64_t{gridDim.x} * blockDim.y) {
+    const int32_t* map = pair_to_row + t * top_k;
+    const acc_t* w = weights != nullptr ? weights + t * top_k : nullptr;
+    P* dst = reinterpret_cast<P*>(out + t * hidden);
+    for (int64_t j = threadIdx.x; j < packs; j += blockDim.x) {
+      acc_t acc[N];
+#pragma unroll
+      for (int e = 0; e < N; ++e) acc[e] = acc_t(0);
+      for (int64_t k = 0; k < top_k; ++k) {
+        const int64_t row = map[k];
+        if (row < 0 || row >= num_rows) continue;  // dropped (or corrupt) pair
+        const acc_t scale = w != nullptr ? w[k] : acc_t(1);
+        const P a = reinterpret_cast<const P*>(y + row * hidden)[j];
+#pragma unroll
+        for (int e = 0; e < N; ++e) acc[e] = add_rn(acc[e], mul_rn(scale, to_acc(a.v[e])));
+      }
+      P b;
+#pragma unroll
+      for (int e = 0; e < N; ++e) b.v[e] = from_acc<scalar_t>(acc[e]);
+      dst[j] = b;
+    }
+  }
+}
+
+// ---- routed_dot ---------------------------------------------------------------------------------
+// Per-pair dot product (the routing-weight gradient). For each pair q = t*K + k in [0, S):
+//   out[q] = <rows[pair_to_row[q], :], tokens[t, :]>   or 0 for a dropped / out-of-range row.
+// One warp per pair (blockDim = (32, 8)), grid-stride over pairs: lanes stride over N-element
+// packs accumulating in acc_t, then a butterfly __shfl_xor_sync reduction; lane 0 rounds to
+// scalar_t. Deterministic (fixed lane assignment and reduction tree) but summed in a different
+// order than the CPU kernel. O(S*H) reads of rows and tokens.
+template <typename scalar_t, int N>
+__global__ void __launch_bounds__(kBlockThreads)
+    routed_dot_kernel(const scalar_t* __restrict__ rows,        // [S, H]
+                      const scalar_t* __restrict__ tokens,      // [T, H]
+                      const int32_t* __restrict__ pair_to_row,  // [T, K]
+                      scalar_t* __restrict__ out,               // [T, K]
+                      int64_t num_pairs, int64_t top_k, int64_t hidden) {
+  using acc_t = acc_type_t<scalar_t>;
+  using P = Pack<scalar_t, N>;
+  const int64_t packs = hidden / N;
+  // q is uniform across the warp, so every lane takes the same trip count through the loop.
+  for (int64_t q = int64_t{blockIdx.x} * blockDim.y + threadIdx.y; q < num_pairs;
+       q += int64_t{gridDim.x} * blockDim.y) {
+    const int64_t row = pair_to_row[q];
+    acc_t acc = acc_t(0);
+    if (row >= 0 && row < num_pairs) {
+      const P* a = reinterpret_cast<const P*>(rows + row * hidden);
+      const P* b = reinterpret_cast<const P*>(tokens + (q / top_k) * hidden);
+      for (int64_t j = threadIdx.x; j < packs; j += blockDim.x) {
+        const P va = a[j], vb = b[j];
+#pragma unroll
+        for (int e = 0; e < N; ++e) acc += to_acc(va.v[e]) * to_acc(vb.v[e]);
+      }
+    }
+#pragma unroll
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+      acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+    }
+    if (threadIdx.x == 0) out[q] = from_acc<scalar_t>(acc);
+  }
+}
+
+bool valid_sizes(int64_t num_tokens, int64_t top_k, int64_t hidden) {
+  return num_tokens >= 0 && top_k >= 0 && hidden >= 0;
+}
+
+template <typename scalar_t, int N>
+cudaError_t permute_launch(const scalar_t* x, const int32_t* sorted_pairs,
+                           const int32_t* pair_to_row, const acc_type_t<scalar_t>* weights,
+                           scalar_t* out, int64_t num_rows, int64_t top_k, int64_t hidden,
+                           cudaStream_t stream) {
+  const dim3 block = row_block(hidden / N);
+  permute_kernel<scalar_t, N><<<grid_for(num_rows, block.y), block, 0, stream>>>(
+      x, sorted_pairs, pair_to_row, weights, out, num_rows, top_k, hidden);
+  MOEFORGE_CUDA_CHECK_LAUNCH();
+  return cudaSuccess;
+}
+
+template <typename scalar_t, int N>
+cudaError_t combine_launch(const scalar_t* y, const int32_t* pair_to_row,
+                           const acc_type_t<scalar_t>* weights, scalar_t* out, int64_t num_tokens,
+                           int64_t top_k, int64_t hidden, cudaStream_t stream) {
+  const dim3 block = row_block(hidden / N);
+  combine_kernel<scalar_t, N><<<grid_for(num_tokens, block.y), block, 0, stream>>>(
+      y, pair_to_row, weights, out, num_tokens, top_k, hidden);
+  MOEFORGE_CUDA_CHECK_LAUNCH();
+  return cudaSuccess;
+}
+
+template <typename scalar_t, int N>
+cudaError_t routed_dot_launch(const scalar_t* rows, const scalar_t* tokens,
+                              const int32_t* pair_to_row, scalar_t* out, int64_t num_pairs,
+                              int64_t top_k, int64_t hidden, cudaStream_t stream) {
+  const dim3 block(kWarp, kBlockThreads / kWarp);
+  routed_dot_kernel<scalar_t, N><<<grid_for(num_pairs, block.y), block, 0, stream>>>(
+      rows, tokens, pair_to_row, out, num_pairs, top_k, hidden);
+  MOEFORGE_CUDA_CHECK_LAUNCH();
+  return cudaSuccess;
+}
+
+}  // namespace
+
+template <typename scalar_t>
+cudaError_t launch_permute(const scalar_t* x, const int32_t* sorted_pairs,
+                           const int32_t* pair_to_row, const acc_type_t<scalar_t>* weights,
+                           scalar_t* out, int64_t num_tokens, int64_t top_k, int64_t hidden,
+                           cudaStream_t stream) {
+  if (!valid_sizes(num_tokens, top_k, hidden)) return cudaErrorInvalidValue;
+  const int64_t num_rows = num_tokens * top_k;
+  if (num_rows == 0 || hidden == 0) return cudaSuccess;  // empty output
+  if (vectorizable<scalar_t>(hidden, x, out)) {
+    return permute_launch<scalar_t, kVec<scalar_t>>(x, sorted_pairs, pair_to_row, weights, out,
+                                                    num_rows, top_k, hidden, stream);
+  }
+  return permute_launch<scalar_t, 1>(x, sorted_pairs, pair_to_row, weights, out, num_rows, top_k,
+                                     hidden, stream);
+}
+
+template <typename scalar_t>
+cudaError_t launch_combine(const scalar_t* y, const int32_t* pair_to_row,
+                           const acc_type_t<scalar_t>* weights, scalar_t* out, int64_t num_tokens,
+                           int64_t top_k, int64_t hidden, cudaStream_t stream) {
+  if (!valid_sizes(num_tokens, top_k, hidden)) return cudaErrorInvalidValue;
+  if (num_tokens == 0 || hidden == 0) return cudaSuccess;  // empty output
+  if (vectorizable<scalar_t>(hidden, y, out)) {
+    return combine_launch<scalar_t, kVec<scalar_t>>(y, pair_to_row, weights, out, num_tokens, top_k,
+                                                    hidden, stream);
+  }
+  return combine_launch<scalar_t, 1>(y, pair_to_row, weights, out, num_tokens, top_k, hidden,
+                                     stream);
+}
+
+template <typename scalar_t>
+cudaError_t launch_routed_dot(const scalar_t* rows, const scalar_t* tokens,
+                              const int32_t* pair_to_row, scalar_t* out, int64_t num_tokens,
+                              int64_t top_k, int64_t hidden, cudaStream_t stream) {
+  if (!valid_sizes(num_tokens, top_k, hidden)) return cudaErrorInvalidValue;
+  const int64_t num_pairs = num_tokens * top_k;
+  if (num_pairs == 0) return cudaSuccess;  // empty output (hidden == 0 still writes zeros)
+  if (vectorizable<scalar_t>(hidden, rows, tokens)) {
+    return routed_dot_launch<scalar_t, kVec<scalar_t>>(rows, tokens, pair_to_row, out, num_pairs,
+                                                       top_k, hidden, stream);
+  }
+  return routed_dot_launch<scalar_t, 1>(rows, tokens, pair_to_row, out, num_pairs, top_k, hidden,
+                                        stream);
+}
+
+#define MOEFORGE_INSTANTIATE_PERMUTE(scalar_t)                                                   \
+  template cudaError_t launch_permute<scalar_t>(const scalar_t*, const int32_t*, const int32_t*, \
+                                                const acc_type_t<scalar_t>*, scalar_t*, int64_t, \
+                                                int64_t, int64_t, cudaStream_t);                 \
+  template cudaError_t launch_combine<scalar_t>(const scalar_t*, const int32_t*,                 \
+                                                const acc_type_t<scalar_t>*, scalar_t*, int64_t, \
+                                                int64_t, int64_t, cudaStream_t);                 \
+  template cudaError_t launch_routed_dot<scalar_t>(const scalar_t*, const scalar_t*,             \
+                                                   const int32_t*, scalar_t*, int64_t, int64_t,  \
+                                                   int64_t, cudaStream_t);
+
+MOEFORGE_INSTANTIATE_PERMUTE(float)
+MOEFORGE_INSTANTIATE_PERMUTE(double)
+MOEFORGE_INSTANTIATE_PERMUTE(__half)
+MOEFORGE_INSTANTIATE_PERMUTE(__nv_bfloat16)
+#undef MOEFORGE_INSTANTIATE_PERMUTE
+
+}  // namespace moeforge::kernels

@@ -1,0 +1,123 @@
+// Helpers shared by the GoogleTest suites that drive the torch-free CUDA launchers directly.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <ostream>
+#include <random>
+#include <vector>
+
+namespace moeforge::testing {
+
+// True when the CUDA runtime sees at least one device (false without a driver or GPU).
+inline bool have_gpu() {
+  int count = 0;
+  const bool ok = cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+  cudaGetLastError();  // a failed query must not leak into the next check
+  return ok;
+}
+
+// Skips the current test (at run time, never compiled out) when no GPU is present.
+#define MOEFORGE_SKIP_WITHOUT_GPU()                                         \
+  do {                                                                      \
+    if (!::moeforge::testing::have_gpu()) GTEST_SKIP() << "no CUDA device"; \
+  } while (0)
+
+// Asserts that a cudaError_t expression (evaluated once) is cudaSuccess.
+#define MOEFORGE_ASSERT_CUDA(expr)                                                        \
+  do {                                                                                    \
+    const cudaError_t moeforge_test_err_ = (expr);                                        \
+    ASSERT_EQ(moeforge_test_err_, cudaSuccess) << cudaGetErrorString(moeforge_test_err_); \
+  } while (0)
+
+// A device allocation of `count` elements of T, freed on destruction.
+template <typename T>
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(size_t count) : count_(count) {
+    // Allocate at least one byte so that data() is a valid, distinct pointer even when empty.
+    EXPECT_EQ(cudaMalloc(&ptr_, count * sizeof(T) + 1), cudaSuccess);
+  }
+  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
+  ~DeviceBuffer() { cudaFree(ptr_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  T* data() const { return static_cast<T*>(ptr_); }
+  size_t size() const { return count_; }
+
+  void upload(const std::vector<T>& host) {
+    ASSERT_EQ(host.size(), count_);
+    ASSERT_EQ(cudaMemcpy(ptr_, host.data(), count_ * sizeof(T), cudaMemcpyHostToDevice),
+              cudaSuccess);
+  }
+  // Fills every byte with `byte` (0xFF: NaN for floating types, -1 for int32).
+  void poison(unsigned char byte) {
+    ASSERT_EQ(cudaMemset(ptr_, byte, count_ * sizeof(T)), cudaSuccess);
+  }
+  std::vector<T> download() const {
+    std::vector<T> host(count_);
+    EXPECT_EQ(cudaMemcpy(host.data(), ptr_, count_ * sizeof(T), cudaMemcpyDeviceToHost),
+              cudaSuccess);
+    return host;
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t count_;
+};
+
+// The routing plan of topk_ids (flattened, S entries) written the obvious way: for each expert in
+// order its pairs in ascending p, then the dropped pairs (id < 0 or >= E) in ascending p.
+struct Plan {
+  std::vector<int32_t> sorted_pairs;  // [S]
+  std::vector<int32_t> pair_to_row;   // [S], -1 = dropped
+  std::vector<int32_t> offsets;       // [E + 1]
+};
+
+inline bool operator==(const Plan& a, const Plan& b) {
+  return a.sorted_pairs == b.sorted_pairs && a.pair_to_row == b.pair_to_row &&
+         a.offsets == b.offsets;
+}
+
+inline void PrintTo(const Plan& plan, std::ostream* os) {
+  *os << "Plan{sorted_pairs=" << ::testing::PrintToString(plan.sorted_pairs)
+      << ", pair_to_row=" << ::testing::PrintToString(plan.pair_to_row)
+      << ", offsets=" << ::testing::PrintToString(plan.offsets) << "}";
+}
+
+template <typename index_t>
+Plan reference_plan(const std::vector<index_t>& ids, int64_t num_experts) {
+  const int64_t n = static_cast<int64_t>(ids.size());
+  Plan plan{{}, std::vector<int32_t>(n, -1), {}};
+  const auto valid = [&](int64_t p) { return ids[p] >= 0 && ids[p] < num_experts; };
+  for (int64_t e = 0; e < num_experts; ++e) {
+    plan.offsets.push_back(static_cast<int32_t>(plan.sorted_pairs.size()));
+    for (int64_t p = 0; p < n; ++p) {
+      if (valid(p) && ids[p] == e) {
+        plan.pair_to_row[p] = static_cast<int32_t>(plan.sorted_pairs.size());
+        plan.sorted_pairs.push_back(static_cast<int32_t>(p));
+      }
+    }
+  }
+  plan.offsets.push_back(static_cast<int32_t>(plan.sorted_pairs.size()));
+  for (int64_t p = 0; p < n; ++p) {
+    if (!valid(p)) plan.sorted_pairs.push_back(static_cast<int32_t>(p));
+  }
+  return plan;
+}
+
+template <typename index_t>
+std::vector<index_t> random_ids(int64_t num_pairs, int64_t lo, int64_t hi, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int64_t> dist(lo, hi - 1);
+  std::vector<index_t> ids(num_pairs);
+  for (auto& id : ids) id = static_cast<index_t>(dist(gen));
+  return ids;
+}
+
+}  // namespace moeforge::testing
