@@ -18,39 +18,7 @@ constexpr int kWarp = 32;
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // grid-stride loops cover the rest
 constexpr int kVecBytes = 16;
 
-// ---- element conversions and non-contracted arithmetic ------------------------------------------
-__device__ __forceinline__ float to_acc(float v) {
-  return v;
-}
-__device__ __forceinline__ double to_acc(double v) {
-  return v;
-}
-__device__ __forceinline__ float to_acc(__half v) {
-  return __half2float(v);
-}
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t from_acc(acc_type_t<scalar_t> v);
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ double from_acc<double>(double v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
+// ---- non-contracted arithmetic -----------------------------------------------------------------
 // Rounded multiply / add that the compiler may not fuse into an FMA (the CPU kernels do not).
 __device__ __forceinline__ float mul_rn(float a, float b) {
   return __fmul_rn(a, b);

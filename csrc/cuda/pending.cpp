@@ -14,12 +14,8 @@ namespace {
 constexpr const char* kPendingOps[] = {
     "grouped_mm",
     "grouped_mm_backward",
-    "swiglu",
-    "swiglu_backward",
     "expert_lora",
     "expert_lora_backward",
-    "router_loss",
-    "router_loss_backward",
 };
 // clang-format on
 

@@ -24,30 +24,9 @@ namespace {
 
 using kernels::acc_type_t;
 
-// ---- host conversions, rounding like the kernels ----------------------------------------------
-float to_acc(float v) {
-  return v;
-}
-double to_acc(double v) {
-  return v;
-}
-float to_acc(__half v) {
-  return __half2float(v);
-}
-float to_acc(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T>
-T from_acc(acc_type_t<T> v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(v);
-  } else {
-    return v;
-  }
-}
+// Host conversions that round like the kernels.
+using kernels::from_acc;
+using kernels::to_acc;
 
 // Unit roundoff of the element type (output rounding of routed_dot).
 template <typename T>

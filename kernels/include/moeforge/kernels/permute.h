@@ -15,25 +15,13 @@
 // are device pointers to contiguous row-major data; launchers return the first CUDA error.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
-namespace moeforge::kernels {
+#include "moeforge/kernels/numeric.h"
 
-// The accumulation (and routing-weight) type of element type scalar_t.
-template <typename scalar_t>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-template <typename scalar_t>
-using acc_type_t = typename AccType<scalar_t>::type;
+namespace moeforge::kernels {
 
 // The launchers are instantiated in kernels/permute.cu for scalar_t = float, double, __half and
 // __nv_bfloat16 only.

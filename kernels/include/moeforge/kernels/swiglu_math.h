@@ -10,11 +10,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define MOEFORGE_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define MOEFORGE_HOST_DEVICE inline
-#endif
+#include "moeforge/kernels/numeric.h"  // MOEFORGE_HOST_DEVICE
 
 namespace moeforge::kernels {
 

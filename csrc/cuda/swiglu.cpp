@@ -1,0 +1,65 @@
+// CUDA gated activation: the glue around kernels/swiglu.cu. Same semantics and validation as
+// csrc/cpu/swiglu.cpp.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda_utils.h"
+#include "moeforge/kernels/swiglu.h"
+#include "validation.h"
+
+namespace moeforge {
+namespace {
+
+kernels::GluVariant to_kernel(SwigluVariant v) {
+  return v == SwigluVariant::kGptOss ? kernels::GluVariant::kGptOss : kernels::GluVariant::kSilu;
+}
+
+at::Tensor swiglu_cuda(const at::Tensor& h_in, c10::string_view variant, double alpha,
+                       double limit) {
+  check_swiglu_inputs(h_in, variant, alpha, limit);
+  const auto v = to_kernel(parse_swiglu_variant("swiglu", variant));
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  const at::Tensor h = h_in.contiguous();
+  const int64_t rows = h.size(0), inter = h.size(1) / 2;
+  at::Tensor out = at::empty({rows, inter}, h.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, h.scalar_type(), "moeforge.swiglu", [&] {
+        check_cuda(
+            kernels::launch_swiglu(cuda_ptr<scalar_t>(h), cuda_mutable_ptr<scalar_t>(out), rows,
+                                   inter, v, alpha, limit, at::cuda::getCurrentCUDAStream()),
+            "swiglu");
+      });
+  return out;
+}
+
+at::Tensor swiglu_backward_cuda(const at::Tensor& grad_a_in, const at::Tensor& h_in,
+                                c10::string_view variant, double alpha, double limit) {
+  check_swiglu_backward_inputs(grad_a_in, h_in, variant, alpha, limit);
+  const auto v = to_kernel(parse_swiglu_variant("swiglu_backward", variant));
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  const at::Tensor h = h_in.contiguous();
+  const at::Tensor grad_a = grad_a_in.contiguous();
+  const int64_t rows = h.size(0), inter = h.size(1) / 2;
+  at::Tensor grad_h = at::empty_like(h);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, h.scalar_type(), "moeforge.swiglu_backward", [&] {
+        check_cuda(
+            kernels::launch_swiglu_backward(cuda_ptr<scalar_t>(grad_a), cuda_ptr<scalar_t>(h),
+                                            cuda_mutable_ptr<scalar_t>(grad_h), rows, inter, v,
+                                            alpha, limit, at::cuda::getCurrentCUDAStream()),
+            "swiglu_backward");
+      });
+  return grad_h;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moeforge, CUDA, m) {
+  m.impl("swiglu", &swiglu_cuda);
+  m.impl("swiglu_backward", &swiglu_backward_cuda);
+}
+
+}  // namespace moeforge

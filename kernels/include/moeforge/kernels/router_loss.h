@@ -1,0 +1,57 @@
+// Fused router losses on the GPU (same semantics as csrc/cpu/router_loss.cpp): over the kept rows
+// (row_mask != 0, or all rows) of every layer's logits [T_l, E]:
+//
+//   count_e = #kept rows whose top-k (by logit, ties to the lower index) holds e
+//   psum_e  = sum of softmax(logits)_e;  zsum = sum of logsumexp(logits)^2;  R = #kept rows
+//   aux = E * sum_e count_e * psum_e / R^2,  z = zsum / R   (both 0 when R == 0)
+//
+// Three launches, no host synchronisation, deterministic (fixed-order reductions, no float
+// atomics):
+//   launch_router_stats     once per layer: per-block partial sums into `partials`
+//   launch_router_finalize  once: reduces all partials in order, writes aux, z and counts
+//   launch_router_loss_backward  once per layer: d(g_aux * aux + g_z * z) / d logits
+// Element types: float, double, __half, __nv_bfloat16; losses and partials in acc_type_t.
+// Limits: 1 <= top_k <= E <= kRouterMaxExperts.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "moeforge/kernels/numeric.h"
+
+namespace moeforge::kernels {
+
+constexpr int64_t kRouterMaxExperts = 1024;
+
+// Blocks (and so rows of `partials`) that launch_router_stats uses for `num_tokens` rows.
+int64_t router_stats_blocks(int64_t num_tokens);
+// Width of one row of `partials`: [count_0..E) [psum_0..E) [zsum] [kept].
+inline int64_t router_partial_width(int64_t num_experts) {
+  return 2 * num_experts + 2;
+}
+
+template <typename scalar_t>
+cudaError_t launch_router_stats(const scalar_t* logits,  // [T, E]
+                                const uint8_t* keep,     // [T] or nullptr (keep all)
+                                int64_t num_tokens, int64_t num_experts, int64_t top_k,
+                                acc_type_t<scalar_t>* partials,  // [router_stats_blocks(T), width]
+                                cudaStream_t stream);
+
+// Reduces `num_partials` rows of partials. aux, z: device scalars; counts [E] int64.
+template <typename acc_t>
+cudaError_t launch_router_finalize(const acc_t* partials, int64_t num_partials, int64_t num_experts,
+                                   acc_t* aux, acc_t* z, int64_t* counts, cudaStream_t stream);
+
+// grad_aux, grad_z: device scalars (the incoming gradients of aux and z); counts from the forward.
+template <typename scalar_t>
+cudaError_t launch_router_loss_backward(const scalar_t* logits,  // [T, E]
+                                        const uint8_t* keep,     // [T] or nullptr
+                                        const int64_t* counts,   // [E]
+                                        const acc_type_t<scalar_t>* grad_aux,
+                                        const acc_type_t<scalar_t>* grad_z,
+                                        scalar_t* grad_logits,  // [T, E]
+                                        int64_t num_tokens, int64_t num_experts, int64_t top_k,
+                                        cudaStream_t stream);
+
+}  // namespace moeforge::kernels

@@ -1,0 +1,286 @@
+// Fused router-loss kernels (see moeforge/kernels/router_loss.h).
+//
+// Row work is one warp per row: lanes own experts e = lane, lane + 32, ... The warp finds the
+// row max and sum of exponentials with shuffles (logsumexp), adds each softmax probability to its
+// lane-owned shared accumulator, and picks the top-k by K rounds of a warp arg-max (largest logit,
+// ties to the lower index) over the experts not yet picked (a per-lane bit mask; E <= 1024 gives
+// at most 32 experts per lane). Per-warp accumulators are summed in warp order at the end of the
+// block, so every result is independent of scheduling.
+#include <algorithm>
+#include <climits>
+#include <cmath>
+
+#include "moeforge/kernels/cuda_check.h"
+#include "moeforge/kernels/router_loss.h"
+
+namespace moeforge::kernels {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = 4;
+constexpr int kThreads = kWarp * kWarpsPerBlock;
+constexpr int kRowsPerWarp = 16;  // rows per block = 64
+constexpr int64_t kRowsPerBlock = int64_t{kWarpsPerBlock} * kRowsPerWarp;
+constexpr int kFinalizeThreads = 256;
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_max(acc_t v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t exp_acc(acc_t x) {
+  return exp(x);
+}
+
+// Max and logsumexp of one row, computed by the whole warp.
+template <typename T>
+__device__ __forceinline__ acc_type_t<T> row_logsumexp(const T* __restrict__ row, int64_t E,
+                                                       int lane) {
+  using acc_t = acc_type_t<T>;
+  acc_t mx = -INFINITY;
+  for (int64_t e = lane; e < E; e += kWarp) mx = max(mx, to_acc(row[e]));
+  mx = warp_max(mx);
+  acc_t sum = 0;
+  for (int64_t e = lane; e < E; e += kWarp) sum += exp_acc(to_acc(row[e]) - mx);
+  sum = warp_sum(sum);
+  return mx + log(sum);
+}
+
+// Per-warp shared accumulators of launch_router_stats: counts[E], psum[E] per warp.
+template <typename acc_t>
+struct WarpStats {
+  acc_t* counts;
+  acc_t* psum;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    router_stats_kernel(const T* __restrict__ logits,      // [T, E]
+                        const uint8_t* __restrict__ keep,  // [T] or nullptr
+                        int64_t num_tokens, int64_t E, int64_t top_k,
+                        acc_type_t<T>* __restrict__ partials) {  // [gridDim.x, 2E + 2]
+  using acc_t = acc_type_t<T>;
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);  // [warps][2E] then [warps][2]
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  acc_t* counts = smem + warp * 2 * E;
+  acc_t* psum = counts + E;
+  acc_t* scalars = smem + kWarpsPerBlock * 2 * E;  // [warps][zsum, kept]
+  for (int64_t e = lane; e < E; e += kWarp) counts[e] = psum[e] = acc_t(0);
+  acc_t zsum = 0, kept = 0;  // lane 0's copies count
+
+  const int64_t first = blockIdx.x * kRowsPerBlock + int64_t{warp} * kRowsPerWarp;
+  for (int64_t t = first; t < min(first + kRowsPerWarp, num_tokens); ++t) {
+    if (keep != nullptr && keep[t] == 0) continue;  // warp-uniform
+    const T* row = logits + t * E;
+    const acc_t lse = row_logsumexp(row, E, lane);
+    for (int64_t e = lane; e < E; e += kWarp) psum[e] += exp_acc(to_acc(row[e]) - lse);
+    uint32_t picked = 0;  // bit i: expert lane + 32 i already selected
+    for (int64_t k = 0; k < top_k; ++k) {
+      acc_t best = -INFINITY;
+      int best_e = INT_MAX;
+      for (int64_t e = lane, i = 0; e < E; e += kWarp, ++i) {
+        const acc_t v = to_acc(row[e]);
+        if (!(picked >> i & 1u) && (v > best || best_e == INT_MAX)) {
+          best = v;
+          best_e = static_cast<int>(e);
+        }
+      }
+#pragma unroll
+      for (int o = kWarp / 2; o > 0; o /= 2) {
+        const acc_t ov = __shfl_xor_sync(0xffffffffu, best, o);
+        const int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
+        if (ov > best || (ov == best && oe < best_e)) {
+          best = ov;
+          best_e = oe;
+        }
+      }
+      if (best_e % kWarp == lane) {  // the owning lane records the pick
+        picked |= 1u << (best_e / kWarp);
+        counts[best_e] += acc_t(1);
+      }
+    }
+    zsum += lse * lse;
+    kept += acc_t(1);
+  }
+  if (lane == 0) {
+    scalars[2 * warp] = zsum;
+    scalars[2 * warp + 1] = kept;
+  }
+  __syncthreads();
+  acc_t* out = partials + blockIdx.x * (2 * E + 2);
+  for (int64_t i = threadIdx.x; i < 2 * E; i += blockDim.x) {
+    acc_t s = 0;
+    for (int w = 0; w < kWarpsPerBlock; ++w) s += smem[w * 2 * E + i];
+    out[i] = s;
+  }
+  if (threadIdx.x < 2) {
+    acc_t s = 0;
+    for (int w = 0; w < kWarpsPerBlock; ++w) s += scalars[2 * w + threadIdx.x];
+    out[2 * E + threadIdx.x] = s;
+  }
+}
+
+// One block: column sums of all partial rows in row order (double), then a fixed-shape tree for
+// sum_e count_e * psum_e.
+template <typename acc_t>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    router_finalize_kernel(const acc_t* __restrict__ partials, int64_t num_partials, int64_t E,
+                           acc_t* __restrict__ aux, acc_t* __restrict__ z,
+                           int64_t* __restrict__ counts) {
+  __shared__ double dot[kFinalizeThreads];
+  __shared__ double tail[2];
+  const int64_t width = 2 * E + 2;
+  double local = 0;
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
+    double c = 0, p = 0;
+    for (int64_t b = 0; b < num_partials; ++b) {
+      c += double(partials[b * width + e]);
+      p += double(partials[b * width + E + e]);
+    }
+    counts[e] = static_cast<int64_t>(c + 0.5);
+    local += c * p;
+  }
+  if (threadIdx.x < 2) {
+    double s = 0;
+    for (int64_t b = 0; b < num_partials; ++b)
+      s += double(partials[b * width + 2 * E + threadIdx.x]);
+    tail[threadIdx.x] = s;
+  }
+  dot[threadIdx.x] = local;
+  __syncthreads();
+  for (int stride = kFinalizeThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) dot[threadIdx.x] += dot[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const double kept = tail[1];
+    *aux = kept > 0 ? acc_t(double(E) * dot[0] / (kept * kept)) : acc_t(0);
+    *z = kept > 0 ? acc_t(tail[0] / kept) : acc_t(0);
+  }
+}
+
+// One warp per row: grad = c_aux * p * (count - <count, p>) + c_z * lse * p on kept rows, 0 else.
+// R = sum(counts) / top_k (each kept row selected exactly top_k experts).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    router_loss_backward_kernel(const T* __restrict__ logits, const uint8_t* __restrict__ keep,
+                                const int64_t* __restrict__ counts,
+                                const acc_type_t<T>* __restrict__ grad_aux,
+                                const acc_type_t<T>* __restrict__ grad_z,
+                                T* __restrict__ grad_logits, int64_t num_tokens, int64_t E,
+                                int64_t top_k) {
+  using acc_t = acc_type_t<T>;
+  __shared__ acc_t coef[2];  // c_aux, c_z
+  if (threadIdx.x == 0) {
+    int64_t total = 0;
+    for (int64_t e = 0; e < E; ++e) total += counts[e];
+    const acc_t kept = acc_t(total / top_k);
+    const acc_t inv = kept > 0 ? acc_t(1) / kept : acc_t(0);
+    coef[0] = *grad_aux * acc_t(E) * inv * inv;
+    coef[1] = *grad_z * acc_t(2) * inv;
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  for (int64_t t = int64_t{blockIdx.x} * kWarpsPerBlock + warp; t < num_tokens;
+       t += int64_t{gridDim.x} * kWarpsPerBlock) {
+    const T* row = logits + t * E;
+    T* grow = grad_logits + t * E;
+    if (keep != nullptr && keep[t] == 0) {
+      for (int64_t e = lane; e < E; e += kWarp) grow[e] = from_acc<T>(acc_t(0));
+      continue;
+    }
+    const acc_t lse = row_logsumexp(row, E, lane);
+    acc_t dot = 0;
+    for (int64_t e = lane; e < E; e += kWarp) {
+      dot += exp_acc(to_acc(row[e]) - lse) * acc_t(counts[e]);
+    }
+    dot = warp_sum(dot);
+    for (int64_t e = lane; e < E; e += kWarp) {
+      const acc_t p = exp_acc(to_acc(row[e]) - lse);
+      grow[e] = from_acc<T>(coef[0] * p * (acc_t(counts[e]) - dot) + coef[1] * lse * p);
+    }
+  }
+}
+
+bool valid(int64_t num_tokens, int64_t E, int64_t top_k) {
+  return num_tokens >= 0 && E >= 1 && E <= kRouterMaxExperts && top_k >= 1 && top_k <= E;
+}
+
+}  // namespace
+
+int64_t router_stats_blocks(int64_t num_tokens) {
+  return std::max<int64_t>(1, (num_tokens + kRowsPerBlock - 1) / kRowsPerBlock);
+}
+
+template <typename T>
+cudaError_t launch_router_stats(const T* logits, const uint8_t* keep, int64_t num_tokens, int64_t E,
+                                int64_t top_k, acc_type_t<T>* partials, cudaStream_t stream) {
+  if (!valid(num_tokens, E, top_k)) return cudaErrorInvalidValue;
+  using acc_t = acc_type_t<T>;
+  const size_t smem = sizeof(acc_t) * (kWarpsPerBlock * 2 * E + 2 * kWarpsPerBlock);
+  if (smem > 48 * 1024) {
+    MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(
+        router_stats_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  }
+  // Every block runs even with no rows, so that all partial rows are written (zeros).
+  router_stats_kernel<T><<<router_stats_blocks(num_tokens), kThreads, smem, stream>>>(
+      logits, keep, num_tokens, E, top_k, partials);
+  MOEFORGE_CUDA_CHECK_LAUNCH();
+  return cudaSuccess;
+}
+
+template <typename acc_t>
+cudaError_t launch_router_finalize(const acc_t* partials, int64_t num_partials, int64_t E,
+                                   acc_t* aux, acc_t* z, int64_t* counts, cudaStream_t stream) {
+  if (E < 1 || E > kRouterMaxExperts || num_partials < 0) return cudaErrorInvalidValue;
+  router_finalize_kernel<acc_t>
+      <<<1, kFinalizeThreads, 0, stream>>>(partials, num_partials, E, aux, z, counts);
+  MOEFORGE_CUDA_CHECK_LAUNCH();
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t launch_router_loss_backward(const T* logits, const uint8_t* keep, const int64_t* counts,
+                                        const acc_type_t<T>* grad_aux, const acc_type_t<T>* grad_z,
+                                        T* grad_logits, int64_t num_tokens, int64_t E,
+                                        int64_t top_k, cudaStream_t stream) {
+  if (!valid(num_tokens, E, top_k)) return cudaErrorInvalidValue;
+  if (num_tokens == 0) return cudaSuccess;
+  const int64_t blocks =
+      std::clamp<int64_t>((num_tokens + kWarpsPerBlock - 1) / kWarpsPerBlock, 1, 1 << 20);
+  router_loss_backward_kernel<T><<<blocks, kThreads, 0, stream>>>(
+      logits, keep, counts, grad_aux, grad_z, grad_logits, num_tokens, E, top_k);
+  MOEFORGE_CUDA_CHECK_LAUNCH();
+  return cudaSuccess;
+}
+
+#define MOEFORGE_INSTANTIATE_ROUTER_LOSS(T)                                                        \
+  template cudaError_t launch_router_stats<T>(const T*, const uint8_t*, int64_t, int64_t, int64_t, \
+                                              acc_type_t<T>*, cudaStream_t);                       \
+  template cudaError_t launch_router_loss_backward<T>(                                             \
+      const T*, const uint8_t*, const int64_t*, const acc_type_t<T>*, const acc_type_t<T>*, T*,    \
+      int64_t, int64_t, int64_t, cudaStream_t);
+
+MOEFORGE_INSTANTIATE_ROUTER_LOSS(float)
+MOEFORGE_INSTANTIATE_ROUTER_LOSS(double)
+MOEFORGE_INSTANTIATE_ROUTER_LOSS(__half)
+MOEFORGE_INSTANTIATE_ROUTER_LOSS(__nv_bfloat16)
+#undef MOEFORGE_INSTANTIATE_ROUTER_LOSS
+
+template cudaError_t launch_router_finalize<float>(const float*, int64_t, int64_t, float*, float*,
+                                                   int64_t*, cudaStream_t);
+template cudaError_t launch_router_finalize<double>(const double*, int64_t, int64_t, double*,
+                                                    double*, int64_t*, cudaStream_t);
+
+}  // namespace moeforge::kernels

@@ -1,0 +1,115 @@
+// Gated activation kernels (see moeforge/kernels/swiglu.h). One thread per output column j of a
+// row (grid-stride over rows * I): it reads the gate and up values of j, writes a[r, j] (forward)
+// or grad_h[r, gate(j)] and grad_h[r, up(j)] (backward). Memory-bound; adjacent threads touch
+// adjacent columns of both halves (silu) or adjacent pairs (gpt-oss), so accesses coalesce.
+#include <algorithm>
+
+#include "moeforge/kernels/cuda_check.h"
+#include "moeforge/kernels/swiglu.h"
+#include "moeforge/kernels/swiglu_math.h"
+
+namespace moeforge::kernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = int64_t{1} << 20;
+
+int64_t grid_for(int64_t n) {
+  return std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, kMaxBlocks);
+}
+
+// Columns of the gate and up values behind output column j of a row of 2I values.
+struct GateUp {
+  int64_t gate, up;
+};
+__device__ __forceinline__ GateUp columns(GluVariant v, int64_t j, int64_t inter) {
+  return v == GluVariant::kGptOss ? GateUp{2 * j, 2 * j + 1} : GateUp{j, inter + j};
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    swiglu_kernel(const T* __restrict__ h,  // [rows, 2I]
+                  T* __restrict__ out,      // [rows, I]
+                  int64_t total, int64_t inter, GluVariant variant, acc_type_t<T> alpha,
+                  acc_type_t<T> limit) {
+  using acc_t = acc_type_t<T>;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / inter, j = i - r * inter;
+    const T* row = h + r * 2 * inter;
+    const GateUp c = columns(variant, j, inter);
+    const acc_t g = to_acc(row[c.gate]), u = to_acc(row[c.up]);
+    const acc_t a = variant == GluVariant::kSilu ? silu_glu(g, u) : gpt_oss_glu(g, u, alpha, limit);
+    out[i] = from_acc<T>(a);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    swiglu_backward_kernel(const T* __restrict__ grad_a,  // [rows, I]
+                           const T* __restrict__ h,       // [rows, 2I]
+                           T* __restrict__ grad_h,        // [rows, 2I]
+                           int64_t total, int64_t inter, GluVariant variant, acc_type_t<T> alpha,
+                           acc_type_t<T> limit) {
+  using acc_t = acc_type_t<T>;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / inter, j = i - r * inter;
+    const T* row = h + r * 2 * inter;
+    T* grow = grad_h + r * 2 * inter;
+    const GateUp c = columns(variant, j, inter);
+    const acc_t g = to_acc(row[c.gate]), u = to_acc(row[c.up]), dy = to_acc(grad_a[i]);
+    acc_t dg, du;
+    if (variant == GluVariant::kSilu) {
+      silu_glu_backward(dy, g, u, &dg, &du);
+    } else {
+      gpt_oss_glu_backward(dy, g, u, alpha, limit, &dg, &du);
+    }
+    grow[c.gate] = from_acc<T>(dg);
+    grow[c.up] = from_acc<T>(du);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_swiglu(const T* h, T* out, int64_t rows, int64_t inter, GluVariant variant,
+                          double alpha, double limit, cudaStream_t stream) {
+  if (rows < 0 || inter < 0) return cudaErrorInvalidValue;
+  const int64_t total = rows * inter;
+  if (total == 0) return cudaSuccess;
+  using acc_t = acc_type_t<T>;
+  swiglu_kernel<T><<<grid_for(total), kThreads, 0, stream>>>(
+      h, out, total, inter, variant, static_cast<acc_t>(alpha), static_cast<acc_t>(limit));
+  MOEFORGE_CUDA_CHECK_LAUNCH();
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t launch_swiglu_backward(const T* grad_a, const T* h, T* grad_h, int64_t rows,
+                                   int64_t inter, GluVariant variant, double alpha, double limit,
+                                   cudaStream_t stream) {
+  if (rows < 0 || inter < 0) return cudaErrorInvalidValue;
+  const int64_t total = rows * inter;
+  if (total == 0) return cudaSuccess;
+  using acc_t = acc_type_t<T>;
+  swiglu_backward_kernel<T><<<grid_for(total), kThreads, 0, stream>>>(
+      grad_a, h, grad_h, total, inter, variant, static_cast<acc_t>(alpha),
+      static_cast<acc_t>(limit));
+  MOEFORGE_CUDA_CHECK_LAUNCH();
+  return cudaSuccess;
+}
+
+#define MOEFORGE_INSTANTIATE_SWIGLU(T)                                                      \
+  template cudaError_t launch_swiglu<T>(const T*, T*, int64_t, int64_t, GluVariant, double, \
+                                        double, cudaStream_t);                              \
+  template cudaError_t launch_swiglu_backward<T>(const T*, const T*, T*, int64_t, int64_t,  \
+                                                 GluVariant, double, double, cudaStream_t);
+
+MOEFORGE_INSTANTIATE_SWIGLU(float)
+MOEFORGE_INSTANTIATE_SWIGLU(double)
+MOEFORGE_INSTANTIATE_SWIGLU(__half)
+MOEFORGE_INSTANTIATE_SWIGLU(__nv_bfloat16)
+#undef MOEFORGE_INSTANTIATE_SWIGLU
+
+}  // namespace moeforge::kernels
