@@ -28,8 +28,15 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
     step "racecheck_$(basename "$bin")" compute-sanitizer --tool racecheck --error-exitcode 1 "$bin"
   done
 fi
-(cd benchmarks && step bench_permute python bench_permute.py --tokens 4096 16384 65536 \
-  --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3)
-cp "$OUT/bench_permute.log" "$OUT/bench_permute.txt" 2>/dev/null
+cd benchmarks
+step bench_permute python bench_permute.py --tokens 4096 16384 65536 \
+  --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3
+step bench_router_loss python bench_router_loss.py --tokens 16384 --layers 48
+step bench_layer python bench_layer.py --models ${MOEFORGE_BENCH_MODELS:-qwen3-30b-a3b} \
+  --tokens 4096 16384 --json "$OUT/bench_layer.json"
+step bench_e2e_lora python bench_e2e_lora.py
+cd ..
 echo; echo "== summary =="; printf '%s\n' "${summary[@]}"
-echo; cat "$OUT/bench_permute.log" 2>/dev/null | tail -20
+for b in bench_permute bench_router_loss bench_layer bench_e2e_lora; do
+  echo; echo "== $b =="; grep -v "^ *$" "$OUT/$b.log" | tail -25
+done

@@ -1,0 +1,167 @@
+"""One MoE layer (router included, input requires grad), forward and forward+backward, moeforge vs
+the peers measured in the same run: HF eager loop (small T only), HF ``grouped_mm`` (transformers'
+default), a careful plain-torch pipeline (argsort + gather + ``torch._grouped_mm`` +
+``index_add_``) and PEFT expert LoRA on HF ``grouped_mm``.
+
+Modes: ``train`` (expert weights trainable), ``frozen`` (expert weights frozen), ``lora`` (frozen
+experts + LoRA r on both projections). TFLOP/s counts ``6*T*K*H*I`` per GEMM pass: forward 1 pass,
+frozen forward+backward 2, trainable forward+backward 3 (LoRA FLOPs not counted).
+
+    python benchmarks/bench_layer.py --models qwen3-30b-a3b --tokens 4096 16384
+    python benchmarks/bench_layer.py --device cpu --tiny        # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from common import MODEL_SHAPES, environment, print_table, time_ms
+
+import moeforge
+
+EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def one_layer_model(H: int, I: int, E: int, K: int, dtype, device, impl: str):
+    """A 1-layer Qwen3-MoE whose MoE block is the unit under test (random weights, std 0.02)."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    cfg = Qwen3MoeConfig(
+        vocab_size=128, hidden_size=H, intermediate_size=4 * H, moe_intermediate_size=I,
+        num_hidden_layers=1, num_attention_heads=max(1, H // 128), num_key_value_heads=1,
+        head_dim=128, num_experts=E, num_experts_per_tok=K, norm_topk_prob=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, experts_implementation=impl)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def careful_torch_experts(experts, x, ids, weights):
+    """argsort + gather + torch._grouped_mm (x2) + weighted index_add, in plain torch."""
+    K = ids.shape[1]
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=experts.num_experts)
+    offs = counts.cumsum(0).to(torch.int32)
+    tok = order // K
+    xs = x[tok]
+    h = torch._grouped_mm(xs, experts.gate_up_proj.transpose(1, 2), offs=offs)
+    gate, up = h.chunk(2, dim=-1)
+    a = torch.nn.functional.silu(gate) * up
+    y = torch._grouped_mm(a, experts.down_proj.transpose(1, 2), offs=offs)
+    y = y * weights.reshape(-1)[order, None].to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, tok, y)
+
+
+def build_paths(args, H, I, E, K, T, mode, dtype):
+    """{name: block} where block(x [1, T, H]) -> [1, T, H]; all share the same weights."""
+    paths = {}
+    lora = mode == "lora"
+    impls = ["grouped_mm", "moeforge"] + (["eager"] if args.eager_max_tokens >= T else [])
+    for impl in impls:
+        model = one_layer_model(
+            H, I, E, K, dtype, args.device, "grouped_mm" if impl == "moeforge" else impl
+        )
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(
+                r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+                target_modules=[], target_parameters=EXPERT_TARGETS,
+            ))  # fmt: skip
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, std=0.02)
+        if impl == "moeforge":
+            moeforge.patch_model(model)
+        for n, p in model.named_parameters():
+            if "experts" in n and "lora_" not in n:
+                p.requires_grad_(mode == "train")
+        block = next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp"))
+        name = {"grouped_mm": "HF grouped_mm", "eager": "HF eager", "moeforge": "moeforge"}[impl]
+        paths[("PEFT + " if lora and impl != "moeforge" else "") + name] = block
+        if impl == "grouped_mm" and not lora and args.device.startswith("cuda"):
+            experts = block.experts
+
+            def careful(x, block=block, experts=experts):
+                flat = x.reshape(-1, H)
+                _, w, ids = block.gate(flat)
+                return careful_torch_experts(experts, flat, ids, w).view_as(x)
+
+            paths["careful torch"] = careful
+    return paths
+
+
+def measure(fn, x, grad, device):
+    def fwd():
+        return fn(x)
+
+    def fwd_bwd():
+        out = fn(x)
+        out.backward(grad)
+
+    t_fwd = time_ms(fwd, device, warmup=3, iters=10)
+    t_step = time_ms(fwd_bwd, device, warmup=3, iters=10)
+    peak = float("nan")
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return t_fwd, t_step, peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", nargs="+", default=["qwen3-30b-a3b"])
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--modes", nargs="+", default=["train", "frozen", "lora"])
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--eager-max-tokens", type=int, default=4096)
+    p.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
+    shapes = {"tiny": (64, 32, 8, 2)} if args.tiny else {m: MODEL_SHAPES[m] for m in args.models}
+    tokens = [64] if args.tiny else args.tokens
+    print(environment(args.device))
+    rows = []
+    for model_name, (H, I, E, K) in shapes.items():
+        for T in tokens:
+            x = torch.randn(1, T, H, device=args.device, dtype=dtype, requires_grad=True)
+            grad = torch.randn_like(x)
+            for mode in args.modes:
+                passes_step = {"train": 3, "frozen": 2, "lora": 2}[mode]
+                flops = 6 * T * K * H * I
+                results = {}
+                for name, fn in build_paths(args, H, I, E, K, T, mode, dtype).items():
+                    t_fwd, t_step, peak = measure(fn, x, grad, args.device)
+                    results[name] = (t_fwd, t_step, peak)
+                ours = results["moeforge"][1]
+                for name, (t_fwd, t_step, peak) in results.items():
+                    rows.append({
+                        "model": model_name, "T": T, "mode": mode, "path": name,
+                        "fwd ms": f"{t_fwd:.2f}", "fwd+bwd ms": f"{t_step:.2f}",
+                        "fwd TF/s": f"{flops / t_fwd / 1e9:.0f}",
+                        "fwd+bwd TF/s": f"{passes_step * flops / t_step / 1e9:.0f}",
+                        "peak GiB": f"{peak:.2f}", "moeforge speedup": f"{t_step / ours:.2f}x",
+                    })  # fmt: skip
+    cols = ["model", "T", "mode", "path", "fwd ms", "fwd+bwd ms", "fwd TF/s", "fwd+bwd TF/s",
+            "peak GiB", "moeforge speedup"]  # fmt: skip
+    print_table(rows, cols)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(args.device), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
