@@ -11,25 +11,19 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import moeforge.hf as mh  # noqa: E402
+from hf_models import batch, make_model, restore_hf_aux_loss, run  # noqa: E402
 from moeforge import reference  # noqa: E402
 from moeforge.hf import losses as hf_losses  # noqa: E402
-from test_hf import batch, make_model, run  # noqa: E402
 
 QWEN3 = "transformers.models.qwen3_moe.modeling_qwen3_moe"
-
-
-def _restore_hf_loss_functions():
-    for name, fn in list(hf_losses._originals.items()):
-        importlib.import_module(name).load_balancing_loss_func = fn
-        hf_losses._originals.pop(name)
 
 
 @pytest.fixture(autouse=True)
 def _hf_loss_functions():
     # Other tests may leave a family patched (the swap is process-wide by design).
-    _restore_hf_loss_functions()
+    restore_hf_aux_loss()
     yield
-    _restore_hf_loss_functions()
+    restore_hf_aux_loss()
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
@@ -91,3 +85,25 @@ def test_z_loss_arguments_are_checked():
         mh.patch_model(model, z_loss_coef=-1)
     with pytest.raises(ValueError, match=r"z_loss_coef > 0 needs fused_aux_loss=True"):
         mh.patch_model(model, fused_aux_loss=False, z_loss_coef=0.1)
+
+
+def test_decoding_mask_longer_than_logits_uses_the_new_tokens():
+    # generate() with a KV cache: router logits cover the new token of each row, the attention
+    # mask covers past + new tokens.
+    g = torch.Generator().manual_seed(0)
+    logits = tuple(torch.randn(2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]])
+    got = hf_losses.fused_load_balancing_loss_func(logits, 8, 2, mask)
+    torch.testing.assert_close(
+        got, hf_losses.fused_load_balancing_loss_func(logits, 8, 2, mask[:, -1:])
+    )
+
+
+def test_generate_with_router_logits_on_a_patched_model():
+    model = make_model("qwen3_moe")
+    mh.patch_model(model)
+    ids = batch()["input_ids"][:1]
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False
+    )
+    assert out.shape == (1, ids.shape[1] + 3)

@@ -26,6 +26,7 @@ __all__ = [
     "causal_lm_forward_with_z_loss",
     "fused_load_balancing_loss_func",
     "patch_aux_loss",
+    "restore_all_aux_losses",
     "unpatch_aux_loss",
 ]
 
@@ -77,6 +78,10 @@ def fused_load_balancing_loss_func(
             f"dimension of router_logits, got shape {tuple(layers[0].shape)}"
         )
     mask = None if attention_mask is None else attention_mask.to(device)
+    rows = layers[0].shape[0]
+    if mask is not None and mask.dim() == 2 and mask.numel() != rows and rows % mask.shape[0] == 0:
+        # Decoding with a KV cache: the mask covers past + new tokens, the logits only the new.
+        mask = mask[:, mask.shape[1] - rows // mask.shape[0] :]
     aux, z = router_losses(layers, top_k, mask)
     sink = _z_loss_sink.get()
     if sink is not None:
@@ -110,14 +115,23 @@ def patch_aux_loss(model: nn.Module) -> list[str]:
     return patched
 
 
-def unpatch_aux_loss(model: nn.Module) -> list[str]:
-    """Restore HF's ``load_balancing_loss_func`` in ``model``'s modeling modules."""
+def _restore(names) -> list[str]:
     restored = []
-    for name in _modeling_modules(model):
+    for name in names:
         if name in _originals:
             sys.modules[name].load_balancing_loss_func = _originals.pop(name)
             restored.append(name)
     return restored
+
+
+def unpatch_aux_loss(model: nn.Module) -> list[str]:
+    """Restore HF's ``load_balancing_loss_func`` in ``model``'s modeling modules."""
+    return _restore(_modeling_modules(model))
+
+
+def restore_all_aux_losses() -> list[str]:
+    """Restore HF's ``load_balancing_loss_func`` in every modeling module moeforge patched."""
+    return _restore(list(_originals))
 
 
 def causal_lm_forward_with_z_loss(original, z_loss_coef: float, *args, **kwargs):
