@@ -186,6 +186,27 @@ int64_t check_expert_lora_inputs(std::string_view op, const at::Tensor& x, const
   return lora_A.size(0) / num_experts;
 }
 
+int64_t check_expert_lora_backward_inputs(const at::Tensor& grad_delta, const at::Tensor& x,
+                                          const at::Tensor& lora_u, const at::Tensor& lora_A,
+                                          const at::Tensor& lora_B,
+                                          const at::Tensor& expert_offsets) {
+  constexpr std::string_view op = "expert_lora_backward";
+  const int64_t rank = check_expert_lora_inputs(op, x, lora_A, lora_B, expert_offsets);
+  const int64_t out_features = lora_B.size(0);
+  MOEFORGE_CHECK_VALUE(grad_delta.dim() == 2 && grad_delta.size(0) == x.size(0) &&
+                           grad_delta.size(1) == out_features,
+                       op, "grad_delta must be [num_rows, out_features] = [", x.size(0), ", ",
+                       out_features, "], got ", grad_delta.sizes());
+  MOEFORGE_CHECK_VALUE(lora_u.dim() == 2 && lora_u.size(0) == x.size(0) && lora_u.size(1) == rank,
+                       op, "lora_u must be [num_rows, rank] = [", x.size(0), ", ", rank, "], got ",
+                       lora_u.sizes());
+  check_floating(op, "grad_delta", grad_delta);
+  check_floating(op, "lora_u", lora_u);
+  check_same_device(op, "grad_delta", grad_delta, "x", x);
+  check_same_device(op, "lora_u", lora_u, "x", x);
+  return rank;
+}
+
 void check_router_loss_inputs(std::string_view op, at::TensorList logits,
                               const std::optional<at::Tensor>& row_mask, int64_t top_k) {
   MOEFORGE_CHECK_VALUE(!logits.empty(), op, "logits must hold at least one layer's router logits");

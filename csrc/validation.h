@@ -38,6 +38,13 @@ void check_swiglu_backward_inputs(const at::Tensor& grad_a, const at::Tensor& h,
 int64_t check_expert_lora_inputs(std::string_view op, const at::Tensor& x, const at::Tensor& lora_A,
                                  const at::Tensor& lora_B, const at::Tensor& expert_offsets);
 
+// expert_lora_backward: the forward's rules plus grad_delta [num_rows, out_features] and
+// lora_u [num_rows, rank] (floating, on x's device). Returns the rank.
+int64_t check_expert_lora_backward_inputs(const at::Tensor& grad_delta, const at::Tensor& x,
+                                          const at::Tensor& lora_u, const at::Tensor& lora_A,
+                                          const at::Tensor& lora_B,
+                                          const at::Tensor& expert_offsets);
+
 void check_router_loss_inputs(std::string_view op, at::TensorList logits,
                               const std::optional<at::Tensor>& row_mask, int64_t top_k);
 

@@ -46,17 +46,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_lora_backward_cpu(
     const at::Tensor& grad_delta, const at::Tensor& x, const at::Tensor& lora_u,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& expert_offsets,
     double scaling, std::array<bool, 3> output_mask) {
-  constexpr std::string_view op = "expert_lora_backward";
-  const int64_t rank = check_expert_lora_inputs(op, x, lora_A, lora_B, expert_offsets);
-  check_offsets_values(op, expert_offsets, x.size(0));
+  const int64_t rank =
+      check_expert_lora_backward_inputs(grad_delta, x, lora_u, lora_A, lora_B, expert_offsets);
+  check_offsets_values("expert_lora_backward", expert_offsets, x.size(0));
   const int64_t num_experts = expert_offsets.size(0) - 1, out_features = lora_B.size(0);
-  MOEFORGE_CHECK_VALUE(grad_delta.dim() == 2 && grad_delta.size(0) == x.size(0) &&
-                           grad_delta.size(1) == out_features,
-                       op, "grad_delta must be [num_rows, out_features] = [", x.size(0), ", ",
-                       out_features, "], got ", grad_delta.sizes());
-  MOEFORGE_CHECK_VALUE(lora_u.dim() == 2 && lora_u.size(0) == x.size(0) && lora_u.size(1) == rank,
-                       op, "lora_u must be [num_rows, rank] = [", x.size(0), ", ", rank, "], got ",
-                       lora_u.sizes());
   const auto empty = [&] { return at::empty({0}, x.options()); };
   at::Tensor grad_x = output_mask[0] ? at::zeros_like(x, at::MemoryFormat::Contiguous) : empty();
   at::Tensor grad_A =

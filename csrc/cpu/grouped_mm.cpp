@@ -56,7 +56,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cpu(
   at::Tensor grad_x = output_mask[0] ? grouped_mm_cpu(grad_out, weight, expert_offsets,
                                                       std::nullopt, !weight_transposed)
                                      : empty();
-  at::Tensor grad_w = output_mask[1] ? at::zeros_like(weight) : empty();
+  at::Tensor grad_w =
+      output_mask[1] ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : empty();
   at::Tensor grad_b =
       output_mask[2] ? at::zeros({num_experts, out_features}, x.options()) : empty();
   if (output_mask[1] || output_mask[2]) {

@@ -1,0 +1,601 @@
+// GoogleTest for the grouped GEMM engine (kernels/grouped_gemm*.cu): drives launch_grouped_gemm,
+// launch_grouped_gemm_wgrad and launch_grouped_row_sum on cudaMalloc'd buffers and compares with
+// double-precision host references. Outputs are poisoned (0xFF bytes: NaN) before each launch and
+// surrounded by poisoned guard elements, so an unwritten element or a write out of bounds fails.
+// Cases: experts with 0 rows, dropped tail rows, row counts and sizes that are no tile multiple
+// (45, 129), k = 0, >= 131072 rows, every weight layout the ops use ([E, out, in] as x W^T,
+// [E, in, out] as x W, LoRA's expert slices of lora_A / lora_B, padded strides), alpha scaling,
+// accumulation into y, corrupt offsets (clamped, never out of bounds), float / double / half /
+// bfloat16 and the mixed combinations of split LoRA, and bitwise determinism.
+// Every case that launches a kernel skips at run time without a GPU.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cuda_test_utils.h"
+#include "moeforge/kernels/grouped_gemm.h"
+#include "moeforge/kernels/numeric.h"
+
+namespace moeforge::testing {
+namespace {
+
+using kernels::acc_type_t;
+
+template <typename T>
+double as_double(T v) {
+  return static_cast<double>(kernels::to_acc(v));
+}
+
+template <typename T>
+T from_double(double v) {
+  return kernels::from_acc<T>(static_cast<acc_type_t<T>>(v));
+}
+
+// Unit roundoff of an element type.
+template <typename T>
+double unit_roundoff() {
+  if constexpr (std::is_same_v<T, __half>) {
+    return 1.0 / 2048;
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return 1.0 / 256;
+  } else {
+    return std::numeric_limits<T>::epsilon() / 2;
+  }
+}
+
+// The accumulation type of a combination of element types, as the kernels choose it.
+template <typename... T>
+using acc_of = std::conditional_t<(std::is_same_v<T, double> || ...), double, float>;
+
+// Uniform in [-1, 1), rounded to T. exact: multiples of 1/4 in [-0.5, 0.5] instead, so that
+// every product and every partial sum of up to ~2^20 of them is exact in float32 (the large cases
+// then check that no row is lost, which a worst-case rounding bound over 70000 rows could hide).
+template <typename T>
+std::vector<T> random_values(size_t count, uint32_t seed, bool exact = false) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<double> dist(-1.0, 1.0);
+  std::uniform_int_distribution<int> quarters(-2, 2);
+  std::vector<T> v(count);
+  for (auto& x : v) x = from_double<T>(exact ? quarters(gen) / 4.0 : dist(gen));
+  return v;
+}
+
+// A host vector of `count` elements with every byte 0xFF (NaN for the floating types).
+template <typename T>
+std::vector<T> poisoned(size_t count) {
+  std::vector<T> v(count);
+  std::memset(static_cast<void*>(v.data()), 0xFF, count * sizeof(T));
+  return v;
+}
+
+template <typename T>
+bool is_poison(const T& v) {
+  unsigned char bytes[sizeof(T)];
+  std::memcpy(bytes, &v, sizeof(T));
+  return std::all_of(bytes, bytes + sizeof(T), [](unsigned char b) { return b == 0xFF; });
+}
+
+// Poisoned elements on both sides of every output buffer.
+constexpr int64_t kGuard = 67;
+
+// Offsets [E + 1] for per-expert row counts; num_rows = offsets[E] + dropped.
+std::vector<int32_t> offsets_of(const std::vector<int64_t>& counts) {
+  std::vector<int32_t> offsets(1, 0);
+  for (const int64_t c : counts) offsets.push_back(static_cast<int32_t>(offsets.back() + c));
+  return offsets;
+}
+
+// The rows [m[e], m[e+1]) of each expert as the kernels read any offsets: m[0] = 0,
+// m[e] = min(S, max(0, offsets[1..e])) (grouped_gemm.h).
+std::vector<int64_t> clamped_bounds(const std::vector<int32_t>& offsets, int64_t num_rows) {
+  std::vector<int64_t> m(offsets.size(), 0);
+  int64_t running = 0;
+  for (size_t e = 1; e < offsets.size(); ++e) {
+    running = std::max<int64_t>(running, offsets[e]);
+    m[e] = std::min(running, num_rows);
+  }
+  return m;
+}
+
+// Checks got against want within tol element-wise (NaN never passes), reporting a few failures.
+void expect_close(const std::vector<double>& got, const std::vector<double>& want,
+                  const std::vector<double>& tol, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  int bad = 0;
+  for (size_t i = 0; i < got.size() && bad < 8; ++i) {
+    if (!(std::abs(got[i] - want[i]) <= tol[i])) {
+      ADD_FAILURE() << what << ": element " << i << " got " << got[i] << ", want " << want[i]
+                    << " +- " << tol[i];
+      ++bad;
+    }
+  }
+}
+
+// Downloads a guarded buffer: checks both guards are still poison, returns the payload.
+template <typename T>
+std::vector<T> download_guarded(const DeviceBuffer<T>& buf, const std::string& what) {
+  std::vector<T> all = buf.download();
+  const int64_t n = static_cast<int64_t>(all.size()) - 2 * kGuard;
+  for (int64_t i = 0; i < kGuard; ++i) {
+    EXPECT_TRUE(is_poison(all[i])) << what << ": write before the output, guard " << i;
+    EXPECT_TRUE(is_poison(all[kGuard + n + i])) << what << ": write past the output, guard " << i;
+  }
+  return std::vector<T>(all.begin() + kGuard, all.begin() + kGuard + n);
+}
+
+// ---- launch_grouped_gemm ----------------------------------------------------------------------
+enum class Layout {
+  kOutIn,   // weight [E, n, k]: y = x W_e^T (nn.Linear, HF)
+  kInOut,   // weight [E, k, n]: y = x W_e (gpt-oss)
+  kLoraAT,  // lora_A [E*n, k] expert-major: W_e[kk, j] = A[e*n + j, kk] (u = x A_e^T)
+  kLoraBT,  // lora_B [n, k*E] rank-major:  W_e[j, o] = B[o, j*E + e] (delta = u B_e^T)
+  kPadded,  // [E, k, n] inside a [E + 1, k + 2, n + 5] allocation (padded, non-contiguous)
+};
+
+struct WeightView {
+  int64_t elements, stride_e, stride_k, stride_n;
+};
+
+WeightView weight_view(Layout layout, int64_t e, int64_t k, int64_t n) {
+  switch (layout) {
+    case Layout::kOutIn:
+      return {e * n * k, n * k, 1, k};
+    case Layout::kInOut:
+      return {e * k * n, k * n, n, 1};
+    case Layout::kLoraAT:
+      return {e * n * k, n * k, 1, k};
+    case Layout::kLoraBT:
+      return {n * k * e, 1, e, k * e};
+    case Layout::kPadded:
+      return {(e + 1) * (k + 2) * (n + 5), (k + 2) * (n + 5), n + 5, 1};
+  }
+  return {};
+}
+
+struct RowsCase {
+  std::string name;
+  std::vector<int64_t> counts;  // rows per expert
+  int64_t dropped;              // rows past offsets[E]
+  int64_t k, n;
+  Layout layout;
+  bool bias = false;
+  double alpha = 1.0;
+  bool accumulate = false;
+  int64_t x_pad = 0;  // ldx = k + x_pad
+  int64_t y_pad = 0;  // ldy = n + y_pad
+};
+
+const std::vector<RowsCase>& rows_cases() {
+  static const std::vector<RowsCase> all = {
+      {"empty experts, dropped tail, odd sizes",
+       {0, 70, 1, 0, 129},
+       5,
+       45,
+       129,
+       Layout::kOutIn,
+       true},
+      {"transposed weight, alpha", {0, 70, 1, 0, 129}, 5, 45, 129, Layout::kInOut, false, 0.37},
+      {"lora_A view", {33, 0, 64, 65}, 2, 45, 8, Layout::kLoraAT},
+      {"lora_B view, alpha", {33, 0, 64, 65}, 2, 8, 45, Layout::kLoraBT, false, 2.0},
+      {"padded strides, accumulate",
+       {17, 0, 90},
+       4,
+       37,
+       70,
+       Layout::kPadded,
+       true,
+       -0.5,
+       true,
+       7,
+       3},
+      {"k = 0 gives the bias", {3, 2}, 1, 0, 17, Layout::kOutIn, true},
+      {"every row dropped", {0, 0, 0}, 9, 12, 20, Layout::kInOut, true},
+      {"no rows", {0, 0}, 0, 12, 20, Layout::kOutIn},
+      {"tile multiples", {64, 128}, 0, 64, 64, Layout::kOutIn, true},
+      {"long k, several n tiles", {130, 1}, 3, 300, 200, Layout::kInOut},
+      {"one row per expert", {1, 1, 1, 1, 1, 1, 1}, 1, 9, 3, Layout::kOutIn, true},
+  };
+  return all;
+}
+
+// Runs one case of launch_grouped_gemm<TX, TW, TY> against the double reference.
+template <typename TX, typename TW, typename TY>
+void run_rows_case(const RowsCase& c, const std::vector<int32_t>& offsets, uint32_t seed,
+                   std::vector<TY>* result = nullptr, bool exact = false) {
+  SCOPED_TRACE(c.name);
+  using acc = acc_of<TX, TW, TY>;
+  const int64_t num_experts = static_cast<int64_t>(offsets.size()) - 1;
+  int64_t routed = 0;
+  for (const int64_t cnt : c.counts) routed += cnt;
+  const int64_t num_rows = routed + c.dropped;
+  const int64_t ldx = c.k + c.x_pad, ldy = c.n + c.y_pad;
+  const WeightView wv = weight_view(c.layout, num_experts, c.k, c.n);
+  const std::vector<TX> x = random_values<TX>(num_rows * ldx, seed, exact);
+  const std::vector<TW> w = random_values<TW>(wv.elements, seed + 1, exact);
+  const std::vector<TW> bias = random_values<TW>(num_experts * c.n, seed + 2, exact);
+  std::vector<TY> y_init = poisoned<TY>(num_rows * ldy + 2 * kGuard);
+  if (c.accumulate) {
+    const std::vector<TY> y0 = random_values<TY>(num_rows * ldy, seed + 3);
+    std::copy(y0.begin(), y0.end(), y_init.begin() + kGuard);
+  }
+
+  DeviceBuffer<TX> d_x(x);
+  DeviceBuffer<TW> d_w(w), d_bias(bias);
+  DeviceBuffer<int32_t> d_offsets(offsets);
+  DeviceBuffer<TY> d_y(y_init);
+  kernels::GroupedGemmArgs<TX, TW, TY> args;
+  args.x = d_x.data();
+  args.ldx = ldx;
+  args.w = d_w.data();
+  args.w_stride_e = wv.stride_e;
+  args.w_stride_k = wv.stride_k;
+  args.w_stride_n = wv.stride_n;
+  args.bias = c.bias ? d_bias.data() : nullptr;
+  args.bias_stride_e = c.n;
+  args.expert_offsets = d_offsets.data();
+  args.y = d_y.data() + kGuard;
+  args.ldy = ldy;
+  args.num_rows = num_rows;
+  args.k = c.k;
+  args.n = c.n;
+  args.num_experts = num_experts;
+  args.alpha = c.alpha;
+  args.accumulate = c.accumulate;
+  MOEFORGE_ASSERT_CUDA(kernels::launch_grouped_gemm(args, nullptr));
+  MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
+  const std::vector<TY> got = download_guarded(d_y, "y");
+  if (result != nullptr) *result = got;
+
+  // Reference: the math definition, in double, from the (rounded) inputs.
+  const std::vector<int64_t> m = clamped_bounds(offsets, num_rows);
+  const double u_acc = exact ? 0.0 : std::numeric_limits<acc>::epsilon() / 2;
+  const double u_out = unit_roundoff<TY>();
+  std::vector<double> got_d, want, tol;
+  for (int64_t r = 0; r < num_rows; ++r) {
+    int64_t e = 0;
+    while (e < num_experts && !(r >= m[e] && r < m[e + 1])) ++e;  // e == E: dropped row
+    for (int64_t j = 0; j < ldy; ++j) {
+      const TY& g = got[r * ldy + j];
+      const double y0 = c.accumulate ? as_double(y_init[kGuard + r * ldy + j]) : 0.0;
+      if (j >= c.n) {  // row padding: never written
+        EXPECT_TRUE(c.accumulate ? as_double(g) == y0 : is_poison(g)) << "padding r=" << r;
+        continue;
+      }
+      double sum = 0, magnitude = 0;
+      if (e < num_experts) {
+        for (int64_t kk = 0; kk < c.k; ++kk) {
+          const double prod = as_double(x[r * ldx + kk]) *
+                              as_double(w[e * wv.stride_e + kk * wv.stride_k + j * wv.stride_n]);
+          sum += prod;
+          magnitude += std::abs(prod);
+        }
+        sum *= c.alpha;
+        magnitude *= std::abs(c.alpha);
+        if (c.bias) {
+          sum += as_double(bias[e * c.n + j]);
+          magnitude += std::abs(as_double(bias[e * c.n + j]));
+        }
+      }
+      const double value = y0 + sum;
+      magnitude += std::abs(y0);
+      got_d.push_back(as_double(g));
+      want.push_back(value);
+      tol.push_back(u_out * std::abs(value) + 2.0 * (c.k + 3) * u_acc * magnitude);
+    }
+  }
+  expect_close(got_d, want, tol, "y");
+}
+
+template <typename T>
+class GroupedGemmTest : public ::testing::Test {
+ protected:
+  void SetUp() override { MOEFORGE_SKIP_WITHOUT_GPU(); }
+};
+using ElementTypes = ::testing::Types<float, double, __half, __nv_bfloat16>;
+TYPED_TEST_SUITE(GroupedGemmTest, ElementTypes);
+
+TYPED_TEST(GroupedGemmTest, RowsMatchReference) {
+  using T = TypeParam;
+  uint32_t seed = 10;
+  for (const RowsCase& c : rows_cases()) {
+    run_rows_case<T, T, T>(c, offsets_of(c.counts), seed += 10);
+  }
+}
+
+TYPED_TEST(GroupedGemmTest, RowsOver131072) {
+  using T = TypeParam;
+  const RowsCase c{"131072+ rows", {70000, 0, 70001}, 3, 8, 24, Layout::kOutIn, true};
+  run_rows_case<T, T, T>(c, offsets_of(c.counts), 7, nullptr, /*exact=*/true);
+}
+
+TYPED_TEST(GroupedGemmTest, RowsCorruptOffsetsAreClamped) {
+  // offsets[0] != 0, a decrease, a negative value and one past num_rows = 80: the kernels read
+  // them as the clamped running maximum [0, 50, 50, 50, 80] and stay in bounds.
+  using T = TypeParam;
+  const RowsCase c{"corrupt offsets", {80}, 0, 20, 33, Layout::kOutIn, true};
+  run_rows_case<T, T, T>(c, {7, 50, 20, -5, 1000}, 3);
+  const RowsCase tail{"negative offsets", {40}, 0, 20, 33, Layout::kInOut};
+  run_rows_case<T, T, T>(tail, {0, -3, 30}, 4);  // expert 0 empty, 1 owns [0, 30), rest dropped
+}
+
+TYPED_TEST(GroupedGemmTest, RowsDeterministic) {
+  using T = TypeParam;
+  const RowsCase& c = rows_cases()[0];
+  std::vector<T> first, second;
+  run_rows_case<T, T, T>(c, offsets_of(c.counts), 99, &first);
+  run_rows_case<T, T, T>(c, offsets_of(c.counts), 99, &second);
+  ASSERT_EQ(first.size(), second.size());
+  EXPECT_EQ(std::memcmp(first.data(), second.data(), first.size() * sizeof(T)), 0);
+}
+
+// The mixed combinations split LoRA uses: half-type operands into a float32 intermediate, and a
+// float32 intermediate times half-type weights into a half-type output.
+template <typename T>
+void run_mixed_rows_cases() {
+  const RowsCase into_float{"T x T -> float", {33, 0, 64, 65}, 2, 45, 8, Layout::kLoraAT};
+  run_rows_case<T, T, float>(into_float, offsets_of(into_float.counts), 5);
+  const RowsCase from_float{"float x T -> T", {33, 0, 64, 65}, 2,  8, 45,
+                            Layout::kLoraBT,  false,           2.0};
+  run_rows_case<float, T, T>(from_float, offsets_of(from_float.counts), 6);
+}
+
+TEST(GroupedGemmMixed, HalfAndFloat) {
+  MOEFORGE_SKIP_WITHOUT_GPU();
+  run_mixed_rows_cases<__half>();
+}
+
+TEST(GroupedGemmMixed, BFloat16AndFloat) {
+  MOEFORGE_SKIP_WITHOUT_GPU();
+  run_mixed_rows_cases<__nv_bfloat16>();
+}
+
+// ---- launch_grouped_gemm_wgrad ----------------------------------------------------------------
+enum class OutLayout {
+  kEPQ,   // G [E, p, q] contiguous
+  kEQP,   // G stored [E, q, p] (the other weight orientation)
+  kLora,  // G_e[o, j] = g[o, j*E + e] (PEFT's rank-major lora_B gradient), [p, q*E]
+};
+
+struct WgradCase {
+  std::string name;
+  std::vector<int64_t> counts;
+  int64_t dropped, p, q;
+  OutLayout layout;
+  double alpha = 1.0;
+  int64_t a_pad = 0, b_pad = 0;
+};
+
+const std::vector<WgradCase>& wgrad_cases() {
+  static const std::vector<WgradCase> all = {
+      {"empty experts, dropped tail, odd sizes", {0, 70, 1, 0, 129}, 5, 45, 129, OutLayout::kEPQ},
+      {"other orientation, alpha", {0, 70, 1, 0, 129}, 5, 45, 129, OutLayout::kEQP, 0.5},
+      {"lora_B layout, padded rows", {33, 0, 64, 65}, 2, 45, 8, OutLayout::kLora, 2.0, 3, 5},
+      {"no rows at all", {0, 0, 0}, 0, 20, 9, OutLayout::kEPQ},
+      {"every row dropped", {0, 0, 0}, 11, 20, 9, OutLayout::kEQP},
+      {"tile multiples", {64, 128}, 0, 64, 128, OutLayout::kEPQ},
+      {"one row per expert", {1, 1, 1, 1, 1}, 2, 7, 3, OutLayout::kEPQ},
+  };
+  return all;
+}
+
+std::vector<int64_t> out_strides(OutLayout layout, int64_t e, int64_t p, int64_t q) {
+  switch (layout) {
+    case OutLayout::kEPQ:
+      return {p * q, q, 1};
+    case OutLayout::kEQP:
+      return {p * q, 1, p};
+    case OutLayout::kLora:
+      return {1, q * e, e};
+  }
+  return {};
+}
+
+template <typename TA, typename TB, typename TG>
+void run_wgrad_case(const WgradCase& c, const std::vector<int32_t>& offsets, uint32_t seed,
+                    std::vector<TG>* result = nullptr, bool exact = false) {
+  SCOPED_TRACE(c.name);
+  using acc = acc_of<TA, TB, TG>;
+  const int64_t num_experts = static_cast<int64_t>(offsets.size()) - 1;
+  int64_t routed = 0;
+  for (const int64_t cnt : c.counts) routed += cnt;
+  const int64_t num_rows = routed + c.dropped;
+  const int64_t lda = c.p + c.a_pad, ldb = c.q + c.b_pad;
+  const std::vector<TA> a = random_values<TA>(num_rows * lda, seed, exact);
+  const std::vector<TB> b = random_values<TB>(num_rows * ldb, seed + 1, exact);
+  const std::vector<int64_t> gs = out_strides(c.layout, num_experts, c.p, c.q);
+  const int64_t g_elements = num_experts * c.p * c.q;
+  DeviceBuffer<TA> d_a(a);
+  DeviceBuffer<TB> d_b(b);
+  DeviceBuffer<int32_t> d_offsets(offsets);
+  DeviceBuffer<TG> d_g(poisoned<TG>(g_elements + 2 * kGuard));
+  kernels::GroupedGemmWgradArgs<TA, TB, TG> args;
+  args.a = d_a.data();
+  args.lda = lda;
+  args.b = d_b.data();
+  args.ldb = ldb;
+  args.expert_offsets = d_offsets.data();
+  args.g = d_g.data() + kGuard;
+  args.g_stride_e = gs[0];
+  args.g_stride_p = gs[1];
+  args.g_stride_q = gs[2];
+  args.num_rows = num_rows;
+  args.p = c.p;
+  args.q = c.q;
+  args.num_experts = num_experts;
+  args.alpha = c.alpha;
+  MOEFORGE_ASSERT_CUDA(kernels::launch_grouped_gemm_wgrad(args, nullptr));
+  MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
+  const std::vector<TG> got = download_guarded(d_g, "g");
+  if (result != nullptr) *result = got;
+
+  const std::vector<int64_t> m = clamped_bounds(offsets, num_rows);
+  const double u_acc = exact ? 0.0 : std::numeric_limits<acc>::epsilon() / 2;
+  const double u_out = unit_roundoff<TG>();
+  std::vector<double> got_d, want, tol;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    for (int64_t i = 0; i < c.p; ++i) {
+      for (int64_t j = 0; j < c.q; ++j) {
+        double sum = 0, magnitude = 0;
+        for (int64_t r = m[e]; r < m[e + 1]; ++r) {
+          const double prod = as_double(a[r * lda + i]) * as_double(b[r * ldb + j]);
+          sum += prod;
+          magnitude += std::abs(prod);
+        }
+        const double value = c.alpha * sum;
+        got_d.push_back(as_double(got[e * gs[0] + i * gs[1] + j * gs[2]]));
+        want.push_back(value);
+        tol.push_back(u_out * std::abs(value) +
+                      2.0 * (m[e + 1] - m[e] + 3) * u_acc * std::abs(c.alpha) * magnitude);
+      }
+    }
+  }
+  expect_close(got_d, want, tol, "g");
+}
+
+TYPED_TEST(GroupedGemmTest, WgradMatchesReference) {
+  using T = TypeParam;
+  uint32_t seed = 300;
+  for (const WgradCase& c : wgrad_cases()) {
+    run_wgrad_case<T, T, T>(c, offsets_of(c.counts), seed += 10);
+  }
+}
+
+TYPED_TEST(GroupedGemmTest, WgradOver131072Rows) {
+  using T = TypeParam;
+  const WgradCase c{"131072+ rows", {70000, 0, 70001}, 3, 8, 24, OutLayout::kEPQ};
+  run_wgrad_case<T, T, T>(c, offsets_of(c.counts), 8, nullptr, /*exact=*/true);
+}
+
+TYPED_TEST(GroupedGemmTest, WgradCorruptOffsetsAreClamped) {
+  using T = TypeParam;
+  const WgradCase c{"corrupt offsets", {80}, 0, 20, 33, OutLayout::kEPQ};
+  run_wgrad_case<T, T, T>(c, {7, 50, 20, -5, 1000}, 9);
+}
+
+TYPED_TEST(GroupedGemmTest, WgradDeterministic) {
+  using T = TypeParam;
+  const WgradCase& c = wgrad_cases()[0];
+  std::vector<T> first, second;
+  run_wgrad_case<T, T, T>(c, offsets_of(c.counts), 98, &first);
+  run_wgrad_case<T, T, T>(c, offsets_of(c.counts), 98, &second);
+  ASSERT_EQ(first.size(), second.size());
+  EXPECT_EQ(std::memcmp(first.data(), second.data(), first.size() * sizeof(T)), 0);
+}
+
+TEST(GroupedGemmMixed, WgradFloatTimesHalfTypes) {
+  MOEFORGE_SKIP_WITHOUT_GPU();
+  const WgradCase c{"float x T -> T", {33, 0, 64, 65}, 2, 8, 45, OutLayout::kEPQ};
+  run_wgrad_case<float, __half, __half>(c, offsets_of(c.counts), 11);
+  run_wgrad_case<float, __nv_bfloat16, __nv_bfloat16>(c, offsets_of(c.counts), 12);
+}
+
+// ---- launch_grouped_row_sum -------------------------------------------------------------------
+template <typename T>
+void run_row_sum_case(const std::vector<int64_t>& counts, int64_t dropped, int64_t q, int64_t b_pad,
+                      uint32_t seed, std::vector<T>* result = nullptr, bool exact = false) {
+  using acc = acc_type_t<T>;
+  const std::vector<int32_t> offsets = offsets_of(counts);
+  const int64_t num_experts = static_cast<int64_t>(counts.size());
+  const int64_t num_rows = offsets.back() + dropped, ldb = q + b_pad;
+  const std::vector<T> b = random_values<T>(num_rows * ldb, seed, exact);
+  DeviceBuffer<T> d_b(b), d_out(poisoned<T>(num_experts * q + 2 * kGuard));
+  DeviceBuffer<int32_t> d_offsets(offsets);
+  MOEFORGE_ASSERT_CUDA(kernels::launch_grouped_row_sum(d_b.data(), ldb, d_offsets.data(),
+                                                       d_out.data() + kGuard, q, num_rows, q,
+                                                       num_experts, nullptr));
+  MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
+  const std::vector<T> got = download_guarded(d_out, "row sums");
+  if (result != nullptr) *result = got;
+  const double u_acc = exact ? 0.0 : std::numeric_limits<acc>::epsilon() / 2;
+  std::vector<double> got_d, want, tol;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    for (int64_t j = 0; j < q; ++j) {
+      double sum = 0, magnitude = 0;
+      for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
+        sum += as_double(b[r * ldb + j]);
+        magnitude += std::abs(as_double(b[r * ldb + j]));
+      }
+      got_d.push_back(as_double(got[e * q + j]));
+      want.push_back(sum);
+      tol.push_back(unit_roundoff<T>() * std::abs(sum) + 2.0 * (counts[e] + 3) * u_acc * magnitude);
+    }
+  }
+  expect_close(got_d, want, tol, "row sums");
+}
+
+TYPED_TEST(GroupedGemmTest, RowSumMatchesReference) {
+  using T = TypeParam;
+  run_row_sum_case<T>({0, 70, 1, 0, 129}, 5, 129, 0, 1);
+  run_row_sum_case<T>({33, 0, 64, 65}, 2, 45, 3, 2);
+  run_row_sum_case<T>({0, 0}, 4, 17, 0, 3);
+  run_row_sum_case<T>({70000, 0, 70001}, 3, 40, 0, 4, nullptr, /*exact=*/true);
+  std::vector<T> first, second;
+  run_row_sum_case<T>({0, 70, 1, 0, 129}, 5, 129, 0, 5, &first);
+  run_row_sum_case<T>({0, 70, 1, 0, 129}, 5, 129, 0, 5, &second);
+  EXPECT_EQ(std::memcmp(first.data(), second.data(), first.size() * sizeof(T)), 0);
+}
+
+// ---- argument checks: before any CUDA call, so these run without a GPU ------------------------
+template <typename T>
+void expect_bad_arguments_rejected() {
+  // Never dereferenced: every call below fails its argument check first.
+  T* fake = reinterpret_cast<T*>(uintptr_t{256});
+  const int32_t* fake_offsets = reinterpret_cast<const int32_t*>(uintptr_t{256});
+  kernels::GroupedGemmArgs<T, T, T> rows;
+  rows.x = fake;
+  rows.w = fake;
+  rows.y = fake;
+  rows.expert_offsets = fake_offsets;
+  rows.num_rows = -1;
+  rows.k = rows.n = rows.num_experts = 4;
+  EXPECT_EQ(kernels::launch_grouped_gemm(rows, nullptr), cudaErrorInvalidValue);
+  rows.num_rows = 4;
+  rows.y = nullptr;
+  EXPECT_EQ(kernels::launch_grouped_gemm(rows, nullptr), cudaErrorInvalidValue);
+  rows.y = fake;
+  rows.n = 65535 * 64 + 1;  // beyond grid.y
+  EXPECT_EQ(kernels::launch_grouped_gemm(rows, nullptr), cudaErrorInvalidValue);
+  rows.num_rows = 0;  // nothing to do: success without touching the device
+  EXPECT_EQ(kernels::launch_grouped_gemm(rows, nullptr), cudaSuccess);
+
+  kernels::GroupedGemmWgradArgs<T, T, T> wgrad;
+  wgrad.a = fake;
+  wgrad.b = fake;
+  wgrad.g = fake;
+  wgrad.expert_offsets = fake_offsets;
+  wgrad.num_rows = 4;
+  wgrad.p = -2;
+  wgrad.q = wgrad.num_experts = 4;
+  EXPECT_EQ(kernels::launch_grouped_gemm_wgrad(wgrad, nullptr), cudaErrorInvalidValue);
+  wgrad.p = 4;
+  wgrad.num_experts = 65536;  // beyond grid.z
+  EXPECT_EQ(kernels::launch_grouped_gemm_wgrad(wgrad, nullptr), cudaErrorInvalidValue);
+  wgrad.num_experts = 0;
+  EXPECT_EQ(kernels::launch_grouped_gemm_wgrad(wgrad, nullptr), cudaSuccess);
+
+  EXPECT_EQ(kernels::launch_grouped_row_sum<T>(fake, 4, fake_offsets, fake, 4, 4, -1, 2, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(kernels::launch_grouped_row_sum<T>(fake, 4, nullptr, fake, 4, 4, 4, 2, nullptr),
+            cudaErrorInvalidValue);
+}
+
+TEST(GroupedGemmArguments, RejectsBadArguments) {
+  expect_bad_arguments_rejected<float>();
+  expect_bad_arguments_rejected<double>();
+  expect_bad_arguments_rejected<__half>();
+  expect_bad_arguments_rejected<__nv_bfloat16>();
+}
+
+}  // namespace
+}  // namespace moeforge::testing
