@@ -3,8 +3,8 @@
 Each token of the synthetic byte stream is followed by one of a few successors drawn from a fixed
 random table, so a model that learns the table drives the loss from ln(256) ~ 5.5 towards
 ln(branching). Prints loss, the load-balancing / z-losses and tokens/s; exits non-zero if the loss
-did not fall. Runs on CPU in well under a minute; ``--device cuda`` uses the GPU when the CUDA
-kernels cover every op.
+did not fall. Runs on CPU in well under a minute; ``--device cuda`` runs it on moeforge's CUDA
+kernels.
 
     python examples/train_moe.py [--steps 60] [--device cpu] [--lora-rank 0]
 """
