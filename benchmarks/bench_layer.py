@@ -9,12 +9,20 @@ frozen forward+backward 2, trainable forward+backward 3 (LoRA FLOPs not counted)
 
     python benchmarks/bench_layer.py --models qwen3-30b-a3b --tokens 4096 16384
     python benchmarks/bench_layer.py --device cpu --tiny        # smoke run
+    python benchmarks/bench_layer.py --engines moeforge torch   # both grouped GEMM engines
+
+``--engines`` runs the moeforge path once per grouped GEMM engine (MOEFORGE_GROUPED_GEMM, see
+csrc/cuda/grouped_mm.cpp): ``moeforge`` (our kernels) and ``torch`` (``at::_grouped_mm`` where it
+applies), labelled "moeforge" and "moeforge (torch gemm)"; the speedup column is relative to the
+first engine listed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 
 import torch
 from common import MODEL_SHAPES, environment, print_table, time_ms
@@ -97,6 +105,25 @@ def build_paths(args, H, I, E, K, T, mode, dtype):
     return paths
 
 
+def engine_label(engine: str) -> str:
+    return "moeforge" if engine == "moeforge" else f"moeforge ({engine} gemm)"
+
+
+@contextlib.contextmanager
+def grouped_gemm_engine(engine: str | None):
+    """Sets MOEFORGE_GROUPED_GEMM (read by the CUDA ops on every call) for the block."""
+    old = os.environ.get("MOEFORGE_GROUPED_GEMM")
+    if engine is not None:
+        os.environ["MOEFORGE_GROUPED_GEMM"] = engine
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MOEFORGE_GROUPED_GEMM", None)
+        else:
+            os.environ["MOEFORGE_GROUPED_GEMM"] = old
+
+
 def measure(fn, x, grad, device):
     def fwd():
         return fn(x)
@@ -127,6 +154,10 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--eager-max-tokens", type=int, default=4096)
+    p.add_argument(
+        "--engines", nargs="+", default=["moeforge"], choices=["moeforge", "torch"],
+        help="grouped GEMM engines to run the moeforge path with (MOEFORGE_GROUPED_GEMM)",
+    )  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args()
@@ -144,9 +175,13 @@ def main() -> None:
                 flops = 6 * T * K * H * I
                 results = {}
                 for name, fn in build_paths(args, H, I, E, K, T, mode, dtype).items():
-                    t_fwd, t_step, peak = measure(fn, x, grad, args.device)
-                    results[name] = (t_fwd, t_step, peak)
-                ours = results["moeforge"][1]
+                    runs = [(name, None)]
+                    if name == "moeforge":
+                        runs = [(engine_label(e), e) for e in args.engines]
+                    for label, engine in runs:
+                        with grouped_gemm_engine(engine):
+                            results[label] = measure(fn, x, grad, args.device)
+                ours = results[engine_label(args.engines[0])][1]
                 for name, (t_fwd, t_step, peak) in results.items():
                     rows.append({
                         "model": model_name, "T": T, "mode": mode, "path": name,

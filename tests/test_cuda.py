@@ -1,6 +1,8 @@
 """CUDA-only checks (skipped without a GPU): every op agrees with the CPU path on random data with
 poisoned memory, sizes past 131072 routed rows, determinism, and a whole MoE layer forward +
-backward captured and replayed in a CUDA graph (no host synchronisation anywhere)."""
+backward captured and replayed in a CUDA graph (no host synchronisation anywhere). The grouped GEMM
+checks run under both engines of MOEFORGE_GROUPED_GEMM ("moeforge": our SIMT engine; "torch":
+at::_grouped_mm where it applies, bfloat16 on sm90 / sm100, else our engine again)."""
 
 import pytest
 import torch
@@ -10,6 +12,26 @@ from conftest import random_topk_ids
 from moeforge import ops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(params=["moeforge", "torch"])
+def engine(request, monkeypatch):
+    """Runs the test under each grouped GEMM engine (the CUDA ops read the variable per call)."""
+    monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", request.param)
+    return request.param
+
+
+def torch_engine_applies(dtype) -> bool:
+    """Whether MOEFORGE_GROUPED_GEMM=torch reaches at::_grouped_mm for eligible shapes."""
+    return dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] in (9, 10)
+
+
+def aten_ops_called(fn) -> set[str]:
+    """Names of the aten ops that fn() dispatches, nested calls from C++ included."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages()}
 
 
 def poison_allocator(nbytes: int = 256 << 20) -> None:
@@ -70,7 +92,7 @@ def test_routing_permute_combine_large_and_odd(T, K, E, H):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["hf", "gpt_oss"])
-def test_expert_ffn_ops_match_cpu(dtype, layout):
+def test_expert_ffn_ops_match_cpu(dtype, layout, engine):
     T, K, E, H, I, r = 700, 4, 16, 96, 80, 8
     ids = random_topk_ids(T, K, E, device="cuda", drop_fraction=0.02, skip_experts=(3,))
     plan = ops.routing(ids, E)
@@ -124,6 +146,68 @@ def test_expert_ffn_ops_match_cpu(dtype, layout):
     )
 
 
+def make_offsets(counts, dropped):
+    offs = torch.zeros(len(counts) + 1, dtype=torch.int32)
+    offs[1:] = torch.tensor(counts).cumsum(0)
+    return offs.cuda(), int(offs[-1]) + dropped
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize(
+    "n_in,n_out",
+    [(64, 96), (72, 40), (13, 24), (32, 12)],  # torch-eligible, then fallbacks (in / out % 8)
+)
+@pytest.mark.parametrize(
+    "counts,dropped",
+    [([0, 37, 5, 0, 120, 1, 0], 7), ([300], 0), ([0, 0, 0], 5), ([8, 0, 16, 3], 0)],
+)
+def test_grouped_mm_forward_backward_match_cpu(engine, transposed, n_in, n_out, counts, dropped):
+    """grouped_mm and grouped_mm_backward (every output_mask) vs the CPU op in bfloat16: empty
+    experts (first, middle, last, all), dropped tail rows, bias, both weight layouts."""
+    torch.manual_seed(0)
+    offs, rows = make_offsets(counts, dropped)
+    E = len(counts)
+    dt = torch.bfloat16
+    x = torch.randn(rows, n_in, device="cuda", dtype=dt)
+    shape = (E, n_in, n_out) if transposed else (E, n_out, n_in)
+    w = torch.randn(shape, device="cuda", dtype=dt) / n_in**0.5
+    b = torch.randn(E, n_out, device="cuda", dtype=dt)
+    dy = torch.randn(rows, n_out, device="cuda", dtype=dt)
+    tol = {"rtol": 2e-2, "atol": 2e-2}
+    for bias in (None, b):
+        assert_matches_cpu(
+            lambda x, w, o, b: ops.grouped_mm(x, w, o, b, transposed), x, w, offs, bias, **tol
+        )
+    for mask in ([True, True, True], [True, False, True], [False, True, False]):
+        assert_matches_cpu(
+            lambda dy, x, w, o, m=mask: torch.ops.moeforge.grouped_mm_backward(
+                dy, x, w, o, transposed, m
+            ),
+            dy,
+            x,
+            w,
+            offs,
+            **tol,
+        )
+    eligible = n_in % 8 == 0 and n_out % 8 == 0
+    called = aten_ops_called(
+        lambda: torch.ops.moeforge.grouped_mm_backward(
+            dy, x, w, offs, transposed, [True, True, True]
+        )
+    )
+    expect = engine == "torch" and eligible and torch_engine_applies(dt)
+    assert ("aten::_grouped_mm" in called) == expect, sorted(called)
+
+
+def test_grouped_gemm_engine_must_be_known(monkeypatch):
+    offs, rows = make_offsets([2, 3], 0)
+    x = torch.randn(rows, 8, device="cuda")
+    w = torch.randn(2, 8, 8, device="cuda")
+    monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="MOEFORGE_GROUPED_GEMM"):
+        ops.grouped_mm(x, w, offs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_router_loss_matches_cpu(dtype):
     logits = [torch.randn(4099, 128, device="cuda", dtype=dtype) for _ in range(3)]
@@ -154,7 +238,7 @@ def test_deterministic():
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 
-def test_moe_layer_forward_backward_in_a_cuda_graph():
+def test_moe_layer_forward_backward_in_a_cuda_graph(engine):
     torch.manual_seed(0)
     moe = moeforge.MoE(256, 128, 32, 4, lora_rank=4, device="cuda", dtype=torch.bfloat16)
     for p in moe.experts.lora.parameters():

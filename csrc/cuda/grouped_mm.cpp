@@ -10,6 +10,28 @@
 // [0, num_rows] and made non-decreasing, so that bad offsets give wrong rows but never an
 // out-of-bounds read or write (see grouped_gemm.h). The weight is read in place with its own
 // strides (any layout, no copy); x and grad_out only need unit stride along features.
+//
+// Engine, chosen per call by the environment variable MOEFORGE_GROUPED_GEMM (read on every call,
+// so a test or benchmark can switch it at run time):
+//   unset, "" or "moeforge"  our SIMT engine (kernels/grouped_gemm*.cu), every case
+//   "torch"                  at::_grouped_mm (torch's CUTLASS grouped GEMM, sm90 / sm100) as a
+//                            measured baseline, for each GEMM of a call that it supports without
+//                            a host sync; every other case silently falls back to our engine
+//   anything else            raises (a misspelt engine must not be measured as ours)
+// torch's engine is used when all of these hold (torch 2.15, aten/src/ATen/native/cuda/
+// GroupedBlas.cpp, GroupMM.cu, GroupMMCommon.cuh, native/GroupedMMUtils.h): bfloat16 (float16 and
+// float32 go to torch's per-group loop, which copies the offsets to the host); a device of compute
+// capability 9.x or 10.x (others take that loop too); 1 <= num_experts <= 1023 (its setup kernel
+// has one thread per group); every size >= 1 and within int32; each operand 16-byte aligned, with
+// unit stride along one of its last two dimensions, the other stride a multiple of 8 elements and
+// not below that dimension's extent, and (3-D) a batch stride that is a multiple of 8; and the
+// output width a multiple of 8, so that torch's output (last dimension padded to 16 bytes) is
+// dense. The rest is done here, still without a sync: the offsets are passed as
+// expert_offsets[1:] clamped into [0, num_rows] and made non-decreasing (torch does not guard
+// against bad offsets), rows past offsets[E] (which torch leaves unwritten) are zeroed and the
+// bias is added by moeforge/kernels/zero_rows.h, experts without rows get their weight gradient
+// zeroed (torch's K = 0 groups are reported non-zero on sm100), and the bias gradient stays on the
+// row-sum kernel of our engine.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -17,12 +39,16 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
 #include <optional>
 #include <string_view>
 #include <tuple>
 
 #include "cuda_utils.h"
 #include "moeforge/kernels/grouped_gemm.h"
+#include "moeforge/kernels/zero_rows.h"
 #include "validation.h"
 
 namespace moeforge {
@@ -83,14 +109,129 @@ at::Tensor grouped_gemm(const at::Tensor& x_in, const at::Tensor& weight, const 
   return out;
 }
 
+// --- the at::_grouped_mm engine (see the top of this file) ------------------------------------
+
+enum class GemmEngine { kMoeforge, kTorch };
+
+GemmEngine requested_engine() {
+  const char* env = std::getenv("MOEFORGE_GROUPED_GEMM");
+  const std::string_view name = env == nullptr ? std::string_view() : std::string_view(env);
+  if (name.empty() || name == "moeforge") return GemmEngine::kMoeforge;
+  if (name == "torch") return GemmEngine::kTorch;
+  TORCH_CHECK_VALUE(false,
+                    "moeforge: MOEFORGE_GROUPED_GEMM must be \"moeforge\" or \"torch\", got \"",
+                    name, "\"");
+  return GemmEngine::kMoeforge;
+}
+
+// torch takes its CUTLASS path (no host sync) for bfloat16 on sm90 / sm100 only.
+bool torch_engine_applies(const at::Tensor& x, int64_t num_experts) {
+  if (requested_engine() != GemmEngine::kTorch || x.scalar_type() != at::kBFloat16) return false;
+  if (num_experts < 1 || num_experts > 1023) return false;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  return prop != nullptr && (prop->major == 9 || prop->major == 10);
+}
+
+// An operand torch's grouped GEMM accepts (check_valid_strides_and_return_transposed, as bool),
+// non-empty and within int32.
+bool torch_operand_ok(const at::Tensor& t) {
+  constexpr int64_t kAlign = 8;  // 16 bytes of bfloat16
+  for (const int64_t size : t.sizes()) {
+    if (size < 1 || size > std::numeric_limits<int32_t>::max()) return false;
+  }
+  if (reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) % 16 != 0) return false;
+  const int64_t d = t.dim();
+  if (d == 3 && t.stride(0) % kAlign != 0) return false;
+  const int64_t s_row = t.stride(d - 2), s_col = t.stride(d - 1);
+  if (s_row == 1 && s_col >= t.size(d - 2)) return s_col % kAlign == 0;
+  if (s_col == 1 && s_row >= t.size(d - 1)) return s_row % kAlign == 0;
+  return false;
+}
+
+// expert_offsets[1:] as torch reads them (cumulative row ends), clamped into [0, num_rows] and
+// made non-decreasing like our engine reads them (clamping commutes with the running maximum).
+// Device ops only: no sync.
+at::Tensor torch_offsets(const at::Tensor& offsets, int64_t num_rows) {
+  const at::Tensor ends = offsets.slice(0, 1).clamp(0, num_rows);
+  return std::get<0>(at::cummax(ends, 0)).to(at::kInt).contiguous();
+}
+
+// torch pads its output's last dimension to 16 bytes; the widths we let through are multiples of
+// 8, so this is a no-op kept as a guard.
+at::Tensor dense(at::Tensor t) {
+  return t.is_contiguous() ? t : t.contiguous();
+}
+
+// out [S, n] = a @ b_e per expert through at::_grouped_mm, with rows past ends[E-1] zero and, when
+// given, bias[e] added to the rows of e; std::nullopt when torch's engine does not apply.
+// a [S, k]; b [E, k, n] (any strides torch accepts).
+std::optional<at::Tensor> torch_grouped_gemm(const at::Tensor& a_in, const at::Tensor& b,
+                                             const at::Tensor& offsets, const at::Tensor& bias,
+                                             std::string_view op, cudaStream_t stream) {
+  const at::Tensor a = as_rows(a_in);
+  const int64_t num_rows = a.size(0), n = b.size(2), num_experts = b.size(0);
+  if (!torch_engine_applies(a, num_experts) || n % 8 != 0 || !torch_operand_ok(a) ||
+      !torch_operand_ok(b)) {
+    return std::nullopt;
+  }
+  const at::Tensor ends = torch_offsets(offsets, num_rows);
+  at::Tensor out = dense(at::_grouped_mm(a, b, ends));
+  using T = __nv_bfloat16;
+  const int32_t* ends_ptr = ends.const_data_ptr<int32_t>();
+  if (bias.defined()) {
+    check_cuda(kernels::launch_add_grouped_bias<T>(
+                   cuda_mutable_ptr<at::BFloat16>(out), out.stride(0), num_rows, n,
+                   cuda_ptr<at::BFloat16>(bias), bias.stride(0), ends_ptr, num_experts, stream),
+               op);
+  } else {
+    check_cuda(kernels::launch_zero_rows_from<T>(cuda_mutable_ptr<at::BFloat16>(out), out.stride(0),
+                                                 num_rows, n, ends_ptr + (num_experts - 1), stream),
+               op);
+  }
+  return out;
+}
+
+// G [E, p, q] with G_e = first_e^T second_e over the rows of e through the 2-D x 2-D form of
+// at::_grouped_mm (offsets along K), experts without rows zeroed; std::nullopt when torch's engine
+// does not apply. first [S, p], second [S, q].
+std::optional<at::Tensor> torch_grouped_wgrad(const at::Tensor& first, const at::Tensor& second,
+                                              const at::Tensor& offsets, int64_t num_experts,
+                                              std::string_view op, cudaStream_t stream) {
+  // first^T is [p, S] with unit stride along p ("column major" to torch) and second is row major:
+  // the one 2-D x 2-D layout for which torch accepts empty groups (GroupMMCommon.cuh asserts
+  // K > 0 per group for the others). p, q multiples of 8 keep first's row stride above 1, so
+  // that torch does see first^T as column major, and the output dense.
+  const at::Tensor a = first.t();
+  const int64_t num_rows = first.size(0), p = first.size(1), q = second.size(1);
+  if (!torch_engine_applies(first, num_experts) || p % 8 != 0 || q % 8 != 0 ||
+      first.stride(1) != 1 || second.stride(1) != 1 || !torch_operand_ok(a) ||
+      !torch_operand_ok(second)) {
+    return std::nullopt;
+  }
+  const at::Tensor ends = torch_offsets(offsets, num_rows);
+  at::Tensor g = dense(at::_grouped_mm(a, second, ends));
+  check_cuda(kernels::launch_zero_empty_groups<__nv_bfloat16>(
+                 cuda_mutable_ptr<at::BFloat16>(g), g.stride(0), p * q,
+                 ends.const_data_ptr<int32_t>(), num_experts, stream),
+             op);
+  return g;
+}
+
 at::Tensor grouped_mm_cuda(const at::Tensor& x, const at::Tensor& weight,
                            const at::Tensor& expert_offsets, const std::optional<at::Tensor>& bias,
                            bool weight_transposed) {
   check_grouped_mm_inputs(x, weight, expert_offsets, bias, weight_transposed);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  return grouped_gemm(x, weight, expert_offsets.contiguous(), bias, weight_transposed,
-                      /*forward=*/true, "grouped_mm", stream);
+  const at::Tensor offsets = expert_offsets.contiguous();
+  // torch's engine: y = x @ W_e with W_e as [in, out].
+  if (std::optional<at::Tensor> out = torch_grouped_gemm(
+          x, weight_transposed ? weight : weight.transpose(1, 2), offsets,
+          bias.has_value() ? bias->contiguous() : at::Tensor(), "grouped_mm", stream)) {
+    return *out;
+  }
+  return grouped_gemm(x, weight, offsets, bias, weight_transposed, /*forward=*/true, "grouped_mm",
+                      stream);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
@@ -107,18 +248,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
   const auto empty = [&] { return at::empty({0}, x_in.options()); };
 
   // grad_x = grad_out @ W_e read as [out, in]: the row-grouped GEMM again, dropped rows zero.
-  at::Tensor grad_x = output_mask[0]
-                          ? grouped_gemm(grad_out, weight, offsets, std::nullopt, weight_transposed,
-                                         /*forward=*/false, op, stream)
-                          : empty();
+  at::Tensor grad_x = empty();
+  if (output_mask[0]) {
+    std::optional<at::Tensor> torch_grad_x =
+        torch_grouped_gemm(grad_out, weight_transposed ? weight.transpose(1, 2) : weight, offsets,
+                           at::Tensor(), op, stream);
+    grad_x = torch_grad_x ? *torch_grad_x
+                          : grouped_gemm(grad_out, weight, offsets, std::nullopt, weight_transposed,
+                                         /*forward=*/false, op, stream);
+  }
   // grad_weight in the weight's own layout (contiguous): [E, out, in] = grad_out_e^T x_e, or
   // transposed [E, in, out] = x_e^T grad_out_e. The operand whose features index the weight's
   // last dimension goes second, so that the stores run along contiguous memory.
-  at::Tensor grad_w = output_mask[1] ? at::empty(weight.sizes(), weight.options()) : empty();
+  at::Tensor grad_w = empty();
+  std::optional<at::Tensor> torch_grad_w;
+  const at::Tensor x = output_mask[1] ? as_rows(x_in) : at::Tensor();
+  const at::Tensor& first = weight_transposed ? x : grad_out;
+  const at::Tensor& second = weight_transposed ? grad_out : x;
   if (output_mask[1]) {
-    const at::Tensor x = as_rows(x_in);
-    const at::Tensor& first = weight_transposed ? x : grad_out;
-    const at::Tensor& second = weight_transposed ? grad_out : x;
+    torch_grad_w = torch_grouped_wgrad(first, second, offsets, num_experts, op, stream);
+    grad_w = torch_grad_w ? *torch_grad_w : at::empty(weight.sizes(), weight.options());
+  }
+  if (output_mask[1] && !torch_grad_w) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, x.scalar_type(), "moeforge.grouped_mm_backward", [&] {
           using T = cuda_type_t<scalar_t>;
