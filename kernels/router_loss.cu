@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads)
                         int64_t num_tokens, int64_t E, int64_t top_k,
                         acc_type_t<T>* __restrict__ partials) {  // [gridDim.x, 2E + 2]
   using acc_t = acc_type_t<T>;
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);  // [warps][2E] then [warps][2]
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   acc_t* counts = smem + warp * 2 * E;
@@ -90,7 +90,8 @@ __global__ void __launch_bounds__(kThreads)
       acc_t best = -INFINITY;
       int best_e = INT_MAX;
       for (int64_t e = lane, i = 0; e < E; e += kWarp, ++i) {
-        const acc_t v = to_acc(row[e]);
+        acc_t v = to_acc(row[e]);
+        if (isnan(v)) v = -INFINITY;  // NaN ranks lowest, as on the CPU: exactly top_k picks
         if (!(picked >> i & 1u) && (v > best || best_e == INT_MAX)) {
           best = v;
           best_e = static_cast<int>(e);
@@ -105,7 +106,9 @@ __global__ void __launch_bounds__(kThreads)
           best_e = oe;
         }
       }
-      if (best_e % kWarp == lane) {  // the owning lane records the pick
+      // The owning lane records the pick (best_e == INT_MAX only if no expert was left, which
+      // top_k <= E rules out; the guard keeps a broken invariant from writing out of bounds).
+      if (best_e != INT_MAX && best_e % kWarp == lane) {
         picked |= 1u << (best_e / kWarp);
         counts[best_e] += acc_t(1);
       }

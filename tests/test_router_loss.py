@@ -127,3 +127,21 @@ def test_bad_input_errors():
         ValueError, match=r"moeforge\.load_balancing_loss: num_experts \(4\) must equal"
     ):
         moeforge.load_balancing_loss(logits, 4, 1)
+
+
+def test_nan_logits_still_select_exactly_top_k(device):
+    # Diverged training can produce NaN router logits: the selection must stay well defined (NaN
+    # ranks lowest, ties to the lower index) and every kept row must count exactly top_k picks.
+    for E in (8, 64):
+        logits = torch.randn(5, E, device=device)
+        logits[1] = float("nan")
+        logits[3, ::2] = float("nan")
+        _, _, counts = torch.ops.moeforge.router_loss([logits], None, 3)
+        assert counts.sum().item() == 5 * 3
+        assert (counts[:3] >= 1).all()  # the all-NaN row picks experts 0, 1, 2
+
+
+def test_float64_top_k_is_not_rounded_to_float32():
+    logits = torch.tensor([[1.0, 1.0 + 1e-12, -1.0]], dtype=torch.float64)
+    _, _, counts = torch.ops.moeforge.router_loss([logits], None, 1)
+    assert counts.tolist() == [0, 1, 0]

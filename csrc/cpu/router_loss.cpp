@@ -40,15 +40,22 @@ acc_t softmax_row(const scalar_t* row, int64_t num_experts, acc_t* p) {
   return mx + std::log(sum);
 }
 
-// Indices of the top_k largest logits (ties to the lower index), written into sel[0..top_k).
+// Indices of the top_k largest logits (compared in float, double for float64; ties to the lower
+// index), written into sel[0..top_k).
 template <typename scalar_t>
 void top_k_row(const scalar_t* row, int64_t num_experts, int64_t top_k, int64_t* sel) {
+  using acc_t = at::opmath_type<scalar_t>;
+  // NaN ranks lowest (as -inf), so a row of NaN logits still selects exactly top_k experts.
+  const auto rank = [&](int64_t e) {
+    const acc_t v = static_cast<acc_t>(row[e]);
+    return std::isnan(v) ? -std::numeric_limits<acc_t>::infinity() : v;
+  };
   int64_t n = 0;
   for (int64_t e = 0; e < num_experts; ++e) {
-    const float v = static_cast<float>(row[e]);
+    const acc_t v = rank(e);
     int64_t pos = n < top_k ? n++ : top_k;
     // Shift smaller entries down; strict '>' keeps the earlier (lower) index ahead on ties.
-    while (pos > 0 && v > static_cast<float>(row[sel[pos - 1]])) {
+    while (pos > 0 && v > rank(sel[pos - 1])) {
       if (pos < top_k) sel[pos] = sel[pos - 1];
       --pos;
     }

@@ -11,7 +11,8 @@
 //   launch_router_finalize  once: reduces all partials in order, writes aux, z and counts
 //   launch_router_loss_backward  once per layer: d(g_aux * aux + g_z * z) / d logits
 // Element types: float, double, __half, __nv_bfloat16; losses and partials in acc_type_t.
-// Limits: 1 <= top_k <= E <= kRouterMaxExperts.
+// Limits: 1 <= top_k <= E <= kRouterMaxExperts (float64 logits with E near 1024 need 64 KB of
+// shared memory: more than sm75 allows, fine on sm80+). NaN logits rank lowest in the top-k.
 #pragma once
 
 #include <cuda_runtime_api.h>
