@@ -10,10 +10,10 @@
 //   the next slab is fetched into registers while the current one is multiplied. Global loads
 //   walk the operand's contiguous dimension (chosen at run time from the strides) for
 //   coalescing; edges are predicated and zero-filled, so no size needs to be a tile multiple.
-// A tensor-core path (mma.sync m16n8k16 / wgmma for bf16 and fp16) plugs in behind the same
-// launchers: it reuses find_tile / expert_rows (the sync-free work mapping) and the epilogue
-// semantics, and the launchers pick it when the types, strides and alignment allow (see the
-// "tensor-core path" comments in the launchers below).
+// The tensor-core path of launch_grouped_gemm (WMMA, kernels/grouped_gemm_wmma.cu) plugs in behind
+// the same launcher: it reuses find_tile (the sync-free work mapping, with its own tile height)
+// and the epilogue semantics, and the launcher picks it when the caller asks for
+// GroupedGemmEngine::kWmma and the types and device allow (see launch_grouped_gemm_impl).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -25,6 +25,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "grouped_gemm_wmma.h"
 #include "moeforge/kernels/cuda_check.h"
 #include "moeforge/kernels/grouped_gemm.h"
 #include "moeforge/kernels/numeric.h"
@@ -113,15 +114,17 @@ __device__ __forceinline__ void expert_rows(const int32_t* __restrict__ offsets,
 struct TileInfo {
   long long group;    // expert, num_experts for the dropped tail, -1 for a surplus CTA
   long long row0;     // first row of this tile
-  long long row_end;  // end of the group's rows (the tile covers [row0, min(row0 + 64, row_end)))
+  long long row_end;  // end of the group's rows (tile: [row0, min(row0 + TileM, row_end)))
 };
 
 // Maps the linear M-tile id `tile` to its group and rows without any host involvement. Groups
-// are the experts 0..E-1, each cut into ceil(rows / kTileM) tiles, then group E: the dropped rows
-// [m(E), S). Their total is at most ceil(S / kTileM) + min(E + 1, S), the grid's x extent; CTAs
-// past the total are surplus and get group -1. Warp-collective (lanes scan 32 groups at a time:
+// are the experts 0..E-1, each cut into ceil(rows / TileM) tiles, then group E: the dropped rows
+// [m(E), S). Their total is at most ceil(S / TileM) + min(E + 1, S), the grid's x extent; CTAs
+// past the total are surplus and get group -1. (TileM: kTileM for the SIMT kernels, the WMMA
+// kernel's own tile height for it.) Warp-collective (lanes scan 32 groups at a time:
 // running max of the clamped offsets, then a prefix sum of the tile counts); lane 0 writes *info.
 // O(E / 32) steps of a few shuffles per CTA.
+template <int TileM = kTileM>
 __device__ __forceinline__ void find_tile(const int32_t* __restrict__ offsets,
                                           long long num_experts, long long num_rows, long long tile,
                                           int lane, TileInfo* info) {
@@ -138,13 +141,13 @@ __device__ __forceinline__ void find_tile(const int32_t* __restrict__ offsets,
     end = warp_inclusive_max(end, lane);
     long long begin = __shfl_up_sync(kFullMask, end, 1);
     if (lane == 0) begin = carry_end;
-    const long long tiles = (end - begin + kTileM - 1) / kTileM;
+    const long long tiles = (end - begin + TileM - 1) / TileM;
     const long long inclusive = warp_inclusive_sum(tiles, lane) + carry_tiles;
     const unsigned hit = __ballot_sync(kFullMask, tile < inclusive);
     if (hit != 0) {
       if (lane == __ffs(hit) - 1) {
         info->group = g;
-        info->row0 = begin + (tile - (inclusive - tiles)) * kTileM;
+        info->row0 = begin + (tile - (inclusive - tiles)) * TileM;
         info->row_end = end;
       }
       return;
@@ -325,9 +328,15 @@ cudaError_t launch_grouped_gemm_impl(const GroupedGemmArgs<TX, TW, TY>& args, cu
   if (n_tiles > kMaxGridYZ || m_tiles > std::numeric_limits<int32_t>::max()) {
     return cudaErrorInvalidValue;
   }
-  // Tensor-core path: a kernel with the same grid, find_tile mapping and epilogue, chosen here
-  // for __half / __nv_bfloat16 operands when the device is sm80+ and the strides / alignment
-  // allow 16-byte operand loads; every other case keeps this SIMT kernel.
+  // Tensor-core path (kernels/grouped_gemm_wmma.cu): same find_tile mapping (128-row tiles) and
+  // epilogue, on request, for the types it covers, on sm80+; every other case keeps this kernel.
+  if constexpr (kWmmaTypes<TX, TW, TY>) {
+    if (args.engine == GroupedGemmEngine::kWmma) {
+      bool tensor_cores = false;
+      MOEFORGE_CUDA_CHECK(wmma_supported(&tensor_cores));
+      if (tensor_cores) return launch_grouped_gemm_wmma(args, stream);
+    }
+  }
   grouped_gemm_kernel<TX, TW, TY>
       <<<dim3(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles)), kThreads, 0,
          stream>>>(args);

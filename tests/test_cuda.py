@@ -1,7 +1,8 @@
 """CUDA-only checks (skipped without a GPU): every op agrees with the CPU path on random data with
 poisoned memory, sizes past 131072 routed rows, determinism, and a whole MoE layer forward +
 backward captured and replayed in a CUDA graph (no host synchronisation anywhere). The grouped GEMM
-checks run under both engines of MOEFORGE_GROUPED_GEMM ("moeforge": our SIMT engine; "torch":
+checks run under every engine of MOEFORGE_GROUPED_GEMM ("moeforge": our SIMT engine; "wmma": our
+tensor-core path for the float16 / bfloat16 forward and grad_x GEMMs on sm80+, else SIMT; "torch":
 at::_grouped_mm where it applies, bfloat16 on sm90 / sm100, else our engine again)."""
 
 import pytest
@@ -14,7 +15,7 @@ from moeforge import ops
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(params=["moeforge", "torch"])
+@pytest.fixture(params=["moeforge", "wmma", "torch"])
 def engine(request, monkeypatch):
     """Runs the test under each grouped GEMM engine (the CUDA ops read the variable per call)."""
     monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", request.param)
@@ -197,6 +198,48 @@ def test_grouped_mm_forward_backward_match_cpu(engine, transposed, n_in, n_out, 
     )
     expect = engine == "torch" and eligible and torch_engine_applies(dt)
     assert ("aten::_grouped_mm" in called) == expect, sorted(called)
+
+
+def cuda_kernels_called(fn) -> set[str]:
+    """Names of the CUDA kernels that fn() launches."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_wmma_engine_runs_the_tensor_core_kernel(monkeypatch, dtype):
+    """MOEFORGE_GROUPED_GEMM=wmma reaches the WMMA kernel for the forward and grad_x GEMMs in the
+    half types on sm80+ (and only there); the result still matches the CPU op."""
+    monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "wmma")
+    torch.manual_seed(0)
+    offs, rows = make_offsets([0, 150, 3, 0, 40], 9)
+    x = torch.randn(rows, 96, device="cuda", dtype=dtype)
+    w = torch.randn(5, 136, 96, device="cuda", dtype=dtype) / 10
+    b = torch.randn(5, 136, device="cuda", dtype=dtype)
+    dy = torch.randn(rows, 136, device="cuda", dtype=dtype)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype != torch.float32 else {"rtol": 1e-4, "atol": 1e-5}
+    assert_matches_cpu(lambda x, w, o, b: ops.grouped_mm(x, w, o, b), x, w, offs, b, **tol)
+    mask = [True, False, False]
+    assert_matches_cpu(
+        lambda dy, x, w, o: torch.ops.moeforge.grouped_mm_backward(dy, x, w, o, False, mask)[0],
+        dy,
+        x,
+        w,
+        offs,
+        **tol,
+    )
+    names = cuda_kernels_called(
+        lambda: (
+            ops.grouped_mm(x, w, offs, b),
+            torch.ops.moeforge.grouped_mm_backward(dy, x, w, offs, False, mask),
+        )
+    )
+    wmma = [n for n in names if "grouped_gemm_wmma_kernel" in n]
+    expect = dtype != torch.float32 and torch.cuda.get_device_capability()[0] >= 8
+    assert bool(wmma) == expect, sorted(names)
 
 
 def test_grouped_gemm_engine_must_be_known(monkeypatch):

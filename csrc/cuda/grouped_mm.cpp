@@ -14,6 +14,10 @@
 // Engine, chosen per call by the environment variable MOEFORGE_GROUPED_GEMM (read on every call,
 // so a test or benchmark can switch it at run time):
 //   unset, "" or "moeforge"  our SIMT engine (kernels/grouped_gemm*.cu), every case
+//   "wmma"                   our tensor-core path (kernels/grouped_gemm_wmma.cu, nvcuda::wmma) for
+//                            the row-grouped GEMMs (forward and grad_x) in float16 / bfloat16 on
+//                            sm80+; everything else (float32 / float64, older devices, the weight
+//                            and bias gradients) stays on the SIMT engine
 //   "torch"                  at::_grouped_mm (torch's CUTLASS grouped GEMM, sm90 / sm100) as a
 //                            measured baseline, for each GEMM of a call that it supports without
 //                            a host sync; every other case silently falls back to our engine
@@ -68,6 +72,23 @@ std::array<int64_t, 3> weight_operand(const at::Tensor& weight, bool weight_tran
   return {weight.stride(0), forward ? in : out, forward ? out : in};
 }
 
+// --- engine selection (see the top of this file) -----------------------------------------------
+
+enum class GemmEngine { kMoeforge, kWmma, kTorch };
+
+GemmEngine requested_engine() {
+  const char* env = std::getenv("MOEFORGE_GROUPED_GEMM");
+  const std::string_view name = env == nullptr ? std::string_view() : std::string_view(env);
+  if (name.empty() || name == "moeforge") return GemmEngine::kMoeforge;
+  if (name == "wmma") return GemmEngine::kWmma;
+  if (name == "torch") return GemmEngine::kTorch;
+  TORCH_CHECK_VALUE(false,
+                    "moeforge: MOEFORGE_GROUPED_GEMM must be \"moeforge\", \"wmma\" or \"torch\", "
+                    "got \"",
+                    name, "\"");
+  return GemmEngine::kMoeforge;
+}
+
 template <typename scalar_t>
 void launch_rows(const at::Tensor& x, const at::Tensor& weight, std::array<int64_t, 3> ws,
                  const at::Tensor& bias, const at::Tensor& offsets, at::Tensor& out,
@@ -91,6 +112,8 @@ void launch_rows(const at::Tensor& x, const at::Tensor& weight, std::array<int64
   args.k = x.size(1);
   args.n = out.size(1);
   args.num_experts = weight.size(0);
+  // A request: the launcher keeps the SIMT kernel where the WMMA path does not apply.
+  if (requested_engine() == GemmEngine::kWmma) args.engine = kernels::GroupedGemmEngine::kWmma;
   check_cuda(kernels::launch_grouped_gemm(args, stream), op);
 }
 
@@ -110,19 +133,6 @@ at::Tensor grouped_gemm(const at::Tensor& x_in, const at::Tensor& weight, const 
 }
 
 // --- the at::_grouped_mm engine (see the top of this file) ------------------------------------
-
-enum class GemmEngine { kMoeforge, kTorch };
-
-GemmEngine requested_engine() {
-  const char* env = std::getenv("MOEFORGE_GROUPED_GEMM");
-  const std::string_view name = env == nullptr ? std::string_view() : std::string_view(env);
-  if (name.empty() || name == "moeforge") return GemmEngine::kMoeforge;
-  if (name == "torch") return GemmEngine::kTorch;
-  TORCH_CHECK_VALUE(false,
-                    "moeforge: MOEFORGE_GROUPED_GEMM must be \"moeforge\" or \"torch\", got \"",
-                    name, "\"");
-  return GemmEngine::kMoeforge;
-}
 
 // torch takes its CUTLASS path (no host sync) for bfloat16 on sm90 / sm100 only.
 bool torch_engine_applies(const at::Tensor& x, int64_t num_experts) {

@@ -6,7 +6,10 @@
 // (45, 129), k = 0, >= 131072 rows, every weight layout the ops use ([E, out, in] as x W^T,
 // [E, in, out] as x W, LoRA's expert slices of lora_A / lora_B, padded strides), alpha scaling,
 // accumulation into y, corrupt offsets (clamped, never out of bounds), float / double / half /
-// bfloat16 and the mixed combinations of split LoRA, and bitwise determinism.
+// bfloat16 and the mixed combinations of split LoRA, and bitwise determinism. launch_grouped_gemm
+// also runs with GroupedGemmEngine::kWmma (the tensor-core path for half / bfloat16 on sm80+):
+// every case above plus 128-row-tile edges, 16-byte-load and gathered operand paths, K edges
+// inside a 16-byte chunk and gpt-oss-like sizes (k or n = 2880); other types fall back to SIMT.
 // Every case that launches a kernel skips at run time without a GPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -212,7 +215,8 @@ const std::vector<RowsCase>& rows_cases() {
 // Runs one case of launch_grouped_gemm<TX, TW, TY> against the double reference.
 template <typename TX, typename TW, typename TY>
 void run_rows_case(const RowsCase& c, const std::vector<int32_t>& offsets, uint32_t seed,
-                   std::vector<TY>* result = nullptr, bool exact = false) {
+                   std::vector<TY>* result = nullptr, bool exact = false,
+                   kernels::GroupedGemmEngine engine = kernels::GroupedGemmEngine::kSimt) {
   SCOPED_TRACE(c.name);
   using acc = acc_of<TX, TW, TY>;
   const int64_t num_experts = static_cast<int64_t>(offsets.size()) - 1;
@@ -252,6 +256,7 @@ void run_rows_case(const RowsCase& c, const std::vector<int32_t>& offsets, uint3
   args.num_experts = num_experts;
   args.alpha = c.alpha;
   args.accumulate = c.accumulate;
+  args.engine = engine;
   MOEFORGE_ASSERT_CUDA(kernels::launch_grouped_gemm(args, nullptr));
   MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
   const std::vector<TY> got = download_guarded(d_y, "y");
@@ -358,6 +363,124 @@ TEST(GroupedGemmMixed, HalfAndFloat) {
 TEST(GroupedGemmMixed, BFloat16AndFloat) {
   MOEFORGE_SKIP_WITHOUT_GPU();
   run_mixed_rows_cases<__nv_bfloat16>();
+}
+
+// ---- launch_grouped_gemm, tensor-core (WMMA) path -----------------------------------------------
+constexpr kernels::GroupedGemmEngine kWmma = kernels::GroupedGemmEngine::kWmma;
+
+// Cases aimed at the WMMA kernel's 128 x 128 tiles, 32-deep slabs and 8-element load chunks (run
+// together with rows_cases()).
+const std::vector<RowsCase>& wmma_cases() {
+  static const std::vector<RowsCase> all = {
+      {"128-row tiles, empty experts, dropped tail",
+       {0, 200, 1, 0, 129, 128},
+       130,
+       45,
+       129,
+       Layout::kOutIn,
+       true},
+      {"16-byte loads, x W^T, bias, accumulate",
+       {129, 0, 300},
+       4,
+       128,
+       256,
+       Layout::kOutIn,
+       true,
+       1.0,
+       true},
+      {"16-byte loads, x W, bias, alpha", {200, 0, 77}, 3, 96, 136, Layout::kInOut, true, 0.5},
+      {"16-byte rows, k edge inside a chunk",
+       {150, 7},
+       2,
+       45,
+       136,
+       Layout::kInOut,
+       false,
+       1.0,
+       false,
+       3,
+       0},
+      {"gathered loads, odd ldx and n",
+       {150, 7},
+       2,
+       37,
+       131,
+       Layout::kInOut,
+       true,
+       1.0,
+       false,
+       2,
+       5},
+      {"gpt-oss-like long k", {100, 0, 157}, 5, 2880, 200, Layout::kOutIn, true},
+      {"gpt-oss-like wide n", {70, 130}, 1, 64, 2880, Layout::kInOut, true},
+      {"lora_B view, many k slabs", {300, 0, 45}, 6, 136, 72, Layout::kLoraBT, false, -1.5},
+      {"padded strides, several tiles", {260, 3}, 9, 100, 300, Layout::kPadded, true, 0.25, true},
+  };
+  return all;
+}
+
+template <typename T>
+class GroupedGemmWmmaTest : public ::testing::Test {
+ protected:
+  void SetUp() override { MOEFORGE_SKIP_WITHOUT_GPU(); }
+};
+using HalfTypes = ::testing::Types<__half, __nv_bfloat16>;
+TYPED_TEST_SUITE(GroupedGemmWmmaTest, HalfTypes);
+
+TYPED_TEST(GroupedGemmWmmaTest, RowsMatchReference) {
+  using T = TypeParam;
+  uint32_t seed = 1000;
+  for (const std::vector<RowsCase>* cases : {&rows_cases(), &wmma_cases()}) {
+    for (const RowsCase& c : *cases) {
+      run_rows_case<T, T, T>(c, offsets_of(c.counts), seed += 10, nullptr, false, kWmma);
+    }
+  }
+}
+
+TYPED_TEST(GroupedGemmWmmaTest, RowsIntoFloat) {
+  using T = TypeParam;
+  uint32_t seed = 2000;
+  for (const RowsCase& c : wmma_cases()) {
+    run_rows_case<T, T, float>(c, offsets_of(c.counts), seed += 10, nullptr, false, kWmma);
+  }
+}
+
+TYPED_TEST(GroupedGemmWmmaTest, RowsOver131072) {
+  using T = TypeParam;
+  const RowsCase c{"131072+ rows", {70000, 0, 70001}, 3, 8, 24, Layout::kOutIn, true};
+  run_rows_case<T, T, T>(c, offsets_of(c.counts), 7, nullptr, /*exact=*/true, kWmma);
+  const RowsCase wide{"131072+ rows, 16-byte loads", {70000, 0, 70001}, 3, 32, 136, Layout::kInOut};
+  run_rows_case<T, T, T>(wide, offsets_of(wide.counts), 8, nullptr, /*exact=*/true, kWmma);
+}
+
+TYPED_TEST(GroupedGemmWmmaTest, RowsCorruptOffsetsAreClamped) {
+  using T = TypeParam;
+  const RowsCase c{"corrupt offsets", {300}, 0, 40, 136, Layout::kOutIn, true};
+  run_rows_case<T, T, T>(c, {7, 150, 20, -5, 1000}, 3, nullptr, false, kWmma);
+  const RowsCase tail{"negative offsets", {200}, 0, 40, 33, Layout::kInOut};
+  run_rows_case<T, T, T>(tail, {0, -3, 130}, 4, nullptr, false, kWmma);
+}
+
+TYPED_TEST(GroupedGemmWmmaTest, RowsDeterministic) {
+  using T = TypeParam;
+  for (const RowsCase& c : {rows_cases()[0], wmma_cases()[5]}) {
+    std::vector<T> first, second;
+    run_rows_case<T, T, T>(c, offsets_of(c.counts), 99, &first, false, kWmma);
+    run_rows_case<T, T, T>(c, offsets_of(c.counts), 99, &second, false, kWmma);
+    ASSERT_EQ(first.size(), second.size());
+    EXPECT_EQ(std::memcmp(first.data(), second.data(), first.size() * sizeof(T)), 0) << c.name;
+  }
+}
+
+// kWmma is a request: combinations the WMMA path does not cover run the SIMT kernels.
+TEST(GroupedGemmWmma, OtherTypesFallBackToSimt) {
+  MOEFORGE_SKIP_WITHOUT_GPU();
+  const RowsCase& c = wmma_cases()[0];
+  run_rows_case<float, float, float>(c, offsets_of(c.counts), 31, nullptr, false, kWmma);
+  run_rows_case<double, double, double>(c, offsets_of(c.counts), 32, nullptr, false, kWmma);
+  run_rows_case<float, __half, __half>(c, offsets_of(c.counts), 33, nullptr, false, kWmma);
+  run_rows_case<float, __nv_bfloat16, __nv_bfloat16>(c, offsets_of(c.counts), 34, nullptr, false,
+                                                     kWmma);
 }
 
 // ---- launch_grouped_gemm_wgrad ----------------------------------------------------------------
@@ -548,11 +671,12 @@ TYPED_TEST(GroupedGemmTest, RowSumMatchesReference) {
 
 // ---- argument checks: before any CUDA call, so these run without a GPU ------------------------
 template <typename T>
-void expect_bad_arguments_rejected() {
+void expect_bad_arguments_rejected(kernels::GroupedGemmEngine engine) {
   // Never dereferenced: every call below fails its argument check first.
   T* fake = reinterpret_cast<T*>(uintptr_t{256});
   const int32_t* fake_offsets = reinterpret_cast<const int32_t*>(uintptr_t{256});
   kernels::GroupedGemmArgs<T, T, T> rows;
+  rows.engine = engine;
   rows.x = fake;
   rows.w = fake;
   rows.y = fake;
@@ -591,10 +715,12 @@ void expect_bad_arguments_rejected() {
 }
 
 TEST(GroupedGemmArguments, RejectsBadArguments) {
-  expect_bad_arguments_rejected<float>();
-  expect_bad_arguments_rejected<double>();
-  expect_bad_arguments_rejected<__half>();
-  expect_bad_arguments_rejected<__nv_bfloat16>();
+  for (const kernels::GroupedGemmEngine engine : {kernels::GroupedGemmEngine::kSimt, kWmma}) {
+    expect_bad_arguments_rejected<float>(engine);
+    expect_bad_arguments_rejected<double>(engine);
+    expect_bad_arguments_rejected<__half>(engine);
+    expect_bad_arguments_rejected<__nv_bfloat16>(engine);
+  }
 }
 
 }  // namespace

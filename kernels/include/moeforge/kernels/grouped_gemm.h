@@ -30,10 +30,10 @@
 // T = __half and __nv_bfloat16, launch_grouped_gemm<T, T, float> and <float, T, T> and
 // launch_grouped_gemm_wgrad<float, T, T> (split LoRA keeps its rank-r intermediates in float32).
 //
-// Deterministic: no atomics; every output element is computed by one thread that sums in a fixed
-// order, so two runs give bitwise equal results. Launchers check their arguments
-// (cudaErrorInvalidValue: negative sizes, null pointers where data is needed, sizes beyond the
-// grid limits noted below), check every launch, and return the first CUDA error.
+// Deterministic: no atomics; every output element is computed by one thread (or, on the tensor-core
+// path, one warp) that sums in a fixed order, so two runs give bitwise equal results. Launchers
+// check their arguments (cudaErrorInvalidValue: negative sizes, null pointers where data is needed,
+// sizes beyond the grid limits noted below), check every launch, and return the first CUDA error.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -43,6 +43,13 @@
 #include <cstdint>
 
 namespace moeforge::kernels {
+
+// Kernel family of launch_grouped_gemm. kWmma is a request: it is honoured for TX == TW among
+// __half / __nv_bfloat16 with TY == TX or float, on a device of compute capability 8.0 or newer
+// (tensor cores through nvcuda::wmma, 16x16x16 fragments, fp32 accumulation; CTA tile 128 rows x
+// 128 columns); every other case runs the SIMT kernels. Both give the same results contract (the
+// sums differ only in rounding order) and both are deterministic.
+enum class GroupedGemmEngine : int { kSimt = 0, kWmma = 1 };
 
 // y = alpha * x @ W_e (+ bias[e]) (+ y) on the rows of each expert e.
 template <typename TX, typename TW, typename TY>
@@ -64,6 +71,7 @@ struct GroupedGemmArgs {
   // false: y = alpha * x W_e (+ bias) on routed rows and y = 0 on dropped rows; y is not read.
   // true:  y += alpha * x W_e (+ bias) on routed rows; dropped rows are left untouched.
   bool accumulate = false;
+  GroupedGemmEngine engine = GroupedGemmEngine::kSimt;
 };
 
 // Limits: n <= 65535 * 64 (grid.y). k == 0 is valid (y = bias, or 0).

@@ -1,0 +1,298 @@
+// Tensor-core path of launch_grouped_gemm for __half / __nv_bfloat16 operands (contract:
+// moeforge/kernels/grouped_gemm.h; chosen by launch_grouped_gemm_impl in grouped_gemm_impl.cuh
+// when args.engine == GroupedGemmEngine::kWmma, declared in grouped_gemm_wmma.h).
+//
+// Design (simple and correct first; nvcuda::wmma 16x16x16 fragments, fp32 accumulators):
+//   CTA tile 128 rows x 128 columns, reduction slab kBK = 32, 256 threads = 8 warps in a 4 (rows)
+//   x 2 (columns) grid, each warp owning a 32 x 64 tile = 2 x 4 accumulator fragments.
+//   Work mapping: the SIMT kernel's find_tile, with 128-row tiles: grid.x = ceil(S / 128) +
+//   min(E + 1, S) linear M-tile ids mapped on the device from the offsets (no host sync), grid.y =
+//   ceil(n / 128). Surplus CTAs exit; tiles of the dropped tail write zeros (nothing when
+//   accumulating).
+//   Operands go through shared memory as raw 16-bit values in a layout fixed per instantiation:
+//     x     [m][k]  (row_major matrix_a, ld 40)
+//     W_e   [n][k]  (col_major matrix_b, ld 40) when |w_stride_k| <= |w_stride_n| (x W^T: weight
+//                   [E, out, in], lora_A, lora_B's rank-major slices), else
+//           [k][n]  (row_major matrix_b, ld 136) (x W: weight [E, in, out], padded copies),
+//   i.e. the smem layout follows the operand's contiguous dimension, whatever the strides are;
+//   the 8-element padding keeps the 16-byte rows of load_matrix_sync conflict free and every
+//   fragment pointer 32-byte aligned. Global loads move 16-byte chunks (8 elements) along the
+//   contiguous dimension when it has unit stride, the other stride is a multiple of 8 and the base
+//   is 16-byte aligned; otherwise (and on the K / N / row edges) the chunk is gathered element by
+//   element, predicated and zero-filled. The next slab is fetched into registers while the
+//   current one is multiplied (one smem buffer, two barriers per slab; cp.async double buffering
+//   can come later behind the same kernel signature).
+//   Epilogue: each warp stores one 16x16 fp32 fragment at a time into its own smem scratch, then
+//   its lanes apply alpha, bias and accumulation in fp32 exactly like the SIMT kernel
+//   (v = alpha * acc (+ bias) ; y = v or y + v) and store the rows < the tile's row count and the
+//   columns < n, converted with round-to-nearest-even.
+// Deterministic: every output element comes from one warp's fixed sequence of mma_sync calls.
+// Built for every architecture in the list, but the kernel body exists only for sm80+ (bf16
+// WMMA needs it); the launcher is only called on such devices (wmma_supported), elsewhere the
+// body traps.
+#include <mma.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+
+#include "grouped_gemm_impl.cuh"
+#include "grouped_gemm_wmma.h"
+
+namespace moeforge::kernels::grouped_gemm_detail {
+namespace {
+
+constexpr int kWmmaBM = 128;  // rows per CTA tile (find_tile<kWmmaBM>)
+constexpr int kWmmaBN = 128;  // columns per CTA tile
+constexpr int kWmmaBK = 32;   // reduction slab
+constexpr int kWarpsM = 4, kWarpsN = 2;
+constexpr int kWmmaThreads = kWarpsM * kWarpsN * kWarp;  // 256
+constexpr int kFrag = 16;                                // wmma m = n = k
+constexpr int kFragsM = kWmmaBM / kWarpsM / kFrag;       // 2 fragments per warp along rows
+constexpr int kFragsN = kWmmaBN / kWarpsN / kFrag;       // 4 fragments per warp along columns
+constexpr int kChunk = 8;                                // 16-bit elements per 16-byte chunk
+constexpr int kPad = 8;
+constexpr int kLdK = kWmmaBK + kPad;  // [m][k] and [n][k] tiles
+constexpr int kLdN = kWmmaBN + kPad;  // [k][n] tile
+constexpr int kLdC = kFrag + 4;       // fp32 epilogue scratch (a multiple of 4, as wmma needs)
+constexpr int kChunksPerThread = kWmmaBM * kWmmaBK / kChunk / kWmmaThreads;  // 2
+static_assert(kWmmaBN * kWmmaBK / kChunk / kWmmaThreads == kChunksPerThread, "same loader shape");
+static_assert(kWmmaBK % kFrag == 0 && kWmmaBK % kChunk == 0, "whole fragments and chunks");
+static_assert((kLdK * 2) % 16 == 0 && (kLdN * 2) % 16 == 0, "16-byte aligned smem rows");
+static_assert((kFrag * kLdK * 2) % 32 == 0 && (kFrag * kLdN * 2) % 32 == 0,
+              "32-byte aligned fragment pointers");
+
+constexpr int kTileBElements = kWmmaBN * kLdK > kWmmaBK* kLdN ? kWmmaBN* kLdK : kWmmaBK* kLdN;
+
+struct alignas(128) WmmaSmem {
+  uint16_t a[kWmmaBM * kLdK];                // x tile [m][k]
+  uint16_t b[kTileBElements];                // W tile [n][k] or [k][n]
+  float c[kWarpsM * kWarpsN][kFrag * kLdC];  // per-warp epilogue scratch
+};
+static_assert(sizeof(uint16_t) * kWmmaBM * kLdK % 32 == 0 &&
+                  sizeof(uint16_t) * kTileBElements % 32 == 0,
+              "32-byte aligned smem members");
+
+// 8 consecutive (along c) 16-bit elements starting at p, as raw bits: elements j < valid are read
+// at p[j * stride_c], the rest are zero (+0.0 in both half types). One 16-byte load when vec and
+// the chunk is whole.
+__device__ __forceinline__ uint4 load_chunk(const uint16_t* p, long long stride_c, long long valid,
+                                            bool vec) {
+  if (valid >= kChunk && vec) return __ldg(reinterpret_cast<const uint4*>(p));
+  uint32_t w[kChunk / 2];
+#pragma unroll
+  for (int j = 0; j < kChunk / 2; ++j) {
+    const uint32_t lo = 2 * j < valid ? __ldg(p + 2 * j * stride_c) : 0u;
+    const uint32_t hi = 2 * j + 1 < valid ? __ldg(p + (2 * j + 1) * stride_c) : 0u;
+    w[j] = lo | (hi << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// A tile of kRows x kCols 16-bit elements of an operand whose element (r, c) is at
+// base[r * stride_r + c * stride_c], valid for r < r_limit and c < c_limit (zero outside).
+// fetch(r0, c0) loads the tile at (r0, c0) into registers in 16-byte chunks along c (thread tid
+// owns chunks tid + 256 l, so the lanes of a warp walk c, then r); store() writes it into shared
+// memory as tile[r * ld + c]. kUnitC: stride_c is 1 (known at compile time; x).
+template <int kRows, int kCols, bool kUnitC = false>
+struct ChunkLoader {
+  static constexpr int kChunksPerRow = kCols / kChunk;
+  static_assert(kRows * kChunksPerRow == kChunksPerThread * kWmmaThreads, "whole chunks");
+
+  const uint16_t* base;
+  long long stride_r, stride_c, r_limit, c_limit;
+  bool vec;
+  uint4 regs[kChunksPerThread];
+
+  __device__ __forceinline__ ChunkLoader(const void* base_, long long stride_r_,
+                                         long long stride_c_, long long r_limit_,
+                                         long long c_limit_)
+      : base(static_cast<const uint16_t*>(base_)),
+        stride_r(stride_r_),
+        stride_c(kUnitC ? 1 : stride_c_),
+        r_limit(r_limit_),
+        c_limit(c_limit_) {
+    // Every chunk start is then 16-byte aligned: r0 * stride_r, c0 and c are multiples of 8.
+    vec = (kUnitC || stride_c == 1) && stride_r % kChunk == 0 &&
+          reinterpret_cast<uintptr_t>(base_) % (kChunk * sizeof(uint16_t)) == 0;
+  }
+
+  __device__ __forceinline__ void fetch(long long r0, long long c0) {
+#pragma unroll
+    for (int l = 0; l < kChunksPerThread; ++l) {
+      const int chunk = static_cast<int>(threadIdx.x) + l * kWmmaThreads;
+      const long long r = r0 + chunk / kChunksPerRow;
+      const long long c = c0 + (chunk % kChunksPerRow) * kChunk;
+      const long long valid = r < r_limit ? c_limit - c : 0;
+      const long long sc = kUnitC ? 1 : stride_c;
+      regs[l] = load_chunk(base + r * stride_r + c * sc, sc, valid, vec);
+    }
+  }
+
+  __device__ __forceinline__ void store(uint16_t* tile, int ld) const {
+#pragma unroll
+    for (int l = 0; l < kChunksPerThread; ++l) {
+      const int chunk = static_cast<int>(threadIdx.x) + l * kWmmaThreads;
+      const int r = chunk / kChunksPerRow, c = (chunk % kChunksPerRow) * kChunk;
+      *reinterpret_cast<uint4*>(tile + r * ld + c) = regs[l];
+    }
+  }
+};
+
+// y[rows of one 128-row tile, n0 : n0 + 128] as described at the top of this file.
+// kKMajor: W_e staged as [n][k] (col_major matrix_b), else as [k][n] (row_major matrix_b).
+template <typename T, typename TY, bool kKMajor>
+__global__ void __launch_bounds__(kWmmaThreads, 2)
+    grouped_gemm_wmma_kernel(const GroupedGemmArgs<T, T, TY> args) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using acc = float;
+  __shared__ WmmaSmem smem;
+  __shared__ TileInfo info;
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid < kWarp) {
+    find_tile<kWmmaBM>(args.expert_offsets, args.num_experts, args.num_rows, blockIdx.x, tid,
+                       &info);
+  }
+  __syncthreads();
+  const TileInfo t = info;
+  if (t.group < 0) return;  // surplus CTA (uniform)
+
+  const long long n0 = static_cast<long long>(blockIdx.y) * kWmmaBN;
+  const long long rows = t.row_end - t.row0 < kWmmaBM ? t.row_end - t.row0 : kWmmaBM;
+  const long long cols = args.n - n0 < kWmmaBN ? args.n - n0 : kWmmaBN;
+  TY* __restrict__ y = args.y + t.row0 * args.ldy + n0;
+  if (t.group == args.num_experts) {  // dropped rows
+    if (args.accumulate) return;
+    for (int i = tid; i < kWmmaBM * kWmmaBN; i += kWmmaThreads) {
+      const int r = i / kWmmaBN, c = i % kWmmaBN;
+      if (r < rows && c < cols) y[r * args.ldy + c] = store_as<TY>(acc(0));
+    }
+    return;
+  }
+
+  const int warp = tid / kWarp, lane = tid % kWarp;
+  const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;
+  using BLayout = std::conditional_t<kKMajor, wmma::col_major, wmma::row_major>;
+  wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, acc> frag[kFragsM][kFragsN];
+#pragma unroll
+  for (int i = 0; i < kFragsM; ++i) {
+#pragma unroll
+    for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(frag[i][j], acc(0));
+  }
+
+  const long long sk = args.w_stride_k, sn = args.w_stride_n;
+  const T* w = args.w + t.group * args.w_stride_e + n0 * sn;
+  // x: (r, c) = (row, k). W: (r, c) = (n, k) when k-major, else (k, n).
+  ChunkLoader<kWmmaBM, kWmmaBK, true> lx(args.x + t.row0 * args.ldx, args.ldx, 1, rows, args.k);
+  ChunkLoader<kKMajor ? kWmmaBN : kWmmaBK, kKMajor ? kWmmaBK : kWmmaBN> lw(
+      w, kKMajor ? sn : sk, kKMajor ? sk : sn, kKMajor ? cols : args.k, kKMajor ? args.k : cols);
+  const T* a_tile = reinterpret_cast<const T*>(smem.a);
+  const T* b_tile = reinterpret_cast<const T*>(smem.b);
+  if (args.k > 0) {
+    lx.fetch(0, 0);
+    lw.fetch(0, 0);
+  }
+  for (long long k0 = 0; k0 < args.k; k0 += kWmmaBK) {
+    lx.store(smem.a, kLdK);
+    lw.store(smem.b, kKMajor ? kLdK : kLdN);
+    __syncthreads();
+    if (k0 + kWmmaBK < args.k) {
+      lx.fetch(0, k0 + kWmmaBK);
+      if (kKMajor) {
+        lw.fetch(0, k0 + kWmmaBK);
+      } else {
+        lw.fetch(k0 + kWmmaBK, 0);
+      }
+    }
+#pragma unroll 1
+    for (int kk = 0; kk < kWmmaBK; kk += kFrag) {
+      // All A fragments of the warp, then one B fragment at a time (fewer live registers).
+      wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major> fa[kFragsM];
+#pragma unroll
+      for (int i = 0; i < kFragsM; ++i) {
+        const int m = (warp_m * kFragsM + i) * kFrag;
+        wmma::load_matrix_sync(fa[i], a_tile + m * kLdK + kk, kLdK);
+      }
+#pragma unroll
+      for (int j = 0; j < kFragsN; ++j) {
+        wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, BLayout> fb;
+        const int n = (warp_n * kFragsN + j) * kFrag;
+        if constexpr (kKMajor) {
+          wmma::load_matrix_sync(fb, b_tile + n * kLdK + kk, kLdK);
+        } else {
+          wmma::load_matrix_sync(fb, b_tile + kk * kLdN + n, kLdN);
+        }
+#pragma unroll
+        for (int i = 0; i < kFragsM; ++i) wmma::mma_sync(frag[i][j], fa[i], fb, frag[i][j]);
+      }
+    }
+    __syncthreads();
+  }
+
+  // Epilogue, one 16x16 fragment at a time through this warp's scratch: lane owns row lane / 2,
+  // columns (lane % 2) * 8 + [0, 8) of the fragment.
+  const acc alpha = static_cast<acc>(args.alpha);
+  const T* __restrict__ bias =
+      args.bias != nullptr ? args.bias + t.group * args.bias_stride_e + n0 : nullptr;
+  float* scratch = smem.c[warp];
+  const int fr = lane / 2, fc = (lane % 2) * kChunk;
+#pragma unroll
+  for (int i = 0; i < kFragsM; ++i) {
+#pragma unroll
+    for (int j = 0; j < kFragsN; ++j) {
+      wmma::store_matrix_sync(scratch, frag[i][j], kLdC, wmma::mem_row_major);
+      __syncwarp();
+      const int r = (warp_m * kFragsM + i) * kFrag + fr;
+      const int c0 = (warp_n * kFragsN + j) * kFrag + fc;
+      if (r < rows) {
+#pragma unroll
+        for (int cc = 0; cc < kChunk; ++cc) {
+          const int c = c0 + cc;
+          if (c >= cols) break;
+          acc v = alpha * scratch[fr * kLdC + fc + cc];
+          if (bias != nullptr) v += load_as<acc>(bias + c);
+          TY* out = y + r * args.ldy + c;
+          if (args.accumulate) v = load_as<acc>(out) + v;
+          *out = store_as<TY>(v);
+        }
+      }
+      __syncwarp();
+    }
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // no WMMA body below sm80: the launcher only runs this kernel on sm80+ devices
+#endif
+}
+
+}  // namespace
+
+template <typename T, typename TY>
+cudaError_t launch_grouped_gemm_wmma(const GroupedGemmArgs<T, T, TY>& args, cudaStream_t stream) {
+  const int64_t n_tiles = (args.n + kWmmaBN - 1) / kWmmaBN;
+  const int64_t groups =
+      args.num_experts + 1 < args.num_rows ? args.num_experts + 1 : args.num_rows;
+  const int64_t m_tiles = (args.num_rows + kWmmaBM - 1) / kWmmaBM + groups;
+  if (n_tiles > kMaxGridYZ || m_tiles > std::numeric_limits<int32_t>::max()) {
+    return cudaErrorInvalidValue;
+  }
+  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles));
+  if (llabs(args.w_stride_k) <= llabs(args.w_stride_n)) {
+    grouped_gemm_wmma_kernel<T, TY, true><<<grid, kWmmaThreads, 0, stream>>>(args);
+  } else {
+    grouped_gemm_wmma_kernel<T, TY, false><<<grid, kWmmaThreads, 0, stream>>>(args);
+  }
+  MOEFORGE_CUDA_CHECK_LAUNCH();
+  return cudaSuccess;
+}
+
+template cudaError_t launch_grouped_gemm_wmma<__half, __half>(
+    const GroupedGemmArgs<__half, __half, __half>&, cudaStream_t);
+template cudaError_t launch_grouped_gemm_wmma<__half, float>(
+    const GroupedGemmArgs<__half, __half, float>&, cudaStream_t);
+template cudaError_t launch_grouped_gemm_wmma<__nv_bfloat16, __nv_bfloat16>(
+    const GroupedGemmArgs<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>&, cudaStream_t);
+template cudaError_t launch_grouped_gemm_wmma<__nv_bfloat16, float>(
+    const GroupedGemmArgs<__nv_bfloat16, __nv_bfloat16, float>&, cudaStream_t);
+
+}  // namespace moeforge::kernels::grouped_gemm_detail
