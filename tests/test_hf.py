@@ -260,3 +260,17 @@ def test_peft_save_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded(**inputs).logits, want, **LORA_TOL)
         mh.patch_model(loaded)
         torch.testing.assert_close(loaded(**inputs).logits, want, **TOL)
+
+
+def test_patched_model_compiles_fullgraph():
+    # aot_eager: dynamo + AOTAutograd trace the whole model through moeforge's fake kernels and
+    # autograd with no graph break, and run eager kernels, so results must equal eager's.
+    # (Inductor would also reorder the float math of attention and norms around our ops.)
+    torch._dynamo.reset()
+    model = make_model("qwen3_moe")
+    inputs = batch()
+    mh.patch_model(model)
+    want = run(model, inputs)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = run(compiled, inputs, dict(model.named_parameters()))
+    assert_same_run(got, want)
