@@ -3,7 +3,8 @@
 * Qwen3-Next and Qwen3.5-MoE (text model; hybrid linear/full attention, shared expert with a
   sigmoid gate): ``patch_model`` and ``experts_implementation="moeforge"`` vs HF eager in float32
   (logits, loss, aux loss, every gradient), and PEFT expert LoRA vs PEFT's own.
-* bfloat16 (Qwen3-MoE, Mixtral, gpt-oss; bare and with PEFT fp32 adapters on the bf16 base):
+* bfloat16 (Qwen3-MoE, Mixtral, gpt-oss, OLMoE, DeepSeek-V3, Qwen3-Next; the first three also via
+  experts_implementation and with PEFT fp32 adapters on the bf16 base):
   moeforge's error vs a float64 HF eager run is at most twice HF eager's own bf16 error vs that
   run, plus 1e-5 for tensors and an eighth of a bf16 ulp for the scalars loss and aux loss.
 * Gradient checkpointing (reentrant and not) with ``patch_model``, bare and with PEFT expert LoRA.
@@ -160,9 +161,12 @@ def _bf16_outputs(model, inputs):
     out = model(**inputs)
     out.loss.backward()
     vectors = {"logits": out.logits}
-    vectors.update({f"router_logits[{i}]": r for i, r in enumerate(out.router_logits)})
+    router_logits = getattr(out, "router_logits", None) or ()  # DeepSeek-V3 records none
+    vectors.update({f"router_logits[{i}]": r for i, r in enumerate(router_logits)})
     vectors.update({f"grad {n}": p.grad for n, p in model.named_parameters() if p.requires_grad})
-    scalars = {"loss": out.loss, "aux_loss": out.aux_loss}
+    scalars = {"loss": out.loss}
+    if getattr(out, "aux_loss", None) is not None:
+        scalars["aux_loss"] = out.aux_loss
     return (
         {k: v.detach().double() for k, v in vectors.items()},
         {k: v.detach().double() for k, v in scalars.items()},
@@ -208,8 +212,17 @@ def _max_err(a, b):
     return (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("how", ["patch_model", "experts_implementation", "patch_model+peft"])
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+BF16_CASES = [
+    (family, how)
+    for family in ["qwen3_moe", "mixtral", "gpt_oss"]
+    for how in ["patch_model", "experts_implementation", "patch_model+peft"]
+] + [(family, "patch_model") for family in ["olmoe", "deepseek_v3", "qwen3_next"]]
+# Not here: Qwen2-MoE and Qwen3.5-MoE. With these tiny models and inputs a near-tie flips one
+# routing decision in a bf16 run (HF's own for Qwen3.5-MoE, moeforge's for Qwen2-MoE), after which
+# error ratios say nothing; covering them needs inputs chosen for a routing margin.
+
+
+@pytest.mark.parametrize(("family", "how"), BF16_CASES)
 def test_bf16_error_at_most_twice_hf_eager(family, how, moeforge_calls, monkeypatch):
     use_peft = how.endswith("+peft")
     (v64, s64), (vlp, slp) = _bf16_references(family, use_peft)
@@ -219,11 +232,11 @@ def test_bf16_error_at_most_twice_hf_eager(family, how, moeforge_calls, monkeypa
     if how == "experts_implementation":
         model.set_experts_implementation("moeforge")
     else:
-        assert len(mh.patch_model(model)) == 2
+        assert len(mh.patch_model(model)) == len(experts_modules(model))
     if use_peft:
         forbid_peft_materialisation(monkeypatch)
     vgot, sgot = _bf16_outputs(model, batch())
-    assert len(moeforge_calls) == 2
+    assert len(moeforge_calls) == len(experts_modules(model))
     assert vgot.keys() == v64.keys() and sgot.keys() == s64.keys()
     failures = []
     for name, want in v64.items():
