@@ -26,6 +26,7 @@
 #include <type_traits>
 
 #include "grouped_gemm_wmma.h"
+#include "launch.cuh"
 #include "moeforge/kernels/cuda_check.h"
 #include "moeforge/kernels/grouped_gemm.h"
 #include "moeforge/kernels/numeric.h"
@@ -337,10 +338,10 @@ cudaError_t launch_grouped_gemm_impl(const GroupedGemmArgs<TX, TW, TY>& args, cu
       if (tensor_cores) return launch_grouped_gemm_wmma(args, stream);
     }
   }
-  grouped_gemm_kernel<TX, TW, TY>
-      <<<dim3(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles)), kThreads, 0,
-         stream>>>(args);
-  MOEFORGE_CUDA_CHECK_LAUNCH();
+  MOEFORGE_CUDA_CHECK(
+      launch_kernel(grouped_gemm_kernel<TX, TW, TY>,
+                    dim3(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles)), kThreads,
+                    0, stream, args));
   return cudaSuccess;
 }
 
@@ -414,11 +415,11 @@ cudaError_t launch_grouped_gemm_wgrad_impl(const GroupedGemmWgradArgs<TA, TB, TG
     return cudaErrorInvalidValue;
   }
   // Tensor-core path: same grid and per-expert row loop, mma on the k-major smem tiles.
-  grouped_gemm_wgrad_kernel<TA, TB, TG>
-      <<<dim3(static_cast<unsigned>(q_tiles), static_cast<unsigned>(p_tiles),
-              static_cast<unsigned>(args.num_experts)),
-         kThreads, 0, stream>>>(args);
-  MOEFORGE_CUDA_CHECK_LAUNCH();
+  MOEFORGE_CUDA_CHECK(
+      launch_kernel(grouped_gemm_wgrad_kernel<TA, TB, TG>,
+                    dim3(static_cast<unsigned>(q_tiles), static_cast<unsigned>(p_tiles),
+                         static_cast<unsigned>(args.num_experts)),
+                    kThreads, 0, stream, args));
   return cudaSuccess;
 }
 
@@ -476,11 +477,11 @@ cudaError_t launch_grouped_row_sum_impl(const T* b, int64_t ldb, const int32_t* 
   if (num_experts > kMaxGridYZ || col_blocks > std::numeric_limits<int32_t>::max()) {
     return cudaErrorInvalidValue;
   }
-  grouped_row_sum_kernel<T>
-      <<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(num_experts)),
-         dim3(kSumCols, kSumSlices), 0, stream>>>(b, ldb, expert_offsets, out, out_stride_e,
-                                                  num_rows, q);
-  MOEFORGE_CUDA_CHECK_LAUNCH();
+  MOEFORGE_CUDA_CHECK(
+      launch_kernel(grouped_row_sum_kernel<T>,
+                    dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(num_experts)),
+                    dim3(kSumCols, kSumSlices), 0, stream, b, ldb, expert_offsets, out,
+                    out_stride_e, num_rows, q));
   return cudaSuccess;
 }
 

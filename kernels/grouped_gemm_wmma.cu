@@ -144,7 +144,7 @@ struct ChunkLoader {
 template <typename T, typename TY, bool kKMajor>
 __global__ void __launch_bounds__(kWmmaThreads, 2)
     grouped_gemm_wmma_kernel(const GroupedGemmArgs<T, T, TY> args) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(MOEFORGE_KERNEL_EMULATION)
   namespace wmma = nvcuda::wmma;
   using acc = float;
   __shared__ WmmaSmem smem;
@@ -278,11 +278,12 @@ cudaError_t launch_grouped_gemm_wmma(const GroupedGemmArgs<T, T, TY>& args, cuda
   }
   const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles));
   if (llabs(args.w_stride_k) <= llabs(args.w_stride_n)) {
-    grouped_gemm_wmma_kernel<T, TY, true><<<grid, kWmmaThreads, 0, stream>>>(args);
+    MOEFORGE_CUDA_CHECK(
+        launch_kernel(grouped_gemm_wmma_kernel<T, TY, true>, grid, kWmmaThreads, 0, stream, args));
   } else {
-    grouped_gemm_wmma_kernel<T, TY, false><<<grid, kWmmaThreads, 0, stream>>>(args);
+    MOEFORGE_CUDA_CHECK(
+        launch_kernel(grouped_gemm_wmma_kernel<T, TY, false>, grid, kWmmaThreads, 0, stream, args));
   }
-  MOEFORGE_CUDA_CHECK_LAUNCH();
   return cudaSuccess;
 }
 

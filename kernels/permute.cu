@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "launch.cuh"
 #include "moeforge/kernels/cuda_check.h"
 #include "moeforge/kernels/permute.h"
 
@@ -196,9 +197,9 @@ cudaError_t permute_launch(const scalar_t* x, const int32_t* sorted_pairs,
                            scalar_t* out, int64_t num_rows, int64_t top_k, int64_t hidden,
                            cudaStream_t stream) {
   const dim3 block = row_block(hidden / N);
-  permute_kernel<scalar_t, N><<<grid_for(num_rows, block.y), block, 0, stream>>>(
-      x, sorted_pairs, pair_to_row, weights, out, num_rows, top_k, hidden);
-  MOEFORGE_CUDA_CHECK_LAUNCH();
+  MOEFORGE_CUDA_CHECK(launch_kernel(permute_kernel<scalar_t, N>, grid_for(num_rows, block.y), block,
+                                    0, stream, x, sorted_pairs, pair_to_row, weights, out, num_rows,
+                                    top_k, hidden));
   return cudaSuccess;
 }
 
@@ -207,9 +208,9 @@ cudaError_t combine_launch(const scalar_t* y, const int32_t* pair_to_row,
                            const acc_type_t<scalar_t>* weights, scalar_t* out, int64_t num_tokens,
                            int64_t top_k, int64_t hidden, cudaStream_t stream) {
   const dim3 block = row_block(hidden / N);
-  combine_kernel<scalar_t, N><<<grid_for(num_tokens, block.y), block, 0, stream>>>(
-      y, pair_to_row, weights, out, num_tokens, top_k, hidden);
-  MOEFORGE_CUDA_CHECK_LAUNCH();
+  MOEFORGE_CUDA_CHECK(launch_kernel(combine_kernel<scalar_t, N>, grid_for(num_tokens, block.y),
+                                    block, 0, stream, y, pair_to_row, weights, out, num_tokens,
+                                    top_k, hidden));
   return cudaSuccess;
 }
 
@@ -218,9 +219,9 @@ cudaError_t routed_dot_launch(const scalar_t* rows, const scalar_t* tokens,
                               const int32_t* pair_to_row, scalar_t* out, int64_t num_pairs,
                               int64_t top_k, int64_t hidden, cudaStream_t stream) {
   const dim3 block(kWarp, kBlockThreads / kWarp);
-  routed_dot_kernel<scalar_t, N><<<grid_for(num_pairs, block.y), block, 0, stream>>>(
-      rows, tokens, pair_to_row, out, num_pairs, top_k, hidden);
-  MOEFORGE_CUDA_CHECK_LAUNCH();
+  MOEFORGE_CUDA_CHECK(launch_kernel(routed_dot_kernel<scalar_t, N>, grid_for(num_pairs, block.y),
+                                    block, 0, stream, rows, tokens, pair_to_row, out, num_pairs,
+                                    top_k, hidden));
   return cudaSuccess;
 }
 

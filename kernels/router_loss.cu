@@ -10,6 +10,7 @@
 #include <climits>
 #include <cmath>
 
+#include "launch.cuh"
 #include "moeforge/kernels/cuda_check.h"
 #include "moeforge/kernels/router_loss.h"
 
@@ -70,8 +71,7 @@ __global__ void __launch_bounds__(kThreads)
                         int64_t num_tokens, int64_t E, int64_t top_k,
                         acc_type_t<T>* __restrict__ partials) {  // [gridDim.x, 2E + 2]
   using acc_t = acc_type_t<T>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);  // [warps][2E] then [warps][2]
+  acc_t* smem = dynamic_shared_memory<acc_t>();  // [warps][2E] then [warps][2]
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   acc_t* counts = smem + warp * 2 * E;
   acc_t* psum = counts + E;
@@ -237,9 +237,9 @@ cudaError_t launch_router_stats(const T* logits, const uint8_t* keep, int64_t nu
         router_stats_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   }
   // Every block runs even with no rows, so that all partial rows are written (zeros).
-  router_stats_kernel<T><<<router_stats_blocks(num_tokens), kThreads, smem, stream>>>(
-      logits, keep, num_tokens, E, top_k, partials);
-  MOEFORGE_CUDA_CHECK_LAUNCH();
+  MOEFORGE_CUDA_CHECK(launch_kernel(router_stats_kernel<T>, router_stats_blocks(num_tokens),
+                                    kThreads, smem, stream, logits, keep, num_tokens, E, top_k,
+                                    partials));
   return cudaSuccess;
 }
 
@@ -247,9 +247,8 @@ template <typename acc_t>
 cudaError_t launch_router_finalize(const acc_t* partials, int64_t num_partials, int64_t E,
                                    acc_t* aux, acc_t* z, int64_t* counts, cudaStream_t stream) {
   if (E < 1 || E > kRouterMaxExperts || num_partials < 0) return cudaErrorInvalidValue;
-  router_finalize_kernel<acc_t>
-      <<<1, kFinalizeThreads, 0, stream>>>(partials, num_partials, E, aux, z, counts);
-  MOEFORGE_CUDA_CHECK_LAUNCH();
+  MOEFORGE_CUDA_CHECK(launch_kernel(router_finalize_kernel<acc_t>, 1, kFinalizeThreads, 0, stream,
+                                    partials, num_partials, E, aux, z, counts));
   return cudaSuccess;
 }
 
@@ -262,9 +261,9 @@ cudaError_t launch_router_loss_backward(const T* logits, const uint8_t* keep, co
   if (num_tokens == 0) return cudaSuccess;
   const int64_t blocks =
       std::clamp<int64_t>((num_tokens + kWarpsPerBlock - 1) / kWarpsPerBlock, 1, 1 << 20);
-  router_loss_backward_kernel<T><<<blocks, kThreads, 0, stream>>>(
-      logits, keep, counts, grad_aux, grad_z, grad_logits, num_tokens, E, top_k);
-  MOEFORGE_CUDA_CHECK_LAUNCH();
+  MOEFORGE_CUDA_CHECK(launch_kernel(router_loss_backward_kernel<T>, blocks, kThreads, 0, stream,
+                                    logits, keep, counts, grad_aux, grad_z, grad_logits, num_tokens,
+                                    E, top_k));
   return cudaSuccess;
 }
 

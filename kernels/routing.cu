@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "launch.cuh"
 #include "moeforge/kernels/cuda_check.h"
 #include "moeforge/kernels/routing.h"
 
@@ -130,20 +131,21 @@ cudaError_t routing_impl(const index_t* topk_ids, int64_t num_pairs, int64_t num
     auto* values_in = reinterpret_cast<int32_t*>(ws + 2 * section);
     void* cub_storage = ws + 3 * section;
 
-    make_sort_keys_kernel<index_t><<<grid_for(num_pairs), kThreads, 0, stream>>>(
-        topk_ids, num_pairs, num_experts, keys_in, values_in);
-    MOEFORGE_CUDA_CHECK_LAUNCH();
+    MOEFORGE_CUDA_CHECK(launch_kernel(make_sort_keys_kernel<index_t>, grid_for(num_pairs), kThreads,
+                                      0, stream, topk_ids, num_pairs, num_experts, keys_in,
+                                      values_in));
     MOEFORGE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
         cub_storage, cub_bytes, keys_in, keys_out, values_in, sorted_pairs,
         static_cast<int>(num_pairs), 0, key_bits(num_experts), stream));
-    finish_plan_kernel<<<grid_for(std::max(num_pairs, num_experts + 1)), kThreads, 0, stream>>>(
-        keys_out, sorted_pairs, num_pairs, num_experts, pair_to_row, expert_offsets);
+    MOEFORGE_CUDA_CHECK(launch_kernel(
+        finish_plan_kernel, grid_for(std::max(num_pairs, num_experts + 1)), kThreads, 0, stream,
+        keys_out, sorted_pairs, num_pairs, num_experts, pair_to_row, expert_offsets));
   } else {
     // Nothing to sort: the same kernel writes expert_offsets = 0 (and touches no pair).
-    finish_plan_kernel<<<grid_for(num_experts + 1), kThreads, 0, stream>>>(
-        nullptr, nullptr, 0, num_experts, pair_to_row, expert_offsets);
+    MOEFORGE_CUDA_CHECK(launch_kernel(finish_plan_kernel, grid_for(num_experts + 1), kThreads, 0,
+                                      stream, nullptr, nullptr, 0, num_experts, pair_to_row,
+                                      expert_offsets));
   }
-  MOEFORGE_CUDA_CHECK_LAUNCH();
   return cudaSuccess;
 }
 

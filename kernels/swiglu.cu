@@ -4,6 +4,7 @@
 // adjacent columns of both halves (silu) or adjacent pairs (gpt-oss), so accesses coalesce.
 #include <algorithm>
 
+#include "launch.cuh"
 #include "moeforge/kernels/cuda_check.h"
 #include "moeforge/kernels/swiglu.h"
 #include "moeforge/kernels/swiglu_math.h"
@@ -79,9 +80,9 @@ cudaError_t launch_swiglu(const T* h, T* out, int64_t rows, int64_t inter, GluVa
   const int64_t total = rows * inter;
   if (total == 0) return cudaSuccess;
   using acc_t = acc_type_t<T>;
-  swiglu_kernel<T><<<grid_for(total), kThreads, 0, stream>>>(
-      h, out, total, inter, variant, static_cast<acc_t>(alpha), static_cast<acc_t>(limit));
-  MOEFORGE_CUDA_CHECK_LAUNCH();
+  MOEFORGE_CUDA_CHECK(launch_kernel(swiglu_kernel<T>, grid_for(total), kThreads, 0, stream, h, out,
+                                    total, inter, variant, static_cast<acc_t>(alpha),
+                                    static_cast<acc_t>(limit)));
   return cudaSuccess;
 }
 
@@ -93,10 +94,9 @@ cudaError_t launch_swiglu_backward(const T* grad_a, const T* h, T* grad_h, int64
   const int64_t total = rows * inter;
   if (total == 0) return cudaSuccess;
   using acc_t = acc_type_t<T>;
-  swiglu_backward_kernel<T><<<grid_for(total), kThreads, 0, stream>>>(
-      grad_a, h, grad_h, total, inter, variant, static_cast<acc_t>(alpha),
-      static_cast<acc_t>(limit));
-  MOEFORGE_CUDA_CHECK_LAUNCH();
+  MOEFORGE_CUDA_CHECK(launch_kernel(swiglu_backward_kernel<T>, grid_for(total), kThreads, 0, stream,
+                                    grad_a, h, grad_h, total, inter, variant,
+                                    static_cast<acc_t>(alpha), static_cast<acc_t>(limit)));
   return cudaSuccess;
 }
 

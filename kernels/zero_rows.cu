@@ -4,6 +4,7 @@
 // for the bias) is done once per row by every thread of the block from the same cached words.
 #include <algorithm>
 
+#include "launch.cuh"
 #include "moeforge/kernels/cuda_check.h"
 #include "moeforge/kernels/numeric.h"
 #include "moeforge/kernels/zero_rows.h"
@@ -89,8 +90,8 @@ cudaError_t launch_zero_rows_from(T* y, int64_t ldy, int64_t num_rows, int64_t c
   if (num_rows == 0 || cols == 0) return cudaSuccess;
   if (y == nullptr || start == nullptr) return cudaErrorInvalidValue;
   const auto blocks = static_cast<unsigned>(std::min(num_rows, kMaxRowBlocks));
-  zero_rows_from_kernel<T><<<blocks, kThreads, 0, stream>>>(y, ldy, num_rows, cols, start);
-  MOEFORGE_CUDA_CHECK_LAUNCH();
+  MOEFORGE_CUDA_CHECK(launch_kernel(zero_rows_from_kernel<T>, blocks, kThreads, 0, stream, y, ldy,
+                                    num_rows, cols, start));
   return cudaSuccess;
 }
 
@@ -106,9 +107,8 @@ cudaError_t launch_add_grouped_bias(T* y, int64_t ldy, int64_t num_rows, int64_t
     return cudaErrorInvalidValue;
   }
   const auto blocks = static_cast<unsigned>(std::min(num_rows, kMaxRowBlocks));
-  add_grouped_bias_kernel<T><<<blocks, kThreads, 0, stream>>>(y, ldy, num_rows, cols, bias,
-                                                              bias_stride_e, ends, num_experts);
-  MOEFORGE_CUDA_CHECK_LAUNCH();
+  MOEFORGE_CUDA_CHECK(launch_kernel(add_grouped_bias_kernel<T>, blocks, kThreads, 0, stream, y, ldy,
+                                    num_rows, cols, bias, bias_stride_e, ends, num_experts));
   return cudaSuccess;
 }
 
@@ -126,8 +126,8 @@ cudaError_t launch_zero_empty_groups(T* g, int64_t g_stride_e, int64_t group_ele
   const int64_t per_expert =
       std::clamp<int64_t>((group_elems + kThreads * 8 - 1) / (kThreads * 8), 1, 64);
   const dim3 grid(static_cast<unsigned>(per_expert), static_cast<unsigned>(num_experts));
-  zero_empty_groups_kernel<T><<<grid, kThreads, 0, stream>>>(g, g_stride_e, group_elems, ends);
-  MOEFORGE_CUDA_CHECK_LAUNCH();
+  MOEFORGE_CUDA_CHECK(launch_kernel(zero_empty_groups_kernel<T>, grid, kThreads, 0, stream, g,
+                                    g_stride_e, group_elems, ends));
   return cudaSuccess;
 }
 

@@ -1,0 +1,587 @@
+// Host kernel emulator: fiber scheduler and the subset of the CUDA runtime API that kernels/ and
+// the GoogleTest launcher suites use (see include/moeforge_emu/emu.h for what is modelled).
+//
+// One OS thread runs everything. A launch runs its blocks one after another in grid order; the
+// threads of a block are ucontext fibers resumed round-robin until each one finishes or waits at
+// a barrier or warp collective. A full round in which no thread arrives anywhere is a deadlock.
+// "Device" memory is host memory from posix_memalign(256), filled with 0xFF (NaN / -1) so that a
+// read of an unwritten element shows. Stream capture records launches and replays them on
+// cudaGraphLaunch, and fails synchronous calls made during capture, like the real runtime.
+#include <setjmp.h>
+#include <ucontext.h>
+
+// A fiber starts with makecontext/setcontext; after that every switch is _setjmp/_longjmp, which,
+// unlike swapcontext, makes no signal-mask system call (the emulator's run time was mostly that).
+// The jump buffers are only used between stacks that are alive, and no local of these functions
+// is modified between _setjmp and the _longjmp back, so GCC's -Wclobbered does not apply.
+#pragma GCC diagnostic ignored "-Wclobbered"
+
+#include <array>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moeforge_emu/emu.h"
+#include "moeforge_emu/launch.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define MOEFORGE_EMU_ASAN 1
+#endif
+
+struct CUstream_st {
+  bool capturing = false;
+  bool capture_invalidated = false;
+  std::vector<std::function<cudaError_t()>> captured;
+};
+struct CUgraph_st {
+  std::vector<std::function<cudaError_t()>> nodes;
+};
+struct CUgraphExec_st {
+  std::vector<std::function<cudaError_t()>> nodes;
+};
+
+namespace moeforge::emu {
+namespace {
+
+constexpr size_t kFiberStackBytes = 512 * 1024;
+constexpr int kWarpLanes = 32;
+
+struct Fiber {
+  ucontext_t context;  // the entry point, used once per block
+  jmp_buf jump;        // where the fiber last yielded
+  bool started = false;
+  std::unique_ptr<char[]> stack;
+  ThreadContext thread{};
+  bool done = false;
+  uint64_t warp_epoch = 0;
+  const char* waiting = nullptr;
+  std::array<unsigned char, 16> slot{};  // warp exchange
+};
+
+struct Block {
+  std::vector<Fiber>* fibers = nullptr;
+  int num_threads = 0;
+  int exited = 0;
+  int barrier_arrived = 0;
+  uint64_t barrier_generation = 0;
+  uint64_t progress = 0;
+  std::string error;
+  const std::function<void()>* body = nullptr;
+  unsigned char* dynamic_smem = nullptr;
+  std::vector<std::unique_ptr<unsigned char[]>> warp_scratch;  // one per warp
+};
+
+Block* g_block = nullptr;
+Fiber* g_current = nullptr;
+ucontext_t g_scheduler;     // uc_link of the entry contexts (never reached: fibers jump back)
+jmp_buf g_scheduler_jump;  // where the scheduler resumed the current fiber
+cudaError_t g_last_error = cudaSuccess;
+int g_sm = 90;  // emulated compute capability x10 (MOEFORGE_EMU_SM overrides)
+std::map<const void*, int> g_max_dynamic_smem;
+
+#ifdef MOEFORGE_EMU_ASAN
+void* g_scheduler_fake_stack = nullptr;
+const void* g_scheduler_stack_bottom = nullptr;
+size_t g_scheduler_stack_size = 0;
+#endif
+
+// Fiber -> scheduler.
+void yield_to_scheduler(bool fiber_finished) {
+#ifdef MOEFORGE_EMU_ASAN
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(fiber_finished ? nullptr : &fake_stack, g_scheduler_stack_bottom,
+                                 g_scheduler_stack_size);
+#endif
+  if (_setjmp(g_current->jump) == 0) _longjmp(g_scheduler_jump, 1);
+#ifdef MOEFORGE_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+  (void)fiber_finished;
+}
+
+// Scheduler -> fiber f.
+void resume(Fiber& f) {
+  g_current = &f;
+#ifdef MOEFORGE_EMU_ASAN
+  __sanitizer_start_switch_fiber(&g_scheduler_fake_stack, f.stack.get(), kFiberStackBytes);
+#endif
+  if (_setjmp(g_scheduler_jump) == 0) {
+    if (!f.started) {
+      f.started = true;
+      setcontext(&f.context);
+    }
+    _longjmp(f.jump, 1);
+  }
+#ifdef MOEFORGE_EMU_ASAN
+  __sanitizer_finish_switch_fiber(g_scheduler_fake_stack, &g_scheduler_stack_bottom,
+                                  &g_scheduler_stack_size);
+#endif
+  g_current = nullptr;
+}
+
+void wait(const char* what) {
+  g_current->waiting = what;
+  yield_to_scheduler(false);
+  g_current->waiting = nullptr;
+}
+
+std::string describe(const ThreadContext& t) {
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u)", t.block_idx.x,
+                t.block_idx.y, t.block_idx.z, t.thread_idx.x, t.thread_idx.y, t.thread_idx.z);
+  return buf;
+}
+
+void fiber_entry() {
+#ifdef MOEFORGE_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &g_scheduler_stack_bottom, &g_scheduler_stack_size);
+#endif
+  (*g_block->body)();
+  Block& b = *g_block;
+  g_current->done = true;
+  ++b.exited;
+  ++b.progress;
+  if (b.barrier_arrived > 0 && b.error.empty()) {
+    b.error = describe(g_current->thread) + " returned while " +
+              std::to_string(b.barrier_arrived) + " threads of its block wait at __syncthreads";
+  }
+  yield_to_scheduler(true);
+  std::abort();  // a finished fiber is never resumed
+}
+
+Fiber& lane_fiber(int lane) {
+  const int base = g_current->thread.linear - g_current->thread.linear % kWarpLanes;
+  return (*g_block->fibers)[base + lane];
+}
+
+// Runs one block to completion; returns false (with g_block->error set) on a fault.
+bool run_block(Block& b) {
+  auto& fibers = *b.fibers;
+  for (int i = 0; i < b.num_threads; ++i) {
+    Fiber& f = fibers[i];
+    f.done = false;
+    f.started = false;
+    f.warp_epoch = 0;
+    f.waiting = nullptr;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack.get();
+    f.context.uc_stack.ss_size = kFiberStackBytes;
+    f.context.uc_link = &g_scheduler;
+    makecontext(&f.context, fiber_entry, 0);
+  }
+  for (;;) {
+    const uint64_t before = b.progress;
+    bool all_done = true;
+    for (int i = 0; i < b.num_threads; ++i) {
+      if (fibers[i].done) continue;
+      all_done = false;
+      resume(fibers[i]);
+      if (!b.error.empty()) return false;
+    }
+    if (all_done) return true;
+    if (b.progress == before) {
+      std::string waits;
+      for (int i = 0; i < b.num_threads && waits.size() < 600; ++i) {
+        if (!fibers[i].done) {
+          waits += "\n  " + describe(fibers[i].thread) + " waits at " +
+                   (fibers[i].waiting ? fibers[i].waiting : "?");
+        }
+      }
+      b.error = "deadlock: no thread of the block can go on" + waits;
+      return false;
+    }
+  }
+}
+
+cudaError_t run_launch(dim3 grid, dim3 block, size_t smem_bytes,
+                       const std::function<void()>& body) {
+  static std::vector<Fiber> fibers;
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  if (static_cast<int>(fibers.size()) < threads) {
+    const size_t old = fibers.size();
+    fibers.resize(threads);
+    for (size_t i = old; i < fibers.size(); ++i) {
+      fibers[i].stack = std::make_unique<char[]>(kFiberStackBytes);
+    }
+  }
+  std::unique_ptr<unsigned char[]> smem(new unsigned char[smem_bytes]);
+  Block b;
+  b.fibers = &fibers;
+  b.num_threads = threads;
+  b.body = &body;
+  b.dynamic_smem = smem.get();
+  for (int w = 0; w < (threads + kWarpLanes - 1) / kWarpLanes; ++w) {
+    b.warp_scratch.push_back(std::make_unique<unsigned char[]>(kWarpScratchBytes));
+  }
+  g_block = &b;
+  for (unsigned bz = 0; bz < grid.z; ++bz) {
+    for (unsigned by = 0; by < grid.y; ++by) {
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        b.exited = b.barrier_arrived = 0;
+        std::memset(smem.get(), 0xFF, smem_bytes);
+        int linear = 0;
+        for (unsigned tz = 0; tz < block.z; ++tz) {
+          for (unsigned ty = 0; ty < block.y; ++ty) {
+            for (unsigned tx = 0; tx < block.x; ++tx, ++linear) {
+              fibers[linear].thread = ThreadContext{{tx, ty, tz}, {bx, by, bz}, block, grid, linear};
+            }
+          }
+        }
+        if (!run_block(b)) {
+          std::fprintf(stderr, "[moeforge emu] kernel fault: %s\n", b.error.c_str());
+          g_block = nullptr;
+          return cudaErrorLaunchFailure;
+        }
+      }
+    }
+  }
+  g_block = nullptr;
+  return cudaSuccess;
+}
+
+cudaError_t set_error(cudaError_t e) {
+  if (e != cudaSuccess) g_last_error = e;
+  return e;
+}
+
+bool any_capture_active();
+
+}  // namespace
+
+// ---- device side -----------------------------------------------------------------------------
+
+const ThreadContext& current_thread() {
+  if (g_current == nullptr) {
+    std::fprintf(stderr, "[moeforge emu] threadIdx/blockIdx read outside a kernel\n");
+    std::abort();
+  }
+  return g_current->thread;
+}
+
+int current_lane() { return current_thread().linear % kWarpLanes; }
+
+void* warp_exchange_slot(int lane) { return lane_fiber(lane).slot.data(); }
+
+void* dynamic_shared_memory() { return g_block->dynamic_smem; }
+
+void* warp_scratch() { return g_block->warp_scratch[current_thread().linear / kWarpLanes].get(); }
+
+void trap(const char* what) {
+  if (g_block->error.empty()) g_block->error = describe(g_current->thread) + ": " + what;
+  g_current->done = true;
+  yield_to_scheduler(true);
+  std::abort();  // the scheduler abandons the block and never resumes a trapped fiber
+}
+
+void sync_block() {
+  Block& b = *g_block;
+  if (b.exited > 0) {
+    trap(("__syncthreads reached after " + std::to_string(b.exited) +
+          " threads of the block returned (a barrier in divergent code)")
+             .c_str());
+  }
+  const uint64_t generation = b.barrier_generation;
+  ++b.progress;
+  if (++b.barrier_arrived == b.num_threads) {
+    b.barrier_arrived = 0;
+    ++b.barrier_generation;
+    return;
+  }
+  while (b.barrier_generation == generation) wait("__syncthreads");
+}
+
+void sync_warp(unsigned mask) {
+  const int lane = current_lane();
+  const int base = g_current->thread.linear - lane;
+  if (((mask >> lane) & 1u) == 0) trap("warp collective called by a lane that is not in its mask");
+  for (int l = 0; l < kWarpLanes; ++l) {
+    if (((mask >> l) & 1u) && base + l >= g_block->num_threads) {
+      trap("warp collective's mask names a lane that does not exist in this block");
+    }
+  }
+  const uint64_t mine = ++g_current->warp_epoch;
+  ++g_block->progress;
+  for (int l = 0; l < kWarpLanes; ++l) {
+    if (((mask >> l) & 1u) == 0) continue;
+    Fiber& other = lane_fiber(l);
+    while (other.warp_epoch < mine) {
+      if (other.done) trap("a lane named in a warp collective's mask returned before reaching it");
+      wait("a warp collective");
+    }
+  }
+}
+
+}  // namespace moeforge::emu
+
+unsigned __ballot_sync(unsigned mask, int predicate) {
+  using namespace moeforge::emu;
+  const int flag = predicate != 0;
+  std::memcpy(warp_exchange_slot(current_lane()), &flag, sizeof flag);
+  sync_warp(mask);
+  unsigned bits = 0;
+  for (int l = 0; l < 32; ++l) {
+    int v = 0;
+    if ((mask >> l) & 1u) std::memcpy(&v, warp_exchange_slot(l), sizeof v);
+    if (v) bits |= 1u << l;
+  }
+  sync_warp(mask);
+  return bits;
+}
+
+namespace moeforge::emu {
+
+namespace {
+std::vector<CUstream_st*> g_streams;
+bool any_capture_active() {
+  for (auto* s : g_streams) {
+    if (s->capturing) return true;
+  }
+  return false;
+}
+}  // namespace
+
+cudaError_t launch_body(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                        std::function<void()> body) {
+  const unsigned long long threads =
+      static_cast<unsigned long long>(block.x) * block.y * block.z;
+  const bool bad_config = threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 ||
+                          grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu ||
+                          grid.y > 65535 || grid.z > 65535 || smem_bytes > 227 * 1024;
+  if (bad_config) return set_error(cudaErrorInvalidConfiguration);
+  if (stream != nullptr && stream->capturing) {
+    stream->captured.push_back(
+        [=]() { return run_launch(grid, block, smem_bytes, body); });
+    return cudaSuccess;
+  }
+  return set_error(run_launch(grid, block, smem_bytes, body));
+}
+
+cudaError_t enqueue_host_work(cudaStream_t stream, std::function<cudaError_t()> work) {
+  if (stream != nullptr && stream->capturing) {
+    stream->captured.push_back(std::move(work));
+    return cudaSuccess;
+  }
+  return set_error(work());
+}
+
+}  // namespace moeforge::emu
+
+// ---- the CUDA runtime API subset -------------------------------------------------------------
+using moeforge::emu::any_capture_active;
+using moeforge::emu::g_last_error;
+using moeforge::emu::set_error;
+
+namespace {
+// Synchronous calls are illegal while any stream captures (global capture mode).
+cudaError_t fail_if_capturing() {
+  if (!any_capture_active()) return cudaSuccess;
+  for (auto* s : moeforge::emu::g_streams) {
+    if (s->capturing) s->capture_invalidated = true;
+  }
+  return set_error(cudaErrorStreamCaptureUnsupported);
+}
+}  // namespace
+
+cudaError_t cudaMalloc(void** ptr, size_t bytes) {
+  if (ptr == nullptr) return set_error(cudaErrorInvalidValue);
+  if (cudaError_t e = fail_if_capturing()) return e;
+  void* p = nullptr;
+  if (posix_memalign(&p, 256, bytes == 0 ? 1 : bytes) != 0) {
+    return set_error(cudaErrorMemoryAllocation);
+  }
+  std::memset(p, 0xFF, bytes);
+  *ptr = p;
+  return cudaSuccess;
+}
+
+cudaError_t cudaFree(void* ptr) {
+  std::free(ptr);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind) {
+  if (cudaError_t e = fail_if_capturing()) return e;
+  if (bytes > 0 && (dst == nullptr || src == nullptr)) return set_error(cudaErrorInvalidValue);
+  if (bytes > 0) std::memmove(dst, src, bytes);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
+                            cudaStream_t stream) {
+  if (stream != nullptr && stream->capturing) {
+    stream->captured.push_back([=]() { return cudaMemcpy(dst, src, bytes, kind); });
+    return cudaSuccess;
+  }
+  return cudaMemcpy(dst, src, bytes, kind);
+}
+
+cudaError_t cudaMemset(void* dst, int value, size_t bytes) {
+  if (cudaError_t e = fail_if_capturing()) return e;
+  if (bytes > 0 && dst == nullptr) return set_error(cudaErrorInvalidValue);
+  if (bytes > 0) std::memset(dst, value, bytes);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t stream) {
+  if (stream != nullptr && stream->capturing) {
+    stream->captured.push_back([=]() { return cudaMemset(dst, value, bytes); });
+    return cudaSuccess;
+  }
+  return cudaMemset(dst, value, bytes);
+}
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t e = g_last_error;
+  g_last_error = cudaSuccess;
+  return e;
+}
+
+cudaError_t cudaPeekAtLastError() { return g_last_error; }
+
+cudaError_t cudaDeviceSynchronize() {
+  if (cudaError_t e = fail_if_capturing()) return e;
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  if (stream != nullptr && stream->capturing) {
+    stream->capture_invalidated = true;
+    return set_error(cudaErrorStreamCaptureUnsupported);
+  }
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaSetDevice(int device) {
+  return device == 0 ? cudaSuccess : set_error(cudaErrorInvalidDevice);
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return set_error(cudaErrorInvalidDevice);
+  static const bool read_env = [] {
+    if (const char* sm = std::getenv("MOEFORGE_EMU_SM")) moeforge::emu::g_sm = std::atoi(sm);
+    return true;
+  }();
+  (void)read_env;
+  switch (attr) {
+    case cudaDevAttrComputeCapabilityMajor: *value = moeforge::emu::g_sm / 10; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = moeforge::emu::g_sm % 10; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = 132; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 * 1024; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = 48 * 1024; return cudaSuccess;
+    default: return set_error(cudaErrorNotSupported);
+  }
+}
+
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    if (value < 0 || value > 227 * 1024) return set_error(cudaErrorInvalidValue);
+    moeforge::emu::g_max_dynamic_smem[func] = value;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) {
+  *stream = new CUstream_st();
+  moeforge::emu::g_streams.push_back(*stream);
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamCreate(cudaStream_t* stream) { return cudaStreamCreateWithFlags(stream, 0); }
+
+cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  auto& all = moeforge::emu::g_streams;
+  for (auto it = all.begin(); it != all.end(); ++it) {
+    if (*it == stream) {
+      all.erase(it);
+      delete stream;
+      return cudaSuccess;
+    }
+  }
+  return set_error(cudaErrorInvalidResourceHandle);
+}
+
+cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode) {
+  // The legacy default stream cannot be captured.
+  if (stream == nullptr) return set_error(cudaErrorStreamCaptureUnsupported);
+  if (stream->capturing) return set_error(cudaErrorIllegalState);
+  stream->capturing = true;
+  stream->capture_invalidated = false;
+  stream->captured.clear();
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t* graph) {
+  if (stream == nullptr || !stream->capturing) return set_error(cudaErrorIllegalState);
+  stream->capturing = false;
+  if (stream->capture_invalidated) {
+    *graph = nullptr;
+    return set_error(cudaErrorStreamCaptureInvalidated);
+  }
+  *graph = new CUgraph_st{std::move(stream->captured)};
+  stream->captured.clear();
+  return cudaSuccess;
+}
+
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long) {
+  if (graph == nullptr) return set_error(cudaErrorInvalidValue);
+  *exec = new CUgraphExec_st{graph->nodes};
+  return cudaSuccess;
+}
+
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t) {
+  for (auto& node : exec->nodes) {
+    if (cudaError_t e = node()) return set_error(e);
+  }
+  return cudaSuccess;
+}
+
+cudaError_t cudaGraphDestroy(cudaGraph_t graph) {
+  delete graph;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
+  delete exec;
+  return cudaSuccess;
+}
+
+const char* cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    case cudaErrorNotSupported: return "cudaErrorNotSupported";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
+    case cudaErrorIllegalState: return "cudaErrorIllegalState";
+    case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+    default: return "cudaError (other)";
+  }
+}
+
+const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaErrorLaunchFailure:
+      return "unspecified launch failure (emulator: a kernel fault, see stderr)";
+    default: return cudaGetErrorName(e);
+  }
+}
