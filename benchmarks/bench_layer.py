@@ -9,12 +9,13 @@ frozen forward+backward 2, trainable forward+backward 3 (LoRA FLOPs not counted)
 
     python benchmarks/bench_layer.py --models qwen3-30b-a3b --tokens 4096 16384
     python benchmarks/bench_layer.py --device cpu --tiny        # smoke run
-    python benchmarks/bench_layer.py --engines moeforge wmma torch   # every grouped GEMM engine
+    python benchmarks/bench_layer.py --engines moeforge simt torch   # every grouped GEMM engine
 
 ``--engines`` runs the moeforge path once per grouped GEMM engine (MOEFORGE_GROUPED_GEMM, see
-csrc/cuda/grouped_mm.cpp): ``moeforge`` (our SIMT kernels), ``wmma`` (our tensor-core path for the
-forward / grad_x GEMMs in fp16 / bf16 on sm80+) and ``torch`` (``at::_grouped_mm`` where it
-applies), labelled "moeforge", "moeforge (wmma gemm)" and "moeforge (torch gemm)"; the speedup
+csrc/cuda/grouped_mm.cpp): ``moeforge`` (the default: our tensor-core path for the forward / grad_x
+GEMMs in fp16 / bf16 on sm80+, SIMT for the rest), ``simt`` (our SIMT kernels only) and ``torch``
+(``at::_grouped_mm`` where it applies), labelled "moeforge", "moeforge (simt gemm)" and
+"moeforge (torch gemm)"; the speedup
 column is relative to the first engine listed.
 """
 
@@ -156,7 +157,7 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--eager-max-tokens", type=int, default=4096)
     p.add_argument(
-        "--engines", nargs="+", default=["moeforge"], choices=["moeforge", "wmma", "torch"],
+        "--engines", nargs="+", default=["moeforge"], choices=["moeforge", "simt", "torch"],
         help="grouped GEMM engines to run the moeforge path with (MOEFORGE_GROUPED_GEMM)",
     )  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")

@@ -16,12 +16,13 @@
 //           [k][n]  (row_major matrix_b, ld 136) (x W: weight [E, in, out], padded copies),
 //   i.e. the smem layout follows the operand's contiguous dimension, whatever the strides are;
 //   the 8-element padding keeps the 16-byte rows of load_matrix_sync conflict free and every
-//   fragment pointer 32-byte aligned. Global loads move 16-byte chunks (8 elements) along the
-//   contiguous dimension when it has unit stride, the other stride is a multiple of 8 and the base
-//   is 16-byte aligned; otherwise (and on the K / N / row edges) the chunk is gathered element by
-//   element, predicated and zero-filled. The next slab is fetched into registers while the
-//   current one is multiplied (one smem buffer, two barriers per slab; cp.async double buffering
-//   can come later behind the same kernel signature).
+//   fragment pointer 32-byte aligned. The K loop is a kStages-deep cp.async pipeline in dynamic
+//   shared memory (kernels/async_copy.cuh): while the warps multiply slab kt, the copies of slabs
+//   kt + 1 .. kt + kStages - 1 are in flight; one barrier per slab. A 16-byte chunk (8 elements
+//   along the contiguous dimension) is copied asynchronously when the dimension has unit stride,
+//   the other stride is a multiple of 8, the base is 16-byte aligned and the chunk is whole;
+//   otherwise (and on the K / N / row edges) it is gathered element by element, predicated,
+//   zero-filled and stored synchronously into the same stage.
 //   Epilogue: each warp stores one 16x16 fp32 fragment at a time into its own smem scratch, then
 //   its lanes apply alpha, bias and accumulation in fp32 exactly like the SIMT kernel
 //   (v = alpha * acc (+ bias) ; y = v or y + v) and store the rows < the tile's row count and the
@@ -36,8 +37,10 @@
 #include <cstdlib>
 #include <limits>
 
+#include "async_copy.cuh"
 #include "grouped_gemm_impl.cuh"
 #include "grouped_gemm_wmma.h"
+#include "launch.cuh"
 
 namespace moeforge::kernels::grouped_gemm_detail {
 namespace {
@@ -45,6 +48,7 @@ namespace {
 constexpr int kWmmaBM = 128;  // rows per CTA tile (find_tile<kWmmaBM>)
 constexpr int kWmmaBN = 128;  // columns per CTA tile
 constexpr int kWmmaBK = 32;   // reduction slab
+constexpr int kStages = 3;    // slabs in shared memory (cp.async pipeline depth)
 constexpr int kWarpsM = 4, kWarpsN = 2;
 constexpr int kWmmaThreads = kWarpsM * kWarpsN * kWarp;  // 256
 constexpr int kFrag = 16;                                // wmma m = n = k
@@ -63,15 +67,15 @@ static_assert((kFrag * kLdK * 2) % 32 == 0 && (kFrag * kLdN * 2) % 32 == 0,
               "32-byte aligned fragment pointers");
 
 constexpr int kTileBElements = kWmmaBN * kLdK > kWmmaBK* kLdN ? kWmmaBN* kLdK : kWmmaBK* kLdN;
-
-struct alignas(128) WmmaSmem {
-  uint16_t a[kWmmaBM * kLdK];                // x tile [m][k]
-  uint16_t b[kTileBElements];                // W tile [n][k] or [k][n]
-  float c[kWarpsM * kWarpsN][kFrag * kLdC];  // per-warp epilogue scratch
-};
-static_assert(sizeof(uint16_t) * kWmmaBM * kLdK % 32 == 0 &&
-                  sizeof(uint16_t) * kTileBElements % 32 == 0,
-              "32-byte aligned smem members");
+constexpr int kTileAElements = kWmmaBM * kLdK;
+constexpr int kStageElements = kTileAElements + kTileBElements;   // 16-bit elements per stage
+constexpr int kScratchFloats = kWarpsM * kWarpsN * kFrag * kLdC;  // epilogue, aliases the stages
+constexpr size_t kWmmaSmemBytes = sizeof(uint16_t) * kStages * kStageElements;
+static_assert(sizeof(uint16_t) * kTileAElements % 32 == 0 &&
+                  sizeof(uint16_t) * kStageElements % 32 == 0,
+              "32-byte aligned tiles");
+static_assert(sizeof(float) * kScratchFloats <= kWmmaSmemBytes, "scratch fits in the stages");
+static_assert(kWmmaSmemBytes <= 100 * 1024, "two CTAs per SM on sm80 / sm90");
 
 // 8 consecutive (along c) 16-bit elements starting at p, as raw bits: elements j < valid are read
 // at p[j * stride_c], the rest are zero (+0.0 in both half types). One 16-byte load when vec and
@@ -91,9 +95,9 @@ __device__ __forceinline__ uint4 load_chunk(const uint16_t* p, long long stride_
 
 // A tile of kRows x kCols 16-bit elements of an operand whose element (r, c) is at
 // base[r * stride_r + c * stride_c], valid for r < r_limit and c < c_limit (zero outside).
-// fetch(r0, c0) loads the tile at (r0, c0) into registers in 16-byte chunks along c (thread tid
-// owns chunks tid + 256 l, so the lanes of a warp walk c, then r); store() writes it into shared
-// memory as tile[r * ld + c]. kUnitC: stride_c is 1 (known at compile time; x).
+// issue(r0, c0, tile, ld) copies the tile at (r0, c0) into shared memory as tile[r * ld + c] in
+// 16-byte chunks along c (thread tid owns chunks tid + 256 l, so the lanes of a warp walk c, then
+// r). kUnitC: stride_c is 1 (known at compile time; x).
 template <int kRows, int kCols, bool kUnitC = false>
 struct ChunkLoader {
   static constexpr int kChunksPerRow = kCols / kChunk;
@@ -102,7 +106,6 @@ struct ChunkLoader {
   const uint16_t* base;
   long long stride_r, stride_c, r_limit, c_limit;
   bool vec;
-  uint4 regs[kChunksPerThread];
 
   __device__ __forceinline__ ChunkLoader(const void* base_, long long stride_r_,
                                          long long stride_c_, long long r_limit_,
@@ -117,24 +120,23 @@ struct ChunkLoader {
           reinterpret_cast<uintptr_t>(base_) % (kChunk * sizeof(uint16_t)) == 0;
   }
 
-  __device__ __forceinline__ void fetch(long long r0, long long c0) {
-#pragma unroll
-    for (int l = 0; l < kChunksPerThread; ++l) {
-      const int chunk = static_cast<int>(threadIdx.x) + l * kWmmaThreads;
-      const long long r = r0 + chunk / kChunksPerRow;
-      const long long c = c0 + (chunk % kChunksPerRow) * kChunk;
-      const long long valid = r < r_limit ? c_limit - c : 0;
-      const long long sc = kUnitC ? 1 : stride_c;
-      regs[l] = load_chunk(base + r * stride_r + c * sc, sc, valid, vec);
-    }
-  }
-
-  __device__ __forceinline__ void store(uint16_t* tile, int ld) const {
+  // Copies the tile at (r0, c0) into tile[r * ld + c] (one pipeline stage): cp.async for whole
+  // aligned chunks, a predicated zero-filling gather and a plain store for the others.
+  __device__ __forceinline__ void issue(long long r0, long long c0, uint16_t* tile, int ld) const {
 #pragma unroll
     for (int l = 0; l < kChunksPerThread; ++l) {
       const int chunk = static_cast<int>(threadIdx.x) + l * kWmmaThreads;
       const int r = chunk / kChunksPerRow, c = (chunk % kChunksPerRow) * kChunk;
-      *reinterpret_cast<uint4*>(tile + r * ld + c) = regs[l];
+      const long long gr = r0 + r, gc = c0 + c;
+      const long long valid = gr < r_limit ? c_limit - gc : 0;
+      const long long sc = kUnitC ? 1 : stride_c;
+      const uint16_t* src = base + gr * stride_r + gc * sc;
+      uint16_t* dst = tile + r * ld + c;
+      if (vec && valid >= kChunk) {
+        cp_async_16(dst, src);
+      } else {
+        *reinterpret_cast<uint4*>(dst) = load_chunk(src, sc, valid, false);
+      }
     }
   }
 };
@@ -147,7 +149,7 @@ __global__ void __launch_bounds__(kWmmaThreads, 2)
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(MOEFORGE_KERNEL_EMULATION)
   namespace wmma = nvcuda::wmma;
   using acc = float;
-  __shared__ WmmaSmem smem;
+  uint16_t* const stages = dynamic_shared_memory<uint16_t>();  // [kStages][kStageElements]
   __shared__ TileInfo info;
   const int tid = static_cast<int>(threadIdx.x);
   if (tid < kWarp) {
@@ -187,24 +189,30 @@ __global__ void __launch_bounds__(kWmmaThreads, 2)
   ChunkLoader<kWmmaBM, kWmmaBK, true> lx(args.x + t.row0 * args.ldx, args.ldx, 1, rows, args.k);
   ChunkLoader<kKMajor ? kWmmaBN : kWmmaBK, kKMajor ? kWmmaBK : kWmmaBN> lw(
       w, kKMajor ? sn : sk, kKMajor ? sk : sn, kKMajor ? cols : args.k, kKMajor ? args.k : cols);
-  const T* a_tile = reinterpret_cast<const T*>(smem.a);
-  const T* b_tile = reinterpret_cast<const T*>(smem.b);
-  if (args.k > 0) {
-    lx.fetch(0, 0);
-    lw.fetch(0, 0);
-  }
-  for (long long k0 = 0; k0 < args.k; k0 += kWmmaBK) {
-    lx.store(smem.a, kLdK);
-    lw.store(smem.b, kKMajor ? kLdK : kLdN);
-    __syncthreads();
-    if (k0 + kWmmaBK < args.k) {
-      lx.fetch(0, k0 + kWmmaBK);
-      if (kKMajor) {
-        lw.fetch(0, k0 + kWmmaBK);
-      } else {
-        lw.fetch(k0 + kWmmaBK, 0);
-      }
+  // Slab kt goes to stage kt % kStages; the prologue puts slabs 0 .. kStages - 2 in flight.
+  const long long k_tiles = (args.k + kWmmaBK - 1) / kWmmaBK;
+  const auto issue_slab = [&](long long kt) {
+    uint16_t* stage = stages + (kt % kStages) * kStageElements;
+    const long long k0 = kt * kWmmaBK;
+    lx.issue(0, k0, stage, kLdK);
+    if constexpr (kKMajor) {
+      lw.issue(0, k0, stage + kTileAElements, kLdK);
+    } else {
+      lw.issue(k0, 0, stage + kTileAElements, kLdN);
     }
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) issue_slab(s);
+    cp_async_commit();  // one group per slab, empty past the end, so the wait count holds
+  }
+  for (long long kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();  // this thread's copies of slab kt have landed ...
+    __syncthreads();  // ... and everyone's; every warp is done with slab kt - 1's stage
+    if (kt + kStages - 1 < k_tiles) issue_slab(kt + kStages - 1);  // into slab kt - 1's stage
+    cp_async_commit();
+    const T* a_tile = reinterpret_cast<const T*>(stages + (kt % kStages) * kStageElements);
+    const T* b_tile = a_tile + kTileAElements;
 #pragma unroll 1
     for (int kk = 0; kk < kWmmaBK; kk += kFrag) {
       // All A fragments of the warp, then one B fragment at a time (fewer live registers).
@@ -227,15 +235,16 @@ __global__ void __launch_bounds__(kWmmaThreads, 2)
         for (int i = 0; i < kFragsM; ++i) wmma::mma_sync(frag[i][j], fa[i], fb, frag[i][j]);
       }
     }
-    __syncthreads();
   }
+  cp_async_wait<0>();  // only empty groups can remain; the scratch below reuses the stages
+  __syncthreads();
 
   // Epilogue, one 16x16 fragment at a time through this warp's scratch: lane owns row lane / 2,
   // columns (lane % 2) * 8 + [0, 8) of the fragment.
   const acc alpha = static_cast<acc>(args.alpha);
   const T* __restrict__ bias =
       args.bias != nullptr ? args.bias + t.group * args.bias_stride_e + n0 : nullptr;
-  float* scratch = smem.c[warp];
+  float* scratch = reinterpret_cast<float*>(stages) + warp * kFrag * kLdC;
   const int fr = lane / 2, fc = (lane % 2) * kChunk;
 #pragma unroll
   for (int i = 0; i < kFragsM; ++i) {
@@ -277,13 +286,12 @@ cudaError_t launch_grouped_gemm_wmma(const GroupedGemmArgs<T, T, TY>& args, cuda
     return cudaErrorInvalidValue;
   }
   const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles));
-  if (llabs(args.w_stride_k) <= llabs(args.w_stride_n)) {
-    MOEFORGE_CUDA_CHECK(
-        launch_kernel(grouped_gemm_wmma_kernel<T, TY, true>, grid, kWmmaThreads, 0, stream, args));
-  } else {
-    MOEFORGE_CUDA_CHECK(
-        launch_kernel(grouped_gemm_wmma_kernel<T, TY, false>, grid, kWmmaThreads, 0, stream, args));
-  }
+  const auto kernel = llabs(args.w_stride_k) <= llabs(args.w_stride_n)
+                          ? grouped_gemm_wmma_kernel<T, TY, true>
+                          : grouped_gemm_wmma_kernel<T, TY, false>;
+  MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(kWmmaSmemBytes)));
+  MOEFORGE_CUDA_CHECK(launch_kernel(kernel, grid, kWmmaThreads, kWmmaSmemBytes, stream, args));
   return cudaSuccess;
 }
 

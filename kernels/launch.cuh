@@ -34,13 +34,14 @@ inline cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 bloc
 #endif
 }
 
-// The block's dynamic shared memory (the smem_bytes of the launch), 16-byte aligned.
+// The block's dynamic shared memory (the smem_bytes of the launch), 128-byte aligned (wmma needs
+// 32-byte aligned fragment pointers).
 template <typename T>
 __device__ __forceinline__ T* dynamic_shared_memory() {
 #ifdef MOEFORGE_KERNEL_EMULATION
   return static_cast<T*>(::moeforge::emu::dynamic_shared_memory());
 #else
-  extern __shared__ __align__(16) unsigned char moeforge_dynamic_smem[];
+  extern __shared__ __align__(128) unsigned char moeforge_dynamic_smem[];
   return reinterpret_cast<T*>(moeforge_dynamic_smem);
 #endif
 }

@@ -1,8 +1,9 @@
 """CUDA-only checks (skipped without a GPU): every op agrees with the CPU path on random data with
 poisoned memory, sizes past 131072 routed rows, determinism, and a whole MoE layer forward +
 backward captured and replayed in a CUDA graph (no host synchronisation anywhere). The grouped GEMM
-checks run under every engine of MOEFORGE_GROUPED_GEMM ("moeforge": our SIMT engine; "wmma": our
-tensor-core path for the float16 / bfloat16 forward and grad_x GEMMs on sm80+, else SIMT; "torch":
+checks run under every engine of MOEFORGE_GROUPED_GEMM ("moeforge", the default: our tensor-core
+path for the float16 / bfloat16 forward and grad_x GEMMs on sm80+, else SIMT; "simt": our SIMT
+kernels only; "torch":
 at::_grouped_mm where it applies, bfloat16 on sm90 / sm100, else our engine again)."""
 
 import pytest
@@ -15,7 +16,7 @@ from moeforge import ops
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(params=["moeforge", "wmma", "torch"])
+@pytest.fixture(params=["moeforge", "simt", "torch"])
 def engine(request, monkeypatch):
     """Runs the test under each grouped GEMM engine (the CUDA ops read the variable per call)."""
     monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", request.param)
@@ -210,10 +211,14 @@ def cuda_kernels_called(fn) -> set[str]:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_wmma_engine_runs_the_tensor_core_kernel(monkeypatch, dtype):
-    """MOEFORGE_GROUPED_GEMM=wmma reaches the WMMA kernel for the forward and grad_x GEMMs in the
-    half types on sm80+ (and only there); the result still matches the CPU op."""
-    monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "wmma")
+@pytest.mark.parametrize("engine_name", [None, "moeforge", "simt"])
+def test_default_engine_runs_the_tensor_core_kernel(monkeypatch, dtype, engine_name):
+    """The default engine reaches the WMMA kernel for the forward and grad_x GEMMs in the half
+    types on sm80+ (and only there), "simt" never does; the result matches the CPU op either way."""
+    if engine_name is None:
+        monkeypatch.delenv("MOEFORGE_GROUPED_GEMM", raising=False)
+    else:
+        monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", engine_name)
     torch.manual_seed(0)
     offs, rows = make_offsets([0, 150, 3, 0, 40], 9)
     x = torch.randn(rows, 96, device="cuda", dtype=dtype)
@@ -238,7 +243,11 @@ def test_wmma_engine_runs_the_tensor_core_kernel(monkeypatch, dtype):
         )
     )
     wmma = [n for n in names if "grouped_gemm_wmma_kernel" in n]
-    expect = dtype != torch.float32 and torch.cuda.get_device_capability()[0] >= 8
+    expect = (
+        engine_name != "simt"
+        and dtype != torch.float32
+        and torch.cuda.get_device_capability()[0] >= 8
+    )
     assert bool(wmma) == expect, sorted(names)
 
 

@@ -13,11 +13,14 @@
 //
 // Engine, chosen per call by the environment variable MOEFORGE_GROUPED_GEMM (read on every call,
 // so a test or benchmark can switch it at run time):
-//   unset, "" or "moeforge"  our SIMT engine (kernels/grouped_gemm*.cu), every case
-//   "wmma"                   our tensor-core path (kernels/grouped_gemm_wmma.cu, nvcuda::wmma) for
-//                            the row-grouped GEMMs (forward and grad_x) in float16 / bfloat16 on
-//                            sm80+; everything else (float32 / float64, older devices, the weight
-//                            and bias gradients) stays on the SIMT engine
+//   unset, "" or "moeforge"  our engine: the tensor-core path (kernels/grouped_gemm_wmma.cu,
+//                            nvcuda::wmma, cp.async pipeline) for the row-grouped GEMMs (forward
+//                            and grad_x) in float16 / bfloat16 on sm80+; the SIMT kernels
+//                            (kernels/grouped_gemm_impl.cuh) for everything else (float32 /
+//                            float64, older devices, the weight and bias gradients). Tensor cores
+//                            are the default since the WMMA path passes the launcher suites on the
+//                            host kernel emulator (docs/kernel-emulator.md); GPU timings are owed
+//   "simt"                   our SIMT kernels for every case (the reference engine)
 //   "torch"                  at::_grouped_mm (torch's CUTLASS grouped GEMM, sm90 / sm100) as a
 //                            measured baseline, for each GEMM of a call that it supports without
 //                            a host sync; every other case silently falls back to our engine
@@ -74,16 +77,16 @@ std::array<int64_t, 3> weight_operand(const at::Tensor& weight, bool weight_tran
 
 // --- engine selection (see the top of this file) -----------------------------------------------
 
-enum class GemmEngine { kMoeforge, kWmma, kTorch };
+enum class GemmEngine { kMoeforge, kSimt, kTorch };
 
 GemmEngine requested_engine() {
   const char* env = std::getenv("MOEFORGE_GROUPED_GEMM");
   const std::string_view name = env == nullptr ? std::string_view() : std::string_view(env);
   if (name.empty() || name == "moeforge") return GemmEngine::kMoeforge;
-  if (name == "wmma") return GemmEngine::kWmma;
+  if (name == "simt") return GemmEngine::kSimt;
   if (name == "torch") return GemmEngine::kTorch;
   TORCH_CHECK_VALUE(false,
-                    "moeforge: MOEFORGE_GROUPED_GEMM must be \"moeforge\", \"wmma\" or \"torch\", "
+                    "moeforge: MOEFORGE_GROUPED_GEMM must be \"moeforge\", \"simt\" or \"torch\", "
                     "got \"",
                     name, "\"");
   return GemmEngine::kMoeforge;
@@ -113,7 +116,7 @@ void launch_rows(const at::Tensor& x, const at::Tensor& weight, std::array<int64
   args.n = out.size(1);
   args.num_experts = weight.size(0);
   // A request: the launcher keeps the SIMT kernel where the WMMA path does not apply.
-  if (requested_engine() == GemmEngine::kWmma) args.engine = kernels::GroupedGemmEngine::kWmma;
+  if (requested_engine() != GemmEngine::kSimt) args.engine = kernels::GroupedGemmEngine::kWmma;
   check_cuda(kernels::launch_grouped_gemm(args, stream), op);
 }
 

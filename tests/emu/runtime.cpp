@@ -2,7 +2,7 @@
 // the GoogleTest launcher suites use (see include/moeforge_emu/emu.h for what is modelled).
 //
 // One OS thread runs everything. A launch runs its blocks one after another in grid order; the
-// threads of a block are ucontext fibers resumed round-robin until each one finishes or waits at
+// threads of a block are fibers, run warp by warp (run_block) until each one finishes or waits at
 // a barrier or warp collective. A full round in which no thread arrives anywhere is a deadlock.
 // "Device" memory is host memory from posix_memalign(256), filled with 0xFF (NaN / -1) so that a
 // read of an unwritten element shows. Stream capture records launches and replays them on
@@ -16,6 +16,7 @@
 // is modified between _setjmp and the _longjmp back, so GCC's -Wclobbered does not apply.
 #pragma GCC diagnostic ignored "-Wclobbered"
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <cstdlib>
@@ -52,6 +53,12 @@ namespace {
 constexpr size_t kFiberStackBytes = 512 * 1024;
 constexpr int kWarpLanes = 32;
 
+struct PendingCopy {
+  void* dst;
+  size_t bytes;
+  std::array<unsigned char, 16> data;
+};
+
 struct Fiber {
   ucontext_t context;  // the entry point, used once per block
   jmp_buf jump;        // where the fiber last yielded
@@ -61,7 +68,9 @@ struct Fiber {
   bool done = false;
   uint64_t warp_epoch = 0;
   const char* waiting = nullptr;
-  std::array<unsigned char, 16> slot{};  // warp exchange
+  std::array<unsigned char, 16> slot{};               // warp exchange
+  std::vector<PendingCopy> open_copies;               // cp.async not yet committed
+  std::vector<std::vector<PendingCopy>> copy_groups;  // committed, oldest first
 };
 
 struct Block {
@@ -70,6 +79,7 @@ struct Block {
   int exited = 0;
   int barrier_arrived = 0;
   uint64_t barrier_generation = 0;
+  bool descending = false;  // warp order of this block (see run_block)
   uint64_t progress = 0;
   std::string error;
   const std::function<void()>* body = nullptr;
@@ -79,7 +89,7 @@ struct Block {
 
 Block* g_block = nullptr;
 Fiber* g_current = nullptr;
-ucontext_t g_scheduler;     // uc_link of the entry contexts (never reached: fibers jump back)
+ucontext_t g_scheduler;    // uc_link of the entry contexts (never reached: fibers jump back)
 jmp_buf g_scheduler_jump;  // where the scheduler resumed the current fiber
 cudaError_t g_last_error = cudaSuccess;
 int g_sm = 90;  // emulated compute capability x10 (MOEFORGE_EMU_SM overrides)
@@ -133,8 +143,8 @@ void wait(const char* what) {
 
 std::string describe(const ThreadContext& t) {
   char buf[160];
-  std::snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u)", t.block_idx.x,
-                t.block_idx.y, t.block_idx.z, t.thread_idx.x, t.thread_idx.y, t.thread_idx.z);
+  std::snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u)", t.block_idx.x, t.block_idx.y,
+                t.block_idx.z, t.thread_idx.x, t.thread_idx.y, t.thread_idx.z);
   return buf;
 }
 
@@ -148,8 +158,8 @@ void fiber_entry() {
   ++b.exited;
   ++b.progress;
   if (b.barrier_arrived > 0 && b.error.empty()) {
-    b.error = describe(g_current->thread) + " returned while " +
-              std::to_string(b.barrier_arrived) + " threads of its block wait at __syncthreads";
+    b.error = describe(g_current->thread) + " returned while " + std::to_string(b.barrier_arrived) +
+              " threads of its block wait at __syncthreads";
   }
   yield_to_scheduler(true);
   std::abort();  // a finished fiber is never resumed
@@ -167,6 +177,8 @@ bool run_block(Block& b) {
     Fiber& f = fibers[i];
     f.done = false;
     f.started = false;
+    f.open_copies.clear();
+    f.copy_groups.clear();
     f.warp_epoch = 0;
     f.waiting = nullptr;
     getcontext(&f.context);
@@ -175,16 +187,29 @@ bool run_block(Block& b) {
     f.context.uc_link = &g_scheduler;
     makecontext(&f.context, fiber_entry, 0);
   }
+  // Warps run greedily, one at a time, each until it stalls (at __syncthreads, or waiting for
+  // another warp); even blocks take the warps in ascending order, odd blocks in descending order.
+  // A warp therefore reads shared memory before the other warps have written it unless a barrier
+  // orders the two, so a missing __syncthreads shows as wrong results in one of the orders.
+  const int num_warps = (b.num_threads + kWarpLanes - 1) / kWarpLanes;
   for (;;) {
     const uint64_t before = b.progress;
-    bool all_done = true;
-    for (int i = 0; i < b.num_threads; ++i) {
-      if (fibers[i].done) continue;
-      all_done = false;
-      resume(fibers[i]);
-      if (!b.error.empty()) return false;
+    for (int wi = 0; wi < num_warps; ++wi) {
+      const int w = b.descending ? num_warps - 1 - wi : wi;
+      const int end = std::min(b.num_threads, (w + 1) * kWarpLanes);
+      for (;;) {
+        const uint64_t warp_before = b.progress;
+        bool live = false;
+        for (int i = w * kWarpLanes; i < end; ++i) {
+          if (fibers[i].done) continue;
+          live = true;
+          resume(fibers[i]);
+          if (!b.error.empty()) return false;
+        }
+        if (!live || b.progress == warp_before) break;
+      }
     }
-    if (all_done) return true;
+    if (b.exited == b.num_threads) return true;
     if (b.progress == before) {
       std::string waits;
       for (int i = 0; i < b.num_threads && waits.size() < 600; ++i) {
@@ -210,7 +235,16 @@ cudaError_t run_launch(dim3 grid, dim3 block, size_t smem_bytes,
       fibers[i].stack = std::make_unique<char[]>(kFiberStackBytes);
     }
   }
-  std::unique_ptr<unsigned char[]> smem(new unsigned char[smem_bytes]);
+  // 128-byte aligned like the device's dynamic shared memory (kernels/launch.cuh); exactly
+  // smem_bytes long, so AddressSanitizer sees an access past the launch's size.
+  struct AlignedFree {
+    void operator()(unsigned char* p) const { std::free(p); }
+  };
+  void* raw = nullptr;
+  if (posix_memalign(&raw, 128, smem_bytes == 0 ? 1 : smem_bytes) != 0) {
+    return cudaErrorMemoryAllocation;
+  }
+  std::unique_ptr<unsigned char, AlignedFree> smem(static_cast<unsigned char*>(raw));
   Block b;
   b.fibers = &fibers;
   b.num_threads = threads;
@@ -224,12 +258,14 @@ cudaError_t run_launch(dim3 grid, dim3 block, size_t smem_bytes,
     for (unsigned by = 0; by < grid.y; ++by) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         b.exited = b.barrier_arrived = 0;
+        b.descending = (bx + by + bz) % 2 == 1;
         std::memset(smem.get(), 0xFF, smem_bytes);
         int linear = 0;
         for (unsigned tz = 0; tz < block.z; ++tz) {
           for (unsigned ty = 0; ty < block.y; ++ty) {
             for (unsigned tx = 0; tx < block.x; ++tx, ++linear) {
-              fibers[linear].thread = ThreadContext{{tx, ty, tz}, {bx, by, bz}, block, grid, linear};
+              fibers[linear].thread =
+                  ThreadContext{{tx, ty, tz}, {bx, by, bz}, block, grid, linear};
             }
           }
         }
@@ -264,19 +300,51 @@ const ThreadContext& current_thread() {
   return g_current->thread;
 }
 
-int current_lane() { return current_thread().linear % kWarpLanes; }
+int current_lane() {
+  return current_thread().linear % kWarpLanes;
+}
 
-void* warp_exchange_slot(int lane) { return lane_fiber(lane).slot.data(); }
+void* warp_exchange_slot(int lane) {
+  return lane_fiber(lane).slot.data();
+}
 
-void* dynamic_shared_memory() { return g_block->dynamic_smem; }
+void* dynamic_shared_memory() {
+  return g_block->dynamic_smem;
+}
 
-void* warp_scratch() { return g_block->warp_scratch[current_thread().linear / kWarpLanes].get(); }
+void* warp_scratch() {
+  return g_block->warp_scratch[current_thread().linear / kWarpLanes].get();
+}
 
 void trap(const char* what) {
   if (g_block->error.empty()) g_block->error = describe(g_current->thread) + ": " + what;
   g_current->done = true;
   yield_to_scheduler(true);
   std::abort();  // the scheduler abandons the block and never resumes a trapped fiber
+}
+
+void async_copy(void* dst, const void* src, size_t bytes) {
+  if (bytes != 4 && bytes != 8 && bytes != 16) trap("cp.async copies 4, 8 or 16 bytes");
+  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes) {
+    trap("cp.async source or destination is not aligned to the copy size");
+  }
+  PendingCopy c{dst, bytes, {}};
+  std::memcpy(c.data.data(), src, bytes);  // global data is not written during the kernel
+  std::memset(dst, 0xFF, bytes);
+  g_current->open_copies.push_back(c);
+}
+
+void async_commit() {
+  g_current->copy_groups.push_back(std::move(g_current->open_copies));
+  g_current->open_copies.clear();
+}
+
+void async_wait(int groups_left_in_flight) {
+  auto& groups = g_current->copy_groups;
+  while (static_cast<int>(groups.size()) > groups_left_in_flight) {
+    for (const PendingCopy& c : groups.front()) std::memcpy(c.dst, c.data.data(), c.bytes);
+    groups.erase(groups.begin());
+  }
 }
 
 void sync_block() {
@@ -348,15 +416,13 @@ bool any_capture_active() {
 
 cudaError_t launch_body(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
                         std::function<void()> body) {
-  const unsigned long long threads =
-      static_cast<unsigned long long>(block.x) * block.y * block.z;
+  const unsigned long long threads = static_cast<unsigned long long>(block.x) * block.y * block.z;
   const bool bad_config = threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 ||
-                          grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu ||
-                          grid.y > 65535 || grid.z > 65535 || smem_bytes > 227 * 1024;
+                          grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 ||
+                          grid.z > 65535 || smem_bytes > 227 * 1024;
   if (bad_config) return set_error(cudaErrorInvalidConfiguration);
   if (stream != nullptr && stream->capturing) {
-    stream->captured.push_back(
-        [=]() { return run_launch(grid, block, smem_bytes, body); });
+    stream->captured.push_back([=]() { return run_launch(grid, block, smem_bytes, body); });
     return cudaSuccess;
   }
   return set_error(run_launch(grid, block, smem_bytes, body));
@@ -442,7 +508,9 @@ cudaError_t cudaGetLastError() {
   return e;
 }
 
-cudaError_t cudaPeekAtLastError() { return g_last_error; }
+cudaError_t cudaPeekAtLastError() {
+  return g_last_error;
+}
 
 cudaError_t cudaDeviceSynchronize() {
   if (cudaError_t e = fail_if_capturing()) return e;
@@ -479,12 +547,23 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
   }();
   (void)read_env;
   switch (attr) {
-    case cudaDevAttrComputeCapabilityMajor: *value = moeforge::emu::g_sm / 10; return cudaSuccess;
-    case cudaDevAttrComputeCapabilityMinor: *value = moeforge::emu::g_sm % 10; return cudaSuccess;
-    case cudaDevAttrMultiProcessorCount: *value = 132; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 * 1024; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlock: *value = 48 * 1024; return cudaSuccess;
-    default: return set_error(cudaErrorNotSupported);
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = moeforge::emu::g_sm / 10;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = moeforge::emu::g_sm % 10;
+      return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount:
+      *value = 132;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = 227 * 1024;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlock:
+      *value = 48 * 1024;
+      return cudaSuccess;
+    default:
+      return set_error(cudaErrorNotSupported);
   }
 }
 
@@ -502,7 +581,9 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) {
   return cudaSuccess;
 }
 
-cudaError_t cudaStreamCreate(cudaStream_t* stream) { return cudaStreamCreateWithFlags(stream, 0); }
+cudaError_t cudaStreamCreate(cudaStream_t* stream) {
+  return cudaStreamCreateWithFlags(stream, 0);
+}
 
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   auto& all = moeforge::emu::g_streams;
@@ -563,18 +644,30 @@ cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
 
 const char* cudaGetErrorName(cudaError_t e) {
   switch (e) {
-    case cudaSuccess: return "cudaSuccess";
-    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
-    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
-    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
-    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
-    case cudaErrorNotSupported: return "cudaErrorNotSupported";
-    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
-    case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
-    case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
-    case cudaErrorIllegalState: return "cudaErrorIllegalState";
-    case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
-    default: return "cudaError (other)";
+    case cudaSuccess:
+      return "cudaSuccess";
+    case cudaErrorInvalidValue:
+      return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation:
+      return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration:
+      return "cudaErrorInvalidConfiguration";
+    case cudaErrorLaunchFailure:
+      return "cudaErrorLaunchFailure";
+    case cudaErrorNotSupported:
+      return "cudaErrorNotSupported";
+    case cudaErrorInvalidDevice:
+      return "cudaErrorInvalidDevice";
+    case cudaErrorStreamCaptureUnsupported:
+      return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorStreamCaptureInvalidated:
+      return "cudaErrorStreamCaptureInvalidated";
+    case cudaErrorIllegalState:
+      return "cudaErrorIllegalState";
+    case cudaErrorInvalidResourceHandle:
+      return "cudaErrorInvalidResourceHandle";
+    default:
+      return "cudaError (other)";
   }
 }
 
@@ -582,6 +675,7 @@ const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {
     case cudaErrorLaunchFailure:
       return "unspecified launch failure (emulator: a kernel fault, see stderr)";
-    default: return cudaGetErrorName(e);
+    default:
+      return cudaGetErrorName(e);
   }
 }

@@ -99,8 +99,9 @@ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned
   using F = fragment<Use, M, N, K, T, Layout>;
   for (int r = 0; r < F::rows; ++r) {
     for (int c = 0; c < F::cols; ++c) {
-      f.x[r * F::cols + c] = std::is_same_v<Layout, row_major> ? p[static_cast<size_t>(r) * ldm + c]
-                                                                : p[static_cast<size_t>(c) * ldm + r];
+      f.x[r * F::cols + c] = std::is_same_v<Layout, row_major>
+                                 ? p[static_cast<size_t>(r) * ldm + c]
+                                 : p[static_cast<size_t>(c) * ldm + r];
     }
   }
 }

@@ -49,13 +49,19 @@ struct ThreadContext {
 };
 
 const ThreadContext& current_thread();
-void sync_block();                 // __syncthreads
-void sync_warp(unsigned mask);     // __syncwarp and the barrier half of every warp collective
+void sync_block();                   // __syncthreads
+void sync_warp(unsigned mask);       // __syncwarp and the barrier half of every warp collective
 void* warp_exchange_slot(int lane);  // 16 bytes per lane of the current warp
 int current_lane();
 [[noreturn]] void trap(const char* what);  // fails the launch and abandons the block
 void* dynamic_shared_memory();
-void* warp_scratch();  // kWarpScratchBytes shared by the lanes of the current warp
+void* warp_scratch();
+// cp.async: the copy lands at the latest moment the hardware allows (the wait_group that retires
+// its group); until then the destination holds 0xFF bytes, so reading it early shows.
+void async_copy(void* smem_dst, const void* global_src, size_t bytes);
+void async_commit();
+void async_wait(
+    int groups_left_in_flight);  // kWarpScratchBytes shared by the lanes of the current warp
 constexpr size_t kWarpScratchBytes = 64 * 64 * sizeof(double);
 
 // Exchange v among the lanes in mask; returns src_lane's value (own value when src_lane < 0).
@@ -85,8 +91,12 @@ T warp_shuffle(unsigned mask, T v, int src_lane) {
 #endif
 
 // Synchronisation and warp intrinsics.
-inline void __syncthreads() { ::moeforge::emu::sync_block(); }
-inline void __syncwarp(unsigned mask = 0xffffffffu) { ::moeforge::emu::sync_warp(mask); }
+inline void __syncthreads() {
+  ::moeforge::emu::sync_block();
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  ::moeforge::emu::sync_warp(mask);
+}
 
 template <typename T>
 T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
@@ -114,12 +124,16 @@ T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   return ::moeforge::emu::warp_shuffle(mask, v, src >= (lane & ~(width - 1)) + width ? -1 : src);
 }
 unsigned __ballot_sync(unsigned mask, int predicate);
-inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
+inline int __any_sync(unsigned mask, int predicate) {
+  return __ballot_sync(mask, predicate) != 0;
+}
 inline int __all_sync(unsigned mask, int predicate) {
   return (__ballot_sync(mask, predicate) & mask) == mask;
 }
 
-[[noreturn]] inline void __trap() { ::moeforge::emu::trap("__trap() called by a kernel"); }
+[[noreturn]] inline void __trap() {
+  ::moeforge::emu::trap("__trap() called by a kernel");
+}
 
 // Arithmetic intrinsics: the host rounds every operation to nearest (the build uses
 // -ffp-contract=off, so no FMA is formed behind the kernel's back).
@@ -127,19 +141,45 @@ template <typename T>
 inline T __ldg(const T* p) {
   return *p;
 }
-inline int __ffs(int x) { return __builtin_ffs(x); }
-inline int __popc(unsigned x) { return __builtin_popcount(x); }
-inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
-inline double __dadd_rn(double a, double b) { return a + b; }
-inline double __dmul_rn(double a, double b) { return a * b; }
-inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
-inline float __expf(float x) { return std::exp(x); }
-inline float __logf(float x) { return std::log(x); }
-inline float __fdividef(float a, float b) { return a / b; }
-inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline int __ffs(int x) {
+  return __builtin_ffs(x);
+}
+inline int __popc(unsigned x) {
+  return __builtin_popcount(x);
+}
+inline int __clz(int x) {
+  return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x));
+}
+inline float __fadd_rn(float a, float b) {
+  return a + b;
+}
+inline float __fmul_rn(float a, float b) {
+  return a * b;
+}
+inline float __fmaf_rn(float a, float b, float c) {
+  return std::fma(a, b, c);
+}
+inline double __dadd_rn(double a, double b) {
+  return a + b;
+}
+inline double __dmul_rn(double a, double b) {
+  return a * b;
+}
+inline double __fma_rn(double a, double b, double c) {
+  return std::fma(a, b, c);
+}
+inline float __expf(float x) {
+  return std::exp(x);
+}
+inline float __logf(float x) {
+  return std::log(x);
+}
+inline float __fdividef(float a, float b) {
+  return a / b;
+}
+inline float rsqrtf(float x) {
+  return 1.0f / std::sqrt(x);
+}
 
 // Device code calls these unqualified.
 using std::isfinite;
@@ -148,10 +188,18 @@ using std::isnan;
 
 // CUDA's min/max: fminf/fmaxf semantics for floating point (a NaN operand loses), the usual
 // comparison for integers (mixed types in their common type).
-inline float max(float a, float b) { return std::fmax(a, b); }
-inline float min(float a, float b) { return std::fmin(a, b); }
-inline double max(double a, double b) { return std::fmax(a, b); }
-inline double min(double a, double b) { return std::fmin(a, b); }
+inline float max(float a, float b) {
+  return std::fmax(a, b);
+}
+inline float min(float a, float b) {
+  return std::fmin(a, b);
+}
+inline double max(double a, double b) {
+  return std::fmax(a, b);
+}
+inline double min(double a, double b) {
+  return std::fmin(a, b);
+}
 template <typename A, typename B,
           typename = std::enable_if_t<std::is_integral_v<A> && std::is_integral_v<B>>>
 inline std::common_type_t<A, B> max(A a, B b) {
