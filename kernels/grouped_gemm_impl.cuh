@@ -414,7 +414,15 @@ cudaError_t launch_grouped_gemm_wgrad_impl(const GroupedGemmWgradArgs<TA, TB, TG
       q_tiles > std::numeric_limits<int32_t>::max()) {
     return cudaErrorInvalidValue;
   }
-  // Tensor-core path: same grid and per-expert row loop, mma on the k-major smem tiles.
+  // Tensor-core path (kernels/grouped_gemm_wmma.cu): 128 x 128 tiles of G_e, the same per-expert
+  // row loop, on request, for the types it covers, on sm80+; every other case keeps this kernel.
+  if constexpr (kWmmaWgradTypes<TA, TB, TG>) {
+    if (args.engine == GroupedGemmEngine::kWmma) {
+      bool tensor_cores = false;
+      MOEFORGE_CUDA_CHECK(wmma_supported(&tensor_cores));
+      if (tensor_cores) return launch_grouped_gemm_wgrad_wmma(args, stream);
+    }
+  }
   MOEFORGE_CUDA_CHECK(
       launch_kernel(grouped_gemm_wgrad_kernel<TA, TB, TG>,
                     dim3(static_cast<unsigned>(q_tiles), static_cast<unsigned>(p_tiles),

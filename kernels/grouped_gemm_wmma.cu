@@ -1,4 +1,5 @@
-// Tensor-core path of launch_grouped_gemm for __half / __nv_bfloat16 operands (contract:
+// Tensor-core paths of launch_grouped_gemm and launch_grouped_gemm_wgrad (the latter: see
+// grouped_gemm_wgrad_wmma_kernel below) for __half / __nv_bfloat16 operands (contract:
 // moeforge/kernels/grouped_gemm.h; chosen by launch_grouped_gemm_impl in grouped_gemm_impl.cuh
 // when args.engine == GroupedGemmEngine::kWmma, declared in grouped_gemm_wmma.h).
 //
@@ -76,6 +77,13 @@ static_assert(sizeof(uint16_t) * kTileAElements % 32 == 0 &&
               "32-byte aligned tiles");
 static_assert(sizeof(float) * kScratchFloats <= kWmmaSmemBytes, "scratch fits in the stages");
 static_assert(kWmmaSmemBytes <= 100 * 1024, "two CTAs per SM on sm80 / sm90");
+// Weight gradient: a and b slabs, both [32 rows][128 features] with ld kLdN.
+constexpr int kWgradTileElements = kWmmaBK * kLdN;
+constexpr int kWgradStageElements = 2 * kWgradTileElements;
+constexpr size_t kWgradSmemBytes = sizeof(uint16_t) * kStages * kWgradStageElements;
+static_assert(sizeof(uint16_t) * kWgradTileElements % 32 == 0, "32-byte aligned tiles");
+static_assert(sizeof(float) * kScratchFloats <= kWgradSmemBytes, "scratch fits in the stages");
+static_assert(kWmmaBM == kWmmaBN, "wgrad loads both operands with one loader shape");
 
 // 8 consecutive (along c) 16-bit elements starting at p, as raw bits: elements j < valid are read
 // at p[j * stride_c], the rest are zero (+0.0 in both half types). One 16-byte load when vec and
@@ -274,6 +282,121 @@ __global__ void __launch_bounds__(kWmmaThreads, 2)
 #endif
 }
 
+// G_e[p0 : p0 + 128, q0 : q0 + 128] = alpha * sum over the rows r of expert e of a[r, :]^T b[r, :]
+// (launch_grouped_gemm_wgrad's contract). Grid (q tiles, p tiles, E), like the SIMT kernel: one
+// CTA loops over all rows of its expert, so there is no cross-CTA reduction and the order of the
+// sums is fixed. The reduction runs over rows: slab kt holds rows [32 kt, 32 kt + 32) of a and b,
+// both staged as [row][feature] (ld kLdN), read as a col_major matrix_a (a^T) and a row_major
+// matrix_b. Same pipeline, warp grid and epilogue as the forward kernel; the epilogue stores
+// through G's strides.
+template <typename T>
+__global__ void __launch_bounds__(kWmmaThreads, 2)
+    grouped_gemm_wgrad_wmma_kernel(const GroupedGemmWgradArgs<T, T, T> args) {
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(MOEFORGE_KERNEL_EMULATION)
+  namespace wmma = nvcuda::wmma;
+  using acc = float;
+  uint16_t* const stages = dynamic_shared_memory<uint16_t>();  // [kStages][kWgradStageElements]
+  __shared__ long long range[2];
+  const int tid = static_cast<int>(threadIdx.x);
+  const long long e = blockIdx.z;
+  if (tid < kWarp) {
+    long long begin, end;
+    expert_rows(args.expert_offsets, e, args.num_rows, tid, &begin, &end);
+    if (tid == 0) {
+      range[0] = begin;
+      range[1] = end;
+    }
+  }
+  __syncthreads();
+  const long long begin = range[0], rows = range[1] - range[0];
+  const long long p0 = static_cast<long long>(blockIdx.y) * kWmmaBM;
+  const long long q0 = static_cast<long long>(blockIdx.x) * kWmmaBN;
+  const long long p_valid = args.p - p0 < kWmmaBM ? args.p - p0 : kWmmaBM;
+  const long long q_valid = args.q - q0 < kWmmaBN ? args.q - q0 : kWmmaBN;
+
+  const int warp = tid / kWarp, lane = tid % kWarp;
+  const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;
+  wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, acc> frag[kFragsM][kFragsN];
+#pragma unroll
+  for (int i = 0; i < kFragsM; ++i) {
+#pragma unroll
+    for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(frag[i][j], acc(0));
+  }
+
+  // (r, c) = (row of the expert, feature) for both operands.
+  ChunkLoader<kWmmaBK, kWmmaBM, true> la(args.a + begin * args.lda + p0, args.lda, 1, rows,
+                                         p_valid);
+  ChunkLoader<kWmmaBK, kWmmaBN, true> lb(args.b + begin * args.ldb + q0, args.ldb, 1, rows,
+                                         q_valid);
+  const long long k_tiles = (rows + kWmmaBK - 1) / kWmmaBK;
+  const auto issue_slab = [&](long long kt) {
+    uint16_t* stage = stages + (kt % kStages) * kWgradStageElements;
+    la.issue(kt * kWmmaBK, 0, stage, kLdN);
+    lb.issue(kt * kWmmaBK, 0, stage + kWgradTileElements, kLdN);
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) issue_slab(s);
+    cp_async_commit();
+  }
+  for (long long kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (kt + kStages - 1 < k_tiles) issue_slab(kt + kStages - 1);
+    cp_async_commit();
+    const T* a_tile = reinterpret_cast<const T*>(stages + (kt % kStages) * kWgradStageElements);
+    const T* b_tile = a_tile + kWgradTileElements;
+#pragma unroll 1
+    for (int kk = 0; kk < kWmmaBK; kk += kFrag) {
+      wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::col_major> fa[kFragsM];
+#pragma unroll
+      for (int i = 0; i < kFragsM; ++i) {
+        const int m = (warp_m * kFragsM + i) * kFrag;
+        wmma::load_matrix_sync(fa[i], a_tile + kk * kLdN + m, kLdN);
+      }
+#pragma unroll
+      for (int j = 0; j < kFragsN; ++j) {
+        wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::row_major> fb;
+        const int n = (warp_n * kFragsN + j) * kFrag;
+        wmma::load_matrix_sync(fb, b_tile + kk * kLdN + n, kLdN);
+#pragma unroll
+        for (int i = 0; i < kFragsM; ++i) wmma::mma_sync(frag[i][j], fa[i], fb, frag[i][j]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Epilogue as in the forward kernel: lane owns row lane / 2, columns (lane % 2) * 8 + [0, 8).
+  const acc alpha = static_cast<acc>(args.alpha);
+  T* __restrict__ g = args.g + e * args.g_stride_e + p0 * args.g_stride_p + q0 * args.g_stride_q;
+  float* scratch = reinterpret_cast<float*>(stages) + warp * kFrag * kLdC;
+  const int fr = lane / 2, fc = (lane % 2) * kChunk;
+#pragma unroll
+  for (int i = 0; i < kFragsM; ++i) {
+#pragma unroll
+    for (int j = 0; j < kFragsN; ++j) {
+      wmma::store_matrix_sync(scratch, frag[i][j], kLdC, wmma::mem_row_major);
+      __syncwarp();
+      const int r = (warp_m * kFragsM + i) * kFrag + fr;
+      const int c0 = (warp_n * kFragsN + j) * kFrag + fc;
+      if (r < p_valid) {
+#pragma unroll
+        for (int cc = 0; cc < kChunk; ++cc) {
+          const int c = c0 + cc;
+          if (c >= q_valid) break;
+          g[r * args.g_stride_p + c * args.g_stride_q] =
+              store_as<T>(alpha * scratch[fr * kLdC + fc + cc]);
+        }
+      }
+      __syncwarp();
+    }
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // no WMMA body below sm80: the launcher only runs this kernel on sm80+ devices
+#endif
+}
+
 }  // namespace
 
 template <typename T, typename TY>
@@ -294,6 +417,29 @@ cudaError_t launch_grouped_gemm_wmma(const GroupedGemmArgs<T, T, TY>& args, cuda
   MOEFORGE_CUDA_CHECK(launch_kernel(kernel, grid, kWmmaThreads, kWmmaSmemBytes, stream, args));
   return cudaSuccess;
 }
+
+template <typename T>
+cudaError_t launch_grouped_gemm_wgrad_wmma(const GroupedGemmWgradArgs<T, T, T>& args,
+                                           cudaStream_t stream) {
+  const int64_t p_tiles = (args.p + kWmmaBM - 1) / kWmmaBM;
+  const int64_t q_tiles = (args.q + kWmmaBN - 1) / kWmmaBN;
+  if (p_tiles > kMaxGridYZ || args.num_experts > kMaxGridYZ ||
+      q_tiles > std::numeric_limits<int32_t>::max()) {
+    return cudaErrorInvalidValue;
+  }
+  const auto kernel = grouped_gemm_wgrad_wmma_kernel<T>;
+  MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(kWgradSmemBytes)));
+  const dim3 grid(static_cast<unsigned>(q_tiles), static_cast<unsigned>(p_tiles),
+                  static_cast<unsigned>(args.num_experts));
+  MOEFORGE_CUDA_CHECK(launch_kernel(kernel, grid, kWmmaThreads, kWgradSmemBytes, stream, args));
+  return cudaSuccess;
+}
+
+template cudaError_t launch_grouped_gemm_wgrad_wmma<__half>(
+    const GroupedGemmWgradArgs<__half, __half, __half>&, cudaStream_t);
+template cudaError_t launch_grouped_gemm_wgrad_wmma<__nv_bfloat16>(
+    const GroupedGemmWgradArgs<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>&, cudaStream_t);
 
 template cudaError_t launch_grouped_gemm_wmma<__half, __half>(
     const GroupedGemmArgs<__half, __half, __half>&, cudaStream_t);

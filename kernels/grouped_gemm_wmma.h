@@ -1,8 +1,8 @@
-// The tensor-core (WMMA) path of launch_grouped_gemm (contract: moeforge/kernels/grouped_gemm.h),
-// defined and instantiated in kernels/grouped_gemm_wmma.cu. Internal to kernels/: the public entry
-// point stays launch_grouped_gemm with args.engine = GroupedGemmEngine::kWmma, which calls
-// launch_grouped_gemm_wmma after its own argument checks when kWmmaTypes holds and
-// wmma_supported says yes.
+// The tensor-core (WMMA) paths of launch_grouped_gemm and launch_grouped_gemm_wgrad (contract:
+// moeforge/kernels/grouped_gemm.h), defined and instantiated in kernels/grouped_gemm_wmma.cu.
+// Internal to kernels/: the public entry points stay launch_grouped_gemm(_wgrad) with args.engine =
+// GroupedGemmEngine::kWmma, which call these after their own argument checks when kWmmaTypes /
+// kWmmaWgradTypes holds and wmma_supported says yes.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,6 +22,12 @@ inline constexpr bool kWmmaTypes = (std::is_same_v<TX, __half> ||
                                     std::is_same_v<TX, __nv_bfloat16>)&&std::is_same_v<TX, TW> &&
                                    (std::is_same_v<TY, TX> || std::is_same_v<TY, float>);
 
+// The element types of the WMMA weight-gradient path: one half type throughout.
+template <typename TA, typename TB, typename TG>
+inline constexpr bool kWmmaWgradTypes =
+    (std::is_same_v<TA, __half> ||
+     std::is_same_v<TA, __nv_bfloat16>)&&std::is_same_v<TA, TB>&& std::is_same_v<TA, TG>;
+
 // Whether the current device runs the WMMA kernel (compute capability 8.0 or newer). No stream
 // work, so it is safe inside CUDA-graph capture.
 inline cudaError_t wmma_supported(bool* supported) {
@@ -36,5 +42,11 @@ inline cudaError_t wmma_supported(bool* supported) {
 // pointers present where data is read). Returns cudaErrorInvalidValue beyond its grid limits.
 template <typename T, typename TY>
 cudaError_t launch_grouped_gemm_wmma(const GroupedGemmArgs<T, T, TY>& args, cudaStream_t stream);
+
+// Precondition: args passed launch_grouped_gemm_wgrad's checks (sizes >= 0, E, p, q > 0, grid
+// limits, pointers present where data is read).
+template <typename T>
+cudaError_t launch_grouped_gemm_wgrad_wmma(const GroupedGemmWgradArgs<T, T, T>& args,
+                                           cudaStream_t stream);
 
 }  // namespace moeforge::kernels::grouped_gemm_detail

@@ -2,7 +2,7 @@
 poisoned memory, sizes past 131072 routed rows, determinism, and a whole MoE layer forward +
 backward captured and replayed in a CUDA graph (no host synchronisation anywhere). The grouped GEMM
 checks run under every engine of MOEFORGE_GROUPED_GEMM ("moeforge", the default: our tensor-core
-path for the float16 / bfloat16 forward and grad_x GEMMs on sm80+, else SIMT; "simt": our SIMT
+path for the float16 / bfloat16 forward, grad_x and weight-gradient GEMMs on sm80+, else SIMT; "simt": our SIMT
 kernels only; "torch":
 at::_grouped_mm where it applies, bfloat16 on sm90 / sm100, else our engine again)."""
 
@@ -213,8 +213,9 @@ def cuda_kernels_called(fn) -> set[str]:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("engine_name", [None, "moeforge", "simt"])
 def test_default_engine_runs_the_tensor_core_kernel(monkeypatch, dtype, engine_name):
-    """The default engine reaches the WMMA kernel for the forward and grad_x GEMMs in the half
-    types on sm80+ (and only there), "simt" never does; the result matches the CPU op either way."""
+    """The default engine reaches the WMMA kernels for the forward, grad_x and weight-gradient
+    GEMMs in the half types on sm80+ (and only there), "simt" never does; the results match the
+    CPU op either way."""
     if engine_name is None:
         monkeypatch.delenv("MOEFORGE_GROUPED_GEMM", raising=False)
     else:
@@ -227,15 +228,18 @@ def test_default_engine_runs_the_tensor_core_kernel(monkeypatch, dtype, engine_n
     dy = torch.randn(rows, 136, device="cuda", dtype=dtype)
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype != torch.float32 else {"rtol": 1e-4, "atol": 1e-5}
     assert_matches_cpu(lambda x, w, o, b: ops.grouped_mm(x, w, o, b), x, w, offs, b, **tol)
-    mask = [True, False, False]
-    assert_matches_cpu(
-        lambda dy, x, w, o: torch.ops.moeforge.grouped_mm_backward(dy, x, w, o, False, mask)[0],
-        dy,
-        x,
-        w,
-        offs,
-        **tol,
-    )
+    mask = [True, True, False]
+    for i in (0, 1):  # grad_x, grad_w
+        assert_matches_cpu(
+            lambda dy, x, w, o, i=i: torch.ops.moeforge.grouped_mm_backward(
+                dy, x, w, o, False, mask
+            )[i],
+            dy,
+            x,
+            w,
+            offs,
+            **tol,
+        )
     names = cuda_kernels_called(
         lambda: (
             ops.grouped_mm(x, w, offs, b),
@@ -243,12 +247,14 @@ def test_default_engine_runs_the_tensor_core_kernel(monkeypatch, dtype, engine_n
         )
     )
     wmma = [n for n in names if "grouped_gemm_wmma_kernel" in n]
+    wgrad_wmma = [n for n in names if "grouped_gemm_wgrad_wmma_kernel" in n]
     expect = (
         engine_name != "simt"
         and dtype != torch.float32
         and torch.cuda.get_device_capability()[0] >= 8
     )
     assert bool(wmma) == expect, sorted(names)
+    assert bool(wgrad_wmma) == expect, sorted(names)
 
 
 def test_grouped_gemm_engine_must_be_known(monkeypatch):

@@ -14,10 +14,10 @@
 // Engine, chosen per call by the environment variable MOEFORGE_GROUPED_GEMM (read on every call,
 // so a test or benchmark can switch it at run time):
 //   unset, "" or "moeforge"  our engine: the tensor-core path (kernels/grouped_gemm_wmma.cu,
-//                            nvcuda::wmma, cp.async pipeline) for the row-grouped GEMMs (forward
-//                            and grad_x) in float16 / bfloat16 on sm80+; the SIMT kernels
+//                            nvcuda::wmma, cp.async pipeline) for the forward, grad_x and weight
+//                            gradient GEMMs in float16 / bfloat16 on sm80+; the SIMT kernels
 //                            (kernels/grouped_gemm_impl.cuh) for everything else (float32 /
-//                            float64, older devices, the weight and bias gradients). Tensor cores
+//                            float64, older devices, the bias gradient). Tensor cores
 //                            are the default since the WMMA path passes the launcher suites on the
 //                            host kernel emulator (docs/kernel-emulator.md); GPU timings are owed
 //   "simt"                   our SIMT kernels for every case (the reference engine)
@@ -300,6 +300,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
           args.p = first.size(1);
           args.q = second.size(1);
           args.num_experts = num_experts;
+          if (requested_engine() != GemmEngine::kSimt) {
+            args.engine = kernels::GroupedGemmEngine::kWmma;  // honoured for fp16 / bf16, sm80+
+          }
           check_cuda(kernels::launch_grouped_gemm_wgrad(args, stream), op);
         });
   }

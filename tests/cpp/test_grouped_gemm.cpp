@@ -10,7 +10,9 @@
 // also runs with GroupedGemmEngine::kWmma (the tensor-core path for half / bfloat16 on sm80+):
 // every case above plus 128-row-tile edges, 16-byte-load and gathered operand paths, K edges
 // inside a 16-byte chunk and gpt-oss-like sizes (k or n = 2880); other types fall back to SIMT.
-// Every case that launches a kernel skips at run time without a GPU.
+// So does launch_grouped_gemm_wgrad (its tensor-core path: every wgrad case plus 16-byte-load,
+// multi-tile and partial-slab shapes). Every case that launches a kernel skips at run time without
+// a GPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -54,6 +56,21 @@ double unit_roundoff() {
     return 1.0 / 256;
   } else {
     return std::numeric_limits<T>::epsilon() / 2;
+  }
+}
+
+// The largest absolute error of rounding a result into T where T's spacing is fixed (its
+// subnormal range): half the smallest subnormal. Only fp16 can reach it from the values of these
+// tests (2^-25 ~ 3e-8; e.g. one row times one row of an expert, a product below 6.1e-5); the
+// relative bound unit_roundoff() does not hold there.
+template <typename T>
+double subnormal_rounding() {
+  if constexpr (std::is_same_v<T, __half>) {
+    return std::ldexp(1.0, -25);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return std::ldexp(1.0, -134);
+  } else {
+    return std::numeric_limits<T>::denorm_min() / 2;
   }
 }
 
@@ -296,7 +313,8 @@ void run_rows_case(const RowsCase& c, const std::vector<int32_t>& offsets, uint3
       magnitude += std::abs(y0);
       got_d.push_back(as_double(g));
       want.push_back(value);
-      tol.push_back(u_out * std::abs(value) + 2.0 * (c.k + 3) * u_acc * magnitude);
+      tol.push_back(u_out * std::abs(value) + subnormal_rounding<TY>() +
+                    2.0 * (c.k + 3) * u_acc * magnitude);
     }
   }
   expect_close(got_d, want, tol, "y");
@@ -526,7 +544,8 @@ std::vector<int64_t> out_strides(OutLayout layout, int64_t e, int64_t p, int64_t
 
 template <typename TA, typename TB, typename TG>
 void run_wgrad_case(const WgradCase& c, const std::vector<int32_t>& offsets, uint32_t seed,
-                    std::vector<TG>* result = nullptr, bool exact = false) {
+                    std::vector<TG>* result = nullptr, bool exact = false,
+                    kernels::GroupedGemmEngine engine = kernels::GroupedGemmEngine::kSimt) {
   SCOPED_TRACE(c.name);
   using acc = acc_of<TA, TB, TG>;
   const int64_t num_experts = static_cast<int64_t>(offsets.size()) - 1;
@@ -557,6 +576,7 @@ void run_wgrad_case(const WgradCase& c, const std::vector<int32_t>& offsets, uin
   args.q = c.q;
   args.num_experts = num_experts;
   args.alpha = c.alpha;
+  args.engine = engine;
   MOEFORGE_ASSERT_CUDA(kernels::launch_grouped_gemm_wgrad(args, nullptr));
   MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
   const std::vector<TG> got = download_guarded(d_g, "g");
@@ -578,7 +598,7 @@ void run_wgrad_case(const WgradCase& c, const std::vector<int32_t>& offsets, uin
         const double value = c.alpha * sum;
         got_d.push_back(as_double(got[e * gs[0] + i * gs[1] + j * gs[2]]));
         want.push_back(value);
-        tol.push_back(u_out * std::abs(value) +
+        tol.push_back(u_out * std::abs(value) + subnormal_rounding<TG>() +
                       2.0 * (m[e + 1] - m[e] + 3) * u_acc * std::abs(c.alpha) * magnitude);
       }
     }
@@ -612,6 +632,61 @@ TYPED_TEST(GroupedGemmTest, WgradDeterministic) {
   std::vector<T> first, second;
   run_wgrad_case<T, T, T>(c, offsets_of(c.counts), 98, &first);
   run_wgrad_case<T, T, T>(c, offsets_of(c.counts), 98, &second);
+  ASSERT_EQ(first.size(), second.size());
+  EXPECT_EQ(std::memcmp(first.data(), second.data(), first.size() * sizeof(T)), 0);
+}
+
+// The tensor-core weight gradient (128 x 128 tiles of G_e, rows as the reduction): the SIMT cases
+// plus shapes that take its 16-byte cp.async loads, several tiles and partial slabs.
+const std::vector<WgradCase>& wmma_wgrad_cases() {
+  static const std::vector<WgradCase> all = {
+      {"16-byte loads, two p and q tiles, empty experts, dropped tail",
+       {0, 200, 1, 0, 129},
+       7,
+       136,
+       256,
+       OutLayout::kEPQ},
+      {"16-byte loads, [E, out, in] orientation, alpha",
+       {70, 0, 33},
+       3,
+       96,
+       136,
+       OutLayout::kEQP,
+       0.5},
+      {"16-byte padded rows", {45, 90}, 0, 128, 120, OutLayout::kEPQ, 1.0, 8, 8},
+      {"rows not a multiple of the slab, odd features", {45, 33}, 1, 40, 27, OutLayout::kEPQ},
+  };
+  return all;
+}
+
+TYPED_TEST(GroupedGemmWmmaTest, WgradMatchesReference) {
+  using T = TypeParam;
+  uint32_t seed = 3000;
+  for (const std::vector<WgradCase>* cases : {&wgrad_cases(), &wmma_wgrad_cases()}) {
+    for (const WgradCase& c : *cases) {
+      run_wgrad_case<T, T, T>(c, offsets_of(c.counts), seed += 10, nullptr, false, kWmma);
+    }
+  }
+}
+
+TYPED_TEST(GroupedGemmWmmaTest, WgradOver131072Rows) {
+  using T = TypeParam;
+  const WgradCase c{"131072+ rows", {70000, 0, 70001}, 3, 8, 24, OutLayout::kEPQ};
+  run_wgrad_case<T, T, T>(c, offsets_of(c.counts), 8, nullptr, /*exact=*/true, kWmma);
+}
+
+TYPED_TEST(GroupedGemmWmmaTest, WgradCorruptOffsetsAreClamped) {
+  using T = TypeParam;
+  const WgradCase c{"corrupt offsets", {80}, 0, 136, 33, OutLayout::kEPQ};
+  run_wgrad_case<T, T, T>(c, {7, 50, 20, -5, 1000}, 9, nullptr, false, kWmma);
+}
+
+TYPED_TEST(GroupedGemmWmmaTest, WgradDeterministic) {
+  using T = TypeParam;
+  const WgradCase& c = wmma_wgrad_cases()[0];
+  std::vector<T> first, second;
+  run_wgrad_case<T, T, T>(c, offsets_of(c.counts), 98, &first, false, kWmma);
+  run_wgrad_case<T, T, T>(c, offsets_of(c.counts), 98, &second, false, kWmma);
   ASSERT_EQ(first.size(), second.size());
   EXPECT_EQ(std::memcmp(first.data(), second.data(), first.size() * sizeof(T)), 0);
 }
@@ -651,7 +726,8 @@ void run_row_sum_case(const std::vector<int64_t>& counts, int64_t dropped, int64
       }
       got_d.push_back(as_double(got[e * q + j]));
       want.push_back(sum);
-      tol.push_back(unit_roundoff<T>() * std::abs(sum) + 2.0 * (counts[e] + 3) * u_acc * magnitude);
+      tol.push_back(unit_roundoff<T>() * std::abs(sum) + subnormal_rounding<T>() +
+                    2.0 * (counts[e] + 3) * u_acc * magnitude);
     }
   }
   expect_close(got_d, want, tol, "row sums");

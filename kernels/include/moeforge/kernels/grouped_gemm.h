@@ -44,10 +44,12 @@
 
 namespace moeforge::kernels {
 
-// Kernel family of launch_grouped_gemm. kWmma is a request: it is honoured for TX == TW among
-// __half / __nv_bfloat16 with TY == TX or float, on a device of compute capability 8.0 or newer
-// (tensor cores through nvcuda::wmma, 16x16x16 fragments, fp32 accumulation; CTA tile 128 rows x
-// 128 columns); every other case runs the SIMT kernels. Both give the same results contract (the
+// Kernel family of launch_grouped_gemm / launch_grouped_gemm_wgrad. kWmma is a request: it is
+// honoured on a device of compute capability 8.0 or newer for launch_grouped_gemm with TX == TW
+// among __half / __nv_bfloat16 and TY == TX or float, and for launch_grouped_gemm_wgrad with
+// TA == TB == TG among __half / __nv_bfloat16 (tensor cores through nvcuda::wmma, 16x16x16
+// fragments, fp32 accumulation, CTA tile 128 x 128, 3-stage cp.async pipeline); every other case
+// runs the SIMT kernels. Both give the same results contract (the
 // sums differ only in rounding order) and both are deterministic.
 enum class GroupedGemmEngine : int { kSimt = 0, kWmma = 1 };
 
@@ -92,6 +94,7 @@ struct GroupedGemmWgradArgs {
   int64_t g_stride_e = 0, g_stride_p = 0, g_stride_q = 0;
   int64_t num_rows = 0, p = 0, q = 0, num_experts = 0;
   double alpha = 1.0;
+  GroupedGemmEngine engine = GroupedGemmEngine::kSimt;
 };
 
 // Limits: p <= 65535 * 64 (grid.y), num_experts <= 65535 (grid.z).
