@@ -7,13 +7,15 @@
 // "Device" memory is host memory from posix_memalign(256), filled with 0xFF (NaN / -1) so that a
 // read of an unwritten element shows. Stream capture records launches and replays them on
 // cudaGraphLaunch, and fails synchronous calls made during capture, like the real runtime.
-#include <setjmp.h>
 #include <ucontext.h>
 
-// A fiber starts with makecontext/setcontext; after that every switch is _setjmp/_longjmp, which,
-// unlike swapcontext, makes no signal-mask system call (the emulator's run time was mostly that).
-// The jump buffers are only used between stacks that are alive, and no local of these functions
-// is modified between _setjmp and the _longjmp back, so GCC's -Wclobbered does not apply.
+// A fiber starts with makecontext/setcontext; after that every switch is GCC's
+// __builtin_setjmp/__builtin_longjmp, which, unlike swapcontext, makes no signal-mask system call
+// (the emulator's run time was mostly that) and, unlike longjmp, is not intercepted by
+// AddressSanitizer (whose interceptor cannot tell a fiber stack and warns). A fiber's stack is
+// unpoisoned before each reuse instead. The jump buffers are only used between stacks that are
+// alive, and no local of these functions is modified between a setjmp and the jump back, so
+// GCC's -Wclobbered does not apply.
 #pragma GCC diagnostic ignored "-Wclobbered"
 
 #include <algorithm>
@@ -31,6 +33,7 @@
 #include "moeforge_emu/launch.h"
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define MOEFORGE_EMU_ASAN 1
 #endif
@@ -61,7 +64,7 @@ struct PendingCopy {
 
 struct Fiber {
   ucontext_t context;  // the entry point, used once per block
-  jmp_buf jump;        // where the fiber last yielded
+  void* jump[5];       // where the fiber last yielded (__builtin_setjmp buffer)
   bool started = false;
   std::unique_ptr<char[]> stack;
   ThreadContext thread{};
@@ -89,8 +92,15 @@ struct Block {
 
 Block* g_block = nullptr;
 Fiber* g_current = nullptr;
-ucontext_t g_scheduler;    // uc_link of the entry contexts (never reached: fibers jump back)
-jmp_buf g_scheduler_jump;  // where the scheduler resumed the current fiber
+ucontext_t g_scheduler;     // uc_link of the entry contexts (never reached: fibers jump back)
+void* g_scheduler_jump[5];  // where the scheduler resumed the current fiber
+
+// __builtin_longjmp may not be used in the function that calls __builtin_setjmp. Not instrumented:
+// AddressSanitizer would precede the jump with __asan_handle_no_return, which cannot tell a fiber
+// stack (it warns); the fiber switch annotations and the unpoisoning in run_block do that job.
+[[gnu::noipa, gnu::no_sanitize_address]] void jump_to(void** buffer) {
+  __builtin_longjmp(buffer, 1);
+}
 cudaError_t g_last_error = cudaSuccess;
 int g_sm = 90;  // emulated compute capability x10 (MOEFORGE_EMU_SM overrides)
 std::map<const void*, int> g_max_dynamic_smem;
@@ -108,7 +118,7 @@ void yield_to_scheduler(bool fiber_finished) {
   __sanitizer_start_switch_fiber(fiber_finished ? nullptr : &fake_stack, g_scheduler_stack_bottom,
                                  g_scheduler_stack_size);
 #endif
-  if (_setjmp(g_current->jump) == 0) _longjmp(g_scheduler_jump, 1);
+  if (__builtin_setjmp(g_current->jump) == 0) jump_to(g_scheduler_jump);
 #ifdef MOEFORGE_EMU_ASAN
   __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
 #endif
@@ -121,12 +131,12 @@ void resume(Fiber& f) {
 #ifdef MOEFORGE_EMU_ASAN
   __sanitizer_start_switch_fiber(&g_scheduler_fake_stack, f.stack.get(), kFiberStackBytes);
 #endif
-  if (_setjmp(g_scheduler_jump) == 0) {
+  if (__builtin_setjmp(g_scheduler_jump) == 0) {
     if (!f.started) {
       f.started = true;
       setcontext(&f.context);
     }
-    _longjmp(f.jump, 1);
+    jump_to(f.jump);
   }
 #ifdef MOEFORGE_EMU_ASAN
   __sanitizer_finish_switch_fiber(g_scheduler_fake_stack, &g_scheduler_stack_bottom,
@@ -184,6 +194,10 @@ bool run_block(Block& b) {
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = f.stack.get();
     f.context.uc_stack.ss_size = kFiberStackBytes;
+#ifdef MOEFORGE_EMU_ASAN
+    // Frames a fiber left without returning (a trap, the end of a block) keep their redzones.
+    __asan_unpoison_memory_region(f.stack.get(), kFiberStackBytes);
+#endif
     f.context.uc_link = &g_scheduler;
     makecontext(&f.context, fiber_entry, 0);
   }
