@@ -22,8 +22,8 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* global_s
   ::moeforge::emu::async_copy(smem_dst, global_src, 16);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src)
-               : "memory");
+  const auto src = __cvta_generic_to_global(global_src);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
 #elif defined(__CUDA_ARCH__)
   *static_cast<uint4*>(smem_dst) = *static_cast<const uint4*>(global_src);
 #endif

@@ -30,8 +30,8 @@
 //   columns < n, converted with round-to-nearest-even.
 // Deterministic: every output element comes from one warp's fixed sequence of mma_sync calls.
 // Built for every architecture in the list, but the kernel body exists only for sm80+ (bf16
-// WMMA needs it); the launcher is only called on such devices (wmma_supported), elsewhere the
-// body traps.
+// WMMA needs it); the launcher is only called where that body is loaded (wmma_supported),
+// elsewhere the body traps.
 #include <mma.h>
 
 #include <cstdint>
@@ -76,7 +76,9 @@ static_assert(sizeof(uint16_t) * kTileAElements % 32 == 0 &&
                   sizeof(uint16_t) * kStageElements % 32 == 0,
               "32-byte aligned tiles");
 static_assert(sizeof(float) * kScratchFloats <= kWmmaSmemBytes, "scratch fits in the stages");
-static_assert(kWmmaSmemBytes <= 100 * 1024, "two CTAs per SM on sm80 / sm90");
+// Two CTAs per SM on sm80 / sm90 (164 / 228 KB of shared memory, 128 registers a thread under
+// __launch_bounds__(256, 2)); one on sm86 / sm89 (100 KB).
+static_assert(kWmmaSmemBytes <= 100 * 1024, "fits an SM of every sm80+ GPU");
 // Weight gradient: a and b slabs, both [32 rows][128 features] with ld kLdN.
 constexpr int kWgradTileElements = kWmmaBK * kLdN;
 constexpr int kWgradStageElements = 2 * kWgradTileElements;
@@ -415,6 +417,20 @@ cudaError_t launch_grouped_gemm_wmma(const GroupedGemmArgs<T, T, TY>& args, cuda
   MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(kWmmaSmemBytes)));
   MOEFORGE_CUDA_CHECK(launch_kernel(kernel, grid, kWmmaThreads, kWmmaSmemBytes, stream, args));
+  return cudaSuccess;
+}
+
+cudaError_t wmma_supported(bool* supported) {
+  *supported = false;
+  int device = 0, major = 0;
+  MOEFORGE_CUDA_CHECK(cudaGetDevice(&device));
+  MOEFORGE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (major < 8) return cudaSuccess;
+  // Every WMMA kernel of this file is built from the same architecture list: one stands for all.
+  cudaFuncAttributes attributes{};
+  MOEFORGE_CUDA_CHECK(
+      cudaFuncGetAttributes(&attributes, grouped_gemm_wmma_kernel<__half, __half, true>));
+  *supported = attributes.ptxVersion >= 80;
   return cudaSuccess;
 }
 

@@ -28,15 +28,11 @@ inline constexpr bool kWmmaWgradTypes =
     (std::is_same_v<TA, __half> ||
      std::is_same_v<TA, __nv_bfloat16>)&&std::is_same_v<TA, TB>&& std::is_same_v<TA, TG>;
 
-// Whether the current device runs the WMMA kernel (compute capability 8.0 or newer). No stream
-// work, so it is safe inside CUDA-graph capture.
-inline cudaError_t wmma_supported(bool* supported) {
-  int device = 0, major = 0;
-  MOEFORGE_CUDA_CHECK(cudaGetDevice(&device));
-  MOEFORGE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  *supported = major >= 8;
-  return cudaSuccess;
-}
+// Whether the WMMA kernels can run on the current device: compute capability 8.0 or newer AND the
+// code the driver loads for it was compiled for sm80+ (a build whose only image for this device is
+// older PTX, e.g. TORCH_CUDA_ARCH_LIST="7.5+PTX", holds the trapping stub instead). No stream
+// work, so it is safe inside CUDA-graph capture. Defined in grouped_gemm_wmma.cu.
+cudaError_t wmma_supported(bool* supported);
 
 // Precondition: args passed launch_grouped_gemm's checks (sizes >= 0, num_rows > 0, n > 0,
 // pointers present where data is read). Returns cudaErrorInvalidValue beyond its grid limits.

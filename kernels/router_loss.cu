@@ -230,6 +230,7 @@ template <typename T>
 cudaError_t launch_router_stats(const T* logits, const uint8_t* keep, int64_t num_tokens, int64_t E,
                                 int64_t top_k, acc_type_t<T>* partials, cudaStream_t stream) {
   if (!valid(num_tokens, E, top_k)) return cudaErrorInvalidValue;
+  if (router_stats_blocks(num_tokens) > 0x7fffffff) return cudaErrorInvalidValue;  // grid.x
   using acc_t = acc_type_t<T>;
   const size_t smem = sizeof(acc_t) * (kWarpsPerBlock * 2 * E + 2 * kWarpsPerBlock);
   if (smem > 48 * 1024) {

@@ -213,7 +213,11 @@ inline std::common_type_t<A, B> min(A a, B b) {
   return static_cast<C>(b) < static_cast<C>(a) ? static_cast<C>(b) : static_cast<C>(a);
 }
 
-// cuda_runtime.h's typed overload exists only under nvcc.
+// cuda_runtime.h's typed overloads exist only under nvcc.
+template <typename T>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, T* entry) {
+  return ::cudaFuncGetAttributes(attributes, reinterpret_cast<const void*>(entry));
+}
 template <typename T>
 inline cudaError_t cudaFuncSetAttribute(T* entry, cudaFuncAttribute attr, int value) {
   return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(entry), attr, value);
