@@ -151,6 +151,43 @@ struct ChunkLoader {
   }
 };
 
+// Writes one lane's 8 consecutive outputs of a row, out[cc] for cc < count:
+//   v = alpha * src[cc] (+ bias[cc]) (+ out[cc] when accumulate), rounded to nearest into TY.
+// vec: out is 16-byte aligned (so 8 elements are one or two 16-byte words); whole chunks then move
+// with vector loads and stores instead of 8 scattered 2- or 4-byte ones.
+template <typename TY, typename TB>
+__device__ __forceinline__ void store_chunk(TY* out, const float* src, float alpha, const TB* bias,
+                                            bool accumulate, int count, bool vec) {
+  constexpr int kWords = kChunk * sizeof(TY) / sizeof(uint4);
+  static_assert(kChunk * sizeof(TY) % sizeof(uint4) == 0, "whole 16-byte words");
+  if (vec && count == kChunk) {
+    union {
+      uint4 words[kWords];
+      TY values[kChunk];
+    } chunk;
+    if (accumulate) {
+#pragma unroll
+      for (int w = 0; w < kWords; ++w) chunk.words[w] = reinterpret_cast<const uint4*>(out)[w];
+    }
+#pragma unroll
+    for (int cc = 0; cc < kChunk; ++cc) {
+      float v = alpha * src[cc];
+      if (bias != nullptr) v += load_as<float>(bias + cc);
+      if (accumulate) v = load_as<float>(&chunk.values[cc]) + v;
+      chunk.values[cc] = store_as<TY>(v);
+    }
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) reinterpret_cast<uint4*>(out)[w] = chunk.words[w];
+    return;
+  }
+  for (int cc = 0; cc < count; ++cc) {
+    float v = alpha * src[cc];
+    if (bias != nullptr) v += load_as<float>(bias + cc);
+    if (accumulate) v = load_as<float>(out + cc) + v;
+    out[cc] = store_as<TY>(v);
+  }
+}
+
 // y[rows of one 128-row tile, n0 : n0 + 128] as described at the top of this file.
 // kKMajor: W_e staged as [n][k] (col_major matrix_b), else as [k][n] (row_major matrix_b).
 template <typename T, typename TY, bool kKMajor>
@@ -256,6 +293,9 @@ __global__ void __launch_bounds__(kWmmaThreads, 2)
       args.bias != nullptr ? args.bias + t.group * args.bias_stride_e + n0 : nullptr;
   float* scratch = reinterpret_cast<float*>(stages) + warp * kFrag * kLdC;
   const int fr = lane / 2, fc = (lane % 2) * kChunk;
+  // Chunk starts (c0 multiple of 8) are 16-byte aligned when y and its row pitch are.
+  const bool vec_out =
+      args.ldy % kChunk == 0 && reinterpret_cast<uintptr_t>(y) % sizeof(uint4) == 0;
 #pragma unroll
   for (int i = 0; i < kFragsM; ++i) {
 #pragma unroll
@@ -264,17 +304,10 @@ __global__ void __launch_bounds__(kWmmaThreads, 2)
       __syncwarp();
       const int r = (warp_m * kFragsM + i) * kFrag + fr;
       const int c0 = (warp_n * kFragsN + j) * kFrag + fc;
-      if (r < rows) {
-#pragma unroll
-        for (int cc = 0; cc < kChunk; ++cc) {
-          const int c = c0 + cc;
-          if (c >= cols) break;
-          acc v = alpha * scratch[fr * kLdC + fc + cc];
-          if (bias != nullptr) v += load_as<acc>(bias + c);
-          TY* out = y + r * args.ldy + c;
-          if (args.accumulate) v = load_as<acc>(out) + v;
-          *out = store_as<TY>(v);
-        }
+      if (r < rows && c0 < cols) {
+        const int count = cols - c0 < kChunk ? static_cast<int>(cols - c0) : kChunk;
+        store_chunk(y + r * args.ldy + c0, scratch + fr * kLdC + fc, alpha,
+                    bias != nullptr ? bias + c0 : bias, args.accumulate, count, vec_out);
       }
       __syncwarp();
     }
@@ -374,6 +407,10 @@ __global__ void __launch_bounds__(kWmmaThreads, 2)
   T* __restrict__ g = args.g + e * args.g_stride_e + p0 * args.g_stride_p + q0 * args.g_stride_q;
   float* scratch = reinterpret_cast<float*>(stages) + warp * kFrag * kLdC;
   const int fr = lane / 2, fc = (lane % 2) * kChunk;
+  // G rows contiguous along q ([E, p, q] with unit q stride) take 16-byte stores.
+  const bool unit_q = args.g_stride_q == 1;
+  const bool vec_out = unit_q && args.g_stride_p % kChunk == 0 &&
+                       reinterpret_cast<uintptr_t>(g) % sizeof(uint4) == 0;
 #pragma unroll
   for (int i = 0; i < kFragsM; ++i) {
 #pragma unroll
@@ -382,13 +419,16 @@ __global__ void __launch_bounds__(kWmmaThreads, 2)
       __syncwarp();
       const int r = (warp_m * kFragsM + i) * kFrag + fr;
       const int c0 = (warp_n * kFragsN + j) * kFrag + fc;
-      if (r < p_valid) {
-#pragma unroll
-        for (int cc = 0; cc < kChunk; ++cc) {
-          const int c = c0 + cc;
-          if (c >= q_valid) break;
-          g[r * args.g_stride_p + c * args.g_stride_q] =
-              store_as<T>(alpha * scratch[fr * kLdC + fc + cc]);
+      if (r < p_valid && c0 < q_valid) {
+        const int count = q_valid - c0 < kChunk ? static_cast<int>(q_valid - c0) : kChunk;
+        const float* src = scratch + fr * kLdC + fc;
+        if (unit_q) {
+          store_chunk(g + r * args.g_stride_p + c0, src, alpha, static_cast<const T*>(nullptr),
+                      false, count, vec_out);
+        } else {
+          for (int cc = 0; cc < count; ++cc) {
+            g[r * args.g_stride_p + (c0 + cc) * args.g_stride_q] = store_as<T>(alpha * src[cc]);
+          }
         }
       }
       __syncwarp();
