@@ -78,6 +78,9 @@ void rows_gemm(const TX* x, int64_t ldx, const TW* w, std::array<int64_t, 3> ws,
   args.n = n;
   args.num_experts = num_experts;
   args.alpha = alpha;
+  // Tensor cores where the types allow (x A_e^T and grad_delta B_e: half-type operands into the
+  // float32 rank-r intermediate); the float32-operand GEMMs stay on SIMT.
+  args.engine = grouped_gemm_engine();
   check_cuda(kernels::launch_grouped_gemm(args, stream), op);
 }
 

@@ -17,7 +17,8 @@
 //                            nvcuda::wmma, cp.async pipeline) for the forward, grad_x and weight
 //                            gradient GEMMs in float16 / bfloat16 on sm80+; the SIMT kernels
 //                            (kernels/grouped_gemm_impl.cuh) for everything else (float32 /
-//                            float64, older devices, the bias gradient). Tensor cores
+//                            float64, older devices, the bias gradient). expert_lora follows the
+//                            same variable (grouped_gemm_engine() in cuda_utils.h). Tensor cores
 //                            are the default since the WMMA path passes the launcher suites on the
 //                            host kernel emulator (docs/kernel-emulator.md); GPU timings are owed
 //   "simt"                   our SIMT kernels for every case (the reference engine)
@@ -92,6 +93,15 @@ GemmEngine requested_engine() {
   return GemmEngine::kMoeforge;
 }
 
+}  // namespace
+
+kernels::GroupedGemmEngine grouped_gemm_engine() {
+  return requested_engine() == GemmEngine::kSimt ? kernels::GroupedGemmEngine::kSimt
+                                                 : kernels::GroupedGemmEngine::kWmma;
+}
+
+namespace {
+
 template <typename scalar_t>
 void launch_rows(const at::Tensor& x, const at::Tensor& weight, std::array<int64_t, 3> ws,
                  const at::Tensor& bias, const at::Tensor& offsets, at::Tensor& out,
@@ -116,7 +126,7 @@ void launch_rows(const at::Tensor& x, const at::Tensor& weight, std::array<int64
   args.n = out.size(1);
   args.num_experts = weight.size(0);
   // A request: the launcher keeps the SIMT kernel where the WMMA path does not apply.
-  if (requested_engine() != GemmEngine::kSimt) args.engine = kernels::GroupedGemmEngine::kWmma;
+  args.engine = grouped_gemm_engine();
   check_cuda(kernels::launch_grouped_gemm(args, stream), op);
 }
 
@@ -300,9 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
           args.p = first.size(1);
           args.q = second.size(1);
           args.num_experts = num_experts;
-          if (requested_engine() != GemmEngine::kSimt) {
-            args.engine = kernels::GroupedGemmEngine::kWmma;  // honoured for fp16 / bf16, sm80+
-          }
+          args.engine = grouped_gemm_engine();  // tensor cores for fp16 / bf16 on sm80+
           check_cuda(kernels::launch_grouped_gemm_wgrad(args, stream), op);
         });
   }

@@ -458,8 +458,11 @@ TYPED_TEST(GroupedGemmWmmaTest, RowsMatchReference) {
 TYPED_TEST(GroupedGemmWmmaTest, RowsIntoFloat) {
   using T = TypeParam;
   uint32_t seed = 2000;
-  for (const RowsCase& c : wmma_cases()) {
-    run_rows_case<T, T, float>(c, offsets_of(c.counts), seed += 10, nullptr, false, kWmma);
+  // rows_cases() include the LoRA views (split LoRA's x A_e^T and grad_delta B_e into float).
+  for (const std::vector<RowsCase>* cases : {&rows_cases(), &wmma_cases()}) {
+    for (const RowsCase& c : *cases) {
+      run_rows_case<T, T, float>(c, offsets_of(c.counts), seed += 10, nullptr, false, kWmma);
+    }
   }
 }
 
