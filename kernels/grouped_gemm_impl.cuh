@@ -112,6 +112,26 @@ __device__ __forceinline__ void expert_rows(const int32_t* __restrict__ offsets,
   *end = max_end < num_rows ? max_end : num_rows;
 }
 
+// expert_rows for a whole CTA: the first warp (linear thread index < 32) reads the offsets, then
+// one barrier; every thread gets [*begin, *end). Called by every thread of the CTA.
+__device__ __forceinline__ void cta_expert_rows(const int32_t* __restrict__ offsets, long long e,
+                                                long long num_rows, long long* begin,
+                                                long long* end) {
+  __shared__ long long range[2];
+  const int tid = static_cast<int>(threadIdx.x + threadIdx.y * blockDim.x);
+  if (tid < kWarp) {
+    long long b, en;
+    expert_rows(offsets, e, num_rows, tid, &b, &en);
+    if (tid == 0) {
+      range[0] = b;
+      range[1] = en;
+    }
+  }
+  __syncthreads();
+  *begin = range[0];
+  *end = range[1];
+}
+
 struct TileInfo {
   long long group;    // expert, num_experts for the dropped tail, -1 for a surplus CTA
   long long row0;     // first row of this tile
@@ -357,19 +377,11 @@ __global__ void __launch_bounds__(kThreads)
     grouped_gemm_wgrad_kernel(const GroupedGemmWgradArgs<TA, TB, TG> args) {
   using acc = acc_t<TA, TB, TG>;
   __shared__ SmemTiles<acc> smem;
-  __shared__ long long range[2];
   const int tid = static_cast<int>(threadIdx.x);
   const long long e = blockIdx.z;
-  if (tid < kWarp) {
-    long long begin, end;
-    expert_rows(args.expert_offsets, e, args.num_rows, tid, &begin, &end);
-    if (tid == 0) {
-      range[0] = begin;
-      range[1] = end;
-    }
-  }
-  __syncthreads();
-  const long long begin = range[0], rows = range[1] - range[0];
+  long long begin, end;
+  cta_expert_rows(args.expert_offsets, e, args.num_rows, &begin, &end);
+  const long long rows = end - begin;
   const long long p0 = static_cast<long long>(blockIdx.y) * kTileM;
   const long long q0 = static_cast<long long>(blockIdx.x) * kTileN;
 
@@ -443,24 +455,15 @@ __global__ void __launch_bounds__(kSumCols* kSumSlices)
                            const int32_t* __restrict__ offsets, T* __restrict__ out,
                            int64_t out_stride_e, int64_t num_rows, int64_t q) {
   using acc = acc_t<T>;
-  __shared__ long long range[2];
   __shared__ acc partial[kSumSlices][kSumCols];
   const int c = static_cast<int>(threadIdx.x), s = static_cast<int>(threadIdx.y);
   const long long e = blockIdx.y;
-  if (s == 0) {
-    long long begin, end;
-    expert_rows(offsets, e, num_rows, c, &begin, &end);
-    if (c == 0) {
-      range[0] = begin;
-      range[1] = end;
-    }
-  }
-  __syncthreads();
+  long long begin, end;
+  cta_expert_rows(offsets, e, num_rows, &begin, &end);
   const long long col = static_cast<long long>(blockIdx.x) * kSumCols + c;
   acc sum = acc(0);
   if (col < q) {
-    for (long long r = range[0] + s; r < range[1]; r += kSumSlices)
-      sum += load_as<acc>(b + r * ldb + col);
+    for (long long r = begin + s; r < end; r += kSumSlices) sum += load_as<acc>(b + r * ldb + col);
   }
   partial[s][c] = sum;
   __syncthreads();

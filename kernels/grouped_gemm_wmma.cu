@@ -188,13 +188,96 @@ __device__ __forceinline__ void store_chunk(TY* out, const float* src, float alp
   }
 }
 
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(MOEFORGE_KERNEL_EMULATION)
+using AccFragment = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kFrag, kFrag, kFrag, float>;
+
+// The K loop of both kernels: a kStages-deep cp.async pipeline over k_tiles slabs of kWmmaBK,
+// slab kt staged by issue_slab(kt) into stage kt % kStages (A tile at the stage's start, B tile
+// at b_offset), then this warp's 32 x 64 block of mma_sync into frag. Tile layouts in shared
+// memory: A as [m][k] (kAOuterMajor, row_major matrix_a) or [k][m] (col_major); B as [n][k]
+// (kBOuterMajor, col_major matrix_b) or [k][n] (row_major). Ends with every copy landed and a
+// barrier, so the stages may be reused.
+template <typename T, bool kAOuterMajor, bool kBOuterMajor, typename IssueSlab>
+__device__ __forceinline__ void mma_pipeline(const uint16_t* stages, int stage_elements,
+                                             int b_offset, int lda, int ldb, long long k_tiles,
+                                             int warp_m, int warp_n, IssueSlab issue_slab,
+                                             AccFragment (&frag)[kFragsM][kFragsN]) {
+  namespace wmma = nvcuda::wmma;
+  using ALayout = std::conditional_t<kAOuterMajor, wmma::row_major, wmma::col_major>;
+  using BLayout = std::conditional_t<kBOuterMajor, wmma::col_major, wmma::row_major>;
+  // Element (outer, k) of a staged tile, outer = m (A) or n (B).
+  const auto offset = [](bool outer_major, int outer, int k, int ld) {
+    return outer_major ? outer * ld + k : k * ld + outer;
+  };
+#pragma unroll
+  for (int i = 0; i < kFragsM; ++i) {
+#pragma unroll
+    for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(frag[i][j], 0.0f);
+  }
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) issue_slab(s);
+    cp_async_commit();  // one group per slab, empty past the end, so the wait count holds
+  }
+  for (long long kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();  // this thread's copies of slab kt have landed ...
+    __syncthreads();  // ... and everyone's; every warp is done with slab kt - 1's stage
+    if (kt + kStages - 1 < k_tiles) issue_slab(kt + kStages - 1);  // into slab kt - 1's stage
+    cp_async_commit();
+    const T* a_tile = reinterpret_cast<const T*>(stages + (kt % kStages) * stage_elements);
+    const T* b_tile = a_tile + b_offset;
+#pragma unroll 1
+    for (int kk = 0; kk < kWmmaBK; kk += kFrag) {
+      // All A fragments of the warp, then one B fragment at a time (fewer live registers).
+      wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, ALayout> fa[kFragsM];
+#pragma unroll
+      for (int i = 0; i < kFragsM; ++i) {
+        const int m = (warp_m * kFragsM + i) * kFrag;
+        wmma::load_matrix_sync(fa[i], a_tile + offset(kAOuterMajor, m, kk, lda), lda);
+      }
+#pragma unroll
+      for (int j = 0; j < kFragsN; ++j) {
+        wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, BLayout> fb;
+        const int n = (warp_n * kFragsN + j) * kFrag;
+        wmma::load_matrix_sync(fb, b_tile + offset(kBOuterMajor, n, kk, ldb), ldb);
+#pragma unroll
+        for (int i = 0; i < kFragsM; ++i) wmma::mma_sync(frag[i][j], fa[i], fb, frag[i][j]);
+      }
+    }
+  }
+  cp_async_wait<0>();  // only empty groups can remain; the caller's scratch reuses the stages
+  __syncthreads();
+}
+
+// The epilogue walk of both kernels, one 16x16 fragment at a time through this warp's fp32
+// scratch: lane owns row lane / 2, columns (lane % 2) * 8 + [0, 8) of each fragment and gets
+// store(r, c0, src) with its tile-relative row and first column and the 8 values at src.
+template <typename Store>
+__device__ __forceinline__ void for_each_output_chunk(float* scratch, int lane, int warp_m,
+                                                      int warp_n,
+                                                      AccFragment (&frag)[kFragsM][kFragsN],
+                                                      Store store) {
+  const int fr = lane / 2, fc = (lane % 2) * kChunk;
+#pragma unroll
+  for (int i = 0; i < kFragsM; ++i) {
+#pragma unroll
+    for (int j = 0; j < kFragsN; ++j) {
+      nvcuda::wmma::store_matrix_sync(scratch, frag[i][j], kLdC, nvcuda::wmma::mem_row_major);
+      __syncwarp();
+      store((warp_m * kFragsM + i) * kFrag + fr, (warp_n * kFragsN + j) * kFrag + fc,
+            scratch + fr * kLdC + fc);
+      __syncwarp();
+    }
+  }
+}
+#endif
+
 // y[rows of one 128-row tile, n0 : n0 + 128] as described at the top of this file.
 // kKMajor: W_e staged as [n][k] (col_major matrix_b), else as [k][n] (row_major matrix_b).
 template <typename T, typename TY, bool kKMajor>
 __global__ void __launch_bounds__(kWmmaThreads, 2)
     grouped_gemm_wmma_kernel(const GroupedGemmArgs<T, T, TY> args) {
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(MOEFORGE_KERNEL_EMULATION)
-  namespace wmma = nvcuda::wmma;
   using acc = float;
   uint16_t* const stages = dynamic_shared_memory<uint16_t>();  // [kStages][kStageElements]
   __shared__ TileInfo info;
@@ -222,96 +305,42 @@ __global__ void __launch_bounds__(kWmmaThreads, 2)
 
   const int warp = tid / kWarp, lane = tid % kWarp;
   const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;
-  using BLayout = std::conditional_t<kKMajor, wmma::col_major, wmma::row_major>;
-  wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, acc> frag[kFragsM][kFragsN];
-#pragma unroll
-  for (int i = 0; i < kFragsM; ++i) {
-#pragma unroll
-    for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(frag[i][j], acc(0));
-  }
-
   const long long sk = args.w_stride_k, sn = args.w_stride_n;
   const T* w = args.w + t.group * args.w_stride_e + n0 * sn;
   // x: (r, c) = (row, k). W: (r, c) = (n, k) when k-major, else (k, n).
   ChunkLoader<kWmmaBM, kWmmaBK, true> lx(args.x + t.row0 * args.ldx, args.ldx, 1, rows, args.k);
   ChunkLoader<kKMajor ? kWmmaBN : kWmmaBK, kKMajor ? kWmmaBK : kWmmaBN> lw(
       w, kKMajor ? sn : sk, kKMajor ? sk : sn, kKMajor ? cols : args.k, kKMajor ? args.k : cols);
-  // Slab kt goes to stage kt % kStages; the prologue puts slabs 0 .. kStages - 2 in flight.
-  const long long k_tiles = (args.k + kWmmaBK - 1) / kWmmaBK;
+  constexpr int kLdW = kKMajor ? kLdK : kLdN;
   const auto issue_slab = [&](long long kt) {
     uint16_t* stage = stages + (kt % kStages) * kStageElements;
     const long long k0 = kt * kWmmaBK;
     lx.issue(0, k0, stage, kLdK);
     if constexpr (kKMajor) {
-      lw.issue(0, k0, stage + kTileAElements, kLdK);
+      lw.issue(0, k0, stage + kTileAElements, kLdW);
     } else {
-      lw.issue(k0, 0, stage + kTileAElements, kLdN);
+      lw.issue(k0, 0, stage + kTileAElements, kLdW);
     }
   };
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) issue_slab(s);
-    cp_async_commit();  // one group per slab, empty past the end, so the wait count holds
-  }
-  for (long long kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<kStages - 2>();  // this thread's copies of slab kt have landed ...
-    __syncthreads();  // ... and everyone's; every warp is done with slab kt - 1's stage
-    if (kt + kStages - 1 < k_tiles) issue_slab(kt + kStages - 1);  // into slab kt - 1's stage
-    cp_async_commit();
-    const T* a_tile = reinterpret_cast<const T*>(stages + (kt % kStages) * kStageElements);
-    const T* b_tile = a_tile + kTileAElements;
-#pragma unroll 1
-    for (int kk = 0; kk < kWmmaBK; kk += kFrag) {
-      // All A fragments of the warp, then one B fragment at a time (fewer live registers).
-      wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major> fa[kFragsM];
-#pragma unroll
-      for (int i = 0; i < kFragsM; ++i) {
-        const int m = (warp_m * kFragsM + i) * kFrag;
-        wmma::load_matrix_sync(fa[i], a_tile + m * kLdK + kk, kLdK);
-      }
-#pragma unroll
-      for (int j = 0; j < kFragsN; ++j) {
-        wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, BLayout> fb;
-        const int n = (warp_n * kFragsN + j) * kFrag;
-        if constexpr (kKMajor) {
-          wmma::load_matrix_sync(fb, b_tile + n * kLdK + kk, kLdK);
-        } else {
-          wmma::load_matrix_sync(fb, b_tile + kk * kLdN + n, kLdN);
-        }
-#pragma unroll
-        for (int i = 0; i < kFragsM; ++i) wmma::mma_sync(frag[i][j], fa[i], fb, frag[i][j]);
-      }
-    }
-  }
-  cp_async_wait<0>();  // only empty groups can remain; the scratch below reuses the stages
-  __syncthreads();
+  AccFragment frag[kFragsM][kFragsN];
+  mma_pipeline<T, true, kKMajor>(stages, kStageElements, kTileAElements, kLdK, kLdW,
+                                 (args.k + kWmmaBK - 1) / kWmmaBK, warp_m, warp_n, issue_slab,
+                                 frag);
 
-  // Epilogue, one 16x16 fragment at a time through this warp's scratch: lane owns row lane / 2,
-  // columns (lane % 2) * 8 + [0, 8) of the fragment.
   const acc alpha = static_cast<acc>(args.alpha);
   const T* __restrict__ bias =
       args.bias != nullptr ? args.bias + t.group * args.bias_stride_e + n0 : nullptr;
-  float* scratch = reinterpret_cast<float*>(stages) + warp * kFrag * kLdC;
-  const int fr = lane / 2, fc = (lane % 2) * kChunk;
   // Chunk starts (c0 multiple of 8) are 16-byte aligned when y and its row pitch are.
   const bool vec_out =
       args.ldy % kChunk == 0 && reinterpret_cast<uintptr_t>(y) % sizeof(uint4) == 0;
-#pragma unroll
-  for (int i = 0; i < kFragsM; ++i) {
-#pragma unroll
-    for (int j = 0; j < kFragsN; ++j) {
-      wmma::store_matrix_sync(scratch, frag[i][j], kLdC, wmma::mem_row_major);
-      __syncwarp();
-      const int r = (warp_m * kFragsM + i) * kFrag + fr;
-      const int c0 = (warp_n * kFragsN + j) * kFrag + fc;
-      if (r < rows && c0 < cols) {
+  for_each_output_chunk(
+      reinterpret_cast<float*>(stages) + warp * kFrag * kLdC, lane, warp_m, warp_n, frag,
+      [&](int r, int c0, const float* src) {
+        if (r >= rows || c0 >= cols) return;
         const int count = cols - c0 < kChunk ? static_cast<int>(cols - c0) : kChunk;
-        store_chunk(y + r * args.ldy + c0, scratch + fr * kLdC + fc, alpha,
-                    bias != nullptr ? bias + c0 : bias, args.accumulate, count, vec_out);
-      }
-      __syncwarp();
-    }
-  }
+        store_chunk(y + r * args.ldy + c0, src, alpha, bias != nullptr ? bias + c0 : bias,
+                    args.accumulate, count, vec_out);
+      });
 #elif defined(__CUDA_ARCH__)
   __trap();  // no WMMA body below sm80: the launcher only runs this kernel on sm80+ devices
 #endif
@@ -328,22 +357,13 @@ template <typename T>
 __global__ void __launch_bounds__(kWmmaThreads, 2)
     grouped_gemm_wgrad_wmma_kernel(const GroupedGemmWgradArgs<T, T, T> args) {
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(MOEFORGE_KERNEL_EMULATION)
-  namespace wmma = nvcuda::wmma;
   using acc = float;
   uint16_t* const stages = dynamic_shared_memory<uint16_t>();  // [kStages][kWgradStageElements]
-  __shared__ long long range[2];
   const int tid = static_cast<int>(threadIdx.x);
   const long long e = blockIdx.z;
-  if (tid < kWarp) {
-    long long begin, end;
-    expert_rows(args.expert_offsets, e, args.num_rows, tid, &begin, &end);
-    if (tid == 0) {
-      range[0] = begin;
-      range[1] = end;
-    }
-  }
-  __syncthreads();
-  const long long begin = range[0], rows = range[1] - range[0];
+  long long begin, end;
+  cta_expert_rows(args.expert_offsets, e, args.num_rows, &begin, &end);
+  const long long rows = end - begin;
   const long long p0 = static_cast<long long>(blockIdx.y) * kWmmaBM;
   const long long q0 = static_cast<long long>(blockIdx.x) * kWmmaBN;
   const long long p_valid = args.p - p0 < kWmmaBM ? args.p - p0 : kWmmaBM;
@@ -351,77 +371,31 @@ __global__ void __launch_bounds__(kWmmaThreads, 2)
 
   const int warp = tid / kWarp, lane = tid % kWarp;
   const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;
-  wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, acc> frag[kFragsM][kFragsN];
-#pragma unroll
-  for (int i = 0; i < kFragsM; ++i) {
-#pragma unroll
-    for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(frag[i][j], acc(0));
-  }
-
   // (r, c) = (row of the expert, feature) for both operands.
   ChunkLoader<kWmmaBK, kWmmaBM, true> la(args.a + begin * args.lda + p0, args.lda, 1, rows,
                                          p_valid);
   ChunkLoader<kWmmaBK, kWmmaBN, true> lb(args.b + begin * args.ldb + q0, args.ldb, 1, rows,
                                          q_valid);
-  const long long k_tiles = (rows + kWmmaBK - 1) / kWmmaBK;
   const auto issue_slab = [&](long long kt) {
     uint16_t* stage = stages + (kt % kStages) * kWgradStageElements;
     la.issue(kt * kWmmaBK, 0, stage, kLdN);
     lb.issue(kt * kWmmaBK, 0, stage + kWgradTileElements, kLdN);
   };
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) issue_slab(s);
-    cp_async_commit();
-  }
-  for (long long kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (kt + kStages - 1 < k_tiles) issue_slab(kt + kStages - 1);
-    cp_async_commit();
-    const T* a_tile = reinterpret_cast<const T*>(stages + (kt % kStages) * kWgradStageElements);
-    const T* b_tile = a_tile + kWgradTileElements;
-#pragma unroll 1
-    for (int kk = 0; kk < kWmmaBK; kk += kFrag) {
-      wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::col_major> fa[kFragsM];
-#pragma unroll
-      for (int i = 0; i < kFragsM; ++i) {
-        const int m = (warp_m * kFragsM + i) * kFrag;
-        wmma::load_matrix_sync(fa[i], a_tile + kk * kLdN + m, kLdN);
-      }
-#pragma unroll
-      for (int j = 0; j < kFragsN; ++j) {
-        wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::row_major> fb;
-        const int n = (warp_n * kFragsN + j) * kFrag;
-        wmma::load_matrix_sync(fb, b_tile + kk * kLdN + n, kLdN);
-#pragma unroll
-        for (int i = 0; i < kFragsM; ++i) wmma::mma_sync(frag[i][j], fa[i], fb, frag[i][j]);
-      }
-    }
-  }
-  cp_async_wait<0>();
-  __syncthreads();
+  AccFragment frag[kFragsM][kFragsN];
+  mma_pipeline<T, false, false>(stages, kWgradStageElements, kWgradTileElements, kLdN, kLdN,
+                                (rows + kWmmaBK - 1) / kWmmaBK, warp_m, warp_n, issue_slab, frag);
 
-  // Epilogue as in the forward kernel: lane owns row lane / 2, columns (lane % 2) * 8 + [0, 8).
   const acc alpha = static_cast<acc>(args.alpha);
   T* __restrict__ g = args.g + e * args.g_stride_e + p0 * args.g_stride_p + q0 * args.g_stride_q;
-  float* scratch = reinterpret_cast<float*>(stages) + warp * kFrag * kLdC;
-  const int fr = lane / 2, fc = (lane % 2) * kChunk;
   // G rows contiguous along q ([E, p, q] with unit q stride) take 16-byte stores.
   const bool unit_q = args.g_stride_q == 1;
   const bool vec_out = unit_q && args.g_stride_p % kChunk == 0 &&
                        reinterpret_cast<uintptr_t>(g) % sizeof(uint4) == 0;
-#pragma unroll
-  for (int i = 0; i < kFragsM; ++i) {
-#pragma unroll
-    for (int j = 0; j < kFragsN; ++j) {
-      wmma::store_matrix_sync(scratch, frag[i][j], kLdC, wmma::mem_row_major);
-      __syncwarp();
-      const int r = (warp_m * kFragsM + i) * kFrag + fr;
-      const int c0 = (warp_n * kFragsN + j) * kFrag + fc;
-      if (r < p_valid && c0 < q_valid) {
+  for_each_output_chunk(
+      reinterpret_cast<float*>(stages) + warp * kFrag * kLdC, lane, warp_m, warp_n, frag,
+      [&](int r, int c0, const float* src) {
+        if (r >= p_valid || c0 >= q_valid) return;
         const int count = q_valid - c0 < kChunk ? static_cast<int>(q_valid - c0) : kChunk;
-        const float* src = scratch + fr * kLdC + fc;
         if (unit_q) {
           store_chunk(g + r * args.g_stride_p + c0, src, alpha, static_cast<const T*>(nullptr),
                       false, count, vec_out);
@@ -430,10 +404,7 @@ __global__ void __launch_bounds__(kWmmaThreads, 2)
             g[r * args.g_stride_p + (c0 + cc) * args.g_stride_q] = store_as<T>(alpha * src[cc]);
           }
         }
-      }
-      __syncwarp();
-    }
-  }
+      });
 #elif defined(__CUDA_ARCH__)
   __trap();  // no WMMA body below sm80: the launcher only runs this kernel on sm80+ devices
 #endif
