@@ -1,15 +1,23 @@
 // Helpers shared by the GoogleTest suites that drive the torch-free CUDA launchers directly.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <ostream>
 #include <random>
+#include <string>
+#include <type_traits>
 #include <vector>
+
+#include "moeforge/kernels/numeric.h"
 
 namespace moeforge::testing {
 
@@ -33,6 +41,54 @@ inline bool have_gpu() {
     const cudaError_t moeforge_test_err_ = (expr);                                        \
     ASSERT_EQ(moeforge_test_err_, cudaSuccess) << cudaGetErrorString(moeforge_test_err_); \
   } while (0)
+
+// ---- rounding and comparison ------------------------------------------------------------------
+
+// An element as double, converted like the kernels read it.
+template <typename T>
+double as_double(T v) {
+  return static_cast<double>(kernels::to_acc(v));
+}
+
+// Unit roundoff of an element type: the relative error of rounding to nearest into T.
+template <typename T>
+double unit_roundoff() {
+  if constexpr (std::is_same_v<T, __half>) {
+    return 1.0 / 2048;
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return 1.0 / 256;
+  } else {
+    return std::numeric_limits<T>::epsilon() / 2;
+  }
+}
+
+// The largest absolute error of rounding a result into T where T's spacing is fixed (its
+// subnormal range): half the smallest subnormal. Only fp16 reaches it from the values of these
+// tests (2^-25 ~ 3e-8, e.g. a product below 6.1e-5); unit_roundoff() does not hold there.
+template <typename T>
+double subnormal_rounding() {
+  if constexpr (std::is_same_v<T, __half>) {
+    return std::ldexp(1.0, -25);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return std::ldexp(1.0, -134);
+  } else {
+    return std::numeric_limits<T>::denorm_min() / 2;
+  }
+}
+
+// Checks got against want within tol element-wise (NaN never passes), reporting a few failures.
+inline void expect_close(const std::vector<double>& got, const std::vector<double>& want,
+                         const std::vector<double>& tol, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  int bad = 0;
+  for (size_t i = 0; i < got.size() && bad < 8; ++i) {
+    if (!(std::abs(got[i] - want[i]) <= tol[i])) {
+      ADD_FAILURE() << what << ": element " << i << " got " << got[i] << ", want " << want[i]
+                    << " +- " << tol[i];
+      ++bad;
+    }
+  }
+}
 
 // A device allocation of `count` elements of T, freed on destruction.
 template <typename T>

@@ -38,40 +38,8 @@ namespace {
 using kernels::acc_type_t;
 
 template <typename T>
-double as_double(T v) {
-  return static_cast<double>(kernels::to_acc(v));
-}
-
-template <typename T>
 T from_double(double v) {
   return kernels::from_acc<T>(static_cast<acc_type_t<T>>(v));
-}
-
-// Unit roundoff of an element type.
-template <typename T>
-double unit_roundoff() {
-  if constexpr (std::is_same_v<T, __half>) {
-    return 1.0 / 2048;
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return 1.0 / 256;
-  } else {
-    return std::numeric_limits<T>::epsilon() / 2;
-  }
-}
-
-// The largest absolute error of rounding a result into T where T's spacing is fixed (its
-// subnormal range): half the smallest subnormal. Only fp16 can reach it from the values of these
-// tests (2^-25 ~ 3e-8; e.g. one row times one row of an expert, a product below 6.1e-5); the
-// relative bound unit_roundoff() does not hold there.
-template <typename T>
-double subnormal_rounding() {
-  if constexpr (std::is_same_v<T, __half>) {
-    return std::ldexp(1.0, -25);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return std::ldexp(1.0, -134);
-  } else {
-    return std::numeric_limits<T>::denorm_min() / 2;
-  }
 }
 
 // The accumulation type of a combination of element types, as the kernels choose it.
@@ -126,20 +94,6 @@ std::vector<int64_t> clamped_bounds(const std::vector<int32_t>& offsets, int64_t
     m[e] = std::min(running, num_rows);
   }
   return m;
-}
-
-// Checks got against want within tol element-wise (NaN never passes), reporting a few failures.
-void expect_close(const std::vector<double>& got, const std::vector<double>& want,
-                  const std::vector<double>& tol, const std::string& what) {
-  ASSERT_EQ(got.size(), want.size()) << what;
-  int bad = 0;
-  for (size_t i = 0; i < got.size() && bad < 8; ++i) {
-    if (!(std::abs(got[i] - want[i]) <= tol[i])) {
-      ADD_FAILURE() << what << ": element " << i << " got " << got[i] << ", want " << want[i]
-                    << " +- " << tol[i];
-      ++bad;
-    }
-  }
 }
 
 // Downloads a guarded buffer: checks both guards are still poison, returns the payload.

@@ -52,11 +52,6 @@ using kernels::from_acc;
 using kernels::GroupedGemmEngine;
 using kernels::to_acc;
 
-template <typename T>
-double as_double(T v) {
-  return static_cast<double>(to_acc(v));
-}
-
 // ---- the error model ---------------------------------------------------------------------------
 // Every kernel of the chain reads element-type (T) values, computes in float (acc_type_t<T>) and
 // rounds its result once to T. With u = the unit roundoff of T, u_f = 2^-24 that of float and
@@ -85,28 +80,6 @@ double as_double(T v) {
 constexpr double kFloatRoundoff = 1.0 / (1 << 24);
 constexpr double kSwigluRelErr = 10 * kFloatRoundoff;
 constexpr double kSiluLipschitz = 1.1;
-
-template <typename T>
-double unit_roundoff() {
-  if constexpr (std::is_same_v<T, __half>) {
-    return 1.0 / 2048;
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return 1.0 / 256;
-  } else {
-    return kFloatRoundoff;
-  }
-}
-
-template <typename T>
-double subnormal_rounding() {
-  if constexpr (std::is_same_v<T, __half>) {
-    return std::ldexp(1.0, -25);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return std::ldexp(1.0, -134);
-  } else {
-    return std::numeric_limits<float>::denorm_min() / 2;
-  }
-}
 
 // The bound after rounding a value whose pre-rounding error is at most `err` into T.
 template <typename T>
@@ -398,20 +371,6 @@ struct Pipeline {
 };
 
 // ---- checks ------------------------------------------------------------------------------------
-// got within tol of want element-wise (NaN never passes); reports the first few failures.
-void expect_close(const std::vector<double>& got, const std::vector<double>& want,
-                  const std::vector<double>& tol, const std::string& what) {
-  ASSERT_EQ(got.size(), want.size()) << what;
-  int bad = 0;
-  for (size_t i = 0; i < got.size() && bad < 8; ++i) {
-    if (!(std::abs(got[i] - want[i]) <= tol[i])) {
-      ADD_FAILURE() << what << ": element " << i << " got " << got[i] << ", want " << want[i]
-                    << " +- " << tol[i];
-      ++bad;
-    }
-  }
-}
-
 template <typename T>
 std::vector<double> to_double(const std::vector<T>& v) {
   std::vector<double> d(v.size());

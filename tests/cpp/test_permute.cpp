@@ -28,18 +28,6 @@ using kernels::acc_type_t;
 using kernels::from_acc;
 using kernels::to_acc;
 
-// Unit roundoff of the element type (output rounding of routed_dot).
-template <typename T>
-double unit_roundoff() {
-  if constexpr (std::is_same_v<T, __half>) {
-    return 1.0 / 2048;
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return 1.0 / 256;
-  } else {
-    return std::numeric_limits<T>::epsilon() / 2;
-  }
-}
-
 // ---- the problem: a random routing plan, data and weights -------------------------------------
 struct Shape {
   int64_t tokens, top_k, experts, hidden;
