@@ -428,13 +428,23 @@ bool any_capture_active() {
 }
 }  // namespace
 
-cudaError_t launch_body(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
-                        std::function<void()> body) {
+cudaError_t launch_body(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes,
+                        cudaStream_t stream, std::function<void()> body) {
   const unsigned long long threads = static_cast<unsigned long long>(block.x) * block.y * block.z;
   const bool bad_config = threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 ||
                           grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 ||
                           grid.z > 65535 || smem_bytes > 227 * 1024;
   if (bad_config) return set_error(cudaErrorInvalidConfiguration);
+  if (smem_bytes > 48 * 1024) {
+    const auto opt_in = g_max_dynamic_smem.find(kernel);
+    if (opt_in == g_max_dynamic_smem.end() || static_cast<size_t>(opt_in->second) < smem_bytes) {
+      std::fprintf(stderr,
+                   "[moeforge emu] launch with %zu bytes of dynamic shared memory without "
+                   "cudaFuncAttributeMaxDynamicSharedMemorySize >= that\n",
+                   smem_bytes);
+      return set_error(cudaErrorInvalidValue);
+    }
+  }
   if (stream != nullptr && stream->capturing) {
     stream->captured.push_back([=]() { return run_launch(grid, block, smem_bytes, body); });
     return cudaSuccess;
