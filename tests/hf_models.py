@@ -165,6 +165,19 @@ def restore_hf_aux_loss() -> None:
     losses.restore_all_aux_losses()
 
 
+@pytest.fixture(autouse=True)
+def fresh_hf_state():
+    """One-time warnings re-armed, moeforge's experts implementation registered and HF's own aux
+    loss in place before and after each test of a module that imports this fixture."""
+    from moeforge.hf import experts_interface, register_experts_implementation
+
+    experts_interface._warned.clear()
+    register_experts_implementation()
+    restore_hf_aux_loss()  # HF references must use HF's own aux loss
+    yield
+    restore_hf_aux_loss()
+
+
 # ------------------------------------------------------------------------------------------
 # PEFT
 # ------------------------------------------------------------------------------------------

@@ -29,23 +29,13 @@ from hf_models import (
     batch,
     experts_modules,
     forbid_peft_materialisation,
+    fresh_hf_state,  # noqa: F401  (autouse fixture)
     lora_params,
     make_model,
     make_peft_model,
-    restore_hf_aux_loss,
     run,
 )
 from moeforge.hf import experts_interface
-
-
-@pytest.fixture(autouse=True)
-def _fresh_warnings():
-    experts_interface._warned.clear()
-    mh.register_experts_implementation()
-    restore_hf_aux_loss()  # HF references must use HF's own aux loss
-    yield
-    restore_hf_aux_loss()
-
 
 # ------------------------------------------------------------------------------------------
 # experts_implementation="moeforge"
