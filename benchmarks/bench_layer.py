@@ -12,11 +12,11 @@ frozen forward+backward 2, trainable forward+backward 3 (LoRA FLOPs not counted)
     python benchmarks/bench_layer.py --engines moeforge simt torch   # every grouped GEMM engine
 
 ``--engines`` runs the moeforge path once per grouped GEMM engine (MOEFORGE_GROUPED_GEMM, see
-csrc/cuda/grouped_mm.cpp): ``moeforge`` (the default: our tensor-core path for the forward / grad_x /
-weight-gradient GEMMs in fp16 / bf16 on sm80+, SIMT for the rest), ``simt`` (our SIMT kernels only) and ``torch``
-(``at::_grouped_mm`` where it applies), labelled "moeforge", "moeforge (simt gemm)" and
-"moeforge (torch gemm)"; the speedup
-column is relative to the first engine listed.
+csrc/cuda/grouped_mm.cpp): ``moeforge`` (the default: our tensor-core path for the forward /
+grad_x / weight-gradient GEMMs in fp16 / bf16 on sm80+, SIMT for the rest), ``simt`` (our SIMT
+kernels only) and ``torch`` (``at::_grouped_mm`` where it applies), labelled "moeforge",
+"moeforge (simt gemm)" and "moeforge (torch gemm)"; the speedup column is relative to the first
+engine listed.
 """
 
 from __future__ import annotations

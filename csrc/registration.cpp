@@ -61,6 +61,16 @@ TORCH_LIBRARY(moeforge, m) {
       "swiglu_backward(Tensor grad_a, Tensor h, str variant=\"silu\", float alpha=1.702, "
       "float limit=7.0) -> Tensor");
 
+  // Backward of the routing-weighted activation a_w = row_weights[:, None] * swiglu(h) (the fused
+  // MoE layer folds each row's routing weight into its activation, so its backward needs neither
+  // the expert outputs nor the activation itself): grad_h = dL/dh, grad_row_weights [rows] =
+  // <grad_aw[r], swiglu(h[r])> in float32 (float64 for float64 h) and, when weighted_act is True,
+  // the recomputed a_w for the down projection's weight gradient (else an empty tensor).
+  m.def(
+      "weighted_swiglu_backward(Tensor grad_aw, Tensor h, Tensor row_weights, "
+      "str variant=\"silu\", float alpha=1.702, float limit=7.0, bool weighted_act=True) -> "
+      "(Tensor grad_h, Tensor weighted_act, Tensor grad_row_weights)");
+
   // Split LoRA on routed rows, PEFT layout: lora_A [E*r, in] expert-major, lora_B [out, r*E]
   // rank-major. lora_u = x A_e^T [rows, r]; delta = scaling * lora_u B_e^T [rows, out].
   // Never forms B_e A_e.

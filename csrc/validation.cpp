@@ -160,6 +160,27 @@ void check_swiglu_backward_inputs(const at::Tensor& grad_a, const at::Tensor& h,
   check_size(op, "grad_a", grad_a, 1, h.size(1) / 2, "h.size(1) / 2");
 }
 
+void check_weighted_swiglu_backward_inputs(const at::Tensor& grad_aw, const at::Tensor& h,
+                                           const at::Tensor& row_weights, std::string_view variant,
+                                           double alpha, double limit) {
+  constexpr std::string_view op = "weighted_swiglu_backward";
+  parse_swiglu_variant(op, variant);
+  check_dim(op, "h", h, 2, "[num_rows, 2 * intermediate]");
+  check_floating(op, "h", h);
+  MOEFORGE_CHECK_VALUE(h.size(1) % 2 == 0, op, "h.size(1) must be even (gate and up halves), got ",
+                       h.size(1));
+  MOEFORGE_CHECK_VALUE(limit > 0, op, "limit must be > 0, got ", limit);
+  check_dim(op, "grad_aw", grad_aw, 2, "[num_rows, intermediate]");
+  check_same_dtype(op, "grad_aw", grad_aw, "h", h);
+  check_same_device(op, "grad_aw", grad_aw, "h", h);
+  check_size(op, "grad_aw", grad_aw, 0, h.size(0), "num_rows of h");
+  check_size(op, "grad_aw", grad_aw, 1, h.size(1) / 2, "h.size(1) / 2");
+  check_dim(op, "row_weights", row_weights, 1, "[num_rows]");
+  check_floating(op, "row_weights", row_weights);
+  check_same_device(op, "row_weights", row_weights, "h", h);
+  check_size(op, "row_weights", row_weights, 0, h.size(0), "num_rows of h");
+}
+
 int64_t check_expert_lora_inputs(std::string_view op, const at::Tensor& x, const at::Tensor& lora_A,
                                  const at::Tensor& lora_B, const at::Tensor& expert_offsets) {
   check_dim(op, "x", x, 2, "[num_rows, in_features]");

@@ -33,6 +33,11 @@ SwigluVariant parse_swiglu_variant(std::string_view op, std::string_view variant
 void check_swiglu_inputs(const at::Tensor& h, std::string_view variant, double alpha, double limit);
 void check_swiglu_backward_inputs(const at::Tensor& grad_a, const at::Tensor& h,
                                   std::string_view variant, double alpha, double limit);
+// weighted_swiglu_backward: swiglu_backward's rules (grad_aw in grad_a's place) plus
+// row_weights [num_rows], floating, on h's device.
+void check_weighted_swiglu_backward_inputs(const at::Tensor& grad_aw, const at::Tensor& h,
+                                           const at::Tensor& row_weights, std::string_view variant,
+                                           double alpha, double limit);
 
 // Returns the LoRA rank r (lora_A is [num_experts * r, in]).
 int64_t check_expert_lora_inputs(std::string_view op, const at::Tensor& x, const at::Tensor& lora_A,

@@ -2,6 +2,8 @@
 // row (grid-stride over rows * I): it reads the gate and up values of j, writes a[r, j] (forward)
 // or grad_h[r, gate(j)] and grad_h[r, up(j)] (backward). Memory-bound; adjacent threads touch
 // adjacent columns of both halves (silu) or adjacent pairs (gpt-oss), so accesses coalesce.
+// The weighted backward needs a per-row dot product, so it runs one CTA per row instead (threads
+// stride over the row's columns, then a fixed-order block reduction).
 #include <algorithm>
 
 #include "launch.cuh"
@@ -71,7 +73,85 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Sum of v over the CTA (kThreads threads), in a fixed order: warp butterflies, then the warp
+// totals in warp order. The result is valid in thread 0. Block-collective; `partial` holds
+// kThreads / 32 values and may be reused after the next barrier.
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* partial) {
+  constexpr int kWarp = 32;
+  for (int d = kWarp / 2; d > 0; d /= 2) v += __shfl_xor_sync(0xffffffffu, v, d);
+  const int warp = static_cast<int>(threadIdx.x) / kWarp;
+  if (threadIdx.x % kWarp == 0) partial[warp] = v;
+  __syncthreads();
+  acc_t total = acc_t(0);
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kThreads / kWarp; ++w) total += partial[w];
+  }
+  return total;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    weighted_swiglu_backward_kernel(const T* __restrict__ grad_aw,  // [rows, I]
+                                    const T* __restrict__ h,        // [rows, 2I]
+                                    const acc_type_t<T>* __restrict__ row_weights,
+                                    T* __restrict__ grad_h,        // [rows, 2I]
+                                    T* __restrict__ weighted_act,  // [rows, I] or nullptr
+                                    acc_type_t<T>* __restrict__ grad_row_weights, int64_t rows,
+                                    int64_t inter, GluVariant variant, acc_type_t<T> alpha,
+                                    acc_type_t<T> limit) {
+  using acc_t = acc_type_t<T>;
+  __shared__ acc_t partial[kThreads / 32];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* row = h + r * 2 * inter;
+    const T* grow_in = grad_aw + r * inter;
+    T* grow = grad_h + r * 2 * inter;
+    const acc_t w = row_weights[r];
+    acc_t dot = acc_t(0);
+    for (int64_t j = threadIdx.x; j < inter; j += kThreads) {
+      const GateUp c = columns(variant, j, inter);
+      const acc_t g = to_acc(row[c.gate]), u = to_acc(row[c.up]), dy = to_acc(grow_in[j]);
+      acc_t a, dg, du;
+      if (variant == GluVariant::kSilu) {
+        a = silu_glu(g, u);
+        silu_glu_backward(w * dy, g, u, &dg, &du);
+      } else {
+        a = gpt_oss_glu(g, u, alpha, limit);
+        gpt_oss_glu_backward(w * dy, g, u, alpha, limit, &dg, &du);
+      }
+      dot += dy * a;
+      grow[c.gate] = from_acc<T>(dg);
+      grow[c.up] = from_acc<T>(du);
+      if (weighted_act != nullptr) weighted_act[r * inter + j] = from_acc<T>(w * a);
+    }
+    dot = block_sum(dot, partial);
+    if (threadIdx.x == 0) grad_row_weights[r] = dot;
+    __syncthreads();  // partial is reused by the next row
+  }
+}
+
 }  // namespace
+
+template <typename T>
+cudaError_t launch_weighted_swiglu_backward(const T* grad_aw, const T* h,
+                                            const acc_type_t<T>* row_weights, T* grad_h,
+                                            T* weighted_act, acc_type_t<T>* grad_row_weights,
+                                            int64_t rows, int64_t inter, GluVariant variant,
+                                            double alpha, double limit, cudaStream_t stream) {
+  if (rows < 0 || inter < 0) return cudaErrorInvalidValue;
+  if (rows == 0) return cudaSuccess;
+  if (grad_row_weights == nullptr || row_weights == nullptr) return cudaErrorInvalidValue;
+  if (inter > 0 && (grad_aw == nullptr || h == nullptr || grad_h == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  using acc_t = acc_type_t<T>;
+  const int64_t blocks = std::min<int64_t>(rows, kMaxBlocks);
+  MOEFORGE_CUDA_CHECK(launch_kernel(weighted_swiglu_backward_kernel<T>, blocks, kThreads, 0, stream,
+                                    grad_aw, h, row_weights, grad_h, weighted_act, grad_row_weights,
+                                    rows, inter, variant, static_cast<acc_t>(alpha),
+                                    static_cast<acc_t>(limit)));
+  return cudaSuccess;
+}
 
 template <typename T>
 cudaError_t launch_swiglu(const T* h, T* out, int64_t rows, int64_t inter, GluVariant variant,
@@ -104,7 +184,10 @@ cudaError_t launch_swiglu_backward(const T* grad_a, const T* h, T* grad_h, int64
   template cudaError_t launch_swiglu<T>(const T*, T*, int64_t, int64_t, GluVariant, double, \
                                         double, cudaStream_t);                              \
   template cudaError_t launch_swiglu_backward<T>(const T*, const T*, T*, int64_t, int64_t,  \
-                                                 GluVariant, double, double, cudaStream_t);
+                                                 GluVariant, double, double, cudaStream_t); \
+  template cudaError_t launch_weighted_swiglu_backward<T>(                                  \
+      const T*, const T*, const acc_type_t<T>*, T*, T*, acc_type_t<T>*, int64_t, int64_t,   \
+      GluVariant, double, double, cudaStream_t);
 
 MOEFORGE_INSTANTIATE_SWIGLU(float)
 MOEFORGE_INSTANTIATE_SWIGLU(double)

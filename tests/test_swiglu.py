@@ -100,3 +100,131 @@ def test_bad_input_errors():
         match=r"moeforge\.swiglu_backward: grad_a\.size\(1\) must equal h\.size\(1\) / 2 \(2\)",
     ):
         torch.ops.moeforge.swiglu_backward(torch.randn(3, 3), torch.randn(3, 4))
+
+
+# ---- weighted_swiglu_backward: the fused layer's backward of a_w = w[:, None] * swiglu(h) ----
+
+
+def weighted_reference(grad_aw, h, w, variant, alpha=1.702, limit=7.0):
+    """float64 autograd of a_w = w * swiglu(h): (grad_h, a_w, dL/dw)."""
+    h64 = h.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    a_w = w64[:, None] * reference.swiglu(h64, variant, alpha, limit)
+    grad_h, grad_w = torch.autograd.grad(a_w, (h64, w64), grad_aw.double())
+    return grad_h, a_w.detach(), grad_w
+
+
+def off_the_kinks(h, limit=7.0):
+    """h with values exactly at gpt-oss's clamp bounds moved inside. At +-limit the derivative
+    is a choice of subgradient: ours passes the gradient (closed interval, swiglu_math.h),
+    torch 2.15's clamp backward does not; low-precision random data hits the bounds exactly."""
+    return torch.where(h.abs() == limit, h * 0.99, h)
+
+
+def make_row_weights(rows, device):
+    # zero, negative and ordinary weights: the gradient must not divide by w
+    w = torch.rand(rows, device=device) * 2 - 0.5
+    if rows > 2:
+        w[::3] = 0.0
+    return w
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", [(0, 4), (1, 1), (17, 33), (40, 300)])
+def test_weighted_backward_matches_autograd_float64(device, variant, shape):
+    rows, inter = shape
+    h = make_h(rows, inter, device, torch.float64, scale=4.0)
+    g = torch.randn(rows, inter, device=device, dtype=torch.float64)
+    w = make_row_weights(rows, device).double()
+    grad_h, a_w, grad_w = ops.weighted_swiglu_backward(g, h, w, variant)
+    ref_h, ref_aw, ref_w = weighted_reference(g, h, w, variant)
+    assert grad_w.dtype == torch.float64
+    torch.testing.assert_close(grad_h, ref_h)
+    torch.testing.assert_close(a_w, ref_aw)
+    torch.testing.assert_close(grad_w, ref_w)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION])
+def test_weighted_backward_low_precision(device, variant, dtype):
+    rows, inter = 96, 200
+    h = off_the_kinks(make_h(rows, inter, device, dtype))
+    g = torch.randn(rows, inter, device=device, dtype=dtype)
+    w = make_row_weights(rows, device)  # float32 routing weights, as HF routers make them
+    grad_h, a_w, grad_w = ops.weighted_swiglu_backward(g, h, w, variant)
+    assert grad_h.dtype == dtype and a_w.dtype == dtype and grad_w.dtype == torch.float32
+    ref_h, ref_aw, ref_w = weighted_reference(g, h, w, variant)
+    # the same computation in the low precision, op by op, as the yardstick
+    a_low = reference.swiglu(h, variant)
+    low_aw = (w[:, None] * a_low.float()).to(dtype)
+    low_w = (g.float() * a_low.float()).sum(-1)
+    h_req = h.clone().requires_grad_()
+    (low_h,) = torch.autograd.grad(
+        reference.swiglu(h_req, variant), h_req, (g * w[:, None].to(dtype))
+    )
+    assert_low_precision_close(grad_h, ref_h, low_h)
+    assert_low_precision_close(a_w, ref_aw, low_aw)
+    assert_low_precision_close(grad_w, ref_w, low_w, atol=1e-4)
+
+
+def test_weighted_backward_without_weighted_act(device):
+    h = make_h(5, 6, device, torch.float64)
+    g = torch.randn(5, 6, device=device, dtype=torch.float64)
+    w = make_row_weights(5, device)
+    grad_h, a_w, grad_w = ops.weighted_swiglu_backward(g, h, w, "silu", weighted_act=False)
+    assert a_w.numel() == 0
+    ref_h, _, ref_w = weighted_reference(g, h, w, "silu")
+    torch.testing.assert_close(grad_h, ref_h)
+    torch.testing.assert_close(grad_w, ref_w)
+
+
+def test_weighted_backward_leaves_inputs_alone(device):
+    h = make_h(9, 8, device, torch.float32).T.contiguous().T  # non-contiguous
+    g = torch.randn(9, 8, device=device)
+    w = make_row_weights(9, device).double()  # any float dtype is accepted
+    before = [t.clone() for t in (h, g, w)]
+    grad_h, _, grad_w = ops.weighted_swiglu_backward(g, h, w, "gpt_oss")
+    for t, b in zip((h, g, w), before):
+        assert torch.equal(t, b)
+    ref_h, _, ref_w = weighted_reference(g, h, w, "gpt_oss")
+    torch.testing.assert_close(grad_h.double(), ref_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_w.double(), ref_w, rtol=1e-5, atol=1e-5)
+
+
+def test_weighted_backward_opcheck(device):
+    h = make_h(7, 6, device, torch.float32)
+    g = torch.randn(7, 6, device=device)
+    w = make_row_weights(7, device)
+    for variant in VARIANTS:
+        for want in (True, False):
+            torch.library.opcheck(
+                torch.ops.moeforge.weighted_swiglu_backward.default,
+                (g, h, w, variant, 1.702, 7.0, want),
+            )
+
+
+def test_weighted_backward_bad_input_errors():
+    op = torch.ops.moeforge.weighted_swiglu_backward
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.weighted_swiglu_backward: row_weights\.size\(0\) must equal num_rows "
+        r"of h \(3\), got shape \[4\]",
+    ):
+        op(torch.randn(3, 2), torch.randn(3, 4), torch.randn(4))
+    with pytest.raises(
+        ValueError, match=r"moeforge\.weighted_swiglu_backward: row_weights must be 1-D"
+    ):
+        op(torch.randn(3, 2), torch.randn(3, 4), torch.randn(3, 1))
+    with pytest.raises(
+        TypeError,
+        match=r"moeforge\.weighted_swiglu_backward: row_weights must be float32, float64, bfloat16 or float16, got Long",
+    ):
+        op(torch.randn(3, 2), torch.randn(3, 4), torch.ones(3, dtype=torch.int64))
+    with pytest.raises(
+        ValueError, match=r"moeforge\.weighted_swiglu_backward: grad_aw\.size\(1\) must equal"
+    ):
+        op(torch.randn(3, 3), torch.randn(3, 4), torch.randn(3))
+    with pytest.raises(
+        ValueError, match=r"moeforge\.weighted_swiglu_backward: variant must be \"silu\" or"
+    ):
+        op(torch.randn(3, 2), torch.randn(3, 4), torch.randn(3), "relu")

@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <tuple>
+
 #include "moeforge/kernels/swiglu_math.h"
 #include "validation.h"
 
@@ -88,11 +90,66 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_a_in, const at::Tensor& h_
   return grad_h;
 }
 
+// See the schema in csrc/registration.cpp: grad_h, the recomputed weighted activation and the
+// per-row dot products <grad_aw[r], a(h[r])>, summed in acc_t in column order.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_swiglu_backward_cpu(
+    const at::Tensor& grad_aw_in, const at::Tensor& h_in, const at::Tensor& row_weights_in,
+    c10::string_view variant, double alpha, double limit, bool want_weighted_act) {
+  check_weighted_swiglu_backward_inputs(grad_aw_in, h_in, row_weights_in, variant, alpha, limit);
+  const SwigluVariant v = parse_swiglu_variant("weighted_swiglu_backward", variant);
+  const at::Tensor h = h_in.contiguous();
+  const at::Tensor grad_aw = grad_aw_in.contiguous();
+  const int64_t rows = h.size(0), inter = h.size(1) / 2;
+  const GateUpColumns cols{v == SwigluVariant::kGptOss, inter};
+  const at::ScalarType acc_dtype = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor row_weights = row_weights_in.to(acc_dtype).contiguous();
+  at::Tensor grad_h = at::empty_like(h);
+  at::Tensor weighted_act =
+      want_weighted_act ? at::empty({rows, inter}, h.options()) : at::empty({0}, h.options());
+  at::Tensor grad_row_weights = at::empty({rows}, h.options().dtype(acc_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, h.scalar_type(), "moeforge.weighted_swiglu_backward", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* in = h.data_ptr<scalar_t>();
+        const scalar_t* ga = grad_aw.data_ptr<scalar_t>();
+        const acc_t* w = row_weights.data_ptr<acc_t>();
+        scalar_t* gh = grad_h.data_ptr<scalar_t>();
+        scalar_t* aw = want_weighted_act ? weighted_act.data_ptr<scalar_t>() : nullptr;
+        acc_t* gw = grad_row_weights.data_ptr<acc_t>();
+        const acc_t a = static_cast<acc_t>(alpha), lim = static_cast<acc_t>(limit);
+        at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const scalar_t* row = in + r * 2 * inter;
+            scalar_t* grow = gh + r * 2 * inter;
+            acc_t dot = 0;
+            for (int64_t j = 0; j < inter; ++j) {
+              const acc_t g = row[cols.gate(j)], u = row[cols.up(j)], dy = ga[r * inter + j];
+              acc_t act, dg, du;
+              if (v == SwigluVariant::kSilu) {
+                act = kernels::silu_glu(g, u);
+                kernels::silu_glu_backward(w[r] * dy, g, u, &dg, &du);
+              } else {
+                act = kernels::gpt_oss_glu(g, u, a, lim);
+                kernels::gpt_oss_glu_backward(w[r] * dy, g, u, a, lim, &dg, &du);
+              }
+              dot += dy * act;
+              grow[cols.gate(j)] = static_cast<scalar_t>(dg);
+              grow[cols.up(j)] = static_cast<scalar_t>(du);
+              if (aw != nullptr) aw[r * inter + j] = static_cast<scalar_t>(w[r] * act);
+            }
+            gw[r] = dot;
+          }
+        });
+      });
+  return {grad_h, weighted_act, grad_row_weights};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moeforge, CPU, m) {
   m.impl("swiglu", &swiglu_cpu);
   m.impl("swiglu_backward", &swiglu_backward_cpu);
+  m.impl("weighted_swiglu_backward", &weighted_swiglu_backward_cpu);
 }
 
 }  // namespace moeforge

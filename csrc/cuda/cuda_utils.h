@@ -52,13 +52,13 @@ cuda_type_t<scalar_t>* cuda_mutable_ptr(at::Tensor& t) {
   return reinterpret_cast<cuda_type_t<scalar_t>*>(t.mutable_data_ptr<scalar_t>());
 }
 
-// A 2-D operand as the GEMM kernels read it: rows at a row stride, unit stride along the
-// columns. t itself when it already is one, else a contiguous copy.
 // The tensor-core request for our grouped GEMM launchers under MOEFORGE_GROUPED_GEMM (read per
 // call; defined in grouped_mm.cpp): kWmma unless "simt" forces the SIMT kernels. The launchers
 // honour it only for the element types and devices the WMMA kernels cover.
 kernels::GroupedGemmEngine grouped_gemm_engine();
 
+// A 2-D operand as the GEMM kernels read it: rows at a row stride, unit stride along the
+// columns. t itself when it already is one, else a contiguous copy.
 inline at::Tensor as_rows(const at::Tensor& t) {
   return t.stride(1) == 1 || t.size(1) <= 1 ? t : t.contiguous();
 }

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from moeforge import ops
+from moeforge.fused import fused_moe_experts
 
 LAYOUTS = ("hf", "gpt_oss")
 
@@ -109,12 +110,29 @@ def moe_experts(
 
     Returns:
         ``[T, H]`` in ``hidden_states.dtype``: ``sum_k w[t,k] * FFN_{e(t,k)}(x[t])``.
+
+    One autograd node (:mod:`moeforge.fused`): its backward keeps only ``hidden_states``, the
+    pre-activation and the routing plan, and computes the routing-weight gradient without the
+    expert outputs. Same forward values as :func:`expert_ffn` between :func:`ops.permute` and
+    :func:`ops.combine`.
     """
-    num_experts = gate_up_proj.shape[0]
-    plan = ops.routing(top_k_index, num_experts)
-    x_sorted = ops.permute(hidden_states, plan)
-    y_sorted = expert_ffn(x_sorted, plan.expert_offsets, gate_up_proj, down_proj, **ffn_kwargs)
-    return ops.combine(y_sorted, plan, top_k_weights)
+    _check_layout(ffn_kwargs.get("layout", "hf"))
+    gate_up_lora = ffn_kwargs.pop("gate_up_lora", None)
+    down_lora = ffn_kwargs.pop("down_lora", None)
+    return fused_moe_experts(
+        hidden_states,
+        top_k_index,
+        top_k_weights,
+        gate_up_proj,
+        down_proj,
+        gate_up_lora=_lora_tuple(gate_up_lora),
+        down_lora=_lora_tuple(down_lora),
+        **ffn_kwargs,
+    )
+
+
+def _lora_tuple(lora: ExpertLoRA | None) -> tuple[Tensor, Tensor, float] | None:
+    return None if lora is None else (lora.lora_A, lora.lora_B, lora.scaling)
 
 
 def route_topk(logits: Tensor, top_k: int, norm_topk_prob: bool = True) -> tuple[Tensor, Tensor]:

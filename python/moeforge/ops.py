@@ -32,6 +32,7 @@ __all__ = [
     "router_loss",
     "routing",
     "swiglu",
+    "weighted_swiglu_backward",
 ]
 
 
@@ -284,6 +285,56 @@ def _swiglu_backward(ctx, grad):
 
 
 torch.library.register_autograd("moeforge::swiglu", _swiglu_backward, setup_context=_swiglu_setup)
+
+
+def weighted_swiglu_backward(
+    grad_aw: Tensor,
+    h: Tensor,
+    row_weights: Tensor,
+    variant: str = "silu",
+    alpha: float = GPT_OSS_ALPHA,
+    limit: float = GPT_OSS_LIMIT,
+    weighted_act: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of the routing-weighted activation ``a_w = row_weights[:, None] * swiglu(h)``.
+
+    The fused MoE layer folds each routed row's weight into its activation, so its backward needs
+    neither the expert outputs nor the activation: this op recomputes ``swiglu(h)`` from the
+    pre-activation and returns everything the rest of the backward needs, in one pass.
+
+    Args:
+        grad_aw: ``[S, I]`` gradient of ``a_w`` (h's dtype).
+        h: ``[S, 2I]`` pre-activation.
+        row_weights: ``[S]`` routing weight of each routed row (any float dtype).
+        weighted_act: also return the recomputed ``a_w`` (for the down projection's weight
+            gradient); else an empty tensor is returned in its place.
+
+    Returns:
+        ``(grad_h [S, 2I], a_w [S, I] or empty, grad_row_weights [S])``, the last in float32
+        (float64 for float64 ``h``): ``<grad_aw[r], swiglu(h[r])>``.
+    """
+    return _ops.weighted_swiglu_backward(
+        grad_aw, h, row_weights, variant, alpha, limit, weighted_act
+    )
+
+
+@torch.library.register_fake("moeforge::weighted_swiglu_backward")
+def _weighted_swiglu_backward_fake(
+    grad_aw,
+    h,
+    row_weights,
+    variant="silu",
+    alpha=GPT_OSS_ALPHA,
+    limit=GPT_OSS_LIMIT,
+    weighted_act=True,
+):
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    rows, inter = h.shape[0], h.shape[1] // 2
+    return (
+        h.new_empty(h.shape),
+        h.new_empty(rows, inter) if weighted_act else h.new_empty(0),
+        h.new_empty(rows, dtype=acc),
+    )
 
 
 # ------------------------------------------------------------------------------------------

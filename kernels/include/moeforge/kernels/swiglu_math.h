@@ -4,8 +4,10 @@
 //   silu    (HF Qwen/Mixtral/OLMoE/DeepSeek): a = silu(g) * u = g * sigmoid(g) * u
 //   gpt_oss (clamped):  g' = min(g, limit), u' = clamp(u, -limit, limit),
 //                       a = (u' + 1) * g' * sigmoid(alpha * g')
-// Gradients through the clamps follow torch.clamp: they pass where the input lies inside the
-// closed interval and are zero outside it.
+// Gradients through the clamps pass where the input lies inside the closed interval and are zero
+// outside it. Exactly at a bound the derivative is a choice of subgradient: torch 2.15's clamp
+// backward (what HF's gpt-oss autograd uses there) passes nothing at the bound itself, so gradients
+// differ from HF's for inputs equal to +-limit (and only for those).
 #pragma once
 
 #include <cmath>

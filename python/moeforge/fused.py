@@ -1,0 +1,307 @@
+"""The routed-experts computation of an MoE layer as one autograd node, with a lean backward.
+
+Forward (same ops, same rounding as composing them one by one): routing -> permute ->
+``h = x W_gu^T`` (+ split LoRA) -> ``a = swiglu(h)`` -> ``y = a W_d^T`` (+ split LoRA) ->
+``out[t] = sum_k w[t,k] y[row(t,k)]``.
+
+Saved for backward: the layer input ``x [T, H]``, the pre-activation ``h [S, 2I]``, the routing
+plan and weights, LoRA's rank-r intermediates ``[S, r]`` (and the parameters, which autograd holds
+anyway). Not saved: the permuted input ``[S, H]`` (gathered again when a weight gradient needs
+it), the activation ``[S, I]`` (recomputed from ``h``) and the expert outputs ``[S, H]`` (never
+needed). At Qwen3-30B-A3B's shapes (T=16384, K=8, H=2048, I=768, bf16) a layer keeps 0.47 GB
+(``h`` and ``x``) instead of the 1.7 GB that op-by-op autograd keeps (``x_rows``, ``h``, ``a``,
+``y``).
+
+The routing-weight gradient without the expert outputs: read each row's weight as a factor of its
+activation, ``a_w = w a``, so that ``out[t] = sum_k (a_w W_d^T + w b_d)[row(t,k)]``. Then, with
+``dO_rows`` the *unweighted* output gradient gathered to the routed rows,
+
+* ``g = dO_rows W_d`` (+ LoRA's ``s (dO_rows B) A``) is the gradient of ``a_w``;
+* ``grad_h = swiglu'(h)^T (w g)``, ``dw = <g, a>`` (+ ``<dO, b_d>``) and ``a_w`` itself come
+  from one pass over ``h`` (:func:`moeforge.ops.weighted_swiglu_backward`);
+* ``dW_d = dO_rows^T a_w`` and the down adapter's gradients read ``a_w`` and ``w u``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moeforge import ops
+
+_ops = torch.ops.moeforge
+
+
+def _shape_only(rows: int, cols: int, like: Tensor) -> Tensor:
+    """A ``[rows, cols]`` stand-in (one row of storage, broadcast) for an op argument that only
+    fixes an output's shape: the backward ops read their ``x`` only for weight gradients, and
+    ours are called with those outputs masked off."""
+    return like.new_empty(cols).expand(rows, cols)
+
+
+class FusedMoEExperts(torch.autograd.Function):
+    """Autograd node of :func:`fused_moe_experts` (argument order as there)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        top_k_index: Tensor,
+        top_k_weights: Tensor,
+        gate_up_proj: Tensor,
+        down_proj: Tensor,
+        gate_up_bias: Tensor | None,
+        down_bias: Tensor | None,
+        gate_up_lora_A: Tensor | None,
+        gate_up_lora_B: Tensor | None,
+        down_lora_A: Tensor | None,
+        down_lora_B: Tensor | None,
+        layout: str,
+        alpha: float,
+        limit: float,
+        gate_up_scaling: float,
+        down_scaling: float,
+    ) -> Tensor:
+        transposed = layout == "gpt_oss"
+        variant = "gpt_oss" if transposed else "silu"
+        sorted_pairs, pair_to_row, offsets = _ops.routing(top_k_index, gate_up_proj.shape[0])
+        x_rows = _ops.permute(x, sorted_pairs, pair_to_row, None)
+        h = _ops.grouped_mm(x_rows, gate_up_proj, offsets, gate_up_bias, transposed)
+        gate_up_u = None
+        if gate_up_lora_A is not None:
+            delta, gate_up_u = _ops.expert_lora(
+                x_rows, gate_up_lora_A, gate_up_lora_B, offsets, gate_up_scaling
+            )
+            h.add_(delta)
+        del x_rows
+        a = _ops.swiglu(h, variant, alpha, limit)
+        y = _ops.grouped_mm(a, down_proj, offsets, down_bias, transposed)
+        down_u = None
+        if down_lora_A is not None:
+            delta, down_u = _ops.expert_lora(a, down_lora_A, down_lora_B, offsets, down_scaling)
+            y.add_(delta)
+        del a
+        out = _ops.combine(y, sorted_pairs, pair_to_row, top_k_weights)
+
+        ctx.layout, ctx.alpha, ctx.limit = layout, alpha, limit
+        ctx.gate_up_scaling, ctx.down_scaling = gate_up_scaling, down_scaling
+        ctx.save_for_backward(
+            x,
+            top_k_index,
+            top_k_weights,
+            gate_up_proj,
+            down_proj,
+            down_bias,
+            gate_up_lora_A,
+            gate_up_lora_B,
+            down_lora_A,
+            down_lora_B,
+            sorted_pairs,
+            pair_to_row,
+            offsets,
+            h,
+            gate_up_u,
+            down_u,
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (
+            x,
+            top_k_index,
+            top_k_weights,
+            gate_up_proj,
+            down_proj,
+            down_bias,
+            gate_up_lora_A,
+            gate_up_lora_B,
+            down_lora_A,
+            down_lora_B,
+            sorted_pairs,
+            pair_to_row,
+            offsets,
+            h,
+            gate_up_u,
+            down_u,
+        ) = ctx.saved_tensors
+        (
+            need_x,
+            _,
+            need_w,
+            need_gu,
+            need_dn,
+            need_gu_bias,
+            need_dn_bias,
+            need_gu_A,
+            need_gu_B,
+            need_dn_A,
+            need_dn_B,
+        ) = ctx.needs_input_grad[:11]
+        transposed = ctx.layout == "gpt_oss"
+        variant = "gpt_oss" if transposed else "silu"
+        num_rows, inter = h.shape[0], h.shape[1] // 2
+        hidden = x.shape[1]
+
+        # ---- down projection and the weighted activation ----
+        grad_out = grad_out.to(h.dtype)
+        grad_out_rows = _ops.permute(grad_out, sorted_pairs, pair_to_row, None)  # unweighted
+        row_weights = top_k_weights.reshape(-1).index_select(0, sorted_pairs)
+        grad_aw = _ops.grouped_mm(grad_out_rows, down_proj, offsets, None, not transposed)
+        if down_lora_A is not None:
+            lora_grad, _, _ = _ops.expert_lora_backward(
+                grad_out_rows,
+                _shape_only(num_rows, inter, h),
+                down_u,
+                down_lora_A,
+                down_lora_B,
+                offsets,
+                ctx.down_scaling,
+                [True, False, False],
+            )
+            grad_aw.add_(lora_grad)
+        want_act_w = need_dn or need_dn_A or need_dn_B
+        grad_h, act_w, grad_row_weights = _ops.weighted_swiglu_backward(
+            grad_aw, h, row_weights, variant, ctx.alpha, ctx.limit, want_act_w
+        )
+        del grad_aw
+        row_weights = row_weights.to(grad_row_weights.dtype)
+
+        grad_dn = grad_dn_bias = grad_dn_A = grad_dn_B = None
+        if need_dn:
+            _, grad_dn, _ = _ops.grouped_mm_backward(
+                grad_out_rows, act_w, down_proj, offsets, transposed, [False, True, False]
+            )
+        if need_dn_bias:  # sum over expert e's rows of w * dO
+            weighted_rows = grad_out_rows * row_weights.to(grad_out_rows.dtype)[:, None]
+            _, _, grad_dn_bias = _ops.grouped_mm_backward(
+                weighted_rows,
+                _shape_only(num_rows, inter, h),
+                down_proj,
+                offsets,
+                transposed,
+                [False, False, True],
+            )
+            del weighted_rows
+        if need_dn_A or need_dn_B:  # the adapter saw a_w, whose rank-r intermediate is w u
+            down_u_w = down_u.to(row_weights.dtype) * row_weights[:, None]
+            _, grad_dn_A, grad_dn_B = _ops.expert_lora_backward(
+                grad_out_rows,
+                act_w,
+                down_u_w,
+                down_lora_A,
+                down_lora_B,
+                offsets,
+                ctx.down_scaling,
+                [False, need_dn_A, need_dn_B],
+            )
+        del grad_out_rows, act_w
+
+        # ---- routing weights: dw[t, k] = <g, a>[row(t, k)] (+ <dO[t], b_d[e]>) ----
+        grad_w = None
+        if need_w:
+            kept = pair_to_row >= 0
+            grad_w = grad_row_weights.index_select(0, pair_to_row.clamp(min=0).reshape(-1))
+            grad_w = grad_w.view(pair_to_row.shape)
+            if down_bias is not None:
+                num_experts = down_bias.shape[0]
+                dots = grad_out.to(grad_w.dtype) @ down_bias.to(grad_w.dtype).t()  # [T, E]
+                grad_w = grad_w + dots.gather(1, top_k_index.long().clamp(0, num_experts - 1))
+            grad_w = torch.where(kept, grad_w, 0).to(top_k_weights.dtype)
+
+        # ---- gate_up projection ----
+        grad_x = grad_gu = grad_gu_bias = grad_gu_A = grad_gu_B = None
+        if need_x or need_gu or need_gu_bias or need_gu_A or need_gu_B:
+            if need_gu or need_gu_A:
+                x_rows = _ops.permute(x, sorted_pairs, pair_to_row, None)
+            else:
+                x_rows = _shape_only(num_rows, hidden, x)
+            mask = [need_x, need_gu, need_gu_bias]
+            grad_x_rows = None
+            if any(mask):
+                grad_x_rows, grad_gu, grad_gu_bias = _ops.grouped_mm_backward(
+                    grad_h, x_rows, gate_up_proj, offsets, transposed, mask
+                )
+            if gate_up_lora_A is not None and (need_x or need_gu_A or need_gu_B):
+                lora_grad_x, grad_gu_A, grad_gu_B = _ops.expert_lora_backward(
+                    grad_h,
+                    x_rows,
+                    gate_up_u,
+                    gate_up_lora_A,
+                    gate_up_lora_B,
+                    offsets,
+                    ctx.gate_up_scaling,
+                    [need_x, need_gu_A, need_gu_B],
+                )
+                if need_x:
+                    grad_x_rows.add_(lora_grad_x)
+            if need_x:
+                grad_x = _ops.combine(grad_x_rows, sorted_pairs, pair_to_row, None)
+
+        return (
+            grad_x,
+            None,
+            grad_w,
+            grad_gu if need_gu else None,
+            grad_dn,
+            grad_gu_bias if need_gu_bias else None,
+            grad_dn_bias,
+            grad_gu_A if need_gu_A else None,
+            grad_gu_B if need_gu_B else None,
+            grad_dn_A if need_dn_A else None,
+            grad_dn_B if need_dn_B else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def fused_moe_experts(
+    hidden_states: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    gate_up_proj: Tensor,
+    down_proj: Tensor,
+    *,
+    layout: str = "hf",
+    gate_up_bias: Tensor | None = None,
+    down_bias: Tensor | None = None,
+    gate_up_lora: tuple[Tensor, Tensor, float] | None = None,
+    down_lora: tuple[Tensor, Tensor, float] | None = None,
+    alpha: float = ops.GPT_OSS_ALPHA,
+    limit: float = ops.GPT_OSS_LIMIT,
+) -> Tensor:
+    """``sum_k w[t,k] * FFN_{e(t,k)}(x[t])`` as one autograd node (see the module docstring).
+
+    Args:
+        hidden_states: ``[T, H]``.
+        top_k_index: ``[T, K]`` int32/int64 expert ids; ids outside ``[0, E)`` are dropped.
+        top_k_weights: ``[T, K]`` routing weights (fp32 or the model dtype).
+        gate_up_proj, down_proj: expert weights in ``layout`` (see :mod:`moeforge.functional`).
+        gate_up_lora, down_lora: ``(lora_A [E*r, in], lora_B [out, r*E], scaling)`` or None.
+
+    Returns:
+        ``[T, H]`` in ``hidden_states.dtype``.
+    """
+    gu_A, gu_B, gu_s = gate_up_lora if gate_up_lora is not None else (None, None, 0.0)
+    dn_A, dn_B, dn_s = down_lora if down_lora is not None else (None, None, 0.0)
+    return FusedMoEExperts.apply(
+        hidden_states,
+        top_k_index,
+        top_k_weights,
+        gate_up_proj,
+        down_proj,
+        gate_up_bias,
+        down_bias,
+        gu_A,
+        gu_B,
+        dn_A,
+        dn_B,
+        layout,
+        float(alpha),
+        float(limit),
+        float(gu_s),
+        float(dn_s),
+    )
