@@ -40,17 +40,22 @@ TORCH_LIBRARY(moeforge, m) {
 
   // Grouped GEMM: rows [offsets[e], offsets[e+1]) of x times expert e's weight (+ bias).
   // weight [E,out,in] (nn.Linear, y = x W^T) or, with weight_transposed, [E,in,out] (y = x W).
-  // Rows >= offsets[E] (dropped) are zero.
+  // Rows >= offsets[E] (dropped) are zero. With the routing plan (sorted_pairs, pair_to_row),
+  // x is token-major [T,in] and routed row r reads token sorted_pairs[r] / K: the permute fused
+  // into the operand load (the output is still [S,out] in expert order).
   m.def(
       "grouped_mm(Tensor x, Tensor weight, Tensor expert_offsets, Tensor? bias=None, "
-      "bool weight_transposed=False) -> Tensor");
+      "bool weight_transposed=False, Tensor? sorted_pairs=None, Tensor? pair_to_row=None) -> "
+      "Tensor");
 
   // Backward of grouped_mm: (grad_x, grad_weight, grad_bias); an entry of output_mask that is
-  // False skips that work and returns an empty tensor (frozen weights cost no dW GEMM).
+  // False skips that work and returns an empty tensor (frozen weights cost no dW GEMM). With the
+  // plan, grad_weight reads x through it and grad_x is per routed row [S,in] (combine sums a
+  // token's rows).
   m.def(
       "grouped_mm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor expert_offsets, "
-      "bool weight_transposed, bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, "
-      "Tensor grad_bias)");
+      "bool weight_transposed, bool[3] output_mask, Tensor? sorted_pairs=None, "
+      "Tensor? pair_to_row=None) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 
   // Gated activation h [rows, 2I] -> a [rows, I]. variant "silu": HF layout, gate = h[:, :I],
   // up = h[:, I:], a = silu(gate) * up. "gpt_oss": gate = h[:, 0::2], up = h[:, 1::2],
@@ -73,14 +78,16 @@ TORCH_LIBRARY(moeforge, m) {
 
   // Split LoRA on routed rows, PEFT layout: lora_A [E*r, in] expert-major, lora_B [out, r*E]
   // rank-major. lora_u = x A_e^T [rows, r]; delta = scaling * lora_u B_e^T [rows, out].
-  // Never forms B_e A_e.
+  // Never forms B_e A_e. With the routing plan, x is token-major as for grouped_mm (and
+  // grad_x per routed row).
   m.def(
-      "expert_lora(Tensor x, Tensor lora_A, Tensor lora_B, Tensor expert_offsets, float scaling) "
-      "-> (Tensor delta, Tensor lora_u)");
+      "expert_lora(Tensor x, Tensor lora_A, Tensor lora_B, Tensor expert_offsets, float scaling, "
+      "Tensor? sorted_pairs=None, Tensor? pair_to_row=None) -> (Tensor delta, Tensor lora_u)");
   m.def(
       "expert_lora_backward(Tensor grad_delta, Tensor x, Tensor lora_u, Tensor lora_A, "
-      "Tensor lora_B, Tensor expert_offsets, float scaling, bool[3] output_mask) -> "
-      "(Tensor grad_x, Tensor grad_A, Tensor grad_B)");
+      "Tensor lora_B, Tensor expert_offsets, float scaling, bool[3] output_mask, "
+      "Tensor? sorted_pairs=None, Tensor? pair_to_row=None) -> (Tensor grad_x, Tensor grad_A, "
+      "Tensor grad_B)");
 
   // Fused router losses over all layers' logits [T,E] together (HF semantics): the load-balancing
   // loss E * sum_e (count_e / R) * (psum_e / R) and the z-loss mean(logsumexp^2), one pass.

@@ -12,20 +12,6 @@ void check_index_dtype(std::string_view op, std::string_view name, const at::Ten
                       " must be int32 or int64 expert ids, got ", t.scalar_type());
 }
 
-// The routing plan: sorted_pairs [num_tokens * top_k] int32, pair_to_row [num_tokens, top_k] int32.
-void check_plan(std::string_view op, const at::Tensor& sorted_pairs, const at::Tensor& pair_to_row,
-                int64_t num_tokens, std::string_view tokens_name, const at::Tensor& ref) {
-  check_dim(op, "pair_to_row", pair_to_row, 2, "[num_tokens, top_k]");
-  check_dtype(op, "pair_to_row", pair_to_row, at::kInt);
-  check_size(op, "pair_to_row", pair_to_row, 0, num_tokens, tokens_name);
-  check_same_device(op, "pair_to_row", pair_to_row, "the data tensor", ref);
-  check_dim(op, "sorted_pairs", sorted_pairs, 1, "[num_tokens * top_k]");
-  check_dtype(op, "sorted_pairs", sorted_pairs, at::kInt);
-  check_size(op, "sorted_pairs", sorted_pairs, 0, pair_to_row.numel(),
-             "num_tokens * top_k of pair_to_row");
-  check_same_device(op, "sorted_pairs", sorted_pairs, "the data tensor", ref);
-}
-
 void check_pair_weights(std::string_view op, const std::optional<at::Tensor>& weights,
                         const at::Tensor& pair_to_row, const at::Tensor& ref) {
   if (!weights.has_value()) return;
@@ -47,6 +33,19 @@ void check_offsets(std::string_view op, const at::Tensor& offsets, int64_t num_e
 }
 
 }  // namespace
+
+void check_plan(std::string_view op, const at::Tensor& sorted_pairs, const at::Tensor& pair_to_row,
+                int64_t num_tokens, std::string_view tokens_name, const at::Tensor& ref) {
+  check_dim(op, "pair_to_row", pair_to_row, 2, "[num_tokens, top_k]");
+  check_dtype(op, "pair_to_row", pair_to_row, at::kInt);
+  check_size(op, "pair_to_row", pair_to_row, 0, num_tokens, tokens_name);
+  check_same_device(op, "pair_to_row", pair_to_row, "the data tensor", ref);
+  check_dim(op, "sorted_pairs", sorted_pairs, 1, "[num_tokens * top_k]");
+  check_dtype(op, "sorted_pairs", sorted_pairs, at::kInt);
+  check_size(op, "sorted_pairs", sorted_pairs, 0, pair_to_row.numel(),
+             "num_tokens * top_k of pair_to_row");
+  check_same_device(op, "sorted_pairs", sorted_pairs, "the data tensor", ref);
+}
 
 void check_routing_inputs(const at::Tensor& topk_ids, int64_t num_experts) {
   constexpr std::string_view op = "routing";
@@ -120,13 +119,13 @@ void check_grouped_mm_inputs(const at::Tensor& x, const at::Tensor& weight,
 
 void check_grouped_mm_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
                                       const at::Tensor& weight, const at::Tensor& expert_offsets,
-                                      bool weight_transposed) {
+                                      bool weight_transposed, int64_t num_rows) {
   constexpr std::string_view op = "grouped_mm_backward";
   check_grouped_mm_inputs(x, weight, expert_offsets, std::nullopt, weight_transposed);
   check_dim(op, "grad_out", grad_out, 2, "[num_rows, out_features]");
   check_same_dtype(op, "grad_out", grad_out, "x", x);
   check_same_device(op, "grad_out", grad_out, "x", x);
-  check_size(op, "grad_out", grad_out, 0, x.size(0), "num_rows of x");
+  check_size(op, "grad_out", grad_out, 0, num_rows, "num_rows (of x, or of the routing plan)");
   check_size(op, "grad_out", grad_out, 1, weight.size(weight_transposed ? 2 : 1),
              "out_features of weight");
 }
@@ -210,16 +209,16 @@ int64_t check_expert_lora_inputs(std::string_view op, const at::Tensor& x, const
 int64_t check_expert_lora_backward_inputs(const at::Tensor& grad_delta, const at::Tensor& x,
                                           const at::Tensor& lora_u, const at::Tensor& lora_A,
                                           const at::Tensor& lora_B,
-                                          const at::Tensor& expert_offsets) {
+                                          const at::Tensor& expert_offsets, int64_t num_rows) {
   constexpr std::string_view op = "expert_lora_backward";
   const int64_t rank = check_expert_lora_inputs(op, x, lora_A, lora_B, expert_offsets);
   const int64_t out_features = lora_B.size(0);
-  MOEFORGE_CHECK_VALUE(grad_delta.dim() == 2 && grad_delta.size(0) == x.size(0) &&
-                           grad_delta.size(1) == out_features,
-                       op, "grad_delta must be [num_rows, out_features] = [", x.size(0), ", ",
-                       out_features, "], got ", grad_delta.sizes());
-  MOEFORGE_CHECK_VALUE(lora_u.dim() == 2 && lora_u.size(0) == x.size(0) && lora_u.size(1) == rank,
-                       op, "lora_u must be [num_rows, rank] = [", x.size(0), ", ", rank, "], got ",
+  MOEFORGE_CHECK_VALUE(
+      grad_delta.dim() == 2 && grad_delta.size(0) == num_rows && grad_delta.size(1) == out_features,
+      op, "grad_delta must be [num_rows, out_features] = [", num_rows, ", ", out_features,
+      "], got ", grad_delta.sizes());
+  MOEFORGE_CHECK_VALUE(lora_u.dim() == 2 && lora_u.size(0) == num_rows && lora_u.size(1) == rank,
+                       op, "lora_u must be [num_rows, rank] = [", num_rows, ", ", rank, "], got ",
                        lora_u.sizes());
   check_floating(op, "grad_delta", grad_delta);
   check_floating(op, "lora_u", lora_u);

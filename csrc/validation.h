@@ -11,6 +11,11 @@ namespace moeforge {
 
 void check_routing_inputs(const at::Tensor& topk_ids, int64_t num_experts);
 
+// The routing plan made by `routing`: sorted_pairs [num_tokens * top_k] and pair_to_row
+// [num_tokens, top_k], int32, on ref's device; num_tokens named by `tokens_name`.
+void check_plan(std::string_view op, const at::Tensor& sorted_pairs, const at::Tensor& pair_to_row,
+                int64_t num_tokens, std::string_view tokens_name, const at::Tensor& ref);
+
 // permute, combine and routed_dot share the routing plan made by `routing`.
 void check_permute_inputs(const at::Tensor& x, const at::Tensor& sorted_pairs,
                           const at::Tensor& pair_to_row, const std::optional<at::Tensor>& weights);
@@ -22,9 +27,10 @@ void check_routed_dot_inputs(const at::Tensor& rows, const at::Tensor& tokens,
 void check_grouped_mm_inputs(const at::Tensor& x, const at::Tensor& weight,
                              const at::Tensor& expert_offsets,
                              const std::optional<at::Tensor>& bias, bool weight_transposed);
+// num_rows: the routed rows (x.size(0), or the plan's S when x is read through it; row_source.h).
 void check_grouped_mm_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
                                       const at::Tensor& weight, const at::Tensor& expert_offsets,
-                                      bool weight_transposed);
+                                      bool weight_transposed, int64_t num_rows);
 
 // The SwiGLU variants: "silu" = HF layout (gate columns first, then up), silu(gate) * up;
 // "gpt_oss" = interleaved (gate even, up odd), clamped, (up + 1) * gate * sigmoid(alpha * gate).
@@ -44,11 +50,12 @@ int64_t check_expert_lora_inputs(std::string_view op, const at::Tensor& x, const
                                  const at::Tensor& lora_B, const at::Tensor& expert_offsets);
 
 // expert_lora_backward: the forward's rules plus grad_delta [num_rows, out_features] and
-// lora_u [num_rows, rank] (floating, on x's device). Returns the rank.
+// lora_u [num_rows, rank] (floating, on x's device), num_rows as for grouped_mm_backward.
+// Returns the rank.
 int64_t check_expert_lora_backward_inputs(const at::Tensor& grad_delta, const at::Tensor& x,
                                           const at::Tensor& lora_u, const at::Tensor& lora_A,
                                           const at::Tensor& lora_B,
-                                          const at::Tensor& expert_offsets);
+                                          const at::Tensor& expert_offsets, int64_t num_rows);
 
 void check_router_loss_inputs(std::string_view op, at::TensorList logits,
                               const std::optional<at::Tensor>& row_mask, int64_t top_k);

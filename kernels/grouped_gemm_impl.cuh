@@ -94,6 +94,21 @@ __device__ __forceinline__ long long warp_max(long long v) {
   return v;
 }
 
+// Source row of operand row r under the gather g (grouped_gemm.h, RowGather): r itself without a
+// gather, else index[r] / divisor, or -1 (a row of zeros) when that is outside [0, limit).
+__device__ __forceinline__ long long gathered_row(const RowGather& g, long long r) {
+  if (g.index == nullptr) return r;
+  const long long v = g.index[r];
+  if (v < 0) return -1;
+  const long long src = v / g.divisor;
+  return src < g.limit ? src : -1;
+}
+
+// A gather's arguments are usable (no gather, or divisor >= 1 and limit >= 0).
+inline bool gather_ok(const RowGather& g) {
+  return g.index == nullptr || (g.divisor >= 1 && g.limit >= 0);
+}
+
 // Rows [m(e), m(e+1)) of expert e (the clamped, non-decreasing reading of the offsets described
 // in grouped_gemm.h). Warp-collective: all 32 lanes call it; every lane gets the result.
 // O(e / 32) loads per lane.
@@ -191,14 +206,24 @@ struct SmemTiles {
 // registers, store() writes them k-major into shared memory. With k_fast the lanes of a warp walk
 // k (for operands contiguous along k), else mn; either way load l of this thread is element
 // (mn0 + l * dmn, k0 + kt + l * dk), at ptr + k0 * stride_k + l * step.
+//
+// Optionally (gather()) the rows of the operand - its mn index (x of the forward GEMM) or its k
+// index (the rows of a weight-gradient operand) - go through a RowGather: element (mn, k) is then
+// read at origin + src * stride_mn + k * stride_k (or mn * stride_mn + src * stride_k) with
+// src = gathered_row(g, first + mn (or k)), and as zero where src < 0.
 template <typename T, typename acc>
 struct TileLoader {
   const T* ptr;  // this thread's first element at k0 = 0
   long long step, stride_k, mn_limit, k_limit;
   int mn0, dmn, kt, dk;
   acc regs[kLoadsPerThread];
+  // gather state (g.index == nullptr: none)
+  RowGather g;
+  const T* origin = nullptr;
+  long long stride_mn = 0, first = 0;
+  bool gather_mn = false;
 
-  __device__ __forceinline__ TileLoader(const T* base, long long stride_mn, long long stride_k_,
+  __device__ __forceinline__ TileLoader(const T* base, long long stride_mn_, long long stride_k_,
                                         long long mn_limit_, long long k_limit_, bool k_fast)
       : stride_k(stride_k_), mn_limit(mn_limit_), k_limit(k_limit_) {
     const int tid = static_cast<int>(threadIdx.x);
@@ -207,16 +232,46 @@ struct TileLoader {
     } else {
       mn0 = tid % kTileM, dmn = 0, kt = tid / kTileM, dk = kThreads / kTileM;
     }
-    ptr = base + mn0 * stride_mn + kt * stride_k;
-    step = dmn * stride_mn + dk * stride_k;
+    ptr = base + mn0 * stride_mn_ + kt * stride_k;
+    step = dmn * stride_mn_ + dk * stride_k;
+    stride_mn = stride_mn_;
+  }
+
+  // Reads the operand's rows through `gather`: origin is the operand's element (0, 0) before the
+  // gather, first the operand row of this tile's mn = 0 (along_mn) or k = 0.
+  __device__ __forceinline__ void gather(const RowGather& gather_, const T* origin_,
+                                         long long first_, bool along_mn) {
+    g = gather_;
+    origin = origin_;
+    first = first_;
+    gather_mn = along_mn;
   }
 
   __device__ __forceinline__ void fetch(long long k0) {
+    if (g.index != nullptr) {
+      fetch_gathered(k0);
+      return;
+    }
     const T* p = ptr + k0 * stride_k;
 #pragma unroll
     for (int l = 0; l < kLoadsPerThread; ++l) {
       const bool ok = mn0 + l * dmn < mn_limit && k0 + kt + l * dk < k_limit;
       regs[l] = ok ? load_as<acc>(p + l * step) : acc(0);
+    }
+  }
+
+  __device__ __forceinline__ void fetch_gathered(long long k0) {
+#pragma unroll
+    for (int l = 0; l < kLoadsPerThread; ++l) {
+      long long mn = mn0 + l * dmn, k = k0 + kt + l * dk;
+      bool ok = mn < mn_limit && k < k_limit;
+      if (ok) {
+        const long long src = gathered_row(g, first + (gather_mn ? mn : k));
+        ok = src >= 0;
+        mn = gather_mn ? src : mn;
+        k = gather_mn ? k : src;
+      }
+      regs[l] = ok ? load_as<acc>(origin + mn * stride_mn + k * stride_k) : acc(0);
     }
   }
 
@@ -302,6 +357,7 @@ __global__ void __launch_bounds__(kThreads)
 
   const long long sk = args.w_stride_k, sn = args.w_stride_n;
   TileLoader<TX, acc> lx(args.x + t.row0 * args.ldx, args.ldx, 1, rows, args.k, true);
+  if (args.x_rows.index != nullptr) lx.gather(args.x_rows, args.x, t.row0, /*along_mn=*/true);
   TileLoader<TW, acc> lw(args.w + t.group * args.w_stride_e + n0 * sn, sn, sk, args.n - n0, args.k,
                          llabs(sk) <= llabs(sn));
   acc frag[kFragM][kFragN];
@@ -338,7 +394,9 @@ cudaError_t launch_grouped_gemm_impl(const GroupedGemmArgs<TX, TW, TY>& args, cu
     return cudaErrorInvalidValue;
   }
   if (args.num_rows == 0 || args.n == 0) return cudaSuccess;  // empty output
-  if (args.y == nullptr || args.expert_offsets == nullptr) return cudaErrorInvalidValue;
+  if (args.y == nullptr || args.expert_offsets == nullptr || !gather_ok(args.x_rows)) {
+    return cudaErrorInvalidValue;
+  }
   if (args.k > 0 && args.num_experts > 0 && (args.x == nullptr || args.w == nullptr)) {
     return cudaErrorInvalidValue;  // (x and w are only read for k > 0 and E > 0)
   }
@@ -387,6 +445,8 @@ __global__ void __launch_bounds__(kThreads)
 
   TileLoader<TA, acc> la(args.a + begin * args.lda + p0, 1, args.lda, args.p - p0, rows, false);
   TileLoader<TB, acc> lb(args.b + begin * args.ldb + q0, 1, args.ldb, args.q - q0, rows, false);
+  if (args.a_rows.index != nullptr) la.gather(args.a_rows, args.a + p0, begin, /*along_mn=*/false);
+  if (args.b_rows.index != nullptr) lb.gather(args.b_rows, args.b + q0, begin, /*along_mn=*/false);
   acc frag[kFragM][kFragN];
 #pragma unroll
   for (int i = 0; i < kFragM; ++i) {
@@ -418,7 +478,10 @@ cudaError_t launch_grouped_gemm_wgrad_impl(const GroupedGemmWgradArgs<TA, TB, TG
     return cudaErrorInvalidValue;
   }
   if (args.num_experts == 0 || args.p == 0 || args.q == 0) return cudaSuccess;  // empty output
-  if (args.g == nullptr || args.expert_offsets == nullptr) return cudaErrorInvalidValue;
+  if (args.g == nullptr || args.expert_offsets == nullptr || !gather_ok(args.a_rows) ||
+      !gather_ok(args.b_rows)) {
+    return cudaErrorInvalidValue;
+  }
   if (args.num_rows > 0 && (args.a == nullptr || args.b == nullptr)) return cudaErrorInvalidValue;
   const int64_t p_tiles = (args.p + kTileM - 1) / kTileM;
   const int64_t q_tiles = (args.q + kTileN - 1) / kTileN;

@@ -108,6 +108,9 @@ __device__ __forceinline__ uint4 load_chunk(const uint16_t* p, long long stride_
 // issue(r0, c0, tile, ld) copies the tile at (r0, c0) into shared memory as tile[r * ld + c] in
 // 16-byte chunks along c (thread tid owns chunks tid + 256 l, so the lanes of a warp walk c, then
 // r). kUnitC: stride_c is 1 (known at compile time; x).
+// gather(g, origin, first): the operand's rows go through a RowGather (the token permutation fused
+// into the load): row r is then read at origin + gathered_row(g, first + r) * stride_r, and as
+// zeros where that is -1.
 template <int kRows, int kCols, bool kUnitC = false>
 struct ChunkLoader {
   static constexpr int kChunksPerRow = kCols / kChunk;
@@ -116,6 +119,8 @@ struct ChunkLoader {
   const uint16_t* base;
   long long stride_r, stride_c, r_limit, c_limit;
   bool vec;
+  RowGather rows;  // index == nullptr: no gather
+  long long first = 0;
 
   __device__ __forceinline__ ChunkLoader(const void* base_, long long stride_r_,
                                          long long stride_c_, long long r_limit_,
@@ -130,6 +135,15 @@ struct ChunkLoader {
           reinterpret_cast<uintptr_t>(base_) % (kChunk * sizeof(uint16_t)) == 0;
   }
 
+  // Reads row r at origin + gathered_row(g, first_ + r) * stride_r from now on. The vector
+  // condition carries over: the row offsets stay multiples of stride_r.
+  __device__ __forceinline__ void gather(const RowGather& g, const void* origin, long long first_) {
+    rows = g;
+    first = first_;
+    vec = vec && reinterpret_cast<uintptr_t>(origin) % (kChunk * sizeof(uint16_t)) == 0;
+    base = static_cast<const uint16_t*>(origin);
+  }
+
   // Copies the tile at (r0, c0) into tile[r * ld + c] (one pipeline stage): cp.async for whole
   // aligned chunks, a predicated zero-filling gather and a plain store for the others.
   __device__ __forceinline__ void issue(long long r0, long long c0, uint16_t* tile, int ld) const {
@@ -138,9 +152,15 @@ struct ChunkLoader {
       const int chunk = static_cast<int>(threadIdx.x) + l * kWmmaThreads;
       const int r = chunk / kChunksPerRow, c = (chunk % kChunksPerRow) * kChunk;
       const long long gr = r0 + r, gc = c0 + c;
-      const long long valid = gr < r_limit ? c_limit - gc : 0;
+      long long src_r = gr;
+      bool row_ok = gr < r_limit;
+      if (rows.index != nullptr && row_ok) {
+        src_r = gathered_row(rows, first + gr);
+        row_ok = src_r >= 0;
+      }
+      const long long valid = row_ok ? c_limit - gc : 0;
       const long long sc = kUnitC ? 1 : stride_c;
-      const uint16_t* src = base + gr * stride_r + gc * sc;
+      const uint16_t* src = base + (row_ok ? src_r : 0) * stride_r + gc * sc;
       uint16_t* dst = tile + r * ld + c;
       if (vec && valid >= kChunk) {
         cp_async_16(dst, src);
@@ -309,6 +329,7 @@ __global__ void __launch_bounds__(kWmmaThreads, 2)
   const T* w = args.w + t.group * args.w_stride_e + n0 * sn;
   // x: (r, c) = (row, k). W: (r, c) = (n, k) when k-major, else (k, n).
   ChunkLoader<kWmmaBM, kWmmaBK, true> lx(args.x + t.row0 * args.ldx, args.ldx, 1, rows, args.k);
+  if (args.x_rows.index != nullptr) lx.gather(args.x_rows, args.x, t.row0);
   ChunkLoader<kKMajor ? kWmmaBN : kWmmaBK, kKMajor ? kWmmaBK : kWmmaBN> lw(
       w, kKMajor ? sn : sk, kKMajor ? sk : sn, kKMajor ? cols : args.k, kKMajor ? args.k : cols);
   constexpr int kLdW = kKMajor ? kLdK : kLdN;
@@ -376,6 +397,8 @@ __global__ void __launch_bounds__(kWmmaThreads, 2)
                                          p_valid);
   ChunkLoader<kWmmaBK, kWmmaBN, true> lb(args.b + begin * args.ldb + q0, args.ldb, 1, rows,
                                          q_valid);
+  if (args.a_rows.index != nullptr) la.gather(args.a_rows, args.a + p0, begin);
+  if (args.b_rows.index != nullptr) lb.gather(args.b_rows, args.b + q0, begin);
   const auto issue_slab = [&](long long kt) {
     uint16_t* stage = stages + (kt % kStages) * kWgradStageElements;
     la.issue(kt * kWmmaBK, 0, stage, kLdN);

@@ -6,9 +6,12 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <string_view>
 #include <tuple>
 
 #include "checks.h"
+#include "row_source.h"
 #include "validation.h"
 
 namespace moeforge {
@@ -19,11 +22,14 @@ at::Tensor as_compute(const at::Tensor& t) {
   return reduced ? t.to(at::kFloat) : t;
 }
 
-std::tuple<at::Tensor, at::Tensor> expert_lora_cpu(const at::Tensor& x, const at::Tensor& lora_A,
+std::tuple<at::Tensor, at::Tensor> expert_lora_cpu(const at::Tensor& x_in, const at::Tensor& lora_A,
                                                    const at::Tensor& lora_B,
-                                                   const at::Tensor& expert_offsets,
-                                                   double scaling) {
-  const int64_t rank = check_expert_lora_inputs("expert_lora", x, lora_A, lora_B, expert_offsets);
+                                                   const at::Tensor& expert_offsets, double scaling,
+                                                   const std::optional<at::Tensor>& sorted_pairs,
+                                                   const std::optional<at::Tensor>& pair_to_row) {
+  const int64_t rank =
+      check_expert_lora_inputs("expert_lora", x_in, lora_A, lora_B, expert_offsets);
+  const at::Tensor x = row_source("expert_lora", x_in, sorted_pairs, pair_to_row).rows(x_in);
   check_offsets_values("expert_lora", expert_offsets, x.size(0));
   const int64_t num_experts = expert_offsets.size(0) - 1, out_features = lora_B.size(0);
   at::Tensor delta = at::zeros({x.size(0), out_features}, x.options());
@@ -43,15 +49,23 @@ std::tuple<at::Tensor, at::Tensor> expert_lora_cpu(const at::Tensor& x, const at
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_lora_backward_cpu(
-    const at::Tensor& grad_delta, const at::Tensor& x, const at::Tensor& lora_u,
+    const at::Tensor& grad_delta, const at::Tensor& x_in, const at::Tensor& lora_u,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& expert_offsets,
-    double scaling, std::array<bool, 3> output_mask) {
-  const int64_t rank =
-      check_expert_lora_backward_inputs(grad_delta, x, lora_u, lora_A, lora_B, expert_offsets);
-  check_offsets_values("expert_lora_backward", expert_offsets, x.size(0));
+    double scaling, std::array<bool, 3> output_mask, const std::optional<at::Tensor>& sorted_pairs,
+    const std::optional<at::Tensor>& pair_to_row) {
+  constexpr std::string_view op = "expert_lora_backward";
+  check_expert_lora_inputs(op, x_in, lora_A, lora_B, expert_offsets);
+  const RowSource source = row_source(op, x_in, sorted_pairs, pair_to_row);
+  const int64_t num_rows = source.num_rows(x_in);
+  const int64_t rank = check_expert_lora_backward_inputs(grad_delta, x_in, lora_u, lora_A, lora_B,
+                                                         expert_offsets, num_rows);
+  check_offsets_values(op, expert_offsets, num_rows);
+  // x in expert order, gathered only where grad_A reads it.
+  const at::Tensor x = output_mask[1] ? source.rows(x_in) : at::Tensor();
   const int64_t num_experts = expert_offsets.size(0) - 1, out_features = lora_B.size(0);
-  const auto empty = [&] { return at::empty({0}, x.options()); };
-  at::Tensor grad_x = output_mask[0] ? at::zeros_like(x, at::MemoryFormat::Contiguous) : empty();
+  const auto empty = [&] { return at::empty({0}, x_in.options()); };
+  at::Tensor grad_x =
+      output_mask[0] ? at::zeros({num_rows, x_in.size(1)}, x_in.options()) : empty();
   at::Tensor grad_A =
       output_mask[1] ? at::zeros_like(lora_A, at::MemoryFormat::Contiguous) : empty();
   at::Tensor grad_B =

@@ -6,6 +6,7 @@
 
 #include <tuple>
 
+#include "row_source.h"
 #include "validation.h"
 
 namespace moeforge {
@@ -20,10 +21,10 @@ at::Tensor as_compute(const at::Tensor& t) {
   return is_reduced_float(t) ? t.to(at::kFloat) : t;
 }
 
-at::Tensor grouped_mm_cpu(const at::Tensor& x, const at::Tensor& weight,
-                          const at::Tensor& expert_offsets, const std::optional<at::Tensor>& bias,
-                          bool weight_transposed) {
-  check_grouped_mm_inputs(x, weight, expert_offsets, bias, weight_transposed);
+// grouped_mm on rows already in expert order (x [S, in]).
+at::Tensor grouped_mm_rows(const at::Tensor& x, const at::Tensor& weight,
+                           const at::Tensor& expert_offsets, const std::optional<at::Tensor>& bias,
+                           bool weight_transposed) {
   check_offsets_values("grouped_mm", expert_offsets, x.size(0));
   const int64_t num_experts = weight.size(0);
   const int64_t out_features = weight.size(weight_transposed ? 2 : 1);
@@ -43,23 +44,37 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x, const at::Tensor& weight,
   return out;
 }
 
+at::Tensor grouped_mm_cpu(const at::Tensor& x, const at::Tensor& weight,
+                          const at::Tensor& expert_offsets, const std::optional<at::Tensor>& bias,
+                          bool weight_transposed, const std::optional<at::Tensor>& sorted_pairs,
+                          const std::optional<at::Tensor>& pair_to_row) {
+  check_grouped_mm_inputs(x, weight, expert_offsets, bias, weight_transposed);
+  const RowSource source = row_source("grouped_mm", x, sorted_pairs, pair_to_row);
+  return grouped_mm_rows(source.rows(x), weight, expert_offsets, bias, weight_transposed);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& expert_offsets, bool weight_transposed, std::array<bool, 3> output_mask) {
-  check_grouped_mm_backward_inputs(grad_out, x, weight, expert_offsets, weight_transposed);
-  check_offsets_values("grouped_mm_backward", expert_offsets, x.size(0));
+    const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& weight,
+    const at::Tensor& expert_offsets, bool weight_transposed, std::array<bool, 3> output_mask,
+    const std::optional<at::Tensor>& sorted_pairs, const std::optional<at::Tensor>& pair_to_row) {
+  const RowSource source = row_source("grouped_mm_backward", x_in, sorted_pairs, pair_to_row);
+  check_grouped_mm_backward_inputs(grad_out, x_in, weight, expert_offsets, weight_transposed,
+                                   source.num_rows(x_in));
+  check_offsets_values("grouped_mm_backward", expert_offsets, grad_out.size(0));
+  // x in expert order, gathered only where the weight gradient reads it.
+  const at::Tensor x = output_mask[1] ? source.rows(x_in) : at::Tensor();
   const int64_t num_experts = weight.size(0);
   const int64_t out_features = weight.size(weight_transposed ? 2 : 1);
-  const auto empty = [&] { return at::empty({0}, x.options()); };
+  const auto empty = [&] { return at::empty({0}, x_in.options()); };
 
-  // dx = dy W_e: the forward op with the other weight orientation.
-  at::Tensor grad_x = output_mask[0] ? grouped_mm_cpu(grad_out, weight, expert_offsets,
-                                                      std::nullopt, !weight_transposed)
+  // dx = dy W_e: the forward op with the other weight orientation (per routed row).
+  at::Tensor grad_x = output_mask[0] ? grouped_mm_rows(grad_out, weight, expert_offsets,
+                                                       std::nullopt, !weight_transposed)
                                      : empty();
   at::Tensor grad_w =
       output_mask[1] ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : empty();
   at::Tensor grad_b =
-      output_mask[2] ? at::zeros({num_experts, out_features}, x.options()) : empty();
+      output_mask[2] ? at::zeros({num_experts, out_features}, x_in.options()) : empty();
   if (output_mask[1] || output_mask[2]) {
     const at::Tensor offs = expert_offsets.contiguous();
     const int32_t* o = offs.data_ptr<int32_t>();

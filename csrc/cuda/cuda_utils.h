@@ -14,6 +14,7 @@
 #include <string_view>
 
 #include "moeforge/kernels/grouped_gemm.h"
+#include "row_source.h"
 
 namespace moeforge {
 
@@ -61,6 +62,18 @@ kernels::GroupedGemmEngine grouped_gemm_engine();
 // columns. t itself when it already is one, else a contiguous copy.
 inline at::Tensor as_rows(const at::Tensor& t) {
   return t.stride(1) == 1 || t.size(1) <= 1 ? t : t.contiguous();
+}
+
+// The kernels' form of a RowSource over x (kernels::RowGather): routed row r reads x row
+// sorted_pairs[r] / top_k; no gather when x is already in expert order.
+inline kernels::RowGather row_gather(const RowSource& source, const at::Tensor& x) {
+  kernels::RowGather g;
+  if (source.gathered()) {
+    g.index = source.sorted_pairs.const_data_ptr<int32_t>();
+    g.divisor = source.top_k;
+    g.limit = x.size(0);
+  }
+  return g;
 }
 
 }  // namespace moeforge

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <optional>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
@@ -62,10 +63,12 @@ struct Lora {
 template <typename TX, typename TW, typename TY>
 void rows_gemm(const TX* x, int64_t ldx, const TW* w, std::array<int64_t, 3> ws, TY* y,
                int64_t num_rows, int64_t k, int64_t n, const at::Tensor& offsets,
-               int64_t num_experts, double alpha, std::string_view op, cudaStream_t stream) {
+               int64_t num_experts, double alpha, std::string_view op, cudaStream_t stream,
+               const kernels::RowGather& x_rows = {}) {
   kernels::GroupedGemmArgs<TX, TW, TY> args;
   args.x = x;
   args.ldx = ldx;
+  args.x_rows = x_rows;
   args.w = w;
   args.w_stride_e = ws[0];
   args.w_stride_k = ws[1];
@@ -88,12 +91,14 @@ void rows_gemm(const TX* x, int64_t ldx, const TW* w, std::array<int64_t, 3> ws,
 template <typename TA, typename TB, typename TG>
 void wgrad_gemm(const TA* a, int64_t lda, int64_t p, const TB* b, int64_t ldb, int64_t q, TG* g,
                 std::array<int64_t, 3> gs, int64_t num_rows, const at::Tensor& offsets,
-                int64_t num_experts, double alpha, std::string_view op, cudaStream_t stream) {
+                int64_t num_experts, double alpha, std::string_view op, cudaStream_t stream,
+                const kernels::RowGather& b_rows = {}) {
   kernels::GroupedGemmWgradArgs<TA, TB, TG> args;
   args.a = a;
   args.lda = lda;
   args.b = b;
   args.ldb = ldb;
+  args.b_rows = b_rows;
   args.expert_offsets = offsets.const_data_ptr<int32_t>();
   args.g = g;
   args.g_stride_e = gs[0];
@@ -116,18 +121,20 @@ T* mutable_data(at::Tensor& t) {
   return static_cast<T*>(t.mutable_data_ptr());
 }
 
-std::tuple<at::Tensor, at::Tensor> expert_lora_cuda(const at::Tensor& x_in,
-                                                    const at::Tensor& lora_A,
-                                                    const at::Tensor& lora_B,
-                                                    const at::Tensor& expert_offsets,
-                                                    double scaling) {
+std::tuple<at::Tensor, at::Tensor> expert_lora_cuda(
+    const at::Tensor& x_in, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const at::Tensor& expert_offsets, double scaling, const std::optional<at::Tensor>& sorted_pairs,
+    const std::optional<at::Tensor>& pair_to_row) {
   constexpr std::string_view op = "expert_lora";
   const int64_t rank = check_expert_lora_inputs(op, x_in, lora_A, lora_B, expert_offsets);
+  const RowSource source = row_source(op, x_in, sorted_pairs, pair_to_row);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor offsets = expert_offsets.contiguous();
   const at::Tensor x = as_rows(x_in);
-  const Lora l{x.size(0), x.size(1), lora_B.size(0), rank, offsets.size(0) - 1, lora_A, lora_B};
+  const kernels::RowGather x_rows = row_gather(source, x);
+  const Lora l{source.num_rows(x),  x.size(1), lora_B.size(0), rank,
+               offsets.size(0) - 1, lora_A,    lora_B};
   at::Tensor delta = at::empty({l.num_rows, l.out}, x.options());
   at::Tensor lora_u = at::empty({l.num_rows, rank}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -139,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> expert_lora_cuda(const at::Tensor& x_in,
                            ? lora_u
                            : at::empty({l.num_rows, rank}, x.options().dtype(inter_dtype<T>()));
         rows_gemm(data<T>(x), x.stride(0), data<T>(lora_A), l.a_t(), mutable_data<I>(u), l.num_rows,
-                  l.in, rank, offsets, l.num_experts, 1.0, op, stream);
+                  l.in, rank, offsets, l.num_experts, 1.0, op, stream, x_rows);
         // delta = scaling * u B_e^T
         rows_gemm(data<I>(u), rank, data<T>(lora_B), l.b_t(), mutable_data<T>(delta), l.num_rows,
                   rank, l.out, offsets, l.num_experts, scaling, op, stream);
@@ -151,10 +158,13 @@ std::tuple<at::Tensor, at::Tensor> expert_lora_cuda(const at::Tensor& x_in,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_lora_backward_cuda(
     const at::Tensor& grad_delta_in, const at::Tensor& x_in, const at::Tensor& lora_u_in,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& expert_offsets,
-    double scaling, std::array<bool, 3> output_mask) {
+    double scaling, std::array<bool, 3> output_mask, const std::optional<at::Tensor>& sorted_pairs,
+    const std::optional<at::Tensor>& pair_to_row) {
   constexpr std::string_view op = "expert_lora_backward";
-  const int64_t rank = check_expert_lora_backward_inputs(grad_delta_in, x_in, lora_u_in, lora_A,
-                                                         lora_B, expert_offsets);
+  check_expert_lora_inputs(op, x_in, lora_A, lora_B, expert_offsets);
+  const RowSource source = row_source(op, x_in, sorted_pairs, pair_to_row);
+  const int64_t rank = check_expert_lora_backward_inputs(
+      grad_delta_in, x_in, lora_u_in, lora_A, lora_B, expert_offsets, source.num_rows(x_in));
   const int64_t out_features = lora_B.size(0);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -163,7 +173,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_lora_backward_cuda(
   // here they are brought to x's dtype (a no-op for the tensors autograd passes).
   const at::Tensor grad_delta = as_rows(grad_delta_in.to(x_in.scalar_type()));
   const at::Tensor lora_u = as_rows(lora_u_in.to(x_in.scalar_type()));
-  const Lora l{x_in.size(0), x_in.size(1), out_features, rank, offsets.size(0) - 1, lora_A, lora_B};
+  const Lora l{source.num_rows(x_in), x_in.size(1), out_features, rank,
+               offsets.size(0) - 1,   lora_A,       lora_B};
   const auto empty = [&] { return at::empty({0}, x_in.options()); };
   at::Tensor grad_x = output_mask[0] ? at::empty({l.num_rows, l.in}, x_in.options()) : empty();
   at::Tensor grad_A = output_mask[1] ? at::empty(lora_A.sizes(), lora_A.options()) : empty();
@@ -186,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_lora_backward_cuda(
             const at::Tensor x = as_rows(x_in);
             wgrad_gemm(data<I>(du), rank, rank, data<T>(x), x.stride(0), l.in,
                        mutable_data<T>(grad_A), {rank * l.in, l.in, 1}, l.num_rows, offsets,
-                       l.num_experts, 1.0, op, stream);
+                       l.num_experts, 1.0, op, stream, row_gather(source, x));
           }
         }
         if (output_mask[2]) {  // grad_B_e [out, r] = scaling * grad_delta_e^T u_e, rank-major

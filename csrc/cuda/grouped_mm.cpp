@@ -103,13 +103,14 @@ kernels::GroupedGemmEngine grouped_gemm_engine() {
 namespace {
 
 template <typename scalar_t>
-void launch_rows(const at::Tensor& x, const at::Tensor& weight, std::array<int64_t, 3> ws,
-                 const at::Tensor& bias, const at::Tensor& offsets, at::Tensor& out,
-                 std::string_view op, cudaStream_t stream) {
+void launch_rows(const at::Tensor& x, const kernels::RowGather& x_rows, const at::Tensor& weight,
+                 std::array<int64_t, 3> ws, const at::Tensor& bias, const at::Tensor& offsets,
+                 at::Tensor& out, std::string_view op, cudaStream_t stream) {
   using T = cuda_type_t<scalar_t>;
   kernels::GroupedGemmArgs<T, T, T> args;
   args.x = cuda_ptr<scalar_t>(x);
   args.ldx = row_stride(x);
+  args.x_rows = x_rows;
   args.w = cuda_ptr<scalar_t>(weight);
   args.w_stride_e = ws[0];
   args.w_stride_k = ws[1];
@@ -121,7 +122,7 @@ void launch_rows(const at::Tensor& x, const at::Tensor& weight, std::array<int64
   args.expert_offsets = offsets.const_data_ptr<int32_t>();
   args.y = cuda_mutable_ptr<scalar_t>(out);
   args.ldy = out.size(1);
-  args.num_rows = x.size(0);
+  args.num_rows = out.size(0);
   args.k = x.size(1);
   args.n = out.size(1);
   args.num_experts = weight.size(0);
@@ -131,17 +132,20 @@ void launch_rows(const at::Tensor& x, const at::Tensor& weight, std::array<int64
 }
 
 // out [S, n] = x @ W_e per expert (+ bias[e]); rows past offsets[E] zero. See weight_operand.
-at::Tensor grouped_gemm(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& offsets,
-                        const std::optional<at::Tensor>& bias_in, bool weight_transposed,
-                        bool forward, std::string_view op, cudaStream_t stream) {
+// x's rows are read through `source` (x in expert order, or token-major through the plan).
+at::Tensor grouped_gemm(const at::Tensor& x_in, const RowSource& source, const at::Tensor& weight,
+                        const at::Tensor& offsets, const std::optional<at::Tensor>& bias_in,
+                        bool weight_transposed, bool forward, std::string_view op,
+                        cudaStream_t stream) {
   const at::Tensor x = as_rows(x_in);
   const int64_t n = weight.size(forward == weight_transposed ? 2 : 1);
-  at::Tensor out = at::empty({x.size(0), n}, x.options());
+  at::Tensor out = at::empty({source.num_rows(x), n}, x.options());
+  const kernels::RowGather x_rows = row_gather(source, x);
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const std::array<int64_t, 3> ws = weight_operand(weight, weight_transposed, forward);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "moeforge.grouped_mm",
-      [&] { launch_rows<scalar_t>(x, weight, ws, bias, offsets, out, op, stream); });
+      [&] { launch_rows<scalar_t>(x, x_rows, weight, ws, bias, offsets, out, op, stream); });
   return out;
 }
 
@@ -240,33 +244,54 @@ std::optional<at::Tensor> torch_grouped_wgrad(const at::Tensor& first, const at:
   return g;
 }
 
-at::Tensor grouped_mm_cuda(const at::Tensor& x, const at::Tensor& weight,
-                           const at::Tensor& expert_offsets, const std::optional<at::Tensor>& bias,
-                           bool weight_transposed) {
-  check_grouped_mm_inputs(x, weight, expert_offsets, bias, weight_transposed);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor offsets = expert_offsets.contiguous();
-  // torch's engine: y = x @ W_e with W_e as [in, out].
-  if (std::optional<at::Tensor> out = torch_grouped_gemm(
-          x, weight_transposed ? weight : weight.transpose(1, 2), offsets,
-          bias.has_value() ? bias->contiguous() : at::Tensor(), "grouped_mm", stream)) {
-    return *out;
-  }
-  return grouped_gemm(x, weight, offsets, bias, weight_transposed, /*forward=*/true, "grouped_mm",
-                      stream);
+// torch's engine has no gather: under MOEFORGE_GROUPED_GEMM=torch a gathered x is materialised
+// (the permute it replaces) and the GEMM reads that copy.
+bool gather_first(const RowSource& source) {
+  return source.gathered() && requested_engine() == GemmEngine::kTorch;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
-    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight,
-    const at::Tensor& expert_offsets, bool weight_transposed, std::array<bool, 3> output_mask) {
-  constexpr std::string_view op = "grouped_mm_backward";
-  check_grouped_mm_backward_inputs(grad_out_in, x_in, weight, expert_offsets, weight_transposed);
+at::Tensor grouped_mm_cuda(const at::Tensor& x_in, const at::Tensor& weight,
+                           const at::Tensor& expert_offsets, const std::optional<at::Tensor>& bias,
+                           bool weight_transposed, const std::optional<at::Tensor>& sorted_pairs,
+                           const std::optional<at::Tensor>& pair_to_row) {
+  check_grouped_mm_inputs(x_in, weight, expert_offsets, bias, weight_transposed);
+  RowSource source = row_source("grouped_mm", x_in, sorted_pairs, pair_to_row);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor offsets = expert_offsets.contiguous();
+  const bool copy_x = gather_first(source);
+  const at::Tensor x = copy_x ? source.rows(x_in) : x_in;
+  if (copy_x) source = RowSource{};
+  // torch's engine: y = x @ W_e with W_e as [in, out].
+  if (!source.gathered()) {
+    if (std::optional<at::Tensor> out = torch_grouped_gemm(
+            x, weight_transposed ? weight : weight.transpose(1, 2), offsets,
+            bias.has_value() ? bias->contiguous() : at::Tensor(), "grouped_mm", stream)) {
+      return *out;
+    }
+  }
+  return grouped_gemm(x, source, weight, offsets, bias, weight_transposed, /*forward=*/true,
+                      "grouped_mm", stream);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& x_arg, const at::Tensor& weight,
+    const at::Tensor& expert_offsets, bool weight_transposed, std::array<bool, 3> output_mask,
+    const std::optional<at::Tensor>& sorted_pairs, const std::optional<at::Tensor>& pair_to_row) {
+  constexpr std::string_view op = "grouped_mm_backward";
+  check_grouped_mm_inputs(x_arg, weight, expert_offsets, std::nullopt, weight_transposed);
+  RowSource source = row_source(op, x_arg, sorted_pairs, pair_to_row);
+  check_grouped_mm_backward_inputs(grad_out_in, x_arg, weight, expert_offsets, weight_transposed,
+                                   source.num_rows(x_arg));
+  const c10::cuda::CUDAGuard guard(x_arg.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor offsets = expert_offsets.contiguous();
   const at::Tensor grad_out = as_rows(grad_out_in);
-  const int64_t num_rows = x_in.size(0), num_experts = weight.size(0);
+  const int64_t num_rows = grad_out.size(0), num_experts = weight.size(0);
+  // x is read by the weight gradient only (gathered there, or copied first for torch's engine).
+  const bool copy_x = output_mask[1] && gather_first(source);
+  const at::Tensor x_in = copy_x ? source.rows(x_arg) : x_arg;
+  if (copy_x) source = RowSource{};
   const int64_t out_features = grad_out.size(1);
   const auto empty = [&] { return at::empty({0}, x_in.options()); };
 
@@ -277,8 +302,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
         torch_grouped_gemm(grad_out, weight_transposed ? weight.transpose(1, 2) : weight, offsets,
                            at::Tensor(), op, stream);
     grad_x = torch_grad_x ? *torch_grad_x
-                          : grouped_gemm(grad_out, weight, offsets, std::nullopt, weight_transposed,
-                                         /*forward=*/false, op, stream);
+                          : grouped_gemm(grad_out, RowSource{}, weight, offsets, std::nullopt,
+                                         weight_transposed, /*forward=*/false, op, stream);
   }
   // grad_weight in the weight's own layout (contiguous): [E, out, in] = grad_out_e^T x_e, or
   // transposed [E, in, out] = x_e^T grad_out_e. The operand whose features index the weight's
@@ -289,7 +314,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
   const at::Tensor& first = weight_transposed ? x : grad_out;
   const at::Tensor& second = weight_transposed ? grad_out : x;
   if (output_mask[1]) {
-    torch_grad_w = torch_grouped_wgrad(first, second, offsets, num_experts, op, stream);
+    if (!source.gathered()) {
+      torch_grad_w = torch_grouped_wgrad(first, second, offsets, num_experts, op, stream);
+    }
     grad_w = torch_grad_w ? *torch_grad_w : at::empty(weight.sizes(), weight.options());
   }
   if (output_mask[1] && !torch_grad_w) {
@@ -301,6 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
           args.lda = row_stride(first);
           args.b = cuda_ptr<scalar_t>(second);
           args.ldb = row_stride(second);
+          (weight_transposed ? args.a_rows : args.b_rows) = row_gather(source, x);
           args.expert_offsets = offsets.const_data_ptr<int32_t>();
           args.g = cuda_mutable_ptr<scalar_t>(grad_w);
           args.g_stride_e = grad_w.stride(0);

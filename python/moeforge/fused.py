@@ -1,16 +1,19 @@
 """The routed-experts computation of an MoE layer as one autograd node, with a lean backward.
 
-Forward (same ops, same rounding as composing them one by one): routing -> permute ->
+Forward (same values and rounding as composing the ops one by one): routing -> permute ->
 ``h = x W_gu^T`` (+ split LoRA) -> ``a = swiglu(h)`` -> ``y = a W_d^T`` (+ split LoRA) ->
 ``out[t] = sum_k w[t,k] y[row(t,k)]``.
 
+The permute is fused into the gate_up GEMMs: they read the token-major ``x`` through the routing
+plan (``grouped_mm`` / ``expert_lora`` with ``sorted_pairs``), in the forward and in the weight
+gradients, so the permuted input ``[S, H]`` is never written.
+
 Saved for backward: the layer input ``x [T, H]``, the pre-activation ``h [S, 2I]``, the routing
 plan and weights, LoRA's rank-r intermediates ``[S, r]`` (and the parameters, which autograd holds
-anyway). Not saved: the permuted input ``[S, H]`` (gathered again when a weight gradient needs
-it), the activation ``[S, I]`` (recomputed from ``h``) and the expert outputs ``[S, H]`` (never
-needed). At Qwen3-30B-A3B's shapes (T=16384, K=8, H=2048, I=768, bf16) a layer keeps 0.47 GB
-(``h`` and ``x``) instead of the 1.7 GB that op-by-op autograd keeps (``x_rows``, ``h``, ``a``,
-``y``).
+anyway). Not saved: the activation ``[S, I]`` (recomputed from ``h``) and the expert outputs
+``[S, H]`` (never needed). At Qwen3-30B-A3B's shapes (T=16384, K=8, H=2048, I=768, bf16) a
+layer keeps 0.47 GB (``h`` and ``x``) instead of the 1.7 GB that op-by-op autograd keeps
+(``x_rows``, ``h``, ``a``, ``y``).
 
 The routing-weight gradient without the expert outputs: read each row's weight as a factor of its
 activation, ``a_w = w a``, so that ``out[t] = sum_k (a_w W_d^T + w b_d)[row(t,k)]``. Then, with
@@ -65,15 +68,14 @@ class FusedMoEExperts(torch.autograd.Function):
         transposed = layout == "gpt_oss"
         variant = "gpt_oss" if transposed else "silu"
         sorted_pairs, pair_to_row, offsets = _ops.routing(top_k_index, gate_up_proj.shape[0])
-        x_rows = _ops.permute(x, sorted_pairs, pair_to_row, None)
-        h = _ops.grouped_mm(x_rows, gate_up_proj, offsets, gate_up_bias, transposed)
+        plan = (sorted_pairs, pair_to_row)  # x is read through it: no permuted copy
+        h = _ops.grouped_mm(x, gate_up_proj, offsets, gate_up_bias, transposed, *plan)
         gate_up_u = None
         if gate_up_lora_A is not None:
             delta, gate_up_u = _ops.expert_lora(
-                x_rows, gate_up_lora_A, gate_up_lora_B, offsets, gate_up_scaling
+                x, gate_up_lora_A, gate_up_lora_B, offsets, gate_up_scaling, *plan
             )
             h.add_(delta)
-        del x_rows
         a = _ops.swiglu(h, variant, alpha, limit)
         y = _ops.grouped_mm(a, down_proj, offsets, down_bias, transposed)
         down_u = None
@@ -141,7 +143,6 @@ class FusedMoEExperts(torch.autograd.Function):
         transposed = ctx.layout == "gpt_oss"
         variant = "gpt_oss" if transposed else "silu"
         num_rows, inter = h.shape[0], h.shape[1] // 2
-        hidden = x.shape[1]
 
         # ---- down projection and the weighted activation ----
         grad_out = grad_out.to(h.dtype)
@@ -209,29 +210,28 @@ class FusedMoEExperts(torch.autograd.Function):
                 grad_w = grad_w + dots.gather(1, top_k_index.long().clamp(0, num_experts - 1))
             grad_w = torch.where(kept, grad_w, 0).to(top_k_weights.dtype)
 
-        # ---- gate_up projection ----
+        # ---- gate_up projection (x read through the plan; grad_x per routed row, then summed
+        # over each token's rows) ----
         grad_x = grad_gu = grad_gu_bias = grad_gu_A = grad_gu_B = None
+        plan = (sorted_pairs, pair_to_row)
         if need_x or need_gu or need_gu_bias or need_gu_A or need_gu_B:
-            if need_gu or need_gu_A:
-                x_rows = _ops.permute(x, sorted_pairs, pair_to_row, None)
-            else:
-                x_rows = _shape_only(num_rows, hidden, x)
             mask = [need_x, need_gu, need_gu_bias]
             grad_x_rows = None
             if any(mask):
                 grad_x_rows, grad_gu, grad_gu_bias = _ops.grouped_mm_backward(
-                    grad_h, x_rows, gate_up_proj, offsets, transposed, mask
+                    grad_h, x, gate_up_proj, offsets, transposed, mask, *plan
                 )
             if gate_up_lora_A is not None and (need_x or need_gu_A or need_gu_B):
                 lora_grad_x, grad_gu_A, grad_gu_B = _ops.expert_lora_backward(
                     grad_h,
-                    x_rows,
+                    x,
                     gate_up_u,
                     gate_up_lora_A,
                     gate_up_lora_B,
                     offsets,
                     ctx.gate_up_scaling,
                     [need_x, need_gu_A, need_gu_B],
+                    *plan,
                 )
                 if need_x:
                     grad_x_rows.add_(lora_grad_x)

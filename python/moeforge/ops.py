@@ -178,62 +178,91 @@ def grouped_mm(
     expert_offsets: Tensor,
     bias: Tensor | None = None,
     weight_transposed: bool = False,
+    plan: RoutingPlan | None = None,
 ) -> Tensor:
     """Per-expert GEMM over expert-sorted rows.
 
     Args:
-        x: ``[S, in]`` rows in expert order.
+        x: ``[S, in]`` rows in expert order or, with ``plan``, token-major ``[T, in]``: routed
+            row r then reads token ``plan.sorted_pairs[r] // K`` (the permute fused into the
+            GEMM's operand load; the ``[S, in]`` copy is never made).
         weight: ``[E, out, in]`` (nn.Linear / HF layout, ``y = x W^T``) or, with
             ``weight_transposed``, ``[E, in, out]`` (gpt-oss layout, ``y = x W``).
         expert_offsets: ``[E + 1]`` int32 from :func:`routing`.
         bias: optional ``[E, out]``.
+        plan: optional routing plan (see ``x``); the gradient of ``x`` then sums each token's
+            routed rows (:func:`combine`).
 
     Returns:
-        ``[S, out]``; rows past ``expert_offsets[E]`` are zero. fp32 accumulation.
+        ``[S, out]`` in expert order; rows past ``expert_offsets[E]`` are zero. fp32
+        accumulation.
     """
-    return _ops.grouped_mm(x, weight, expert_offsets, bias, weight_transposed)
+    pairs, rows = (plan.sorted_pairs, plan.pair_to_row) if plan is not None else (None, None)
+    return _ops.grouped_mm(x, weight, expert_offsets, bias, weight_transposed, pairs, rows)
 
 
 @torch.library.register_fake("moeforge::grouped_mm")
-def _grouped_mm_fake(x, weight, expert_offsets, bias=None, weight_transposed=False):
-    return x.new_empty(x.shape[0], weight.shape[2 if weight_transposed else 1])
+def _grouped_mm_fake(
+    x,
+    weight,
+    expert_offsets,
+    bias=None,
+    weight_transposed=False,
+    sorted_pairs=None,
+    pair_to_row=None,
+):
+    num_rows = sorted_pairs.shape[0] if sorted_pairs is not None else x.shape[0]
+    return x.new_empty(num_rows, weight.shape[2 if weight_transposed else 1])
 
 
 @torch.library.register_fake("moeforge::grouped_mm_backward")
-def _grouped_mm_backward_fake(grad_out, x, weight, expert_offsets, weight_transposed, output_mask):
+def _grouped_mm_backward_fake(
+    grad_out,
+    x,
+    weight,
+    expert_offsets,
+    weight_transposed,
+    output_mask,
+    sorted_pairs=None,
+    pair_to_row=None,
+):
     out_features = weight.shape[2 if weight_transposed else 1]
     empty = x.new_empty(0)
     return (
-        x.new_empty(x.shape) if output_mask[0] else empty,
+        x.new_empty(grad_out.shape[0], x.shape[1]) if output_mask[0] else empty,
         weight.new_empty(weight.shape) if output_mask[1] else empty,
         x.new_empty(weight.shape[0], out_features) if output_mask[2] else empty,
     )
 
 
 def _grouped_mm_setup(ctx, inputs, output):
-    x, weight, expert_offsets, bias, weight_transposed = inputs
+    x, weight, expert_offsets, bias, weight_transposed, sorted_pairs, pair_to_row = inputs
     ctx.weight_transposed = weight_transposed
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, expert_offsets)
+    ctx.save_for_backward(x, weight, expert_offsets, sorted_pairs, pair_to_row)
 
 
 def _grouped_mm_backward(ctx, grad):
-    x, weight, expert_offsets = ctx.saved_tensors
+    x, weight, expert_offsets, sorted_pairs, pair_to_row = ctx.saved_tensors
     mask = [
         ctx.needs_input_grad[0],
         ctx.needs_input_grad[1],
         ctx.has_bias and ctx.needs_input_grad[3],
     ]
     if not any(mask):
-        return None, None, None, None, None
+        return None, None, None, None, None, None, None
     grad_x, grad_w, grad_b = _ops.grouped_mm_backward(
-        grad, x, weight, expert_offsets, ctx.weight_transposed, mask
+        grad, x, weight, expert_offsets, ctx.weight_transposed, mask, sorted_pairs, pair_to_row
     )
+    if mask[0] and sorted_pairs is not None:  # per routed row -> per token
+        grad_x = _ops.combine(grad_x, sorted_pairs, pair_to_row, None)
     return (
         grad_x if mask[0] else None,
         grad_w if mask[1] else None,
         None,
         grad_b if mask[2] else None,
+        None,
+        None,
         None,
     )
 
@@ -343,62 +372,95 @@ def _weighted_swiglu_backward_fake(
 
 
 def expert_lora(
-    x: Tensor, lora_A: Tensor, lora_B: Tensor, expert_offsets: Tensor, scaling: float
+    x: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    expert_offsets: Tensor,
+    scaling: float,
+    plan: RoutingPlan | None = None,
 ) -> Tensor:
     """Split LoRA delta on routed rows, in PEFT's expert layout.
 
     Args:
-        x: ``[S, in]`` rows in expert order.
+        x: ``[S, in]`` rows in expert order or, with ``plan``, token-major ``[T, in]`` (as for
+            :func:`grouped_mm`).
         lora_A: ``[E*r, in]``, expert-major (rows ``e*r:(e+1)*r`` are expert e's A).
         lora_B: ``[out, r*E]``, rank-major (column ``j*E + e`` is rank j of expert e).
         expert_offsets: ``[E + 1]`` int32.
         scaling: LoRA scale (``alpha / r``).
+        plan: optional routing plan (see ``x``).
 
     Returns:
         ``[S, out]`` = ``scaling * (x A_e^T) B_e^T`` per expert; ``B_e A_e`` is never formed.
     """
-    delta, _ = _ops.expert_lora(x, lora_A, lora_B, expert_offsets, scaling)
+    pairs, rows = (plan.sorted_pairs, plan.pair_to_row) if plan is not None else (None, None)
+    delta, _ = _ops.expert_lora(x, lora_A, lora_B, expert_offsets, scaling, pairs, rows)
     return delta
 
 
 @torch.library.register_fake("moeforge::expert_lora")
-def _expert_lora_fake(x, lora_A, lora_B, expert_offsets, scaling):
+def _expert_lora_fake(
+    x, lora_A, lora_B, expert_offsets, scaling, sorted_pairs=None, pair_to_row=None
+):
     rank = lora_A.shape[0] // (expert_offsets.shape[0] - 1)
-    return x.new_empty(x.shape[0], lora_B.shape[0]), x.new_empty(x.shape[0], rank)
+    num_rows = sorted_pairs.shape[0] if sorted_pairs is not None else x.shape[0]
+    return x.new_empty(num_rows, lora_B.shape[0]), x.new_empty(num_rows, rank)
 
 
 @torch.library.register_fake("moeforge::expert_lora_backward")
 def _expert_lora_backward_fake(
-    grad_delta, x, lora_u, lora_A, lora_B, expert_offsets, scaling, output_mask
+    grad_delta,
+    x,
+    lora_u,
+    lora_A,
+    lora_B,
+    expert_offsets,
+    scaling,
+    output_mask,
+    sorted_pairs=None,
+    pair_to_row=None,
 ):
     empty = x.new_empty(0)
     return (
-        x.new_empty(x.shape) if output_mask[0] else empty,
+        x.new_empty(grad_delta.shape[0], x.shape[1]) if output_mask[0] else empty,
         lora_A.new_empty(lora_A.shape) if output_mask[1] else empty,
         lora_B.new_empty(lora_B.shape) if output_mask[2] else empty,
     )
 
 
 def _expert_lora_setup(ctx, inputs, output):
-    x, lora_A, lora_B, expert_offsets, scaling = inputs
+    x, lora_A, lora_B, expert_offsets, scaling, sorted_pairs, pair_to_row = inputs
     _, lora_u = output
     ctx.scaling = scaling
     ctx.mark_non_differentiable(lora_u)
-    ctx.save_for_backward(x, lora_u, lora_A, lora_B, expert_offsets)
+    ctx.save_for_backward(x, lora_u, lora_A, lora_B, expert_offsets, sorted_pairs, pair_to_row)
 
 
 def _expert_lora_backward(ctx, grad_delta, _grad_u):
-    x, lora_u, lora_A, lora_B, expert_offsets = ctx.saved_tensors
+    x, lora_u, lora_A, lora_B, expert_offsets, sorted_pairs, pair_to_row = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
     if not any(mask):
-        return None, None, None, None, None
+        return None, None, None, None, None, None, None
     grad_x, grad_A, grad_B = _ops.expert_lora_backward(
-        grad_delta, x, lora_u, lora_A, lora_B, expert_offsets, ctx.scaling, mask
+        grad_delta,
+        x,
+        lora_u,
+        lora_A,
+        lora_B,
+        expert_offsets,
+        ctx.scaling,
+        mask,
+        sorted_pairs,
+        pair_to_row,
     )
+    if mask[0] and sorted_pairs is not None:  # per routed row -> per token
+        grad_x = _ops.combine(grad_x, sorted_pairs, pair_to_row, None)
     return (
         grad_x if mask[0] else None,
         grad_A if mask[1] else None,
         grad_B if mask[2] else None,
+        None,
+        None,
         None,
         None,
     )

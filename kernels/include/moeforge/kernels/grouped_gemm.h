@@ -33,7 +33,8 @@
 // Deterministic: no atomics; every output element is computed by one thread (or, on the tensor-core
 // path, one warp) that sums in a fixed order, so two runs give bitwise equal results. Launchers
 // check their arguments (cudaErrorInvalidValue: negative sizes, null pointers where data is needed,
-// sizes beyond the grid limits noted below), check every launch, and return the first CUDA error.
+// a gather with divisor < 1 or limit < 0, sizes beyond the grid limits noted below), check every
+// launch, and return the first CUDA error.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -53,11 +54,24 @@ namespace moeforge::kernels {
 // sums differ only in rounding order) and both are deterministic.
 enum class GroupedGemmEngine : int { kSimt = 0, kWmma = 1 };
 
+// An optional gather of an operand's rows: the token permutation fused into the GEMM's operand
+// load, so that expert-sorted rows are read straight from the token-major activations instead of
+// from a permuted copy. With index set, row r of the operand is row index[r] / divisor of the
+// source (e.g. index = the routing plan's sorted_pairs, divisor = top_k: the token of each routed
+// row); an index outside [0, limit * divisor) reads as a row of zeros (so a corrupt plan cannot
+// read out of bounds). index == nullptr: row r is row r (no gather).
+struct RowGather {
+  const int32_t* index = nullptr;  // [num_rows], device
+  int64_t divisor = 1;             // >= 1
+  int64_t limit = 0;               // rows of the source
+};
+
 // y = alpha * x @ W_e (+ bias[e]) (+ y) on the rows of each expert e.
 template <typename TX, typename TW, typename TY>
 struct GroupedGemmArgs {
   const TX* x = nullptr;  // [num_rows, k], row r at x + r * ldx (contiguous along k)
   int64_t ldx = 0;
+  RowGather x_rows;  // optional: row r of x at x + (x_rows.index[r] / x_rows.divisor) * ldx
   // W_e[kk, nn] = w[e * w_stride_e + kk * w_stride_k + nn * w_stride_n]
   //   weight [E, out, in] used as x W^T: w_stride_e = out*in, w_stride_k = 1,  w_stride_n = in
   //   weight [E, in, out] used as x W:   w_stride_e = in*out, w_stride_k = out, w_stride_n = 1
@@ -88,6 +102,7 @@ struct GroupedGemmWgradArgs {
   int64_t lda = 0;
   const TB* b = nullptr;  // [num_rows, q], row r at b + r * ldb
   int64_t ldb = 0;
+  RowGather a_rows, b_rows;  // optional gathers of a's and b's rows (as GroupedGemmArgs::x_rows)
   const int32_t* expert_offsets = nullptr;  // [num_experts + 1], device
   // G_e[pp, qq] = g[e * g_stride_e + pp * g_stride_p + qq * g_stride_q]
   TG* g = nullptr;
