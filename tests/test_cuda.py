@@ -117,6 +117,16 @@ def test_expert_ffn_ops_match_cpu(dtype, layout, engine):
     assert_matches_cpu(
         lambda g, h: torch.ops.moeforge.swiglu_backward(g, h, variant, 1.702, 7.0), g, h, **tol
     )
+    row_w = torch.rand(h.shape[0], device="cuda") * 2 - 0.5
+    assert_matches_cpu(
+        lambda g, h, w: torch.ops.moeforge.weighted_swiglu_backward(
+            g, h, w, variant, 1.702, 7.0, True
+        ),
+        g,
+        h,
+        row_w,
+        **tol,
+    )
     dy = torch.randn(xs.shape[0], 2 * I, device="cuda", dtype=dtype)
     assert_matches_cpu(
         lambda dy, x, w, o: torch.ops.moeforge.grouped_mm_backward(
@@ -283,6 +293,86 @@ def test_router_loss_matches_cpu(dtype):
         rtol=1e-4,
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gathered_rows_equal_permute_first(engine, dtype):
+    """grouped_mm / expert_lora (and their backward ops) reading token-major x through the plan
+    (the permute fused into the loads) give bitwise the results of permuting first: the same rows
+    in the same order, on every engine. H = 200 leaves partial k slabs and unaligned rows."""
+    torch.manual_seed(0)
+    T, K, E, H, O, r = 1500, 4, 24, 200, 136, 8
+    ids = random_topk_ids(T, K, E, device="cuda", drop_fraction=0.03, skip_experts=(5,))
+    plan = ops.routing(ids, E)
+    pairs = (plan.sorted_pairs, plan.pair_to_row)
+    offs = plan.expert_offsets
+    x = torch.randn(T, H, device="cuda", dtype=dtype)
+    xs = ops.permute(x, plan)
+    dy = torch.randn(T * K, O, device="cuda", dtype=dtype)
+    mask = [True, True, False]
+    for transposed in (False, True):
+        shape = (E, H, O) if transposed else (E, O, H)
+        w = torch.randn(shape, device="cuda", dtype=dtype) / H**0.5
+        poison_allocator()
+        got = ops.grouped_mm(x, w, offs, None, transposed, plan=plan)
+        assert torch.equal(got, ops.grouped_mm(xs, w, offs, None, transposed))
+        got = torch.ops.moeforge.grouped_mm_backward(dy, x, w, offs, transposed, mask, *pairs)
+        want = torch.ops.moeforge.grouped_mm_backward(dy, xs, w, offs, transposed, mask)
+        for g, wt in zip(got[:2], want[:2]):
+            assert torch.equal(g, wt)
+    A = torch.randn(E * r, H, device="cuda", dtype=dtype) / H**0.5
+    B = torch.randn(O, r * E, device="cuda", dtype=dtype) / r**0.5
+    delta, u = torch.ops.moeforge.expert_lora(x, A, B, offs, 0.5, *pairs)
+    delta_ref, u_ref = torch.ops.moeforge.expert_lora(xs, A, B, offs, 0.5)
+    assert torch.equal(delta, delta_ref) and torch.equal(u, u_ref)
+    got = torch.ops.moeforge.expert_lora_backward(dy, x, u, A, B, offs, 0.5, [True] * 3, *pairs)
+    want = torch.ops.moeforge.expert_lora_backward(dy, xs, u, A, B, offs, 0.5, [True] * 3)
+    for g, wt in zip(got, want):
+        assert torch.equal(g, wt)
+
+
+@pytest.mark.parametrize("layout", ["hf", "gpt_oss"])
+def test_fused_moe_experts_forward_backward_match_cpu(engine, layout):
+    """The fused layer (moe_experts: gathered gate_up GEMMs, weighted_swiglu_backward, LoRA on
+    both projections, gpt-oss biases) on CUDA vs the same function on CPU, every gradient."""
+    torch.manual_seed(0)
+    T, K, E, H, I, r = 600, 4, 16, 128, 96, 4
+    dt = torch.bfloat16
+    ids = random_topk_ids(T, K, E, device="cuda", drop_fraction=0.03, skip_experts=(2,))
+    transposed = layout == "gpt_oss"
+    leaves = {
+        "x": torch.randn(T, H, device="cuda", dtype=dt),
+        "w": torch.rand(T, K, device="cuda"),
+        "gu": torch.randn((E, H, 2 * I) if transposed else (E, 2 * I, H), device="cuda", dtype=dt)
+        / H**0.5,
+        "dn": torch.randn((E, I, H) if transposed else (E, H, I), device="cuda", dtype=dt) / I**0.5,
+        "guA": torch.randn(E * r, H, device="cuda", dtype=dt) / H**0.5,
+        "guB": torch.randn(2 * I, r * E, device="cuda", dtype=dt) / r,
+        "dnA": torch.randn(E * r, I, device="cuda", dtype=dt) / I**0.5,
+        "dnB": torch.randn(H, r * E, device="cuda", dtype=dt) / r,
+    }
+    if transposed:
+        leaves["gub"] = torch.randn(E, 2 * I, device="cuda", dtype=dt)
+        leaves["dnb"] = torch.randn(E, H, device="cuda", dtype=dt)
+    grad_out = torch.randn(T, H, device="cuda", dtype=dt)
+
+    def run(device):
+        p = {n: t.detach().to(device).requires_grad_() for n, t in leaves.items()}
+        kwargs = {
+            "layout": layout,
+            "gate_up_lora": moeforge.ExpertLoRA(p["guA"], p["guB"], 0.5),
+            "down_lora": moeforge.ExpertLoRA(p["dnA"], p["dnB"], 0.5),
+        }
+        if transposed:
+            kwargs.update(gate_up_bias=p["gub"], down_bias=p["dnb"])
+        out = moeforge.moe_experts(p["x"], ids.to(device), p["w"], p["gu"], p["dn"], **kwargs)
+        grads = torch.autograd.grad(out, list(p.values()), grad_out.to(device))
+        return [out, *grads]
+
+    poison_allocator()
+    for name, got, want in zip(["out", *leaves], run("cuda"), run("cpu")):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.cpu().float(), want.float(), rtol=3e-2, atol=3e-2, msg=name)
 
 
 def test_deterministic():
