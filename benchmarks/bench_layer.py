@@ -11,6 +11,10 @@ frozen forward+backward 2, trainable forward+backward 3 (LoRA FLOPs not counted)
     python benchmarks/bench_layer.py --device cpu --tiny        # smoke run
     python benchmarks/bench_layer.py --engines moeforge simt torch   # every grouped GEMM engine
 
+``--unfused`` adds "moeforge (op by op)": the same ops composed one by one with their own
+autograd (permute materialised, activation and expert outputs saved), i.e. moe_experts before the
+fused layer, to measure what the fusion buys in time and peak memory.
+
 ``--engines`` runs the moeforge path once per grouped GEMM engine (MOEFORGE_GROUPED_GEMM, see
 csrc/cuda/grouped_mm.cpp): ``moeforge`` (the default: our tensor-core path for the forward /
 grad_x / weight-gradient GEMMs in fp16 / bf16 on sm80+, SIMT for the rest), ``simt`` (our SIMT
@@ -107,6 +111,33 @@ def build_paths(args, H, I, E, K, T, mode, dtype):
     return paths
 
 
+def unfused_moe_experts(
+    hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, **ffn_kwargs
+):
+    """moe_experts composed op by op (each op's own autograd): the baseline of the fusion."""
+    from moeforge import ops
+    from moeforge.functional import expert_ffn
+
+    plan = ops.routing(top_k_index, gate_up_proj.shape[0])
+    x_sorted = ops.permute(hidden_states, plan)
+    y_sorted = expert_ffn(x_sorted, plan.expert_offsets, gate_up_proj, down_proj, **ffn_kwargs)
+    return ops.combine(y_sorted, plan, top_k_weights)
+
+
+@contextlib.contextmanager
+def layer_variant(unfused: bool):
+    """Runs moeforge's HF experts through unfused_moe_experts inside the block."""
+    from moeforge.hf import experts_interface
+
+    fused = experts_interface.moe_experts
+    if unfused:
+        experts_interface.moe_experts = unfused_moe_experts
+    try:
+        yield
+    finally:
+        experts_interface.moe_experts = fused
+
+
 def engine_label(engine: str) -> str:
     return "moeforge" if engine == "moeforge" else f"moeforge ({engine} gemm)"
 
@@ -160,6 +191,7 @@ def main() -> None:
         "--engines", nargs="+", default=["moeforge"], choices=["moeforge", "simt", "torch"],
         help="grouped GEMM engines to run the moeforge path with (MOEFORGE_GROUPED_GEMM)",
     )  # fmt: skip
+    p.add_argument("--unfused", action="store_true", help="also run the op-by-op composition")
     p.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args()
@@ -177,11 +209,13 @@ def main() -> None:
                 flops = 6 * T * K * H * I
                 results = {}
                 for name, fn in build_paths(args, H, I, E, K, T, mode, dtype).items():
-                    runs = [(name, None)]
+                    runs = [(name, None, False)]
                     if name == "moeforge":
-                        runs = [(engine_label(e), e) for e in args.engines]
-                    for label, engine in runs:
-                        with grouped_gemm_engine(engine):
+                        runs = [(engine_label(e), e, False) for e in args.engines]
+                        if args.unfused:
+                            runs.append(("moeforge (op by op)", args.engines[0], True))
+                    for label, engine, unfused in runs:
+                        with grouped_gemm_engine(engine), layer_variant(unfused):
                             results[label] = measure(fn, x, grad, args.device)
                 ours = results[engine_label(args.engines[0])][1]
                 for name, (t_fwd, t_step, peak) in results.items():

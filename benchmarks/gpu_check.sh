@@ -33,7 +33,7 @@ step bench_permute python bench_permute.py --tokens 4096 16384 65536 \
   --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3
 step bench_router_loss python bench_router_loss.py --tokens 16384 --layers 48
 step bench_layer python bench_layer.py --models ${MOEFORGE_BENCH_MODELS:-qwen3-30b-a3b} \
-  --tokens 4096 16384 --engines moeforge simt torch --json "$OUT/bench_layer.json"
+  --tokens 4096 16384 --engines moeforge simt torch --unfused --json "$OUT/bench_layer.json"
 step bench_e2e_lora python bench_e2e_lora.py
 cd ..
 echo; echo "== summary =="; printf '%s\n' "${summary[@]}"
