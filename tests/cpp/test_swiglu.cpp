@@ -1,9 +1,11 @@
-// GoogleTest for kernels/swiglu.cu: drives launch_swiglu / launch_swiglu_backward on cudaMalloc'd
-// buffers (outputs poisoned with 0xFF bytes, i.e. NaN) for both variants (kSilu: HF layout
-// gate = h[:, :I], up = h[:, I:]; kGptOss: interleaved gate = h[:, 0::2], up = h[:, 1::2], clamped
-// with alpha = 1.702, limit = 7) and compares with a float64 host reference computed with the
-// swiglu_math.h functions in double, within a per-element bound on the error of the kernel's
-// acc_type_t arithmetic and its final rounding (see Tolerance). Every case skips without a GPU.
+// GoogleTest for kernels/swiglu.cu: drives launch_swiglu / launch_swiglu_backward /
+// launch_weighted_swiglu_backward on cudaMalloc'd buffers (outputs poisoned with 0xFF bytes, i.e.
+// NaN) for both variants (kSilu: HF layout gate = h[:, :I], up = h[:, I:]; kGptOss: interleaved
+// gate = h[:, 0::2], up = h[:, 1::2], clamped with alpha = 1.702, limit = 7) and compares with a
+// float64 host reference computed with the swiglu_math.h functions in double, within a
+// per-element bound on the error of the kernel's acc_type_t arithmetic and its final rounding (see
+// Tolerance; the weighted backward's bounds are derived next to its cases). Every case that
+// launches skips without a GPU; the argument checks run everywhere.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -103,10 +105,9 @@ void backward_ref(GluVariant v, double grad, double gate, double up, Ref* dg, Re
 }
 
 template <typename T>
-void expect_close(const std::vector<T>& got, const std::vector<Ref>& want,
-                  const std::string& what) {
+void expect_close(const std::vector<T>& got, const std::vector<Ref>& want, const std::string& what,
+                  const Tolerance& tol = tolerance<T>()) {
   ASSERT_EQ(got.size(), want.size()) << what;
-  const Tolerance tol = tolerance<T>();
   int64_t bad = 0;
   for (size_t i = 0; i < got.size() && bad < 10; ++i) {
     const double g = to_acc(got[i]), w = want[i].value;
@@ -347,6 +348,338 @@ TYPED_TEST(SwigluTest, NonDefaultStream) {
   expect_close(out.download(), want, "swiglu");
 }
 
+// ---- weighted backward (launch_weighted_swiglu_backward) ---------------------------------------
+// Per row r with routing weight w = row_weights[r] (acc_t) and dy = grad_aw[r, :]:
+//   grad_h[r, :]        = (da/dh)^T (w dy)                  (T)
+//   weighted_act[r, :]  = w a(h[r, :])                      (T)
+//   grad_row_weights[r] = sum_j dy_j a_j                    (acc_t, one fixed-order reduction)
+//
+// Bounds, with u = unit_roundoff<acc_t>() (2^-24; 2^-53 for double) and Tolerance as above:
+//   grad_h: the kernel rounds w * dy once in acc_t and then runs the unweighted backward formula
+//     on it. The reference feeds the exact w * dy (a product of a float and a T value is exact in
+//     double; for double the reference rounds it exactly as the kernel does) to backward_ref.
+//     d/dgate and d/dup are linear in grad, so that one extra rounding costs u |value| <= u * mag:
+//     the backward bound with acc_rel + u (2x margin of acc_rel unchanged).
+//   weighted_act: a costs acc_rel |a| (the forward bound), the product w * a one more rounding, u,
+//     then the rounding to T (out_rel, abs): reference |w a|, acc_rel + u. (The cross term
+//     acc_rel * u < 1e-12 relative is inside acc_rel's 2x margin.)
+//   grad_row_weights: each term dy_j * a_j enters with a_j (1 + theta_j), |theta_j| <= acc_rel
+//     (dy_j is exact: a T value read into acc_t). The kernel rounds the product once and adds it
+//     in a fixed tree: each of the 256 threads sums its columns j = t, t + 256, ... in order
+//     (ceil(I / 256) additions counting the one into the initial 0), then 5 warp-butterfly levels,
+//     then the 8 warp totals in order (8 additions into a 0). So each term meets at most
+//     d = ceil(I / 256) + 13 additions; at most I - 1 of them can round (one adding a subtree of
+//     exact zeros, i.e. the initial 0 or an idle thread, is exact). With k = 1 + min(I - 1, d)
+//     roundings per term (FMA contraction, dot = fma(dy, a, dot), only removes some), the standard
+//     bound for a summation tree gives
+//       |got - ref| <= ((1 + acc_rel)(1 + gamma_k) - 1) * sum_j |dy_j a_j| + 2 I * denorm_min,
+//     gamma_k = k u / (1 - k u); the last term bounds underflow (never reached by these values).
+//     The reference sums dy_j * a_ref_j in long double (64-bit significand on x86-64), so its own
+//     summation error (~I 2^-64) is far below even double's acc_rel.
+template <typename T>
+Tolerance weighted_tolerance() {
+  Tolerance tol = tolerance<T>();
+  tol.acc_rel += unit_roundoff<acc_type_t<T>>();
+  return tol;
+}
+
+double gamma_bound(int64_t k, double u) {
+  return static_cast<double>(k) * u / (1.0 - static_cast<double>(k) * u);
+}
+
+// Upper bound on the roundings one product dy_j * a_j meets on its way to grad_row_weights[r]
+// (the product included), following the kernel's reduction order (see above).
+int64_t dot_roundings(int64_t inter) {
+  constexpr int64_t kCtaThreads = 256, kWarps = kCtaThreads / 32, kButterflyLevels = 5;
+  const int64_t depth = (inter + kCtaThreads - 1) / kCtaThreads + kButterflyLevels + kWarps;
+  return 1 + std::min(inter - 1, depth);
+}
+
+template <typename T>
+struct WeightedInputs {
+  std::vector<T> grad_aw, h;               // [rows, I], [rows, 2I]
+  std::vector<acc_type_t<T>> row_weights;  // [rows]
+};
+
+template <typename T>
+struct WeightedOutputs {
+  std::vector<T> grad_h, weighted_act;          // weighted_act is empty when it was not requested
+  std::vector<acc_type_t<T>> grad_row_weights;  // [rows]
+};
+
+// h as random_values; grad_aw non-zero in [-2, 2]; row weights in acc_t (generally not
+// representable in T): routing-like values in [1/64, 1], and by row index an exact 0
+// (r % 5 == 1) and negative weights in [-2, -1/64] (r % 5 == 3).
+template <typename T>
+WeightedInputs<T> weighted_inputs(const Shape& s, uint32_t seed) {
+  using acc_t = acc_type_t<T>;
+  WeightedInputs<T> in;
+  in.h = random_values<T>(s.rows * 2 * s.inter, seed);
+  std::mt19937 gen(seed + 7919);
+  std::uniform_real_distribution<double> grad(-2.0, 2.0), weight(1.0 / 64, 1.0);
+  in.grad_aw.resize(s.rows * s.inter);
+  for (auto& g : in.grad_aw) {
+    do {
+      g = from_acc<T>(static_cast<acc_t>(grad(gen)));
+    } while (to_acc(g) == 0);
+  }
+  in.row_weights.resize(s.rows);
+  for (int64_t r = 0; r < s.rows; ++r) {
+    const double w = weight(gen);
+    in.row_weights[r] = static_cast<acc_t>(r % 5 == 1 ? 0.0 : r % 5 == 3 ? -2.0 * w : w);
+  }
+  return in;
+}
+
+// Launches on fresh buffers, every output poisoned (0xFF, NaN) first.
+template <typename T>
+void run_weighted(const WeightedInputs<T>& in, const Shape& s, GluVariant v, bool want_act,
+                  WeightedOutputs<T>* out) {
+  using acc_t = acc_type_t<T>;
+  DeviceBuffer<T> grad_aw(in.grad_aw), h(in.h), grad_h(s.rows * 2 * s.inter),
+      act(want_act ? s.rows * s.inter : 0);
+  DeviceBuffer<acc_t> row_weights(in.row_weights), grad_row_weights(s.rows);
+  grad_h.poison(0xFF);
+  act.poison(0xFF);
+  grad_row_weights.poison(0xFF);
+  MOEFORGE_ASSERT_CUDA(kernels::launch_weighted_swiglu_backward<T>(
+      grad_aw.data(), h.data(), row_weights.data(), grad_h.data(), want_act ? act.data() : nullptr,
+      grad_row_weights.data(), s.rows, s.inter, v, kAlpha, kLimit, nullptr));
+  MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
+  out->grad_h = grad_h.download();
+  out->weighted_act = want_act ? act.download() : std::vector<T>{};
+  out->grad_row_weights = grad_row_weights.download();
+}
+
+// Checks every output of run_weighted against the float64 reference within the bounds above.
+template <typename T>
+void expect_weighted_matches_reference(const WeightedInputs<T>& in, const Shape& s, GluVariant v,
+                                       const WeightedOutputs<T>& out) {
+  using acc_t = acc_type_t<T>;
+  const int64_t inter = s.inter;
+  std::vector<Ref> want_gh(s.rows * 2 * inter), want_act(s.rows * inter);
+  std::vector<double> got_dot(s.rows), want_dot(s.rows), tol_dot(s.rows);
+  const double u = unit_roundoff<acc_t>();
+  const double dot_rel =
+      (1 + tolerance<T>().acc_rel) * (1 + gamma_bound(dot_roundings(inter), u)) - 1;
+  for (int64_t r = 0; r < s.rows; ++r) {
+    const T* row = in.h.data() + r * 2 * inter;
+    const double w = in.row_weights[r];
+    long double dot = 0, sum_abs = 0;
+    for (int64_t j = 0; j < inter; ++j) {
+      const int64_t gc = gate_col(v, j), uc = up_col(v, j, inter);
+      const double g = to_acc(row[gc]), up = to_acc(row[uc]);
+      const double dy = to_acc(in.grad_aw[r * inter + j]);
+      backward_ref(v, w * dy, g, up, &want_gh[r * 2 * inter + gc], &want_gh[r * 2 * inter + uc]);
+      const Ref a = forward_ref(v, g, up);
+      want_act[r * inter + j] = {w * a.value, std::abs(w) * a.mag};
+      const long double term = static_cast<long double>(dy) * a.value;
+      dot += term;
+      sum_abs += std::abs(term);
+    }
+    got_dot[r] = out.grad_row_weights[r];
+    want_dot[r] = static_cast<double>(dot);
+    tol_dot[r] = dot_rel * static_cast<double>(sum_abs) +
+                 2.0 * static_cast<double>(inter) * std::numeric_limits<acc_t>::denorm_min();
+  }
+  const Tolerance tol = weighted_tolerance<T>();
+  expect_close(out.grad_h, want_gh, "weighted grad_h", tol);
+  if (!out.weighted_act.empty()) expect_close(out.weighted_act, want_act, "weighted_act", tol);
+  testing::expect_close(got_dot, want_dot, tol_dot, "grad_row_weights");  // cuda_test_utils.h
+}
+
+template <typename T>
+bool same_bytes(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+const std::vector<Shape>& weighted_shapes() {
+  static const std::vector<Shape> all = {
+      {1, 1},      // one element
+      {37, 1},     // I = 1: one active thread per CTA, the rest reduce zeros
+      {7, 3},      // odd everything
+      {2, 31},     // I below a warp
+      {13, 129},   // odd I, not a multiple of 32
+      {5, 256},    // exactly one column per thread
+      {4, 257},    // one thread takes a second column
+      {11, 700},   // I > 256, not a multiple of 32: threads stride over 2-3 columns
+      {3, 2880},   // gpt-oss intermediate size: 11-12 columns per thread
+      {517, 6},    // many rows: a CTA each (grid-stride only beyond 2^20 rows, see below)
+      {300, 230},  // many rows, every warp busy, the last one partly
+  };
+  return all;
+}
+
+TYPED_TEST(SwigluTest, WeightedBackwardMatchesReference) {
+  using T = TypeParam;
+  uint32_t seed = 300;
+  for (const GluVariant v : variants()) {
+    for (const Shape& s : weighted_shapes()) {
+      SCOPED_TRACE(name(s, v));
+      const WeightedInputs<T> in = weighted_inputs<T>(s, seed++);
+      WeightedOutputs<T> out;
+      ASSERT_NO_FATAL_FAILURE(run_weighted(in, s, v, /*want_act=*/true, &out));
+      expect_weighted_matches_reference(in, s, v, out);
+    }
+  }
+}
+
+TYPED_TEST(SwigluTest, WeightedBackwardWithoutActivation) {
+  // weighted_act == nullptr: grad_h and grad_row_weights are still right, and bitwise the same as
+  // with weighted_act requested.
+  using T = TypeParam;
+  uint32_t seed = 400;
+  for (const GluVariant v : variants()) {
+    for (const Shape& s : {Shape{7, 3}, Shape{11, 700}}) {
+      SCOPED_TRACE(name(s, v));
+      const WeightedInputs<T> in = weighted_inputs<T>(s, seed++);
+      WeightedOutputs<T> with, without;
+      ASSERT_NO_FATAL_FAILURE(run_weighted(in, s, v, /*want_act=*/true, &with));
+      ASSERT_NO_FATAL_FAILURE(run_weighted(in, s, v, /*want_act=*/false, &without));
+      expect_weighted_matches_reference(in, s, v, without);
+      EXPECT_TRUE(same_bytes(with.grad_h, without.grad_h));
+      EXPECT_TRUE(same_bytes(with.grad_row_weights, without.grad_row_weights));
+    }
+  }
+}
+
+TYPED_TEST(SwigluTest, WeightedBackwardDeterministic) {
+  // The same inputs twice: every output bitwise identical (fixed-order reduction, no atomics).
+  using T = TypeParam;
+  for (const GluVariant v : variants()) {
+    const Shape s{41, 700};
+    SCOPED_TRACE(name(s, v));
+    const WeightedInputs<T> in = weighted_inputs<T>(s, 500);
+    WeightedOutputs<T> first, second;
+    ASSERT_NO_FATAL_FAILURE(run_weighted(in, s, v, /*want_act=*/true, &first));
+    ASSERT_NO_FATAL_FAILURE(run_weighted(in, s, v, /*want_act=*/true, &second));
+    EXPECT_TRUE(same_bytes(first.grad_h, second.grad_h));
+    EXPECT_TRUE(same_bytes(first.weighted_act, second.weighted_act));
+    EXPECT_TRUE(same_bytes(first.grad_row_weights, second.grad_row_weights));
+  }
+}
+
+TYPED_TEST(SwigluTest, WeightedBackwardZeroAndNegativeWeights) {
+  // Every row holds the same h and grad_aw, with weights 1, -1, 0, -0, 0.3, -2.5. grad_row_weights
+  // does not depend on w: bitwise the same in every row, also where w = 0. Rounding is symmetric,
+  // so w = -1 gives exactly the negated grad_h and weighted_act of w = 1; w = +-0 gives exact
+  // zeros there.
+  using T = TypeParam;
+  using acc_t = acc_type_t<T>;
+  const std::vector<double> weights = {1.0, -1.0, 0.0, -0.0, 0.3, -2.5};
+  for (const GluVariant v : variants()) {
+    const Shape s{static_cast<int64_t>(weights.size()), 300};
+    SCOPED_TRACE(name(s, v));
+    const WeightedInputs<T> one = weighted_inputs<T>(Shape{1, s.inter}, 600);
+    WeightedInputs<T> in;
+    for (const double w : weights) {
+      in.h.insert(in.h.end(), one.h.begin(), one.h.end());
+      in.grad_aw.insert(in.grad_aw.end(), one.grad_aw.begin(), one.grad_aw.end());
+      in.row_weights.push_back(static_cast<acc_t>(w));
+    }
+    WeightedOutputs<T> out;
+    ASSERT_NO_FATAL_FAILURE(run_weighted(in, s, v, /*want_act=*/true, &out));
+    expect_weighted_matches_reference(in, s, v, out);
+    const int64_t gh_row = 2 * s.inter, act_row = s.inter;
+    for (int64_t k = 0; k < gh_row; ++k) {
+      const double pos = to_acc(out.grad_h[k]);
+      ASSERT_EQ(to_acc(out.grad_h[gh_row + k]), -pos) << "grad_h, w = -1, column " << k;
+      ASSERT_EQ(to_acc(out.grad_h[2 * gh_row + k]), 0.0) << "grad_h, w = 0, column " << k;
+      ASSERT_EQ(to_acc(out.grad_h[3 * gh_row + k]), 0.0) << "grad_h, w = -0, column " << k;
+    }
+    for (int64_t j = 0; j < act_row; ++j) {
+      const double pos = to_acc(out.weighted_act[j]);
+      ASSERT_EQ(to_acc(out.weighted_act[act_row + j]), -pos) << "weighted_act, w = -1, " << j;
+      ASSERT_EQ(to_acc(out.weighted_act[2 * act_row + j]), 0.0) << "weighted_act, w = 0, " << j;
+      ASSERT_EQ(to_acc(out.weighted_act[3 * act_row + j]), 0.0) << "weighted_act, w = -0, " << j;
+    }
+    // Row 0's value is finite and non-zero (checked above), so == is bitwise equality.
+    EXPECT_NE(out.grad_row_weights[0], acc_t(0));
+    for (int64_t r = 1; r < s.rows; ++r) {
+      EXPECT_EQ(out.grad_row_weights[r], out.grad_row_weights[0]) << "row " << r;
+    }
+  }
+}
+
+TYPED_TEST(SwigluTest, WeightedBackwardEmptyShapes) {
+  // rows = 0: success, not a byte written (null pointers included). I = 0: grad_row_weights is
+  // the empty dot product, an exact 0 in every row; nothing else is written, and the [rows, 0]
+  // operands may be null.
+  using T = TypeParam;
+  using acc_t = acc_type_t<T>;
+  constexpr int64_t kElems = 64;
+  DeviceBuffer<T> h(kElems), grad_aw(kElems), grad_h(kElems), act(kElems);
+  DeviceBuffer<acc_t> row_weights(kElems), grad_row_weights(kElems);
+  h.poison(0x3C);
+  grad_aw.poison(0x3C);
+  row_weights.poison(0x3C);
+  const auto expect_untouched = [](const auto& buf, const char* what) {
+    const auto got = buf.download();
+    std::vector<unsigned char> bytes(got.size() * sizeof(got[0]));
+    std::memcpy(bytes.data(), got.data(), bytes.size());
+    for (size_t i = 0; i < bytes.size(); ++i) {
+      ASSERT_EQ(bytes[i], 0xFF) << "byte " << i << " of " << what << " was written";
+    }
+  };
+  for (const GluVariant v : variants()) {
+    SCOPED_TRACE(v == GluVariant::kSilu ? "silu" : "gpt_oss");
+    grad_h.poison(0xFF);
+    act.poison(0xFF);
+    grad_row_weights.poison(0xFF);
+    for (const int64_t inter : {int64_t{0}, int64_t{16}}) {
+      MOEFORGE_ASSERT_CUDA(kernels::launch_weighted_swiglu_backward<T>(
+          grad_aw.data(), h.data(), row_weights.data(), grad_h.data(), act.data(),
+          grad_row_weights.data(), 0, inter, v, kAlpha, kLimit, nullptr));
+      MOEFORGE_ASSERT_CUDA(kernels::launch_weighted_swiglu_backward<T>(
+          nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, inter, v, kAlpha, kLimit,
+          nullptr));
+    }
+    MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
+    expect_untouched(grad_h, "grad_h");
+    expect_untouched(act, "weighted_act");
+    expect_untouched(grad_row_weights, "grad_row_weights");
+
+    constexpr int64_t kRows = 5;
+    MOEFORGE_ASSERT_CUDA(kernels::launch_weighted_swiglu_backward<T>(
+        grad_aw.data(), h.data(), row_weights.data(), grad_h.data(), act.data(),
+        grad_row_weights.data(), kRows, 0, v, kAlpha, kLimit, nullptr));
+    MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
+    expect_untouched(grad_h, "grad_h");
+    expect_untouched(act, "weighted_act");
+    std::vector<acc_t> grw = grad_row_weights.download();
+    for (int64_t r = 0; r < kElems; ++r) {
+      if (r < kRows) {
+        EXPECT_EQ(grw[r], acc_t(0)) << "row " << r;
+      } else {
+        unsigned char bytes[sizeof(acc_t)];
+        std::memcpy(bytes, &grw[r], sizeof(acc_t));
+        for (const unsigned char b : bytes) ASSERT_EQ(b, 0xFF) << "grad_row_weights[" << r << "]";
+      }
+    }
+    grad_row_weights.poison(0xFF);
+    MOEFORGE_ASSERT_CUDA(kernels::launch_weighted_swiglu_backward<T>(
+        nullptr, nullptr, row_weights.data(), nullptr, nullptr, grad_row_weights.data(), kRows, 0,
+        v, kAlpha, kLimit, nullptr));
+    MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
+    grw = grad_row_weights.download();
+    for (int64_t r = 0; r < kRows; ++r) EXPECT_EQ(grw[r], acc_t(0)) << "row " << r;
+  }
+}
+
+TYPED_TEST(SwigluTest, WeightedBackwardGridStrideOver131072Rows) {
+  // The launcher starts min(rows, 2^20) CTAs, so only more than 2^20 rows make a CTA take a second
+  // row (grid-stride). Left to the GPU: scripts/test_emulator.sh skips "Over131072" cases.
+  using T = TypeParam;
+  const Shape s{(int64_t{1} << 20) + 37, 2};
+  for (const GluVariant v : variants()) {
+    SCOPED_TRACE(name(s, v));
+    const WeightedInputs<T> in = weighted_inputs<T>(s, v == GluVariant::kSilu ? 700 : 701);
+    WeightedOutputs<T> out;
+    ASSERT_NO_FATAL_FAILURE(run_weighted(in, s, v, /*want_act=*/true, &out));
+    expect_weighted_matches_reference(in, s, v, out);
+  }
+}
+
 // Size checks happen before any CUDA call, so this one needs no device and runs everywhere.
 template <typename T>
 void expect_negative_sizes_rejected() {
@@ -375,6 +708,52 @@ TEST(SwigluArguments, RejectsNegativeSizes) {
   expect_negative_sizes_rejected<double>();
   expect_negative_sizes_rejected<__half>();
   expect_negative_sizes_rejected<__nv_bfloat16>();
+}
+
+// The weighted backward's argument checks, also before any CUDA call. The pointers that are not
+// under test point at host memory, which is never touched since every call fails up front.
+template <typename T>
+void expect_weighted_bad_arguments_rejected() {
+  using acc_t = acc_type_t<T>;
+  std::vector<T> buf(64);
+  std::vector<acc_t> accs(8);
+  T* const p = buf.data();
+  acc_t* const a = accs.data();
+  const auto launch = [](const T* grad_aw, const T* h, const acc_t* w, T* grad_h, T* act,
+                         acc_t* grw, int64_t rows, int64_t inter, GluVariant v) {
+    return kernels::launch_weighted_swiglu_backward<T>(grad_aw, h, w, grad_h, act, grw, rows, inter,
+                                                       v, kAlpha, kLimit, nullptr);
+  };
+  for (const GluVariant v : variants()) {
+    // Negative sizes, whatever the other size and the pointers.
+    EXPECT_EQ(launch(p, p, a, p, p, a, -1, 4, v), cudaErrorInvalidValue);
+    EXPECT_EQ(launch(p, p, a, p, p, a, -1, 0, v), cudaErrorInvalidValue);
+    EXPECT_EQ(launch(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, -1, 4, v),
+              cudaErrorInvalidValue);
+    EXPECT_EQ(launch(p, p, a, p, p, a, 2, -4, v), cudaErrorInvalidValue);
+    EXPECT_EQ(launch(p, p, a, p, p, a, 0, -4, v), cudaErrorInvalidValue);
+    // rows > 0 needs row_weights and grad_row_weights (also when I = 0)...
+    EXPECT_EQ(launch(p, p, nullptr, p, p, a, 2, 4, v), cudaErrorInvalidValue);
+    EXPECT_EQ(launch(p, p, nullptr, p, p, a, 2, 0, v), cudaErrorInvalidValue);
+    EXPECT_EQ(launch(p, p, a, p, p, nullptr, 2, 4, v), cudaErrorInvalidValue);
+    EXPECT_EQ(launch(nullptr, nullptr, a, nullptr, nullptr, nullptr, 2, 0, v),
+              cudaErrorInvalidValue);
+    // ... and I > 0 the [rows, I] / [rows, 2I] operands; weighted_act alone may be null.
+    EXPECT_EQ(launch(nullptr, p, a, p, p, a, 2, 4, v), cudaErrorInvalidValue);
+    EXPECT_EQ(launch(p, nullptr, a, p, p, a, 2, 4, v), cudaErrorInvalidValue);
+    EXPECT_EQ(launch(p, p, a, nullptr, p, a, 2, 4, v), cudaErrorInvalidValue);
+    EXPECT_EQ(launch(p, p, a, nullptr, nullptr, a, 2, 4, v), cudaErrorInvalidValue);
+    // rows = 0 is a successful no-op, null pointers included.
+    EXPECT_EQ(launch(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 4, v), cudaSuccess);
+    EXPECT_EQ(launch(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 0, v), cudaSuccess);
+  }
+}
+
+TEST(SwigluArguments, WeightedBackwardRejectsBadArguments) {
+  expect_weighted_bad_arguments_rejected<float>();
+  expect_weighted_bad_arguments_rejected<double>();
+  expect_weighted_bad_arguments_rejected<__half>();
+  expect_weighted_bad_arguments_rejected<__nv_bfloat16>();
 }
 
 }  // namespace
