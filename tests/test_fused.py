@@ -123,3 +123,30 @@ def test_backward_saves_only_input_preactivation_and_plan(lora):
     assert new == sorted(expected, key=str)
     out.sum().backward()  # and the saved set suffices
     assert all(t.grad is not None for t in p.values())
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the names of the ops dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_permuted_copies_are_not_made(lora):
+    """The permute is fused into the GEMMs' loads: no [S, H] copy of x in the forward or the
+    backward, and none of dO either unless the down adapter needs its rows."""
+    ids, leaves = make_inputs("cpu", "hf", lora, bias=False)
+    p = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+    with _OpLog() as forward:
+        out = run_fused(ids, p, "hf")
+    with _OpLog() as backward:
+        out.backward(torch.randn_like(out))
+    assert "moeforge.permute" not in forward.names
+    assert backward.names.count("moeforge.permute") == (1 if lora else 0)
+    assert "moeforge.weighted_swiglu_backward" in backward.names

@@ -23,6 +23,9 @@ activation, ``a_w = w a``, so that ``out[t] = sum_k (a_w W_d^T + w b_d)[row(t,k)
 * ``grad_h = swiglu'(h)^T (w g)``, ``dw = <g, a>`` (+ ``<dO, b_d>``) and ``a_w`` itself come
   from one pass over ``h`` (:func:`moeforge.ops.weighted_swiglu_backward`);
 * ``dW_d = dO_rows^T a_w`` and the down adapter's gradients read ``a_w`` and ``w u``.
+
+``dO_rows`` is read through the plan too (by the GEMM for ``g`` and by ``dW_d``); it is
+materialised only for the down adapter and a trainable down bias.
 """
 
 from __future__ import annotations
@@ -145,10 +148,15 @@ class FusedMoEExperts(torch.autograd.Function):
         num_rows, inter = h.shape[0], h.shape[1] // 2
 
         # ---- down projection and the weighted activation ----
+        # dO is read through the plan by the GEMMs (grad of a_w, dW_d); the down adapter and the
+        # down bias gradient read it per routed row, so only they materialise it.
         grad_out = grad_out.to(h.dtype)
-        grad_out_rows = _ops.permute(grad_out, sorted_pairs, pair_to_row, None)  # unweighted
+        plan = (sorted_pairs, pair_to_row)
+        grad_out_rows = None
+        if down_lora_A is not None or need_dn_bias:
+            grad_out_rows = _ops.permute(grad_out, *plan, None)  # unweighted
         row_weights = top_k_weights.reshape(-1).index_select(0, sorted_pairs)
-        grad_aw = _ops.grouped_mm(grad_out_rows, down_proj, offsets, None, not transposed)
+        grad_aw = _ops.grouped_mm(grad_out, down_proj, offsets, None, not transposed, *plan)
         if down_lora_A is not None:
             lora_grad, _, _ = _ops.expert_lora_backward(
                 grad_out_rows,
@@ -170,8 +178,11 @@ class FusedMoEExperts(torch.autograd.Function):
 
         grad_dn = grad_dn_bias = grad_dn_A = grad_dn_B = None
         if need_dn:
+            # dW_d = dO_rows^T a_w, as the weight gradient of grad_aw = dO W_d (the GEMM above:
+            # weight orientation flipped, a_w in the place of its output gradient), so that dO
+            # is again read through the plan.
             _, grad_dn, _ = _ops.grouped_mm_backward(
-                grad_out_rows, act_w, down_proj, offsets, transposed, [False, True, False]
+                act_w, grad_out, down_proj, offsets, not transposed, [False, True, False], *plan
             )
         if need_dn_bias:  # sum over expert e's rows of w * dO
             weighted_rows = grad_out_rows * row_weights.to(grad_out_rows.dtype)[:, None]
@@ -213,7 +224,6 @@ class FusedMoEExperts(torch.autograd.Function):
         # ---- gate_up projection (x read through the plan; grad_x per routed row, then summed
         # over each token's rows) ----
         grad_x = grad_gu = grad_gu_bias = grad_gu_A = grad_gu_B = None
-        plan = (sorted_pairs, pair_to_row)
         if need_x or need_gu or need_gu_bias or need_gu_A or need_gu_B:
             mask = [need_x, need_gu, need_gu_bias]
             grad_x_rows = None
