@@ -47,18 +47,22 @@ Tensor routed_dot(const Tensor& rows, const Tensor& tokens, const Tensor& pair_t
   static const auto h = op<Tensor(const Tensor&, const Tensor&, const Tensor&)>("routed_dot");
   return h.call(rows, tokens, pair_to_row);
 }
+// sorted_pairs / pair_to_row: the optional routing plan through which x is read (token-major x).
 Tensor grouped_mm(const Tensor& x, const Tensor& weight, const Tensor& offsets,
-                  const OptTensor& bias, bool weight_transposed) {
-  static const auto h =
-      op<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool)>("grouped_mm");
-  return h.call(x, weight, offsets, bias, weight_transposed);
+                  const OptTensor& bias, bool weight_transposed, const OptTensor& sorted_pairs = {},
+                  const OptTensor& pair_to_row = {}) {
+  static const auto h = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                  bool, const OptTensor&, const OptTensor&)>("grouped_mm");
+  return h.call(x, weight, offsets, bias, weight_transposed, sorted_pairs, pair_to_row);
 }
 Tensors3 grouped_mm_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
                              const Tensor& offsets, bool weight_transposed,
-                             std::array<bool, 3> mask) {
-  static const auto h = op<Tensors3(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                    bool, std::array<bool, 3>)>("grouped_mm_backward");
-  return h.call(grad_out, x, weight, offsets, weight_transposed, mask);
+                             std::array<bool, 3> mask, const OptTensor& sorted_pairs = {},
+                             const OptTensor& pair_to_row = {}) {
+  static const auto h =
+      op<Tensors3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool,
+                  std::array<bool, 3>, const OptTensor&, const OptTensor&)>("grouped_mm_backward");
+  return h.call(grad_out, x, weight, offsets, weight_transposed, mask, sorted_pairs, pair_to_row);
 }
 Tensor swiglu(const Tensor& h_in, c10::string_view variant, double alpha, double limit) {
   static const auto h = op<Tensor(const Tensor&, c10::string_view, double, double)>("swiglu");
@@ -70,19 +74,30 @@ Tensor swiglu_backward(const Tensor& grad_a, const Tensor& h_in, c10::string_vie
       op<Tensor(const Tensor&, const Tensor&, c10::string_view, double, double)>("swiglu_backward");
   return h.call(grad_a, h_in, variant, alpha, limit);
 }
+Tensors3 weighted_swiglu_backward(const Tensor& grad_aw, const Tensor& h_in,
+                                  const Tensor& row_weights, c10::string_view variant, double alpha,
+                                  double limit, bool weighted_act) {
+  static const auto h = op<Tensors3(const Tensor&, const Tensor&, const Tensor&, c10::string_view,
+                                    double, double, bool)>("weighted_swiglu_backward");
+  return h.call(grad_aw, h_in, row_weights, variant, alpha, limit, weighted_act);
+}
 std::tuple<Tensor, Tensor> expert_lora(const Tensor& x, const Tensor& a, const Tensor& b,
-                                       const Tensor& offsets, double scaling) {
-  static const auto h = op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                      const Tensor&, double)>("expert_lora");
-  return h.call(x, a, b, offsets, scaling);
+                                       const Tensor& offsets, double scaling,
+                                       const OptTensor& sorted_pairs = {},
+                                       const OptTensor& pair_to_row = {}) {
+  static const auto h =
+      op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                    double, const OptTensor&, const OptTensor&)>("expert_lora");
+  return h.call(x, a, b, offsets, scaling, sorted_pairs, pair_to_row);
 }
 Tensors3 expert_lora_backward(const Tensor& grad_delta, const Tensor& x, const Tensor& lora_u,
                               const Tensor& a, const Tensor& b, const Tensor& offsets,
                               double scaling, std::array<bool, 3> mask) {
   static const auto h =
       op<Tensors3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                  const Tensor&, double, std::array<bool, 3>)>("expert_lora_backward");
-  return h.call(grad_delta, x, lora_u, a, b, offsets, scaling, mask);
+                  const Tensor&, double, std::array<bool, 3>, const OptTensor&, const OptTensor&)>(
+          "expert_lora_backward");
+  return h.call(grad_delta, x, lora_u, a, b, offsets, scaling, mask, {}, {});
 }
 Tensors3 router_loss(at::TensorList logits, const OptTensor& row_mask, int64_t top_k) {
   static const auto h = op<Tensors3(at::TensorList, const OptTensor&, int64_t)>("router_loss");
@@ -232,7 +247,56 @@ TEST(OpsDispatcher, GroupedMmMatchesPerExpertMm) {
   expect_close(gx2, want_gx, "grad_x alone");
 }
 
+// The routing plan: x token-major [T, in], routed row r reads token sorted_pairs[r] / top_k. Same
+// results as permuting first; the weight gradient reads x through the plan too, grad_x stays per
+// routed row.
+TEST(OpsDispatcher, GroupedMmReadsTokenMajorXThroughThePlan) {
+  at::manual_seed(3);
+  const Tensor x = at::randn({3, 4}, kF64);  // T = 3 tokens, top_k = 2
+  const Tensor weight = at::randn({2, 5, 4}, kF64);
+  const Tensor pair_to_row = ints({1, 4, 0, -1, 2, 3}).view({3, 2});  // pair 3 dropped
+  const Tensor sorted_pairs = ints({2, 0, 4, 5, 1, 3});  // rows 0-1: expert 0, 2-4: 1, 5: dropped
+  const Tensor offsets = ints({0, 2, 5});
+  const Tensor x_rows = x.index_select(0, ints({1, 0, 2, 2, 0, 1}).to(at::kLong));
+  expect_close(grouped_mm(x, weight, offsets, {}, false, sorted_pairs, pair_to_row),
+               grouped_mm(x_rows, weight, offsets, {}, false), "grouped_mm through the plan");
+  const Tensor grad_out = at::randn({6, 5}, kF64);
+  const auto got = grouped_mm_backward(grad_out, x, weight, offsets, false, {true, true, false},
+                                       sorted_pairs, pair_to_row);
+  const auto want =
+      grouped_mm_backward(grad_out, x_rows, weight, offsets, false, {true, true, false});
+  expect_close(std::get<0>(got), std::get<0>(want), "grad_x per routed row");
+  expect_close(std::get<1>(got), std::get<1>(want), "grad_weight through the plan");
+  const auto [delta, u] = expert_lora(x, at::randn({4, 4}, kF64), at::randn({5, 4}, kF64), offsets,
+                                      0.5, sorted_pairs, pair_to_row);
+  EXPECT_EQ(delta.sizes(), (std::vector<int64_t>{6, 5}));
+  EXPECT_EQ(u.sizes(), (std::vector<int64_t>{6, 2}));
+
+  const std::string msg =
+      error_message([&] { grouped_mm(x, weight, offsets, {}, false, sorted_pairs, {}); });
+  EXPECT_NE(msg.find("moeforge.grouped_mm: sorted_pairs and pair_to_row (the routing plan) must "
+                     "be given together"),
+            std::string::npos)
+      << msg;
+}
+
 // ---- swiglu -----------------------------------------------------------------------------------
+TEST(OpsDispatcher, WeightedSwigluBackwardIsTheBackwardOfWeightedActivation) {
+  at::manual_seed(4);
+  const Tensor h = at::randn({4, 6}, kF64) * 3;
+  const Tensor w = at::randn({4}, at::TensorOptions().dtype(at::kFloat)).to(at::kDouble);
+  const Tensor grad_aw = at::randn({4, 3}, kF64);
+  const auto [grad_h, act_w, grad_w] =
+      weighted_swiglu_backward(grad_aw, h, w, "silu", 1.702, 7.0, true);
+  const Tensor a = swiglu(h, "silu", 1.702, 7.0);
+  expect_close(act_w, w.unsqueeze(1) * a, "weighted activation");
+  expect_close(grad_w, (grad_aw * a).sum(1), "row weight gradient");
+  expect_close(grad_h, swiglu_backward(grad_aw * w.unsqueeze(1), h, "silu", 1.702, 7.0), "grad_h");
+  const auto [gh2, empty, gw2] = weighted_swiglu_backward(grad_aw, h, w, "silu", 1.702, 7.0, false);
+  EXPECT_EQ(empty.numel(), 0);
+  expect_close(gh2, grad_h, "grad_h without the activation");
+}
+
 TEST(OpsDispatcher, SwigluSiluAndGptOss) {
   at::manual_seed(1);
   const Tensor h = at::randn({3, 8}, kF64) * 4;
