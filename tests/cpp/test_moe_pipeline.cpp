@@ -14,6 +14,9 @@
 // nothing host-side was baked in. Every case has dropped pairs (ids -1 and E). Intermediates and
 // outputs are poisoned with 0xFF bytes (NaN, or -1 for the int32 plan) before every run.
 //
+// A third test runs the chain with the permute fused into the gate_up GEMM (RowGather) and
+// requires h and out bitwise equal to the permuting chain's.
+//
 // Checks: the plan exactly; x_sorted bit for bit; the dropped rows of every intermediate exactly
 // zero; h, a, y_sorted and out against the float64 reference of the inputs within a propagated
 // rounding-error bound (derived under "the error model" below); and, stage by stage, a, y_sorted
@@ -29,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <random>
@@ -309,18 +313,23 @@ struct Pipeline {
     workspace->poison(0xFF);
   }
 
-  // The six launchers on `stream`, in order; the first error.
-  cudaError_t launch(cudaStream_t stream) const {
+  // The six launchers on `stream`, in order; the first error. gather_x: no permute, the gate_up
+  // GEMM reads the token rows of x through the plan (RowGather: token sorted_pairs[r] / K), as
+  // the fused layer does; x_sorted is then left unwritten.
+  cudaError_t launch(cudaStream_t stream, bool gather_x = false) const {
     const int64_t s = c.rows(), hid = c.hidden, inter = c.inter;
     cudaError_t err =
         kernels::launch_routing(ids.data(), s, c.experts, sorted_pairs.data(), pair_to_row.data(),
                                 offsets.data(), workspace->data(), workspace_bytes, stream);
     if (err != cudaSuccess) return err;
-    err = kernels::launch_permute<T>(x.data(), sorted_pairs.data(), pair_to_row.data(), nullptr,
-                                     x_sorted.data(), c.tokens, c.top_k, hid, stream);
-    if (err != cudaSuccess) return err;
+    if (!gather_x) {
+      err = kernels::launch_permute<T>(x.data(), sorted_pairs.data(), pair_to_row.data(), nullptr,
+                                       x_sorted.data(), c.tokens, c.top_k, hid, stream);
+      if (err != cudaSuccess) return err;
+    }
     kernels::GroupedGemmArgs<T, T, T> up;  // h = x_sorted @ gate_up_e^T, gate_up [E, 2I, H]
-    up.x = x_sorted.data();
+    up.x = gather_x ? x.data() : x_sorted.data();
+    if (gather_x) up.x_rows = {sorted_pairs.data(), c.top_k, c.tokens};
     up.ldx = hid;
     up.w = gate_up.data();
     up.w_stride_e = 2 * inter * hid;
@@ -472,6 +481,11 @@ void with_index_type(const Case& c, Body body) {
 }
 
 template <typename T>
+bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+template <typename T>
 class MoePipelineTest : public ::testing::Test {
  protected:
   void SetUp() override { MOEFORGE_SKIP_WITHOUT_GPU(); }
@@ -496,6 +510,53 @@ TYPED_TEST(MoePipelineTest, EagerMatchesReference) {
       EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
       cudaStreamDestroy(stream);
       check_run(pl, in);
+    });
+  }
+}
+
+// The gather fused into the gate_up GEMM reads the same rows in the same order as permuting
+// first: h and out are bitwise those of the permuting pipeline, eager and in a graph replayed on
+// new inputs (the index is read from the device plan at run time).
+TYPED_TEST(MoePipelineTest, GatherFusedIntoGateUpEqualsPermuteFirst) {
+  using T = TypeParam;
+  for (const Case& c : cases()) {
+    SCOPED_TRACE(c.name);
+    with_index_type(c, [&](auto index) {
+      using index_t = decltype(index);
+      Pipeline<T, index_t> pl(c);
+      cudaStream_t stream = nullptr;
+      MOEFORGE_ASSERT_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+      cudaGraph_t graph = nullptr;
+      cudaGraphExec_t exec = nullptr;
+      MOEFORGE_ASSERT_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+      EXPECT_EQ(pl.launch(stream, /*gather_x=*/true), cudaSuccess);
+      MOEFORGE_ASSERT_CUDA(cudaStreamEndCapture(stream, &graph));
+      MOEFORGE_ASSERT_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+      for (int set = 0; set < 2; ++set) {
+        SCOPED_TRACE("input set " + std::to_string(set));
+        pl.upload(make_inputs<T, index_t>(c, c.sets[set]));
+        pl.poison();
+        MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
+        EXPECT_EQ(pl.launch(stream), cudaSuccess);
+        MOEFORGE_ASSERT_CUDA(cudaStreamSynchronize(stream));
+        const std::vector<T> h_want = pl.h.download(), out_want = pl.out.download();
+        for (const bool graph_run : {false, true}) {
+          SCOPED_TRACE(graph_run ? "graph replay" : "eager");
+          pl.poison();
+          MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
+          if (graph_run) {
+            MOEFORGE_ASSERT_CUDA(cudaGraphLaunch(exec, stream));
+          } else {
+            EXPECT_EQ(pl.launch(stream, /*gather_x=*/true), cudaSuccess);
+          }
+          MOEFORGE_ASSERT_CUDA(cudaStreamSynchronize(stream));
+          EXPECT_TRUE(bitwise_equal(pl.h.download(), h_want)) << "h";
+          EXPECT_TRUE(bitwise_equal(pl.out.download(), out_want)) << "out";
+        }
+      }
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(graph);
+      cudaStreamDestroy(stream);
     });
   }
 }
