@@ -11,8 +11,12 @@
 // every case above plus 128-row-tile edges, 16-byte-load and gathered operand paths, K edges
 // inside a 16-byte chunk and gpt-oss-like sizes (k or n = 2880); other types fall back to SIMT.
 // So does launch_grouped_gemm_wgrad (its tensor-core path: every wgrad case plus 16-byte-load,
-// multi-tile and partial-slab shapes). Every case that launches a kernel skips at run time without
-// a GPU.
+// multi-tile and partial-slab shapes). Both launchers also run with a RowGather (the token
+// permutation fused into the operand loads: x_rows of the forward GEMM, a_rows / b_rows of the
+// weight gradient), on both engines: routing-plan indices with divisor = top_k over a token-major
+// source, 16-byte and element-wise load paths, and out-of-range indices (rows of zeros, never a
+// read out of bounds: the source buffer holds exactly `limit` rows). Every case that launches a
+// kernel skips at run time without a GPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -23,9 +27,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cuda_test_utils.h"
@@ -108,6 +114,70 @@ std::vector<T> download_guarded(const DeviceBuffer<T>& buf, const std::string& w
   return std::vector<T>(all.begin() + kGuard, all.begin() + kGuard + n);
 }
 
+// A RowGather on the host side (grouped_gemm.h): row r of the operand is row index[r] / divisor
+// of a source of `limit` rows, or a row of zeros when index[r] is outside [0, limit * divisor).
+struct Gather {
+  std::vector<int32_t> index;  // [num_rows]
+  int64_t divisor = 1;
+  int64_t limit = 0;
+};
+
+// The source row that operand row r reads through g, -1 for a row of zeros.
+int64_t source_row(const Gather& g, int64_t r) {
+  const int64_t v = g.index[r];
+  if (v < 0 || v / g.divisor >= g.limit) return -1;
+  return v / g.divisor;
+}
+
+// The operand the kernel reads through g, gathered explicitly on the host: [index.size(), ld],
+// row r = row source_row(g, r) of src ([g.limit, ld]), or zeros.
+template <typename T>
+std::vector<T> gather_rows(const std::vector<T>& src, int64_t ld, const Gather& g) {
+  const int64_t rows = static_cast<int64_t>(g.index.size());
+  std::vector<T> out(rows * ld, from_double<T>(0.0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t s = source_row(g, r);
+    if (s >= 0) std::copy(src.begin() + s * ld, src.begin() + (s + 1) * ld, out.begin() + r * ld);
+  }
+  return out;
+}
+
+// The plan of a routing of num_tokens tokens to top_k experts each, as launch_routing makes it
+// (reference_plan: sorted_pairs grouped by expert in ascending pair order, dropped pairs last), so
+// that sorted_pairs with divisor top_k gathers each routed row's token from [num_tokens, ld]
+// activations. Four experts with uneven loads: expert 1 gets about half the pairs (more than
+// 128 rows for the sizes used here, so both engines' row tiles have edges inside an expert),
+// expert 2 none, about 1 in 15 pairs are dropped (ids -1 and E alternately).
+struct GatherPlan {
+  Gather gather;
+  std::vector<int32_t> offsets;  // [E + 1]
+  std::vector<int64_t> counts;   // rows per expert
+  int64_t dropped = 0;
+};
+
+GatherPlan gather_plan(int64_t num_tokens, int64_t top_k, uint32_t seed) {
+  constexpr int64_t kExperts = 4;
+  std::mt19937 gen(seed);
+  std::discrete_distribution<int> pick({1, 3, 8, 0, 3});  // dropped, experts 0 .. 3
+  std::vector<int32_t> ids(num_tokens * top_k);
+  bool negative = false;
+  for (int32_t& id : ids) {
+    const int c = pick(gen);
+    if (c > 0) {
+      id = c - 1;
+    } else {
+      id = (negative = !negative) ? -1 : static_cast<int32_t>(kExperts);
+    }
+  }
+  const Plan plan = reference_plan(ids, kExperts);
+  GatherPlan out{{plan.sorted_pairs, top_k, num_tokens}, plan.offsets, {}, 0};
+  for (int64_t e = 0; e < kExperts; ++e) {
+    out.counts.push_back(plan.offsets[e + 1] - plan.offsets[e]);
+  }
+  out.dropped = num_tokens * top_k - plan.offsets[kExperts];
+  return out;
+}
+
 // ---- launch_grouped_gemm ----------------------------------------------------------------------
 enum class Layout {
   kOutIn,   // weight [E, n, k]: y = x W_e^T (nn.Linear, HF)
@@ -187,7 +257,8 @@ const std::vector<RowsCase>& rows_cases() {
 template <typename TX, typename TW, typename TY>
 void run_rows_case(const RowsCase& c, const std::vector<int32_t>& offsets, uint32_t seed,
                    std::vector<TY>* result = nullptr, bool exact = false,
-                   kernels::GroupedGemmEngine engine = kernels::GroupedGemmEngine::kSimt) {
+                   kernels::GroupedGemmEngine engine = kernels::GroupedGemmEngine::kSimt,
+                   const Gather* gather = nullptr) {
   SCOPED_TRACE(c.name);
   using acc = acc_of<TX, TW, TY>;
   const int64_t num_experts = static_cast<int64_t>(offsets.size()) - 1;
@@ -196,7 +267,15 @@ void run_rows_case(const RowsCase& c, const std::vector<int32_t>& offsets, uint3
   const int64_t num_rows = routed + c.dropped;
   const int64_t ldx = c.k + c.x_pad, ldy = c.n + c.y_pad;
   const WeightView wv = weight_view(c.layout, num_experts, c.k, c.n);
-  const std::vector<TX> x = random_values<TX>(num_rows * ldx, seed, exact);
+  // With a gather, x is the source of gather->limit rows and xg the rows the kernel should read.
+  if (gather != nullptr) {
+    ASSERT_EQ(static_cast<int64_t>(gather->index.size()), num_rows);
+  }
+  const int64_t x_rows = gather != nullptr ? gather->limit : num_rows;
+  const std::vector<TX> x = random_values<TX>(x_rows * ldx, seed, exact);
+  const std::vector<TX> gathered =
+      gather != nullptr ? gather_rows(x, ldx, *gather) : std::vector<TX>{};
+  const std::vector<TX>& xg = gather != nullptr ? gathered : x;
   const std::vector<TW> w = random_values<TW>(wv.elements, seed + 1, exact);
   const std::vector<TW> bias = random_values<TW>(num_experts * c.n, seed + 2, exact);
   std::vector<TY> y_init = poisoned<TY>(num_rows * ldy + 2 * kGuard);
@@ -206,12 +285,14 @@ void run_rows_case(const RowsCase& c, const std::vector<int32_t>& offsets, uint3
   }
 
   DeviceBuffer<TX> d_x(x);
+  DeviceBuffer<int32_t> d_index(gather != nullptr ? gather->index : std::vector<int32_t>{});
   DeviceBuffer<TW> d_w(w), d_bias(bias);
   DeviceBuffer<int32_t> d_offsets(offsets);
   DeviceBuffer<TY> d_y(y_init);
   kernels::GroupedGemmArgs<TX, TW, TY> args;
   args.x = d_x.data();
   args.ldx = ldx;
+  if (gather != nullptr) args.x_rows = {d_index.data(), gather->divisor, gather->limit};
   args.w = d_w.data();
   args.w_stride_e = wv.stride_e;
   args.w_stride_k = wv.stride_k;
@@ -251,7 +332,7 @@ void run_rows_case(const RowsCase& c, const std::vector<int32_t>& offsets, uint3
       double sum = 0, magnitude = 0;
       if (e < num_experts) {
         for (int64_t kk = 0; kk < c.k; ++kk) {
-          const double prod = as_double(x[r * ldx + kk]) *
+          const double prod = as_double(xg[r * ldx + kk]) *
                               as_double(w[e * wv.stride_e + kk * wv.stride_k + j * wv.stride_n]);
           sum += prod;
           magnitude += std::abs(prod);
@@ -502,7 +583,8 @@ std::vector<int64_t> out_strides(OutLayout layout, int64_t e, int64_t p, int64_t
 template <typename TA, typename TB, typename TG>
 void run_wgrad_case(const WgradCase& c, const std::vector<int32_t>& offsets, uint32_t seed,
                     std::vector<TG>* result = nullptr, bool exact = false,
-                    kernels::GroupedGemmEngine engine = kernels::GroupedGemmEngine::kSimt) {
+                    kernels::GroupedGemmEngine engine = kernels::GroupedGemmEngine::kSimt,
+                    const Gather* a_gather = nullptr, const Gather* b_gather = nullptr) {
   SCOPED_TRACE(c.name);
   using acc = acc_of<TA, TB, TG>;
   const int64_t num_experts = static_cast<int64_t>(offsets.size()) - 1;
@@ -510,12 +592,28 @@ void run_wgrad_case(const WgradCase& c, const std::vector<int32_t>& offsets, uin
   for (const int64_t cnt : c.counts) routed += cnt;
   const int64_t num_rows = routed + c.dropped;
   const int64_t lda = c.p + c.a_pad, ldb = c.q + c.b_pad;
-  const std::vector<TA> a = random_values<TA>(num_rows * lda, seed, exact);
-  const std::vector<TB> b = random_values<TB>(num_rows * ldb, seed + 1, exact);
+  // A gathered operand is its source of gather->limit rows; ag / bg are the rows the kernel reads.
+  for (const Gather* gather : {a_gather, b_gather}) {
+    if (gather != nullptr) {
+      ASSERT_EQ(static_cast<int64_t>(gather->index.size()), num_rows);
+    }
+  }
+  const std::vector<TA> a =
+      random_values<TA>((a_gather != nullptr ? a_gather->limit : num_rows) * lda, seed, exact);
+  const std::vector<TB> b =
+      random_values<TB>((b_gather != nullptr ? b_gather->limit : num_rows) * ldb, seed + 1, exact);
+  const std::vector<TA> a_gathered =
+      a_gather != nullptr ? gather_rows(a, lda, *a_gather) : std::vector<TA>{};
+  const std::vector<TB> b_gathered =
+      b_gather != nullptr ? gather_rows(b, ldb, *b_gather) : std::vector<TB>{};
+  const std::vector<TA>& ag = a_gather != nullptr ? a_gathered : a;
+  const std::vector<TB>& bg = b_gather != nullptr ? b_gathered : b;
   const std::vector<int64_t> gs = out_strides(c.layout, num_experts, c.p, c.q);
   const int64_t g_elements = num_experts * c.p * c.q;
   DeviceBuffer<TA> d_a(a);
   DeviceBuffer<TB> d_b(b);
+  DeviceBuffer<int32_t> d_a_index(a_gather != nullptr ? a_gather->index : std::vector<int32_t>{});
+  DeviceBuffer<int32_t> d_b_index(b_gather != nullptr ? b_gather->index : std::vector<int32_t>{});
   DeviceBuffer<int32_t> d_offsets(offsets);
   DeviceBuffer<TG> d_g(poisoned<TG>(g_elements + 2 * kGuard));
   kernels::GroupedGemmWgradArgs<TA, TB, TG> args;
@@ -523,6 +621,8 @@ void run_wgrad_case(const WgradCase& c, const std::vector<int32_t>& offsets, uin
   args.lda = lda;
   args.b = d_b.data();
   args.ldb = ldb;
+  if (a_gather != nullptr) args.a_rows = {d_a_index.data(), a_gather->divisor, a_gather->limit};
+  if (b_gather != nullptr) args.b_rows = {d_b_index.data(), b_gather->divisor, b_gather->limit};
   args.expert_offsets = d_offsets.data();
   args.g = d_g.data() + kGuard;
   args.g_stride_e = gs[0];
@@ -548,7 +648,7 @@ void run_wgrad_case(const WgradCase& c, const std::vector<int32_t>& offsets, uin
       for (int64_t j = 0; j < c.q; ++j) {
         double sum = 0, magnitude = 0;
         for (int64_t r = m[e]; r < m[e + 1]; ++r) {
-          const double prod = as_double(a[r * lda + i]) * as_double(b[r * ldb + j]);
+          const double prod = as_double(ag[r * lda + i]) * as_double(bg[r * ldb + j]);
           sum += prod;
           magnitude += std::abs(prod);
         }
@@ -655,6 +755,250 @@ TEST(GroupedGemmMixed, WgradFloatTimesHalfTypes) {
   run_wgrad_case<float, __nv_bfloat16, __nv_bfloat16>(c, offsets_of(c.counts), 12);
 }
 
+// ---- row gathers (RowGather: x_rows, a_rows, b_rows) -------------------------------------------
+constexpr kernels::GroupedGemmEngine kSimt = kernels::GroupedGemmEngine::kSimt;
+
+// A forward case with x_rows = the plan of gather_plan(num_tokens, top_k) (rows.counts and
+// rows.dropped come from the plan): x is [num_tokens, ldx] token-major.
+struct GatherRowsCase {
+  RowsCase rows;
+  int64_t num_tokens, top_k;
+};
+
+const std::vector<GatherRowsCase>& gather_rows_cases() {
+  static const std::vector<GatherRowsCase> all = {
+      // ldx 47: element-wise loads on the WMMA path
+      {{"x_rows, top_k 2, odd ldx, bias", {}, 0, 45, 131, Layout::kOutIn, true, 1.0, false, 2},
+       150,
+       2},
+      // ldx 104: 16-byte cp.async loads of the gathered rows
+      {{"x_rows, top_k 3, 16-byte rows, x W, bias, alpha, accumulate",
+        {},
+        0,
+        96,
+        136,
+        Layout::kInOut,
+        true,
+        0.5,
+        true,
+        8,
+        3},
+       100,
+       3},
+      // ldx 48, k 45: the k edge inside a 16-byte chunk
+      {{"x_rows, top_k 2, 16-byte rows, k edge inside a chunk, lora_A view, accumulate",
+        {},
+        0,
+        45,
+        70,
+        Layout::kLoraAT,
+        false,
+        -1.5,
+        true,
+        3},
+       140,
+       2},
+  };
+  return all;
+}
+
+template <typename TX, typename TW, typename TY>
+void run_gather_rows_case(const GatherRowsCase& gc, uint32_t seed,
+                          kernels::GroupedGemmEngine engine) {
+  const GatherPlan plan = gather_plan(gc.num_tokens, gc.top_k, seed);
+  RowsCase c = gc.rows;
+  c.counts = plan.counts;
+  c.dropped = plan.dropped;
+  // The shape the case is meant to have: row tiles of both engines (64, 128) end inside expert 1.
+  ASSERT_GT(plan.counts[1], 128) << c.name;
+  ASSERT_EQ(plan.counts[2], 0) << c.name;
+  ASSERT_GT(plan.dropped, 0) << c.name;
+  run_rows_case<TX, TW, TY>(c, plan.offsets, seed, nullptr, false, engine, &plan.gather);
+}
+
+TYPED_TEST(GroupedGemmTest, RowsGatherMatchReference) {
+  using T = TypeParam;
+  uint32_t seed = 500;
+  for (const GatherRowsCase& c : gather_rows_cases()) {
+    run_gather_rows_case<T, T, T>(c, seed += 10, kSimt);
+  }
+}
+
+TYPED_TEST(GroupedGemmWmmaTest, RowsGatherMatchReference) {
+  using T = TypeParam;
+  uint32_t seed = 600;
+  for (const GatherRowsCase& c : gather_rows_cases()) {
+    run_gather_rows_case<T, T, T>(c, seed += 10, kWmma);
+    run_gather_rows_case<T, T, float>(c, seed += 10, kWmma);  // split LoRA's x A_e^T
+  }
+}
+
+TEST(GroupedGemmMixed, RowsGatherIntoFloat) {
+  MOEFORGE_SKIP_WITHOUT_GPU();
+  const GatherRowsCase& c = gather_rows_cases()[0];
+  run_gather_rows_case<__half, __half, float>(c, 700, kSimt);
+  run_gather_rows_case<__nv_bfloat16, __nv_bfloat16, float>(c, 710, kSimt);
+}
+
+// Out-of-range gather indices (negative, or >= limit * divisor) read rows of zeros: those rows of
+// y are exactly the bias (or 0), and the kernels read nothing outside the source, which holds
+// exactly `limit` rows (a 1-byte allocation for limit 0), so ASan in the emulator would see it.
+template <typename T>
+void run_gather_out_of_range(kernels::GroupedGemmEngine engine, uint32_t seed) {
+  constexpr int64_t kTokens = 50, kTopK = 3, kRows = kTokens * kTopK;  // valid indices [0, 150)
+  const std::vector<int64_t> counts = {135, 0, 10};                    // + 5 dropped rows
+  const std::vector<int32_t> offsets = offsets_of(counts);
+  std::vector<int32_t> index(kRows);
+  std::iota(index.begin(), index.end(), 0);
+  std::shuffle(index.begin(), index.end(), std::mt19937(seed));
+  // Bad indices on row tile edges inside expert 0 (tiles start at each expert's first row: SIMT
+  // 63 / 64 and 127 / 128, WMMA 127 / 128), on expert edges (0, 134, 135, 144) and on a dropped
+  // row (147); the extreme valid indices on rows 100 and 101.
+  constexpr int32_t kMin = std::numeric_limits<int32_t>::min();
+  constexpr int32_t kMax = std::numeric_limits<int32_t>::max();
+  const std::vector<std::pair<int64_t, int32_t>> bad = {
+      {0, -1},       {63, kMin},  {64, kRows}, {127, kRows + 1}, {128, kMax},
+      {134, -kRows}, {135, 1000}, {144, -2},   {147, kRows},
+  };
+  for (const auto& [r, v] : bad) index[r] = v;
+  index[100] = kRows - 1;  // token kTokens - 1
+  index[101] = 0;
+  const Gather gather{index, kTopK, kTokens};
+  const Gather empty_source{index, kTopK, 0};  // limit 0: every row reads zeros
+  const struct {
+    RowsCase c;
+    const Gather* g;
+  } runs[] = {
+      {{"out-of-range indices, bias, 16-byte rows", counts, 5, 40, 33, Layout::kOutIn, true},
+       &gather},
+      {{"out-of-range indices, no bias, odd ldx", counts, 5, 40, 33, Layout::kInOut, false, 0.75,
+        false, 1},
+       &gather},
+      {{"limit 0, bias", counts, 5, 40, 33, Layout::kOutIn, true}, &empty_source},
+  };
+  for (const auto& run : runs) {
+    SCOPED_TRACE(run.c.name);
+    std::vector<T> y;
+    seed += 10;
+    run_rows_case<T, T, T>(run.c, offsets, seed, &y, false, engine, run.g);
+    ASSERT_EQ(static_cast<int64_t>(y.size()), kRows * run.c.n);
+    // run_rows_case draws the bias from seed + 2.
+    const std::vector<T> bias = random_values<T>(counts.size() * run.c.n, seed + 2);
+    int64_t zero_rows = 0;
+    for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e) {
+      for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
+        if (source_row(*run.g, r) >= 0) continue;
+        ++zero_rows;
+        for (int64_t j = 0; j < run.c.n; ++j) {
+          const double want = run.c.bias ? as_double(bias[e * run.c.n + j]) : 0.0;
+          EXPECT_EQ(as_double(y[r * run.c.n + j]), want) << "row " << r << ", column " << j;
+        }
+      }
+    }
+    EXPECT_EQ(zero_rows, run.g->limit == 0 ? offsets.back() : 8);
+  }
+}
+
+TYPED_TEST(GroupedGemmTest, RowsGatherOutOfRangeReadsZeros) {
+  run_gather_out_of_range<TypeParam>(kSimt, 800);
+}
+
+TYPED_TEST(GroupedGemmWmmaTest, RowsGatherOutOfRangeReadsZeros) {
+  run_gather_out_of_range<TypeParam>(kWmma, 900);
+}
+
+// A weight-gradient case with a_rows or b_rows (not both) = the plan of
+// gather_plan(num_tokens, top_k): the gathered operand is [num_tokens, ld] token-major, the other
+// one expert-sorted. out_of_range: a few routed rows get indices outside [0, limit * divisor)
+// (rows of zeros: they add nothing to G_e).
+struct GatherWgradCase {
+  WgradCase wgrad;  // counts / dropped come from the plan
+  int64_t num_tokens, top_k;
+  bool gather_b;  // gather b's rows, else a's
+  bool out_of_range;
+};
+
+// The gathered operand's features (p for a_rows, q for b_rows) span several tiles of both
+// engines (64 and 128), so that the tile's feature offset matters.
+const std::vector<GatherWgradCase>& gather_wgrad_cases() {
+  static const std::vector<GatherWgradCase> all = {
+      {{"a_rows, top_k 2, odd lda and ldb", {}, 0, 131, 45, OutLayout::kEPQ, 1.0, 2, 0},
+       150,
+       2,
+       false,
+       false},
+      {{"b_rows, top_k 3, 16-byte rows, [E, out, in], alpha",
+        {},
+        0,
+        96,
+        136,
+        OutLayout::kEQP,
+        0.5,
+        0,
+        8},
+       100,
+       3,
+       true,
+       false},
+      {{"a_rows, 16-byte rows, out-of-range indices, lora_B layout",
+        {},
+        0,
+        136,
+        27,
+        OutLayout::kLora,
+        2.0},
+       90,
+       2,
+       false,
+       true},
+      {{"b_rows, odd ldb, out-of-range indices", {}, 0, 27, 131, OutLayout::kEPQ, 1.0, 5, 2},
+       70,
+       3,
+       true,
+       true},
+  };
+  return all;
+}
+
+template <typename T>
+void run_gather_wgrad_case(const GatherWgradCase& gc, uint32_t seed,
+                           kernels::GroupedGemmEngine engine) {
+  GatherPlan plan = gather_plan(gc.num_tokens, gc.top_k, seed);
+  WgradCase c = gc.wgrad;
+  c.counts = plan.counts;
+  c.dropped = plan.dropped;
+  if (gc.out_of_range) {
+    Gather& g = plan.gather;
+    const int64_t begin1 = plan.offsets[1], end = plan.offsets.back();
+    ASSERT_GT(plan.counts[0], 0) << c.name;
+    ASSERT_GT(plan.counts[1], 33) << c.name;
+    const int32_t past = static_cast<int32_t>(g.limit * g.divisor);  // the first bad index
+    g.index[0] = -1;
+    g.index[begin1] = std::numeric_limits<int32_t>::min();
+    g.index[begin1 + 31] = past;  // the last row of a 32-row slab
+    g.index[begin1 + 32] = std::numeric_limits<int32_t>::max();
+    g.index[end - 1] = past + 1;
+    g.index[end - 2] = past - 1;  // the last valid index
+  }
+  const Gather* gather = &plan.gather;
+  run_wgrad_case<T, T, T>(c, plan.offsets, seed, nullptr, false, engine,
+                          gc.gather_b ? nullptr : gather, gc.gather_b ? gather : nullptr);
+}
+
+TYPED_TEST(GroupedGemmTest, WgradGatherMatchesReference) {
+  uint32_t seed = 1100;
+  for (const GatherWgradCase& c : gather_wgrad_cases()) {
+    run_gather_wgrad_case<TypeParam>(c, seed += 10, kSimt);
+  }
+}
+
+TYPED_TEST(GroupedGemmWmmaTest, WgradGatherMatchesReference) {
+  uint32_t seed = 1200;
+  for (const GatherWgradCase& c : gather_wgrad_cases()) {
+    run_gather_wgrad_case<TypeParam>(c, seed += 10, kWmma);
+  }
+}
+
 // ---- launch_grouped_row_sum -------------------------------------------------------------------
 template <typename T>
 void run_row_sum_case(const std::vector<int64_t>& counts, int64_t dropped, int64_t q, int64_t b_pad,
@@ -721,6 +1065,14 @@ void expect_bad_arguments_rejected(kernels::GroupedGemmEngine engine) {
   rows.y = nullptr;
   EXPECT_EQ(kernels::launch_grouped_gemm(rows, nullptr), cudaErrorInvalidValue);
   rows.y = fake;
+  // A gather (index set) with divisor < 1 or limit < 0.
+  rows.x_rows = {fake_offsets, 0, 4};
+  EXPECT_EQ(kernels::launch_grouped_gemm(rows, nullptr), cudaErrorInvalidValue) << "divisor 0";
+  rows.x_rows.divisor = -3;
+  EXPECT_EQ(kernels::launch_grouped_gemm(rows, nullptr), cudaErrorInvalidValue) << "divisor < 0";
+  rows.x_rows = {fake_offsets, 2, -1};
+  EXPECT_EQ(kernels::launch_grouped_gemm(rows, nullptr), cudaErrorInvalidValue) << "limit < 0";
+  rows.x_rows = {};
   rows.n = 65535 * 64 + 1;  // beyond grid.y
   EXPECT_EQ(kernels::launch_grouped_gemm(rows, nullptr), cudaErrorInvalidValue);
   rows.num_rows = 0;  // nothing to do: success without touching the device
@@ -736,6 +1088,20 @@ void expect_bad_arguments_rejected(kernels::GroupedGemmEngine engine) {
   wgrad.q = wgrad.num_experts = 4;
   EXPECT_EQ(kernels::launch_grouped_gemm_wgrad(wgrad, nullptr), cudaErrorInvalidValue);
   wgrad.p = 4;
+  wgrad.a_rows = {fake_offsets, 0, 4};
+  EXPECT_EQ(kernels::launch_grouped_gemm_wgrad(wgrad, nullptr), cudaErrorInvalidValue)
+      << "a divisor 0";
+  wgrad.a_rows = {fake_offsets, 1, -2};
+  EXPECT_EQ(kernels::launch_grouped_gemm_wgrad(wgrad, nullptr), cudaErrorInvalidValue)
+      << "a limit < 0";
+  wgrad.a_rows = {};
+  wgrad.b_rows = {fake_offsets, 0, 4};
+  EXPECT_EQ(kernels::launch_grouped_gemm_wgrad(wgrad, nullptr), cudaErrorInvalidValue)
+      << "b divisor 0";
+  wgrad.b_rows = {fake_offsets, 3, -1};
+  EXPECT_EQ(kernels::launch_grouped_gemm_wgrad(wgrad, nullptr), cudaErrorInvalidValue)
+      << "b limit < 0";
+  wgrad.b_rows = {};
   wgrad.num_experts = 65536;  // beyond grid.z
   EXPECT_EQ(kernels::launch_grouped_gemm_wgrad(wgrad, nullptr), cudaErrorInvalidValue);
   wgrad.num_experts = 0;
