@@ -1,8 +1,8 @@
 """The routed-experts computation of an MoE layer as one autograd node, with a lean backward.
 
-Forward (same values and rounding as composing the ops one by one): routing -> permute ->
-``h = x W_gu^T`` (+ split LoRA) -> ``a = swiglu(h)`` -> ``y = a W_d^T`` (+ split LoRA) ->
-``out[t] = sum_k w[t,k] y[row(t,k)]``.
+Forward (same values and rounding as composing the ops one by one): routing ->
+``h = x_rows W_gu^T`` (+ split LoRA) -> ``a = swiglu(h)`` -> ``y = a W_d^T`` (+ split LoRA) ->
+``out[t] = sum_k w[t,k] y[row(t,k)]``, with ``x_rows`` the tokens in expert order.
 
 The permute is fused into the gate_up GEMMs: they read the token-major ``x`` through the routing
 plan (``grouped_mm`` / ``expert_lora`` with ``sorted_pairs``), in the forward and in the weight
