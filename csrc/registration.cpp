@@ -79,15 +79,16 @@ TORCH_LIBRARY(moeforge, m) {
   // Split LoRA on routed rows, PEFT layout: lora_A [E*r, in] expert-major, lora_B [out, r*E]
   // rank-major. lora_u = x A_e^T [rows, r]; delta = scaling * lora_u B_e^T [rows, out].
   // Never forms B_e A_e. With the routing plan, x is token-major as for grouped_mm (and
-  // grad_x per routed row).
+  // grad_x per routed row); in the backward op, x_through_plan / grad_delta_through_plan say which
+  // of x and grad_delta are token-major and read through it (at least one).
   m.def(
       "expert_lora(Tensor x, Tensor lora_A, Tensor lora_B, Tensor expert_offsets, float scaling, "
       "Tensor? sorted_pairs=None, Tensor? pair_to_row=None) -> (Tensor delta, Tensor lora_u)");
   m.def(
       "expert_lora_backward(Tensor grad_delta, Tensor x, Tensor lora_u, Tensor lora_A, "
       "Tensor lora_B, Tensor expert_offsets, float scaling, bool[3] output_mask, "
-      "Tensor? sorted_pairs=None, Tensor? pair_to_row=None) -> (Tensor grad_x, Tensor grad_A, "
-      "Tensor grad_B)");
+      "Tensor? sorted_pairs=None, Tensor? pair_to_row=None, bool x_through_plan=True, "
+      "bool grad_delta_through_plan=False) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B)");
 
   // Fused router losses over all layers' logits [T,E] together (HF semantics): the load-balancing
   // loss E * sum_e (count_e / R) * (psum_e / R) and the z-loss mean(logsumexp^2), one pass.

@@ -27,9 +27,21 @@ struct RowSource {
 };
 
 // Validates the optional plan against x (both or neither given; the plan's rules as for permute,
-// with num_tokens = x.size(0)) and returns the row source.
+// with num_tokens = x.size(0)) and returns the row source. name: x's argument name in errors.
 RowSource row_source(std::string_view op, const at::Tensor& x,
                      const std::optional<at::Tensor>& sorted_pairs,
-                     const std::optional<at::Tensor>& pair_to_row);
+                     const std::optional<at::Tensor>& pair_to_row, std::string_view name = "x");
+
+// expert_lora_backward reads two row operands, x and grad_delta; given the plan, either or both
+// may be token-major (x_through_plan, grad_delta_through_plan; at least one). num_rows: S.
+struct LoraBackwardSources {
+  RowSource x, grad_delta;
+  int64_t num_rows = 0;
+};
+LoraBackwardSources lora_backward_sources(std::string_view op, const at::Tensor& x,
+                                          const at::Tensor& grad_delta,
+                                          const std::optional<at::Tensor>& sorted_pairs,
+                                          const std::optional<at::Tensor>& pair_to_row,
+                                          bool x_through_plan, bool grad_delta_through_plan);
 
 }  // namespace moeforge

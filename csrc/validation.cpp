@@ -209,14 +209,16 @@ int64_t check_expert_lora_inputs(std::string_view op, const at::Tensor& x, const
 int64_t check_expert_lora_backward_inputs(const at::Tensor& grad_delta, const at::Tensor& x,
                                           const at::Tensor& lora_u, const at::Tensor& lora_A,
                                           const at::Tensor& lora_B,
-                                          const at::Tensor& expert_offsets, int64_t num_rows) {
+                                          const at::Tensor& expert_offsets, int64_t num_rows,
+                                          int64_t grad_delta_rows) {
   constexpr std::string_view op = "expert_lora_backward";
   const int64_t rank = check_expert_lora_inputs(op, x, lora_A, lora_B, expert_offsets);
   const int64_t out_features = lora_B.size(0);
   MOEFORGE_CHECK_VALUE(
-      grad_delta.dim() == 2 && grad_delta.size(0) == num_rows && grad_delta.size(1) == out_features,
-      op, "grad_delta must be [num_rows, out_features] = [", num_rows, ", ", out_features,
-      "], got ", grad_delta.sizes());
+      grad_delta.dim() == 2 && grad_delta.size(0) == grad_delta_rows &&
+          grad_delta.size(1) == out_features,
+      op, "grad_delta must be [", grad_delta_rows == num_rows ? "num_rows" : "num_tokens",
+      ", out_features] = [", grad_delta_rows, ", ", out_features, "], got ", grad_delta.sizes());
   MOEFORGE_CHECK_VALUE(lora_u.dim() == 2 && lora_u.size(0) == num_rows && lora_u.size(1) == rank,
                        op, "lora_u must be [num_rows, rank] = [", num_rows, ", ", rank, "], got ",
                        lora_u.sizes());

@@ -49,13 +49,15 @@ void check_weighted_swiglu_backward_inputs(const at::Tensor& grad_aw, const at::
 int64_t check_expert_lora_inputs(std::string_view op, const at::Tensor& x, const at::Tensor& lora_A,
                                  const at::Tensor& lora_B, const at::Tensor& expert_offsets);
 
-// expert_lora_backward: the forward's rules plus grad_delta [num_rows, out_features] and
-// lora_u [num_rows, rank] (floating, on x's device), num_rows as for grouped_mm_backward.
+// expert_lora_backward: the forward's rules plus grad_delta [grad_delta_rows, out_features] and
+// lora_u [num_rows, rank] (floating, on x's device), num_rows as for grouped_mm_backward
+// (grad_delta_rows: num_rows, or num_tokens when grad_delta is read through the plan).
 // Returns the rank.
 int64_t check_expert_lora_backward_inputs(const at::Tensor& grad_delta, const at::Tensor& x,
                                           const at::Tensor& lora_u, const at::Tensor& lora_A,
                                           const at::Tensor& lora_B,
-                                          const at::Tensor& expert_offsets, int64_t num_rows);
+                                          const at::Tensor& expert_offsets, int64_t num_rows,
+                                          int64_t grad_delta_rows);
 
 void check_router_loss_inputs(std::string_view op, at::TensorList logits,
                               const std::optional<at::Tensor>& row_mask, int64_t top_k);

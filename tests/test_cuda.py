@@ -329,6 +329,16 @@ def test_gathered_rows_equal_permute_first(engine, dtype):
     want = torch.ops.moeforge.expert_lora_backward(dy, xs, u, A, B, offs, 0.5, [True] * 3)
     for g, wt in zip(got, want):
         assert torch.equal(g, wt)
+    # grad_delta token-major (the fused layer's down adapter reads dO through the plan)
+    dy_tokens = torch.randn(T, O, device="cuda", dtype=dtype)
+    got = torch.ops.moeforge.expert_lora_backward(
+        dy_tokens, xs, u, A, B, offs, 0.5, [True] * 3, *pairs, False, True
+    )
+    want = torch.ops.moeforge.expert_lora_backward(
+        ops.permute(dy_tokens, plan), xs, u, A, B, offs, 0.5, [True] * 3
+    )
+    for g, wt in zip(got, want):
+        assert torch.equal(g, wt)
 
 
 @pytest.mark.parametrize("layout", ["hf", "gpt_oss"])

@@ -137,16 +137,16 @@ class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_permuted_copies_are_not_made(lora):
-    """The permute is fused into the GEMMs' loads: no [S, H] copy of x in the forward or the
-    backward, and none of dO either unless the down adapter needs its rows."""
-    ids, leaves = make_inputs("cpu", "hf", lora, bias=False)
+@pytest.mark.parametrize("layout,lora,bias", CASES)
+def test_permuted_copies_are_not_made(layout, lora, bias):
+    """The permute is fused into the GEMMs' loads: no [S, H] copy of x or of dO, forward or
+    backward, except the weighted dO rows a trainable down bias sums."""
+    ids, leaves = make_inputs("cpu", layout, lora, bias)
     p = {n: t.clone().requires_grad_() for n, t in leaves.items()}
     with _OpLog() as forward:
-        out = run_fused(ids, p, "hf")
+        out = run_fused(ids, p, layout)
     with _OpLog() as backward:
         out.backward(torch.randn_like(out))
     assert "moeforge.permute" not in forward.names
-    assert backward.names.count("moeforge.permute") == (1 if lora else 0)
+    assert backward.names.count("moeforge.permute") == (1 if bias else 0)
     assert "moeforge.weighted_swiglu_backward" in backward.names

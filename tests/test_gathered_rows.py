@@ -85,6 +85,39 @@ def test_expert_lora_through_plan_matches_permute_first(device, T, K):
         torch.testing.assert_close(a, c)
 
 
+@pytest.mark.parametrize("x_through_plan", [False, True])
+def test_expert_lora_backward_reads_grad_delta_through_plan(device, x_through_plan):
+    """The fused layer's down adapter: grad_delta token-major [T, out] (dO), read through the
+    plan; x in expert order or token-major. Same as permuting first."""
+    T, K = 41, 3
+    plan = make_plan(T, K, device)
+    pairs = (plan.sorted_pairs, plan.pair_to_row)
+    f64 = {"device": device, "dtype": torch.float64}
+    x = torch.randn(T, H, **f64) if x_through_plan else torch.randn(T * K, H, **f64)
+    x_rows = ops.permute(x, plan) if x_through_plan else x
+    A, B = torch.randn(E * R, H, **f64), torch.randn(OUT, R * E, **f64)
+    u = torch.randn(T * K, R, **f64)
+    grad_tokens = torch.randn(T, OUT, **f64)
+    got = torch.ops.moeforge.expert_lora_backward(
+        grad_tokens,
+        x,
+        u,
+        A,
+        B,
+        plan.expert_offsets,
+        0.5,
+        [True] * 3,
+        *pairs,
+        x_through_plan,
+        True,
+    )
+    want = torch.ops.moeforge.expert_lora_backward(
+        ops.permute(grad_tokens, plan), x_rows, u, A, B, plan.expert_offsets, 0.5, [True] * 3
+    )
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_opcheck_with_plan(device):
     plan = make_plan(9, 2, device)
     x = torch.randn(9, 8, device=device)
@@ -130,6 +163,25 @@ def test_bad_plans_are_named():
             plan.sorted_pairs,
             plan.pair_to_row,
         )
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.expert_lora_backward: with the routing plan, x_through_plan or "
+        r"grad_delta_through_plan must be True, got both False",
+    ):
+        torch.ops.moeforge.expert_lora_backward(
+            torch.randn(12, 4), torch.randn(12, 8), torch.randn(12, 1), torch.randn(E, 8),
+            torch.randn(4, E), plan.expert_offsets, 1.0, [True] * 3, plan.sorted_pairs,
+            plan.pair_to_row, False, False,
+        )  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.expert_lora_backward: grad_delta must be 2-D \[num_tokens, features\]",
+    ):
+        torch.ops.moeforge.expert_lora_backward(
+            torch.randn(24), torch.randn(12, 8), torch.randn(12, 1), torch.randn(E, 8),
+            torch.randn(4, E), plan.expert_offsets, 1.0, [True] * 3, plan.sorted_pairs,
+            plan.pair_to_row, False, True,
+        )  # fmt: skip
     with pytest.raises(
         TypeError, match=r"moeforge\.expert_lora: sorted_pairs must be Int, got Long"
     ):

@@ -49,19 +49,23 @@ std::tuple<at::Tensor, at::Tensor> expert_lora_cpu(const at::Tensor& x_in, const
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_lora_backward_cpu(
-    const at::Tensor& grad_delta, const at::Tensor& x_in, const at::Tensor& lora_u,
+    const at::Tensor& grad_delta_in, const at::Tensor& x_in, const at::Tensor& lora_u,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& expert_offsets,
     double scaling, std::array<bool, 3> output_mask, const std::optional<at::Tensor>& sorted_pairs,
-    const std::optional<at::Tensor>& pair_to_row) {
+    const std::optional<at::Tensor>& pair_to_row, bool x_through_plan,
+    bool grad_delta_through_plan) {
   constexpr std::string_view op = "expert_lora_backward";
   check_expert_lora_inputs(op, x_in, lora_A, lora_B, expert_offsets);
-  const RowSource source = row_source(op, x_in, sorted_pairs, pair_to_row);
-  const int64_t num_rows = source.num_rows(x_in);
-  const int64_t rank = check_expert_lora_backward_inputs(grad_delta, x_in, lora_u, lora_A, lora_B,
-                                                         expert_offsets, num_rows);
+  const LoraBackwardSources sources = lora_backward_sources(
+      op, x_in, grad_delta_in, sorted_pairs, pair_to_row, x_through_plan, grad_delta_through_plan);
+  const int64_t num_rows = sources.num_rows;
+  const int64_t rank = check_expert_lora_backward_inputs(
+      grad_delta_in, x_in, lora_u, lora_A, lora_B, expert_offsets, num_rows,
+      sources.grad_delta.gathered() ? grad_delta_in.size(0) : num_rows);
   check_offsets_values(op, expert_offsets, num_rows);
-  // x in expert order, gathered only where grad_A reads it.
-  const at::Tensor x = output_mask[1] ? source.rows(x_in) : at::Tensor();
+  // x and grad_delta in expert order (x gathered only where grad_A reads it).
+  const at::Tensor x = output_mask[1] ? sources.x.rows(x_in) : at::Tensor();
+  const at::Tensor grad_delta = sources.grad_delta.rows(grad_delta_in);
   const int64_t num_experts = expert_offsets.size(0) - 1, out_features = lora_B.size(0);
   const auto empty = [&] { return at::empty({0}, x_in.options()); };
   at::Tensor grad_x =

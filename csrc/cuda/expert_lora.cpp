@@ -92,12 +92,13 @@ template <typename TA, typename TB, typename TG>
 void wgrad_gemm(const TA* a, int64_t lda, int64_t p, const TB* b, int64_t ldb, int64_t q, TG* g,
                 std::array<int64_t, 3> gs, int64_t num_rows, const at::Tensor& offsets,
                 int64_t num_experts, double alpha, std::string_view op, cudaStream_t stream,
-                const kernels::RowGather& b_rows = {}) {
+                const kernels::RowGather& b_rows = {}, const kernels::RowGather& a_rows = {}) {
   kernels::GroupedGemmWgradArgs<TA, TB, TG> args;
   args.a = a;
   args.lda = lda;
   args.b = b;
   args.ldb = ldb;
+  args.a_rows = a_rows;
   args.b_rows = b_rows;
   args.expert_offsets = offsets.const_data_ptr<int32_t>();
   args.g = g;
@@ -159,12 +160,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_lora_backward_cuda(
     const at::Tensor& grad_delta_in, const at::Tensor& x_in, const at::Tensor& lora_u_in,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& expert_offsets,
     double scaling, std::array<bool, 3> output_mask, const std::optional<at::Tensor>& sorted_pairs,
-    const std::optional<at::Tensor>& pair_to_row) {
+    const std::optional<at::Tensor>& pair_to_row, bool x_through_plan,
+    bool grad_delta_through_plan) {
   constexpr std::string_view op = "expert_lora_backward";
   check_expert_lora_inputs(op, x_in, lora_A, lora_B, expert_offsets);
-  const RowSource source = row_source(op, x_in, sorted_pairs, pair_to_row);
+  const LoraBackwardSources sources = lora_backward_sources(
+      op, x_in, grad_delta_in, sorted_pairs, pair_to_row, x_through_plan, grad_delta_through_plan);
   const int64_t rank = check_expert_lora_backward_inputs(
-      grad_delta_in, x_in, lora_u_in, lora_A, lora_B, expert_offsets, source.num_rows(x_in));
+      grad_delta_in, x_in, lora_u_in, lora_A, lora_B, expert_offsets, sources.num_rows,
+      sources.grad_delta.gathered() ? grad_delta_in.size(0) : sources.num_rows);
   const int64_t out_features = lora_B.size(0);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -173,8 +177,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_lora_backward_cuda(
   // here they are brought to x's dtype (a no-op for the tensors autograd passes).
   const at::Tensor grad_delta = as_rows(grad_delta_in.to(x_in.scalar_type()));
   const at::Tensor lora_u = as_rows(lora_u_in.to(x_in.scalar_type()));
-  const Lora l{source.num_rows(x_in), x_in.size(1), out_features, rank,
-               offsets.size(0) - 1,   lora_A,       lora_B};
+  const Lora l{sources.num_rows,    x_in.size(1), out_features, rank,
+               offsets.size(0) - 1, lora_A,       lora_B};
+  // grad_delta's rows: read through the plan (token-major) or in expert order.
+  const kernels::RowGather grad_delta_rows = row_gather(sources.grad_delta, grad_delta);
   const auto empty = [&] { return at::empty({0}, x_in.options()); };
   at::Tensor grad_x = output_mask[0] ? at::empty({l.num_rows, l.in}, x_in.options()) : empty();
   at::Tensor grad_A = output_mask[1] ? at::empty(lora_A.sizes(), lora_A.options()) : empty();
@@ -188,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_lora_backward_cuda(
           at::Tensor du = at::empty({l.num_rows, rank}, x_in.options().dtype(inter_dtype<T>()));
           rows_gemm(data<T>(grad_delta), grad_delta.stride(0), data<T>(lora_B), l.b(),
                     mutable_data<I>(du), l.num_rows, l.out, rank, offsets, l.num_experts, scaling,
-                    op, stream);
+                    op, stream, grad_delta_rows);
           if (output_mask[0]) {  // grad_x = du A_e
             rows_gemm(data<I>(du), rank, data<T>(lora_A), l.a(), mutable_data<T>(grad_x),
                       l.num_rows, rank, l.in, offsets, l.num_experts, 1.0, op, stream);
@@ -197,14 +203,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_lora_backward_cuda(
             const at::Tensor x = as_rows(x_in);
             wgrad_gemm(data<I>(du), rank, rank, data<T>(x), x.stride(0), l.in,
                        mutable_data<T>(grad_A), {rank * l.in, l.in, 1}, l.num_rows, offsets,
-                       l.num_experts, 1.0, op, stream, row_gather(source, x));
+                       l.num_experts, 1.0, op, stream, row_gather(sources.x, x));
           }
         }
         if (output_mask[2]) {  // grad_B_e [out, r] = scaling * grad_delta_e^T u_e, rank-major
           wgrad_gemm(data<T>(grad_delta), grad_delta.stride(0), l.out, data<T>(lora_u),
                      lora_u.stride(0), rank, mutable_data<T>(grad_B),
                      {1, rank * l.num_experts, l.num_experts}, l.num_rows, offsets, l.num_experts,
-                     scaling, op, stream);
+                     scaling, op, stream, {}, grad_delta_rows);
         }
       });
   return {grad_x, grad_A, grad_B};

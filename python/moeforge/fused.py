@@ -24,8 +24,8 @@ activation, ``a_w = w a``, so that ``out[t] = sum_k (a_w W_d^T + w b_d)[row(t,k)
   from one pass over ``h`` (:func:`moeforge.ops.weighted_swiglu_backward`);
 * ``dW_d = dO_rows^T a_w`` and the down adapter's gradients read ``a_w`` and ``w u``.
 
-``dO_rows`` is read through the plan too (by the GEMM for ``g`` and by ``dW_d``); it is
-materialised only for the down adapter and a trainable down bias.
+``dO_rows`` is read through the plan too (by the GEMMs for ``g``, ``dW_d`` and the down
+adapter); it is materialised only for a trainable down bias.
 """
 
 from __future__ import annotations
@@ -148,18 +148,15 @@ class FusedMoEExperts(torch.autograd.Function):
         num_rows, inter = h.shape[0], h.shape[1] // 2
 
         # ---- down projection and the weighted activation ----
-        # dO is read through the plan by the GEMMs (grad of a_w, dW_d); the down adapter and the
-        # down bias gradient read it per routed row, so only they materialise it.
+        # dO is read through the plan by every GEMM (grad of a_w, dW_d, the down adapter); only a
+        # trainable down bias needs its rows materialised.
         grad_out = grad_out.to(h.dtype)
         plan = (sorted_pairs, pair_to_row)
-        grad_out_rows = None
-        if down_lora_A is not None or need_dn_bias:
-            grad_out_rows = _ops.permute(grad_out, *plan, None)  # unweighted
         row_weights = top_k_weights.reshape(-1).index_select(0, sorted_pairs)
         grad_aw = _ops.grouped_mm(grad_out, down_proj, offsets, None, not transposed, *plan)
-        if down_lora_A is not None:
+        if down_lora_A is not None:  # dO token-major, read through the plan
             lora_grad, _, _ = _ops.expert_lora_backward(
-                grad_out_rows,
+                grad_out,
                 _shape_only(num_rows, inter, h),
                 down_u,
                 down_lora_A,
@@ -167,6 +164,9 @@ class FusedMoEExperts(torch.autograd.Function):
                 offsets,
                 ctx.down_scaling,
                 [True, False, False],
+                *plan,
+                False,
+                True,
             )
             grad_aw.add_(lora_grad)
         want_act_w = need_dn or need_dn_A or need_dn_B
@@ -185,7 +185,8 @@ class FusedMoEExperts(torch.autograd.Function):
                 act_w, grad_out, down_proj, offsets, not transposed, [False, True, False], *plan
             )
         if need_dn_bias:  # sum over expert e's rows of w * dO
-            weighted_rows = grad_out_rows * row_weights.to(grad_out_rows.dtype)[:, None]
+            weighted_rows = _ops.permute(grad_out, *plan, None)
+            weighted_rows *= row_weights.to(weighted_rows.dtype)[:, None]
             _, _, grad_dn_bias = _ops.grouped_mm_backward(
                 weighted_rows,
                 _shape_only(num_rows, inter, h),
@@ -198,7 +199,7 @@ class FusedMoEExperts(torch.autograd.Function):
         if need_dn_A or need_dn_B:  # the adapter saw a_w, whose rank-r intermediate is w u
             down_u_w = down_u.to(row_weights.dtype) * row_weights[:, None]
             _, grad_dn_A, grad_dn_B = _ops.expert_lora_backward(
-                grad_out_rows,
+                grad_out,
                 act_w,
                 down_u_w,
                 down_lora_A,
@@ -206,8 +207,11 @@ class FusedMoEExperts(torch.autograd.Function):
                 offsets,
                 ctx.down_scaling,
                 [False, need_dn_A, need_dn_B],
+                *plan,
+                False,
+                True,
             )
-        del grad_out_rows, act_w
+        del act_w
 
         # ---- routing weights: dw[t, k] = <g, a>[row(t, k)] (+ <dO[t], b_d[e]>) ----
         grad_w = None

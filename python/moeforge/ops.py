@@ -419,10 +419,12 @@ def _expert_lora_backward_fake(
     output_mask,
     sorted_pairs=None,
     pair_to_row=None,
+    x_through_plan=True,
+    grad_delta_through_plan=False,
 ):
     empty = x.new_empty(0)
     return (
-        x.new_empty(grad_delta.shape[0], x.shape[1]) if output_mask[0] else empty,
+        x.new_empty(lora_u.shape[0], x.shape[1]) if output_mask[0] else empty,
         lora_A.new_empty(lora_A.shape) if output_mask[1] else empty,
         lora_B.new_empty(lora_B.shape) if output_mask[2] else empty,
     )

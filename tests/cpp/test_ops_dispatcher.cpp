@@ -95,9 +95,9 @@ Tensors3 expert_lora_backward(const Tensor& grad_delta, const Tensor& x, const T
                               double scaling, std::array<bool, 3> mask) {
   static const auto h =
       op<Tensors3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                  const Tensor&, double, std::array<bool, 3>, const OptTensor&, const OptTensor&)>(
-          "expert_lora_backward");
-  return h.call(grad_delta, x, lora_u, a, b, offsets, scaling, mask, {}, {});
+                  const Tensor&, double, std::array<bool, 3>, const OptTensor&, const OptTensor&,
+                  bool, bool)>("expert_lora_backward");
+  return h.call(grad_delta, x, lora_u, a, b, offsets, scaling, mask, {}, {}, true, false);
 }
 Tensors3 router_loss(at::TensorList logits, const OptTensor& row_mask, int64_t top_k) {
   static const auto h = op<Tensors3(at::TensorList, const OptTensor&, int64_t)>("router_loss");
