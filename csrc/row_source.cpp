@@ -1,6 +1,7 @@
 #include "row_source.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <string>
@@ -12,9 +13,14 @@ namespace moeforge {
 
 at::Tensor RowSource::rows(const at::Tensor& x) const {
   if (!gathered()) return x;
-  // Pair p = t * top_k + k belongs to token t; dropped pairs name a valid token too (their rows
-  // are past expert_offsets[E] and ignored by the GEMMs).
-  return x.index_select(0, at::floor_divide(sorted_pairs, top_k));
+  // moeforge::permute: the same rows (dropped ones zero, which the GEMMs ignore), with its range
+  // checks on a corrupt plan (named errors on CPU, zero rows instead of stray reads on CUDA).
+  static const auto permute =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("moeforge::permute", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&)>();
+  return permute.call(x, sorted_pairs, pair_to_row, std::nullopt);
 }
 
 RowSource row_source(std::string_view op, const at::Tensor& x,
@@ -28,8 +34,17 @@ RowSource row_source(std::string_view op, const at::Tensor& x,
   check_dim(op, name, x, 2, "[num_tokens, features]");
   const std::string tokens_of = "num_tokens of " + std::string(name);
   check_plan(op, *sorted_pairs, *pair_to_row, x.size(0), tokens_of, x);
+  if (sorted_pairs->is_cpu() && sorted_pairs->numel() > 0) {  // values: only where no sync
+    const at::Tensor bad =
+        at::logical_or(sorted_pairs->lt(0), sorted_pairs->ge(pair_to_row->numel()));
+    if (bad.any().item<bool>()) {
+      const int64_t i = bad.to(at::kByte).argmax().item<int64_t>();
+      MOEFORGE_CHECK_VALUE(false, op, "sorted_pairs[", i, "] must be in [0, ", pair_to_row->numel(),
+                           "), got ", (*sorted_pairs)[i].item<int32_t>());
+    }
+  }
   // top_k = 0 leaves no rows; 1 keeps the divisor valid.
-  return {sorted_pairs->contiguous(), std::max<int64_t>(1, pair_to_row->size(1))};
+  return {sorted_pairs->contiguous(), *pair_to_row, std::max<int64_t>(1, pair_to_row->size(1))};
 }
 
 LoraBackwardSources lora_backward_sources(std::string_view op, const at::Tensor& x,

@@ -3,7 +3,7 @@
 // straight from the token-major activations (x is [T, in]; routed row r is token
 // sorted_pairs[r] / top_k): the permute fused into the GEMM's operand load, so the [S, in] copy is
 // never written. The CUDA kernels gather in their loads (kernels::RowGather); the CPU kernels
-// gather with index_select first.
+// (and the CUDA ops under MOEFORGE_GROUPED_GEMM=torch, whose GEMM has no gather) permute first.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -15,6 +15,7 @@ namespace moeforge {
 
 struct RowSource {
   at::Tensor sorted_pairs;  // [S] int32, contiguous; undefined: x is already in expert order
+  at::Tensor pair_to_row;   // [T, K] int32
   int64_t top_k = 1;
 
   bool gathered() const { return sorted_pairs.defined(); }

@@ -96,8 +96,8 @@ void check_routed_dot_inputs(const at::Tensor& rows, const at::Tensor& tokens,
 
 void check_grouped_mm_inputs(const at::Tensor& x, const at::Tensor& weight,
                              const at::Tensor& expert_offsets,
-                             const std::optional<at::Tensor>& bias, bool weight_transposed) {
-  constexpr std::string_view op = "grouped_mm";
+                             const std::optional<at::Tensor>& bias, bool weight_transposed,
+                             std::string_view op) {
   check_dim(op, "x", x, 2, "[num_rows, in_features]");
   check_floating(op, "x", x);
   check_dim(op, "weight", weight, 3,
@@ -121,7 +121,7 @@ void check_grouped_mm_backward_inputs(const at::Tensor& grad_out, const at::Tens
                                       const at::Tensor& weight, const at::Tensor& expert_offsets,
                                       bool weight_transposed, int64_t num_rows) {
   constexpr std::string_view op = "grouped_mm_backward";
-  check_grouped_mm_inputs(x, weight, expert_offsets, std::nullopt, weight_transposed);
+  check_grouped_mm_inputs(x, weight, expert_offsets, std::nullopt, weight_transposed, op);
   check_dim(op, "grad_out", grad_out, 2, "[num_rows, out_features]");
   check_same_dtype(op, "grad_out", grad_out, "x", x);
   check_same_device(op, "grad_out", grad_out, "x", x);

@@ -24,9 +24,11 @@ void check_combine_inputs(const at::Tensor& y, const at::Tensor& sorted_pairs,
 void check_routed_dot_inputs(const at::Tensor& rows, const at::Tensor& tokens,
                              const at::Tensor& pair_to_row);
 
+// op: the name in errors (grouped_mm_backward checks its x and weight with these rules too).
 void check_grouped_mm_inputs(const at::Tensor& x, const at::Tensor& weight,
                              const at::Tensor& expert_offsets,
-                             const std::optional<at::Tensor>& bias, bool weight_transposed);
+                             const std::optional<at::Tensor>& bias, bool weight_transposed,
+                             std::string_view op = "grouped_mm");
 // num_rows: the routed rows (x.size(0), or the plan's S when x is read through it; row_source.h).
 void check_grouped_mm_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
                                       const at::Tensor& weight, const at::Tensor& expert_offsets,

@@ -98,15 +98,17 @@ __device__ __forceinline__ long long warp_max(long long v) {
 // gather, else index[r] / divisor, or -1 (a row of zeros) when that is outside [0, limit).
 __device__ __forceinline__ long long gathered_row(const RowGather& g, long long r) {
   if (g.index == nullptr) return r;
-  const long long v = g.index[r];
+  const int32_t v = g.index[r];
   if (v < 0) return -1;
-  const long long src = v / g.divisor;
+  // 0 <= v < 2^31 and 1 <= divisor < 2^31 (gather_ok): a 32-bit unsigned division, far cheaper
+  // than a 64-bit one.
+  const long long src = static_cast<uint32_t>(v) / static_cast<uint32_t>(g.divisor);
   return src < g.limit ? src : -1;
 }
 
-// A gather's arguments are usable (no gather, or divisor >= 1 and limit >= 0).
+// A gather's arguments are usable (no gather, or 1 <= divisor < 2^31 and limit >= 0).
 inline bool gather_ok(const RowGather& g) {
-  return g.index == nullptr || (g.divisor >= 1 && g.limit >= 0);
+  return g.index == nullptr || (g.divisor >= 1 && g.divisor <= 0x7fffffff && g.limit >= 0);
 }
 
 // Rows [m(e), m(e+1)) of expert e (the clamped, non-decreasing reading of the offsets described
@@ -210,7 +212,8 @@ struct SmemTiles {
 // Optionally (gather()) the rows of the operand - its mn index (x of the forward GEMM) or its k
 // index (the rows of a weight-gradient operand) - go through a RowGather: element (mn, k) is then
 // read at origin + src * stride_mn + k * stride_k (or mn * stride_mn + src * stride_k) with
-// src = gathered_row(g, first + mn (or k)), and as zero where src < 0.
+// src = gathered_row(g, first + mn (or k)), and as zero where src < 0. (Resolved per slab: caching
+// the 8 source rows of the mn case costs this kernel its last registers and spills.)
 template <typename T, typename acc>
 struct TileLoader {
   const T* ptr;  // this thread's first element at k0 = 0

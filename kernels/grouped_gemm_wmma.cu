@@ -108,9 +108,11 @@ __device__ __forceinline__ uint4 load_chunk(const uint16_t* p, long long stride_
 // issue(r0, c0, tile, ld) copies the tile at (r0, c0) into shared memory as tile[r * ld + c] in
 // 16-byte chunks along c (thread tid owns chunks tid + 256 l, so the lanes of a warp walk c, then
 // r). kUnitC: stride_c is 1 (known at compile time; x).
-// gather(g, origin, first): the operand's rows go through a RowGather (the token permutation fused
-// into the load): row r is then read at origin + gathered_row(g, first + r) * stride_r, and as
-// zeros where that is -1.
+// gather(g, origin, first, rows_fixed): the operand's rows go through a RowGather (the token
+// permutation fused into the load): row r is then read at origin + gathered_row(g, first + r) *
+// stride_r, and as zeros where that is -1. rows_fixed: every issue() has r0 = 0 (the forward's x
+// tile, whose rows stay while k advances), so this thread's source rows are resolved once here
+// instead of an index load per slab in front of each cp.async.
 template <int kRows, int kCols, bool kUnitC = false>
 struct ChunkLoader {
   static constexpr int kChunksPerRow = kCols / kChunk;
@@ -121,6 +123,8 @@ struct ChunkLoader {
   bool vec;
   RowGather rows;  // index == nullptr: no gather
   long long first = 0;
+  bool rows_fixed = false;
+  int32_t fixed_src[kChunksPerThread];  // rows_fixed: source row of chunk l, -1 for none
 
   __device__ __forceinline__ ChunkLoader(const void* base_, long long stride_r_,
                                          long long stride_c_, long long r_limit_,
@@ -137,11 +141,20 @@ struct ChunkLoader {
 
   // Reads row r at origin + gathered_row(g, first_ + r) * stride_r from now on. The vector
   // condition carries over: the row offsets stay multiples of stride_r.
-  __device__ __forceinline__ void gather(const RowGather& g, const void* origin, long long first_) {
+  __device__ __forceinline__ void gather(const RowGather& g, const void* origin, long long first_,
+                                         bool rows_fixed_) {
     rows = g;
     first = first_;
+    rows_fixed = rows_fixed_;
     vec = vec && reinterpret_cast<uintptr_t>(origin) % (kChunk * sizeof(uint16_t)) == 0;
     base = static_cast<const uint16_t*>(origin);
+    if (rows_fixed) {
+#pragma unroll
+      for (int l = 0; l < kChunksPerThread; ++l) {
+        const int r = (static_cast<int>(threadIdx.x) + l * kWmmaThreads) / kChunksPerRow;
+        fixed_src[l] = r < r_limit ? static_cast<int32_t>(gathered_row(g, first + r)) : -1;
+      }
+    }
   }
 
   // Copies the tile at (r0, c0) into tile[r * ld + c] (one pipeline stage): cp.async for whole
@@ -155,7 +168,7 @@ struct ChunkLoader {
       long long src_r = gr;
       bool row_ok = gr < r_limit;
       if (rows.index != nullptr && row_ok) {
-        src_r = gathered_row(rows, first + gr);
+        src_r = rows_fixed ? fixed_src[l] : gathered_row(rows, first + gr);
         row_ok = src_r >= 0;
       }
       const long long valid = row_ok ? c_limit - gc : 0;
@@ -329,7 +342,7 @@ __global__ void __launch_bounds__(kWmmaThreads, 2)
   const T* w = args.w + t.group * args.w_stride_e + n0 * sn;
   // x: (r, c) = (row, k). W: (r, c) = (n, k) when k-major, else (k, n).
   ChunkLoader<kWmmaBM, kWmmaBK, true> lx(args.x + t.row0 * args.ldx, args.ldx, 1, rows, args.k);
-  if (args.x_rows.index != nullptr) lx.gather(args.x_rows, args.x, t.row0);
+  if (args.x_rows.index != nullptr) lx.gather(args.x_rows, args.x, t.row0, /*rows_fixed=*/true);
   ChunkLoader<kKMajor ? kWmmaBN : kWmmaBK, kKMajor ? kWmmaBK : kWmmaBN> lw(
       w, kKMajor ? sn : sk, kKMajor ? sk : sn, kKMajor ? cols : args.k, kKMajor ? args.k : cols);
   constexpr int kLdW = kKMajor ? kLdK : kLdN;
@@ -397,8 +410,8 @@ __global__ void __launch_bounds__(kWmmaThreads, 2)
                                          p_valid);
   ChunkLoader<kWmmaBK, kWmmaBN, true> lb(args.b + begin * args.ldb + q0, args.ldb, 1, rows,
                                          q_valid);
-  if (args.a_rows.index != nullptr) la.gather(args.a_rows, args.a + p0, begin);
-  if (args.b_rows.index != nullptr) lb.gather(args.b_rows, args.b + q0, begin);
+  if (args.a_rows.index != nullptr) la.gather(args.a_rows, args.a + p0, begin, false);
+  if (args.b_rows.index != nullptr) lb.gather(args.b_rows, args.b + q0, begin, false);
   const auto issue_slab = [&](long long kt) {
     uint16_t* stage = stages + (kt % kStages) * kWgradStageElements;
     la.issue(kt * kWmmaBK, 0, stage, kLdN);

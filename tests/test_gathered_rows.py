@@ -132,11 +132,41 @@ def test_opcheck_with_plan(device):
         torch.ops.moeforge.expert_lora.default,
         (x, A.requires_grad_(), B.requires_grad_(), plan.expert_offsets, 0.5, *pairs),
     )
+    # the backward ops with the masks and plan uses of the fused layer
+    x, w, A, B = x.detach(), w.detach(), A.detach(), B.detach()
+    dy, offs = torch.randn(18, 6, device=device), plan.expert_offsets
+    for mask in ([True, False, False], [False, True, False], [False, False, True]):
+        torch.library.opcheck(
+            torch.ops.moeforge.grouped_mm_backward.default, (dy, x, w, offs, False, mask, *pairs)
+        )
+        u = torch.randn(18, 2, device=device)
+        torch.library.opcheck(
+            torch.ops.moeforge.expert_lora_backward.default,
+            (dy, x, u, A, B, offs, 0.5, mask, *pairs, True, False),
+        )
+        torch.library.opcheck(
+            torch.ops.moeforge.expert_lora_backward.default,
+            (torch.randn(9, 6, device=device), torch.randn(18, 8, device=device), u, A, B, offs,
+             0.5, mask, *pairs, False, True),
+        )  # fmt: skip
 
 
 def test_bad_plans_are_named():
     plan = make_plan(6, 2, "cpu")
     x, w = torch.randn(6, 8), torch.randn(E, 4, 8)
+    corrupt = plan.sorted_pairs.clone()
+    corrupt[5] = 99
+    with pytest.raises(
+        ValueError, match=r"moeforge\.grouped_mm: sorted_pairs\[5\] must be in \[0, 12\), got 99"
+    ):
+        torch.ops.moeforge.grouped_mm(x, w, plan.expert_offsets, None, False, corrupt,
+                                      plan.pair_to_row)  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"moeforge\.grouped_mm_backward: x must be 2-D \[num_rows, in_features\]"
+    ):
+        torch.ops.moeforge.grouped_mm_backward(
+            torch.randn(12, 4), torch.randn(8), w, plan.expert_offsets, False, [True, True, False]
+        )
     with pytest.raises(
         ValueError,
         match=r"moeforge\.grouped_mm: sorted_pairs and pair_to_row \(the routing plan\) must be "

@@ -57,6 +57,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& weight,
     const at::Tensor& expert_offsets, bool weight_transposed, std::array<bool, 3> output_mask,
     const std::optional<at::Tensor>& sorted_pairs, const std::optional<at::Tensor>& pair_to_row) {
+  check_grouped_mm_inputs(x_in, weight, expert_offsets, std::nullopt, weight_transposed,
+                          "grouped_mm_backward");
   const RowSource source = row_source("grouped_mm_backward", x_in, sorted_pairs, pair_to_row);
   check_grouped_mm_backward_inputs(grad_out, x_in, weight, expert_offsets, weight_transposed,
                                    source.num_rows(x_in));

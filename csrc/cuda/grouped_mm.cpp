@@ -244,10 +244,10 @@ std::optional<at::Tensor> torch_grouped_wgrad(const at::Tensor& first, const at:
   return g;
 }
 
-// torch's engine has no gather: under MOEFORGE_GROUPED_GEMM=torch a gathered x is materialised
-// (the permute it replaces) and the GEMM reads that copy.
-bool gather_first(const RowSource& source) {
-  return source.gathered() && requested_engine() == GemmEngine::kTorch;
+// torch's engine has no gather: where MOEFORGE_GROUPED_GEMM=torch can reach at::_grouped_mm, a
+// gathered x is materialised (the permute it replaces) and the GEMM reads that copy.
+bool gather_first(const RowSource& source, const at::Tensor& x, int64_t num_experts) {
+  return source.gathered() && torch_engine_applies(x, num_experts);
 }
 
 at::Tensor grouped_mm_cuda(const at::Tensor& x_in, const at::Tensor& weight,
@@ -259,7 +259,7 @@ at::Tensor grouped_mm_cuda(const at::Tensor& x_in, const at::Tensor& weight,
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor offsets = expert_offsets.contiguous();
-  const bool copy_x = gather_first(source);
+  const bool copy_x = gather_first(source, x_in, weight.size(0));
   const at::Tensor x = copy_x ? source.rows(x_in) : x_in;
   if (copy_x) source = RowSource{};
   // torch's engine: y = x @ W_e with W_e as [in, out].
@@ -279,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
     const at::Tensor& expert_offsets, bool weight_transposed, std::array<bool, 3> output_mask,
     const std::optional<at::Tensor>& sorted_pairs, const std::optional<at::Tensor>& pair_to_row) {
   constexpr std::string_view op = "grouped_mm_backward";
-  check_grouped_mm_inputs(x_arg, weight, expert_offsets, std::nullopt, weight_transposed);
+  check_grouped_mm_inputs(x_arg, weight, expert_offsets, std::nullopt, weight_transposed, op);
   RowSource source = row_source(op, x_arg, sorted_pairs, pair_to_row);
   check_grouped_mm_backward_inputs(grad_out_in, x_arg, weight, expert_offsets, weight_transposed,
                                    source.num_rows(x_arg));
@@ -289,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
   const at::Tensor grad_out = as_rows(grad_out_in);
   const int64_t num_rows = grad_out.size(0), num_experts = weight.size(0);
   // x is read by the weight gradient only (gathered there, or copied first for torch's engine).
-  const bool copy_x = output_mask[1] && gather_first(source);
+  const bool copy_x = output_mask[1] && gather_first(source, x_arg, num_experts);
   const at::Tensor x_in = copy_x ? source.rows(x_arg) : x_arg;
   if (copy_x) source = RowSource{};
   const int64_t out_features = grad_out.size(1);

@@ -299,6 +299,10 @@ def fused_moe_experts(
     Returns:
         ``[T, H]`` in ``hidden_states.dtype``.
     """
+    if layout not in ("hf", "gpt_oss"):
+        raise ValueError(
+            f"moeforge.fused_moe_experts: layout must be one of ('hf', 'gpt_oss'), got {layout!r}"
+        )
     gu_A, gu_B, gu_s = gate_up_lora if gate_up_lora is not None else (None, None, 0.0)
     dn_A, dn_B, dn_s = down_lora if down_lora is not None else (None, None, 0.0)
     return FusedMoEExperts.apply(

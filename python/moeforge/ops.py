@@ -227,11 +227,10 @@ def _grouped_mm_backward_fake(
     pair_to_row=None,
 ):
     out_features = weight.shape[2 if weight_transposed else 1]
-    empty = x.new_empty(0)
-    return (
-        x.new_empty(grad_out.shape[0], x.shape[1]) if output_mask[0] else empty,
-        weight.new_empty(weight.shape) if output_mask[1] else empty,
-        x.new_empty(weight.shape[0], out_features) if output_mask[2] else empty,
+    return (  # masked-off outputs: distinct empty tensors, as the kernels return
+        x.new_empty(grad_out.shape[0], x.shape[1]) if output_mask[0] else x.new_empty(0),
+        weight.new_empty(weight.shape) if output_mask[1] else x.new_empty(0),
+        x.new_empty(weight.shape[0], out_features) if output_mask[2] else x.new_empty(0),
     )
 
 
@@ -422,11 +421,10 @@ def _expert_lora_backward_fake(
     x_through_plan=True,
     grad_delta_through_plan=False,
 ):
-    empty = x.new_empty(0)
-    return (
-        x.new_empty(lora_u.shape[0], x.shape[1]) if output_mask[0] else empty,
-        lora_A.new_empty(lora_A.shape) if output_mask[1] else empty,
-        lora_B.new_empty(lora_B.shape) if output_mask[2] else empty,
+    return (  # masked-off outputs: distinct empty tensors, as the kernels return
+        x.new_empty(lora_u.shape[0], x.shape[1]) if output_mask[0] else x.new_empty(0),
+        lora_A.new_empty(lora_A.shape) if output_mask[1] else x.new_empty(0),
+        lora_B.new_empty(lora_B.shape) if output_mask[2] else x.new_empty(0),
     )
 
 

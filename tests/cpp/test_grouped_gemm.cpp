@@ -1065,11 +1065,13 @@ void expect_bad_arguments_rejected(kernels::GroupedGemmEngine engine) {
   rows.y = nullptr;
   EXPECT_EQ(kernels::launch_grouped_gemm(rows, nullptr), cudaErrorInvalidValue);
   rows.y = fake;
-  // A gather (index set) with divisor < 1 or limit < 0.
+  // A gather (index set) with divisor outside [1, 2^31) or limit < 0.
   rows.x_rows = {fake_offsets, 0, 4};
   EXPECT_EQ(kernels::launch_grouped_gemm(rows, nullptr), cudaErrorInvalidValue) << "divisor 0";
   rows.x_rows.divisor = -3;
   EXPECT_EQ(kernels::launch_grouped_gemm(rows, nullptr), cudaErrorInvalidValue) << "divisor < 0";
+  rows.x_rows.divisor = int64_t{1} << 31;  // the kernels divide in 32 bits
+  EXPECT_EQ(kernels::launch_grouped_gemm(rows, nullptr), cudaErrorInvalidValue) << "divisor 2^31";
   rows.x_rows = {fake_offsets, 2, -1};
   EXPECT_EQ(kernels::launch_grouped_gemm(rows, nullptr), cudaErrorInvalidValue) << "limit < 0";
   rows.x_rows = {};

@@ -33,8 +33,8 @@
 // Deterministic: no atomics; every output element is computed by one thread (or, on the tensor-core
 // path, one warp) that sums in a fixed order, so two runs give bitwise equal results. Launchers
 // check their arguments (cudaErrorInvalidValue: negative sizes, null pointers where data is needed,
-// a gather with divisor < 1 or limit < 0, sizes beyond the grid limits noted below), check every
-// launch, and return the first CUDA error.
+// a gather with divisor outside [1, 2^31) or limit < 0, sizes beyond the grid limits noted
+// below), check every launch, and return the first CUDA error.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -62,7 +62,7 @@ enum class GroupedGemmEngine : int { kSimt = 0, kWmma = 1 };
 // read out of bounds). index == nullptr: row r is row r (no gather).
 struct RowGather {
   const int32_t* index = nullptr;  // [num_rows], device
-  int64_t divisor = 1;             // >= 1
+  int64_t divisor = 1;             // in [1, 2^31)
   int64_t limit = 0;               // rows of the source
 };
 
