@@ -32,6 +32,16 @@ void check_offsets(std::string_view op, const at::Tensor& offsets, int64_t num_e
   check_same_device(op, "expert_offsets", offsets, "x", ref);
 }
 
+// The gradient of a gated activation of h [rows, 2I]: [rows, I], h's dtype and device.
+void check_activation_grad(std::string_view op, std::string_view name, const at::Tensor& grad,
+                           const at::Tensor& h) {
+  check_dim(op, name, grad, 2, "[num_rows, intermediate]");
+  check_same_dtype(op, name, grad, "h", h);
+  check_same_device(op, name, grad, "h", h);
+  check_size(op, name, grad, 0, h.size(0), "num_rows of h");
+  check_size(op, name, grad, 1, h.size(1) / 2, "h.size(1) / 2");
+}
+
 }  // namespace
 
 void check_plan(std::string_view op, const at::Tensor& sorted_pairs, const at::Tensor& pair_to_row,
@@ -137,9 +147,8 @@ SwigluVariant parse_swiglu_variant(std::string_view op, std::string_view variant
   return SwigluVariant::kSilu;
 }
 
-void check_swiglu_inputs(const at::Tensor& h, std::string_view variant, double alpha,
-                         double limit) {
-  constexpr std::string_view op = "swiglu";
+void check_swiglu_inputs(const at::Tensor& h, std::string_view variant, double alpha, double limit,
+                         std::string_view op) {
   parse_swiglu_variant(op, variant);
   check_dim(op, "h", h, 2, "[num_rows, 2 * intermediate]");
   check_floating(op, "h", h);
@@ -151,29 +160,16 @@ void check_swiglu_inputs(const at::Tensor& h, std::string_view variant, double a
 void check_swiglu_backward_inputs(const at::Tensor& grad_a, const at::Tensor& h,
                                   std::string_view variant, double alpha, double limit) {
   constexpr std::string_view op = "swiglu_backward";
-  check_swiglu_inputs(h, variant, alpha, limit);
-  check_dim(op, "grad_a", grad_a, 2, "[num_rows, intermediate]");
-  check_same_dtype(op, "grad_a", grad_a, "h", h);
-  check_same_device(op, "grad_a", grad_a, "h", h);
-  check_size(op, "grad_a", grad_a, 0, h.size(0), "num_rows of h");
-  check_size(op, "grad_a", grad_a, 1, h.size(1) / 2, "h.size(1) / 2");
+  check_swiglu_inputs(h, variant, alpha, limit, op);
+  check_activation_grad(op, "grad_a", grad_a, h);
 }
 
 void check_weighted_swiglu_backward_inputs(const at::Tensor& grad_aw, const at::Tensor& h,
                                            const at::Tensor& row_weights, std::string_view variant,
                                            double alpha, double limit) {
   constexpr std::string_view op = "weighted_swiglu_backward";
-  parse_swiglu_variant(op, variant);
-  check_dim(op, "h", h, 2, "[num_rows, 2 * intermediate]");
-  check_floating(op, "h", h);
-  MOEFORGE_CHECK_VALUE(h.size(1) % 2 == 0, op, "h.size(1) must be even (gate and up halves), got ",
-                       h.size(1));
-  MOEFORGE_CHECK_VALUE(limit > 0, op, "limit must be > 0, got ", limit);
-  check_dim(op, "grad_aw", grad_aw, 2, "[num_rows, intermediate]");
-  check_same_dtype(op, "grad_aw", grad_aw, "h", h);
-  check_same_device(op, "grad_aw", grad_aw, "h", h);
-  check_size(op, "grad_aw", grad_aw, 0, h.size(0), "num_rows of h");
-  check_size(op, "grad_aw", grad_aw, 1, h.size(1) / 2, "h.size(1) / 2");
+  check_swiglu_inputs(h, variant, alpha, limit, op);
+  check_activation_grad(op, "grad_aw", grad_aw, h);
   check_dim(op, "row_weights", row_weights, 1, "[num_rows]");
   check_floating(op, "row_weights", row_weights);
   check_same_device(op, "row_weights", row_weights, "h", h);

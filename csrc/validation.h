@@ -38,7 +38,9 @@ void check_grouped_mm_backward_inputs(const at::Tensor& grad_out, const at::Tens
 // "gpt_oss" = interleaved (gate even, up odd), clamped, (up + 1) * gate * sigmoid(alpha * gate).
 enum class SwigluVariant { kSilu, kGptOss };
 SwigluVariant parse_swiglu_variant(std::string_view op, std::string_view variant);
-void check_swiglu_inputs(const at::Tensor& h, std::string_view variant, double alpha, double limit);
+// op: the name in errors (the backward ops check h with these rules too).
+void check_swiglu_inputs(const at::Tensor& h, std::string_view variant, double alpha, double limit,
+                         std::string_view op = "swiglu");
 void check_swiglu_backward_inputs(const at::Tensor& grad_a, const at::Tensor& h,
                                   std::string_view variant, double alpha, double limit);
 // weighted_swiglu_backward: swiglu_backward's rules (grad_aw in grad_a's place) plus
