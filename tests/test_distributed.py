@@ -42,6 +42,9 @@ def _worker(rank: int, port: int, x: torch.Tensor, result: dict) -> None:
         loss_fn(ddp, shard).backward()
         if rank == 0:
             result.update({n: p.grad.clone() for n, p in ddp.module.named_parameters()})
+        # Both ranks finish before either tears gloo down: a rank destroying the group while the
+        # other is still inside it can abort ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
