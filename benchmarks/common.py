@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import statistics
 import subprocess
 import time
@@ -46,10 +47,14 @@ def time_ms(fn: Callable[[], object], device: str, warmup: int = 5, iters: int =
 def environment(device: str) -> str:
     """One line: device, torch version, commit, date — printed above every results table."""
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+    commit = os.environ.get("MOEFORGE_COMMIT", "")
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        commit = (
+            commit
+            or subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        )
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     date = datetime.date.today().isoformat()
