@@ -9,18 +9,18 @@ frozen forward+backward 2, trainable forward+backward 3 (LoRA FLOPs not counted)
 
     python benchmarks/bench_layer.py --models qwen3-30b-a3b --tokens 4096 16384
     python benchmarks/bench_layer.py --device cpu --tiny        # smoke run
-    python benchmarks/bench_layer.py --engines moeforge simt torch   # every grouped GEMM engine
+    python benchmarks/bench_layer.py --engines auto moeforge simt   # every grouped GEMM engine
 
 ``--unfused`` adds "moeforge (op by op)": the same ops composed one by one with their own
 autograd (permute materialised, activation and expert outputs saved), i.e. moe_experts before the
 fused layer, to measure what the fusion buys in time and peak memory.
 
 ``--engines`` runs the moeforge path once per grouped GEMM engine (MOEFORGE_GROUPED_GEMM, see
-csrc/cuda/grouped_mm.cpp): ``moeforge`` (the default: our tensor-core path for the forward /
-grad_x / weight-gradient GEMMs in fp16 / bf16 on sm80+, SIMT for the rest), ``simt`` (our SIMT
-kernels only) and ``torch`` (``at::_grouped_mm`` where it applies), labelled "moeforge",
-"moeforge (simt gemm)" and "moeforge (torch gemm)"; the speedup column is relative to the first
-engine listed.
+csrc/cuda/grouped_mm.cpp): ``auto`` (the default: torch's ``at::_grouped_mm`` where it applies,
+bfloat16 on sm90 / sm100, our engine elsewhere; LoRA's GEMMs too), ``moeforge``
+(our kernels only: WMMA tensor cores for fp16 / bf16 on sm80+, SIMT for the rest) and ``simt``
+(our SIMT kernels only), labelled "moeforge", "moeforge (own gemm)" and "moeforge (simt gemm)";
+the speedup column is relative to the first engine listed.
 """
 
 from __future__ import annotations
@@ -139,7 +139,9 @@ def layer_variant(unfused: bool):
 
 
 def engine_label(engine: str) -> str:
-    return "moeforge" if engine == "moeforge" else f"moeforge ({engine} gemm)"
+    return {"auto": "moeforge", "torch": "moeforge", "moeforge": "moeforge (own gemm)"}.get(
+        engine, f"moeforge ({engine} gemm)"
+    )
 
 
 @contextlib.contextmanager
@@ -188,7 +190,7 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--eager-max-tokens", type=int, default=4096)
     p.add_argument(
-        "--engines", nargs="+", default=["moeforge"], choices=["moeforge", "simt", "torch"],
+        "--engines", nargs="+", default=["auto"], choices=["auto", "moeforge", "simt"],
         help="grouped GEMM engines to run the moeforge path with (MOEFORGE_GROUPED_GEMM)",
     )  # fmt: skip
     p.add_argument("--unfused", action="store_true", help="also run the op-by-op composition")

@@ -30,11 +30,17 @@ def main() -> None:
         for _ in range(args.layers)
     ]
 
+    def zero_grad():  # as an optimizer step's zero_grad(set_to_none=True): no accumulation
+        for layer in logits:
+            layer.grad = None
+
     def ours():
+        zero_grad()
         aux, z = ops.router_loss(logits, K)
         (aux + z).backward()
 
     def hf():
+        zero_grad()
         aux = reference.load_balancing_loss(logits, E, K, None)
         z = reference.router_z_loss(logits)
         (aux + z).backward()

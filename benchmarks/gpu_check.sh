@@ -3,6 +3,8 @@
 # benchmarks, and a short table at the end.
 #   bash benchmarks/gpu_check.sh                       # every step
 #   GPU_CHECK_STEPS="build pytest_cuda ctest" bash benchmarks/gpu_check.sh
+#   CTEST_REGEX=Router BENCH_ENGINES=auto BENCH_UNFUSED= ...  (a subset of ctest; bench_layer with
+#   the default engine only, without the op-by-op composition)
 # The device tool returns at most 8 files, so every log goes into one tarball, $OUT/logs.tgz,
 # refreshed after each step (a call stopped at its limit still returns what ran). The GPU machine
 # has no GoogleTest and no network: a GoogleTest source tree in .gtest/googletest (carried; see
@@ -47,10 +49,12 @@ if wants build; then
 fi
 # CUDA-specific cases first (every engine), then the whole suite on cuda.
 wants pytest_cuda && step pytest_cuda 240 python -m pytest tests/test_cuda.py -q -rf --timeout 120 -p no:cacheprovider
-wants ctest && step ctest 240 ctest --test-dir build/gpu --output-on-failure --timeout 120 -j 4
+wants ctest && step ctest 240 ctest --test-dir build/gpu --output-on-failure --timeout 120 -j 4 \
+  ${CTEST_REGEX:+-R "$CTEST_REGEX"}
 cd benchmarks
 wants bench_layer && step bench_layer 420 python bench_layer.py --models $MODELS \
-  --tokens 4096 16384 --engines moeforge simt torch --unfused --json "$LOGS/bench_layer.json"
+  --tokens 4096 16384 --engines ${BENCH_ENGINES:-auto moeforge} ${BENCH_UNFUSED---unfused} \
+  --json "$LOGS/bench_layer.json"
 wants bench_permute && step bench_permute 180 python bench_permute.py --tokens 4096 16384 65536 \
   --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3
 wants bench_router_loss && step bench_router_loss 120 python bench_router_loss.py --tokens 16384 --layers 48

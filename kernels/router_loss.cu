@@ -23,6 +23,14 @@ constexpr int kThreads = kWarp * kWarpsPerBlock;
 constexpr int kRowsPerWarp = 16;  // rows per block = 64
 constexpr int64_t kRowsPerBlock = int64_t{kWarpsPerBlock} * kRowsPerWarp;
 constexpr int kFinalizeThreads = 256;
+// launch_router_finalize's first stage: blocks of 32 columns x 8 row-lanes, at most 16 chunks of
+// at least 64 rows each.
+constexpr int kReduceCols = kWarp;
+constexpr int kReduceLanes = 8;
+constexpr int kReduceUnroll = 8;
+constexpr int kMaxReduceChunks = 16;
+constexpr int kReduceThreads = kReduceCols * kReduceLanes;
+constexpr int64_t kMinRowsPerChunk = int64_t{kReduceLanes} * kReduceUnroll;
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_max(acc_t v) {
@@ -134,32 +142,76 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One block: column sums of all partial rows in row order (double), then a fixed-shape tree for
+// Stage 1 of launch_router_finalize: column sums of the partial rows, chunk by chunk, in double.
+// The rows [0, num_partials) are cut into gridDim.y <= kMaxReduceChunks contiguous chunks of
+// rows_per_chunk rows (a function of num_partials alone, see reduce_rows_per_chunk). Block
+// (blockIdx.x, blockIdx.y) sums columns [32 blockIdx.x, +32) of chunk blockIdx.y: thread (x, y)
+// adds the rows begin + y, begin + y + 8, ... of column 32 blockIdx.x + x in ascending order
+// (kReduceUnroll independent loads in flight, added in row order), then row-lane 0 adds the 8
+// row-lane sums in lane order. The order of every addition is fixed by the shapes: deterministic,
+// no atomics. Reads num_partials * width acc_t once, coalesced (a warp reads 32 consecutive
+// columns of one row); writes [gridDim.y, width] doubles.
+template <typename acc_t>
+__global__ void __launch_bounds__(kReduceThreads)
+    router_reduce_partials_kernel(const acc_t* __restrict__ partials,  // [num_partials, width]
+                                  int64_t num_partials, int64_t width, int64_t rows_per_chunk,
+                                  double* __restrict__ chunk_sums) {  // [gridDim.y, width]
+  __shared__ double lane_sums[kReduceLanes][kReduceCols];
+  const int64_t col = int64_t{blockIdx.x} * kReduceCols + threadIdx.x;
+  const int64_t begin = int64_t{blockIdx.y} * rows_per_chunk;
+  const int64_t end = min(begin + rows_per_chunk, num_partials);
+  double s = 0;
+  if (col < width) {
+    const acc_t* column = partials + col;
+    int64_t b = begin + threadIdx.y;
+    for (; b + (kReduceUnroll - 1) * kReduceLanes < end; b += kReduceUnroll * kReduceLanes) {
+      acc_t v[kReduceUnroll];
+#pragma unroll
+      for (int u = 0; u < kReduceUnroll; ++u) v[u] = column[(b + u * kReduceLanes) * width];
+#pragma unroll
+      for (int u = 0; u < kReduceUnroll; ++u) s += double(v[u]);
+    }
+    for (; b < end; b += kReduceLanes) s += double(column[b * width]);
+  }
+  lane_sums[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < width) {
+    double t = 0;
+#pragma unroll
+    for (int y = 0; y < kReduceLanes; ++y) t += lane_sums[y][threadIdx.x];
+    chunk_sums[int64_t{blockIdx.y} * width + col] = t;
+  }
+}
+
+// Stage 2, one block: column sums of the <= kMaxReduceChunks chunk rows in chunk order (double;
+// all loads of a column issued before the adds), then a fixed-shape tree for
 // sum_e count_e * psum_e.
 template <typename acc_t>
 __global__ void __launch_bounds__(kFinalizeThreads)
-    router_finalize_kernel(const acc_t* __restrict__ partials, int64_t num_partials, int64_t E,
-                           acc_t* __restrict__ aux, acc_t* __restrict__ z,
-                           int64_t* __restrict__ counts) {
+    router_finalize_kernel(const double* __restrict__ chunk_sums,  // [num_chunks, 2E + 2]
+                           int64_t num_chunks, int64_t E, acc_t* __restrict__ aux,
+                           acc_t* __restrict__ z, int64_t* __restrict__ counts) {
   __shared__ double dot[kFinalizeThreads];
   __shared__ double tail[2];
   const int64_t width = 2 * E + 2;
+  // Sum of column i over the chunk rows, in chunk order (x + 0.0 == x for the missing rows).
+  const auto column_sum = [&](int64_t i) {
+    double v[kMaxReduceChunks];
+#pragma unroll
+    for (int b = 0; b < kMaxReduceChunks; ++b)
+      v[b] = b < num_chunks ? chunk_sums[b * width + i] : 0.0;
+    double s = 0;
+#pragma unroll
+    for (int b = 0; b < kMaxReduceChunks; ++b) s += v[b];
+    return s;
+  };
   double local = 0;
   for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
-    double c = 0, p = 0;
-    for (int64_t b = 0; b < num_partials; ++b) {
-      c += double(partials[b * width + e]);
-      p += double(partials[b * width + E + e]);
-    }
+    const double c = column_sum(e), p = column_sum(E + e);
     counts[e] = static_cast<int64_t>(c + 0.5);
     local += c * p;
   }
-  if (threadIdx.x < 2) {
-    double s = 0;
-    for (int64_t b = 0; b < num_partials; ++b)
-      s += double(partials[b * width + 2 * E + threadIdx.x]);
-    tail[threadIdx.x] = s;
-  }
+  if (threadIdx.x < 2) tail[threadIdx.x] = column_sum(2 * E + threadIdx.x);
   dot[threadIdx.x] = local;
   __syncthreads();
   for (int stride = kFinalizeThreads / 2; stride > 0; stride /= 2) {
@@ -220,10 +272,27 @@ bool valid(int64_t num_tokens, int64_t E, int64_t top_k) {
   return num_tokens >= 0 && E >= 1 && E <= kRouterMaxExperts && top_k >= 1 && top_k <= E;
 }
 
+// Rows per chunk of router_reduce_partials_kernel: a function of num_partials alone (not of the
+// device), so that the summation order, and so the result, is the same everywhere.
+int64_t reduce_rows_per_chunk(int64_t num_partials) {
+  return std::max(kMinRowsPerChunk, (num_partials + kMaxReduceChunks - 1) / kMaxReduceChunks);
+}
+
+int64_t reduce_chunks(int64_t num_partials) {
+  if (num_partials <= 0) return 0;
+  const int64_t rows = reduce_rows_per_chunk(num_partials);
+  return (num_partials + rows - 1) / rows;
+}
+
 }  // namespace
 
 int64_t router_stats_blocks(int64_t num_tokens) {
   return std::max<int64_t>(1, (num_tokens + kRowsPerBlock - 1) / kRowsPerBlock);
+}
+
+int64_t router_finalize_workspace_elems(int64_t num_partials, int64_t num_experts) {
+  if (num_experts < 1) return 0;
+  return reduce_chunks(num_partials) * router_partial_width(num_experts);
 }
 
 template <typename T>
@@ -246,10 +315,22 @@ cudaError_t launch_router_stats(const T* logits, const uint8_t* keep, int64_t nu
 
 template <typename acc_t>
 cudaError_t launch_router_finalize(const acc_t* partials, int64_t num_partials, int64_t E,
-                                   acc_t* aux, acc_t* z, int64_t* counts, cudaStream_t stream) {
+                                   acc_t* aux, acc_t* z, int64_t* counts, double* workspace,
+                                   cudaStream_t stream) {
   if (E < 1 || E > kRouterMaxExperts || num_partials < 0) return cudaErrorInvalidValue;
+  if (num_partials > 0 && workspace == nullptr) return cudaErrorInvalidValue;
+  const int64_t width = router_partial_width(E);
+  const int64_t chunks = reduce_chunks(num_partials);
+  if (chunks > 0) {
+    const dim3 grid(static_cast<unsigned>((width + kReduceCols - 1) / kReduceCols),
+                    static_cast<unsigned>(chunks));
+    MOEFORGE_CUDA_CHECK(launch_kernel(
+        router_reduce_partials_kernel<acc_t>, grid, dim3(kReduceCols, kReduceLanes), 0, stream,
+        partials, num_partials, width, reduce_rows_per_chunk(num_partials), workspace));
+  }
   MOEFORGE_CUDA_CHECK(launch_kernel(router_finalize_kernel<acc_t>, 1, kFinalizeThreads, 0, stream,
-                                    partials, num_partials, E, aux, z, counts));
+                                    static_cast<const double*>(workspace), chunks, E, aux, z,
+                                    counts));
   return cudaSuccess;
 }
 
@@ -282,8 +363,8 @@ MOEFORGE_INSTANTIATE_ROUTER_LOSS(__nv_bfloat16)
 #undef MOEFORGE_INSTANTIATE_ROUTER_LOSS
 
 template cudaError_t launch_router_finalize<float>(const float*, int64_t, int64_t, float*, float*,
-                                                   int64_t*, cudaStream_t);
+                                                   int64_t*, double*, cudaStream_t);
 template cudaError_t launch_router_finalize<double>(const double*, int64_t, int64_t, double*,
-                                                    double*, int64_t*, cudaStream_t);
+                                                    double*, int64_t*, double*, cudaStream_t);
 
 }  // namespace moeforge::kernels

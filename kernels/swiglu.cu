@@ -2,9 +2,14 @@
 // row (grid-stride over rows * I): it reads the gate and up values of j, writes a[r, j] (forward)
 // or grad_h[r, gate(j)] and grad_h[r, up(j)] (backward). Memory-bound; adjacent threads touch
 // adjacent columns of both halves (silu) or adjacent pairs (gpt-oss), so accesses coalesce.
+// The forward takes 16-byte vectors where the shapes and pointers allow (I a multiple of the
+// vector width, 16-byte aligned h and out: every HF model's I), one thread per vector of
+// consecutive outputs: measured on an H100 the scalar form moved 1.3 TB/s of the ~3 TB/s a copy
+// gets. Each element's arithmetic is the scalar form's, so both give identical bits.
 // The weighted backward needs a per-row dot product, so it runs one CTA per row instead (threads
 // stride over the row's columns, then a fixed-order block reduction).
 #include <algorithm>
+#include <cstdint>
 
 #include "launch.cuh"
 #include "moeforge/kernels/cuda_check.h"
@@ -45,6 +50,58 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t a = variant == GluVariant::kSilu ? silu_glu(g, u) : gpt_oss_glu(g, u, alpha, limit);
     out[i] = from_acc<T>(a);
   }
+}
+
+// 16 bytes of T.
+template <typename T>
+struct alignas(16) Vec16 {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+// swiglu_kernel on vectors: thread i writes out[r, j0 : j0 + V) for the i-th group of V outputs.
+// Requires inter % V == 0 and 16-byte aligned h and out (launch_swiglu checks).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    swiglu_vec_kernel(const T* __restrict__ h,  // [rows, 2I]
+                      T* __restrict__ out,      // [rows, I]
+                      int64_t groups, int64_t inter, GluVariant variant, acc_type_t<T> alpha,
+                      acc_type_t<T> limit) {
+  using acc_t = acc_type_t<T>;
+  using V = Vec16<T>;
+  constexpr int kV = V::kSize;
+  const int64_t groups_per_row = inter / kV;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < groups;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / groups_per_row, j0 = (i - r * groups_per_row) * kV;
+    const T* row = h + r * 2 * inter;
+    V gate, up, a;
+    if (variant == GluVariant::kSilu) {
+      gate = *reinterpret_cast<const V*>(row + j0);
+      up = *reinterpret_cast<const V*>(row + inter + j0);
+    } else {  // interleaved pairs (gate, up) of columns j0 .. j0 + V: 2 vectors
+      const V lo = *reinterpret_cast<const V*>(row + 2 * j0);
+      const V hi = *reinterpret_cast<const V*>(row + 2 * j0 + kV);
+#pragma unroll
+      for (int t = 0; t < kV / 2; ++t) {
+        gate.v[t] = lo.v[2 * t];
+        up.v[t] = lo.v[2 * t + 1];
+        gate.v[kV / 2 + t] = hi.v[2 * t];
+        up.v[kV / 2 + t] = hi.v[2 * t + 1];
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < kV; ++t) {
+      const acc_t g = to_acc(gate.v[t]), u = to_acc(up.v[t]);
+      a.v[t] = from_acc<T>(variant == GluVariant::kSilu ? silu_glu(g, u)
+                                                        : gpt_oss_glu(g, u, alpha, limit));
+    }
+    *reinterpret_cast<V*>(out + r * inter + j0) = a;
+  }
+}
+
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
 template <typename T>
@@ -160,6 +217,14 @@ cudaError_t launch_swiglu(const T* h, T* out, int64_t rows, int64_t inter, GluVa
   const int64_t total = rows * inter;
   if (total == 0) return cudaSuccess;
   using acc_t = acc_type_t<T>;
+  constexpr int64_t kV = Vec16<T>::kSize;
+  if (kV >= 2 && inter % kV == 0 && aligned16(h) && aligned16(out)) {
+    const int64_t groups = total / kV;
+    MOEFORGE_CUDA_CHECK(launch_kernel(swiglu_vec_kernel<T>, grid_for(groups), kThreads, 0, stream,
+                                      h, out, groups, inter, variant, static_cast<acc_t>(alpha),
+                                      static_cast<acc_t>(limit)));
+    return cudaSuccess;
+  }
   MOEFORGE_CUDA_CHECK(launch_kernel(swiglu_kernel<T>, grid_for(total), kThreads, 0, stream, h, out,
                                     total, inter, variant, static_cast<acc_t>(alpha),
                                     static_cast<acc_t>(limit)));

@@ -1,10 +1,10 @@
 """CUDA-only checks (skipped without a GPU): every op agrees with the CPU path on random data with
 poisoned memory, sizes past 131072 routed rows, determinism, and a whole MoE layer forward +
 backward captured and replayed in a CUDA graph (no host synchronisation anywhere). The grouped GEMM
-checks run under every engine of MOEFORGE_GROUPED_GEMM ("moeforge", the default: our tensor-core
-path for the float16 / bfloat16 forward, grad_x and weight-gradient GEMMs on sm80+, else SIMT; "simt": our SIMT
-kernels only; "torch":
-at::_grouped_mm where it applies, bfloat16 on sm90 / sm100, else our engine again)."""
+checks run under every engine of MOEFORGE_GROUPED_GEMM ("auto", the default: at::_grouped_mm where
+it applies, bfloat16 on sm90 / sm100, else our engine; "moeforge": our engine only, the tensor-core
+path for the float16 / bfloat16 forward, grad_x and weight-gradient GEMMs on sm80+, else SIMT;
+"simt": our SIMT kernels only)."""
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ from moeforge import ops
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(params=["moeforge", "simt", "torch"])
+@pytest.fixture(params=["auto", "moeforge", "simt"])
 def engine(request, monkeypatch):
     """Runs the test under each grouped GEMM engine (the CUDA ops read the variable per call)."""
     monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", request.param)
@@ -24,7 +24,7 @@ def engine(request, monkeypatch):
 
 
 def torch_engine_applies(dtype) -> bool:
-    """Whether MOEFORGE_GROUPED_GEMM=torch reaches at::_grouped_mm for eligible shapes."""
+    """Whether the default engine ("auto") reaches at::_grouped_mm for eligible shapes."""
     return dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] in (9, 10)
 
 
@@ -207,7 +207,7 @@ def test_grouped_mm_forward_backward_match_cpu(engine, transposed, n_in, n_out, 
             dy, x, w, offs, transposed, [True, True, True]
         )
     )
-    expect = engine == "torch" and eligible and torch_engine_applies(dt)
+    expect = engine == "auto" and eligible and torch_engine_applies(dt)
     assert ("aten::_grouped_mm" in called) == expect, sorted(called)
 
 
@@ -223,9 +223,10 @@ def cuda_kernels_called(fn) -> set[str]:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("engine_name", [None, "moeforge", "simt"])
 def test_default_engine_runs_the_tensor_core_kernel(monkeypatch, dtype, engine_name):
-    """The default engine reaches the WMMA kernels for the forward, grad_x and weight-gradient
-    GEMMs in the half types on sm80+ (and only there), "simt" never does; the results match the
-    CPU op either way."""
+    """The default engine runs torch's grouped GEMM where it applies (bfloat16 on sm90 / sm100)
+    and our WMMA kernels for the other half-type cases on sm80+; "moeforge" always reaches the
+    WMMA kernels for the forward, grad_x and weight-gradient GEMMs in the half types on sm80+ (and
+    only there), "simt" never does; the results match the CPU op either way."""
     if engine_name is None:
         monkeypatch.delenv("MOEFORGE_GROUPED_GEMM", raising=False)
     else:
@@ -262,6 +263,7 @@ def test_default_engine_runs_the_tensor_core_kernel(monkeypatch, dtype, engine_n
         engine_name != "simt"
         and dtype != torch.float32
         and torch.cuda.get_device_capability()[0] >= 8
+        and not (engine_name is None and torch_engine_applies(dtype))
     )
     assert bool(wmma) == expect, sorted(names)
     assert bool(wgrad_wmma) == expect, sorted(names)
@@ -386,9 +388,16 @@ def test_fused_moe_experts_forward_backward_match_cpu(engine, layout):
         return [out, *grads]
 
     poison_allocator()
+    # Normwise, as for any bf16 result: the gradients are sums of a few hundred bf16 products with
+    # cancellation, and the CUDA GEMMs take LoRA's rank-r intermediate rounded to bf16 (the CPU
+    # keeps it in fp32): measured on an H100 under the SIMT engine, where every other output is
+    # bitwise equal to the CPU's, the down adapter's grad_B differs by 2.6e-3 normwise, and a few
+    # of its near-zero entries by more than an elementwise 3e-2.
     for name, got, want in zip(["out", *leaves], run("cuda"), run("cpu")):
         assert torch.isfinite(got).all(), name
-        torch.testing.assert_close(got.cpu().float(), want.float(), rtol=3e-2, atol=3e-2, msg=name)
+        got, want = got.cpu().double(), want.double()
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < 1e-2, f"{name}: |cuda - cpu| / |cpu| = {rel:.2e}"
 
 
 def test_deterministic():

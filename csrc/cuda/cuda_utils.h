@@ -11,6 +11,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <optional>
 #include <string_view>
 
 #include "moeforge/kernels/grouped_gemm.h"
@@ -57,6 +58,22 @@ cuda_type_t<scalar_t>* cuda_mutable_ptr(at::Tensor& t) {
 // call; defined in grouped_mm.cpp): kWmma unless "simt" forces the SIMT kernels. The launchers
 // honour it only for the element types and devices the WMMA kernels cover.
 kernels::GroupedGemmEngine grouped_gemm_engine();
+
+// torch's grouped GEMM engine (defined in grouped_mm.cpp, where the rules are listed): whether the
+// engine selected by MOEFORGE_GROUPED_GEMM reaches at::_grouped_mm for x's dtype and device, and
+// whether torch accepts t as an operand as it is.
+bool torch_engine_applies(const at::Tensor& x, int64_t num_experts);
+bool torch_operand_ok(const at::Tensor& t);
+// out [S, n] = a @ b_e per expert (a [S, k], b [E, k, n]), rows past offsets[E] zero, bias[e]
+// added when defined; std::nullopt where torch's engine does not apply (the caller falls back).
+std::optional<at::Tensor> torch_grouped_gemm(const at::Tensor& a, const at::Tensor& b,
+                                             const at::Tensor& offsets, const at::Tensor& bias,
+                                             std::string_view op, cudaStream_t stream);
+// G [E, p, q] with G_e = first_e^T second_e over expert e's rows (first [S, p], second [S, q]),
+// zero for experts without rows; std::nullopt where torch's engine does not apply.
+std::optional<at::Tensor> torch_grouped_wgrad(const at::Tensor& first, const at::Tensor& second,
+                                              const at::Tensor& offsets, int64_t num_experts,
+                                              std::string_view op, cudaStream_t stream);
 
 // A 2-D operand as the GEMM kernels read it: rows at a row stride, unit stride along the
 // columns. t itself when it already is one, else a contiguous copy.

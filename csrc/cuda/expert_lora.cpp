@@ -8,7 +8,13 @@
 //   backward  du = scaling * grad_delta B_e   [rows, r]
 //             grad_x = du A_e,  grad_A_e = du^T x_e,  grad_B_e = scaling * grad_delta_e^T u_e
 // For bfloat16 / float16 the rank-r intermediates (u in the forward, du in the backward) stay in
-// float32 between the two GEMMs, as on CPU; lora_u is rounded once to x's dtype. Rows past
+// float32 between the two GEMMs, as on CPU; lora_u is rounded once to x's dtype. Under the
+// default engine (MOEFORGE_GROUPED_GEMM unset / "auto", see csrc/cuda/grouped_mm.cpp), bfloat16 on
+// sm90 / sm100 with rank, in and out multiples of 8 runs every GEMM through at::_grouped_mm
+// instead (torch_lora below): measured on an H100, our rank-r GEMMs were most of LoRA's cost.
+// There the intermediates are rounded to bfloat16 between the GEMMs, as PEFT's own bf16 matmuls
+// do, and lora_B is read through a [E, r, out] copy (its rank-major layout has a batch stride of
+// 1, which torch rejects; 2 * out * r * E bytes). Rows past
 // expert_offsets[E] are zero in delta, lora_u and grad_x; experts without rows get zero grad_A /
 // grad_B slices. No host synchronisation (the offsets are read by the kernels only, clamped
 // defensively: see csrc/cuda/grouped_mm.cpp).
@@ -122,6 +128,87 @@ T* mutable_data(at::Tensor& t) {
   return static_cast<T*>(t.mutable_data_ptr());
 }
 
+// --- at::_grouped_mm for every GEMM (the default engine, where it applies) ------------------
+
+// lora_B [out, r*E] as B_e^T [E, r, out], contiguous (the copy torch's engine needs).
+at::Tensor b_transposed_copy(const at::Tensor& lora_B, int64_t rank, int64_t num_experts) {
+  return lora_B.reshape({lora_B.size(0), rank, num_experts}).permute({2, 1, 0}).contiguous();
+}
+
+bool torch_lora_applies(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                        int64_t rank, int64_t num_experts) {
+  return torch_engine_applies(x, num_experts) && rank % 8 == 0 && x.size(1) % 8 == 0 &&
+         lora_B.size(0) % 8 == 0 && lora_A.scalar_type() == x.scalar_type() &&
+         lora_B.scalar_type() == x.scalar_type();
+}
+
+// (delta, lora_u) through torch's engine; std::nullopt where a GEMM does not apply (the caller
+// then runs our kernels from the start).
+std::optional<std::tuple<at::Tensor, at::Tensor>> expert_lora_torch(
+    const at::Tensor& x_in, const RowSource& source, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& offsets, double scaling, int64_t rank,
+    cudaStream_t stream) {
+  constexpr std::string_view op = "expert_lora";
+  const int64_t num_experts = offsets.size(0) - 1, in = x_in.size(1);
+  if (!torch_lora_applies(x_in, lora_A, lora_B, rank, num_experts)) return std::nullopt;
+  const at::Tensor x = source.gathered() ? source.rows(x_in) : as_rows(x_in);
+  // u = x A_e^T: A_e^T [in, r] is lora_A viewed [E, r, in], transposed.
+  const std::optional<at::Tensor> u = torch_grouped_gemm(
+      x, lora_A.reshape({num_experts, rank, in}).transpose(1, 2), offsets, {}, op, stream);
+  if (!u) return std::nullopt;
+  const std::optional<at::Tensor> delta = torch_grouped_gemm(
+      u->mul(scaling), b_transposed_copy(lora_B, rank, num_experts), offsets, {}, op, stream);
+  if (!delta) return std::nullopt;
+  return std::make_tuple(*delta, *u);
+}
+
+// (grad_x, grad_A, grad_B) through torch's engine; std::nullopt as above.
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> expert_lora_backward_torch(
+    const at::Tensor& grad_delta_in, const at::Tensor& x_in, const at::Tensor& lora_u_in,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& offsets, double scaling,
+    std::array<bool, 3> output_mask, const LoraBackwardSources& sources, int64_t rank,
+    cudaStream_t stream) {
+  constexpr std::string_view op = "expert_lora_backward";
+  const int64_t num_experts = offsets.size(0) - 1, in = x_in.size(1), out = lora_B.size(0);
+  if (!torch_lora_applies(x_in, lora_A, lora_B, rank, num_experts) ||
+      grad_delta_in.scalar_type() != x_in.scalar_type()) {
+    return std::nullopt;
+  }
+  const at::Tensor grad_delta = sources.grad_delta.gathered()
+                                    ? sources.grad_delta.rows(grad_delta_in)
+                                    : as_rows(grad_delta_in);
+  const auto empty = [&] { return at::empty({0}, x_in.options()); };
+  at::Tensor grad_x = empty(), grad_A = empty(), grad_B = empty();
+  const at::Tensor b_t = b_transposed_copy(lora_B, rank, num_experts);  // [E, r, out]
+  if (output_mask[0] || output_mask[1]) {
+    // du = scaling * grad_delta B_e [rows, r]
+    std::optional<at::Tensor> du =
+        torch_grouped_gemm(grad_delta, b_t.transpose(1, 2), offsets, {}, op, stream);
+    if (!du) return std::nullopt;
+    du->mul_(scaling);
+    if (output_mask[0]) {  // grad_x = du A_e
+      std::optional<at::Tensor> g =
+          torch_grouped_gemm(*du, lora_A.reshape({num_experts, rank, in}), offsets, {}, op, stream);
+      if (!g) return std::nullopt;
+      grad_x = *g;
+    }
+    if (output_mask[1]) {  // grad_A_e [r, in] = du_e^T x_e: [E, r, in] is lora_A's layout
+      const at::Tensor x = sources.x.gathered() ? sources.x.rows(x_in) : as_rows(x_in);
+      std::optional<at::Tensor> g = torch_grouped_wgrad(*du, x, offsets, num_experts, op, stream);
+      if (!g) return std::nullopt;
+      grad_A = g->reshape(lora_A.sizes());
+    }
+  }
+  if (output_mask[2]) {  // grad_B_e [out, r] = scaling * grad_delta_e^T u_e, back to rank-major
+    const at::Tensor u_scaled = as_rows(lora_u_in).to(x_in.scalar_type()).mul(scaling);
+    std::optional<at::Tensor> g =
+        torch_grouped_wgrad(grad_delta, u_scaled, offsets, num_experts, op, stream);
+    if (!g) return std::nullopt;
+    grad_B = g->permute({1, 2, 0}).reshape({out, rank * num_experts});
+  }
+  return std::make_tuple(grad_x, grad_A, grad_B);
+}
+
 std::tuple<at::Tensor, at::Tensor> expert_lora_cuda(
     const at::Tensor& x_in, const at::Tensor& lora_A, const at::Tensor& lora_B,
     const at::Tensor& expert_offsets, double scaling, const std::optional<at::Tensor>& sorted_pairs,
@@ -132,6 +219,10 @@ std::tuple<at::Tensor, at::Tensor> expert_lora_cuda(
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor offsets = expert_offsets.contiguous();
+  if (auto result =
+          expert_lora_torch(x_in, source, lora_A, lora_B, offsets, scaling, rank, stream)) {
+    return *result;
+  }
   const at::Tensor x = as_rows(x_in);
   const kernels::RowGather x_rows = row_gather(source, x);
   const Lora l{source.num_rows(x),  x.size(1), lora_B.size(0), rank,
@@ -173,6 +264,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_lora_backward_cuda(
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor offsets = expert_offsets.contiguous();
+  if (auto result =
+          expert_lora_backward_torch(grad_delta_in, x_in, lora_u_in, lora_A, lora_B, offsets,
+                                     scaling, output_mask, sources, rank, stream)) {
+    return *result;
+  }
   // The CPU kernel accepts any floating grad_delta / lora_u (it computes in float32 or float64);
   // here they are brought to x's dtype (a no-op for the tensors autograd passes).
   const at::Tensor grad_delta = as_rows(grad_delta_in.to(x_in.scalar_type()));

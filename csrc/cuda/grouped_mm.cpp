@@ -13,18 +13,21 @@
 //
 // Engine, chosen per call by the environment variable MOEFORGE_GROUPED_GEMM (read on every call,
 // so a test or benchmark can switch it at run time):
-//   unset, "" or "moeforge"  our engine: the tensor-core path (kernels/grouped_gemm_wmma.cu,
+//   unset, "" or "auto"      the default: at::_grouped_mm (torch's CUTLASS grouped GEMM) for each
+//                            GEMM of a call that it supports without a host sync (bfloat16 on
+//                            sm90 / sm100, shapes below), our engine for the rest. Measured on an
+//                            H100 (benchmarks/RESULTS.md, 2026-11-22): torch's sm90 kernels run
+//                            the Qwen3-30B-A3B layer's GEMMs at ~330 TFLOP/s, our WMMA ones at
+//                            ~120, so ours are used only where torch's cannot be
+//   "moeforge"               our engine only: the tensor-core path (kernels/grouped_gemm_wmma.cu,
 //                            nvcuda::wmma, cp.async pipeline) for the forward, grad_x and weight
 //                            gradient GEMMs in float16 / bfloat16 on sm80+; the SIMT kernels
 //                            (kernels/grouped_gemm_impl.cuh) for everything else (float32 /
-//                            float64, older devices, the bias gradient). expert_lora follows the
-//                            same variable (grouped_gemm_engine() in cuda_utils.h). Tensor cores
-//                            are the default since the WMMA path passes the launcher suites on the
-//                            host kernel emulator (docs/kernel-emulator.md); GPU timings are owed
+//                            float64, older devices, the bias gradient). expert_lora follows
+//                            the same choice (csrc/cuda/expert_lora.cpp)
 //   "simt"                   our SIMT kernels for every case (the reference engine)
-//   "torch"                  at::_grouped_mm (torch's CUTLASS grouped GEMM, sm90 / sm100) as a
-//                            measured baseline, for each GEMM of a call that it supports without
-//                            a host sync; every other case silently falls back to our engine
+//   "torch"                  same as "auto" (kept as the name the benchmarks and tests use for
+//                            torch's engine)
 //   anything else            raises (a misspelt engine must not be measured as ours)
 // torch's engine is used when all of these hold (torch 2.15, aten/src/ATen/native/cuda/
 // GroupedBlas.cpp, GroupMM.cu, GroupMMCommon.cuh, native/GroupedMMUtils.h): bfloat16 (float16 and
@@ -78,17 +81,17 @@ std::array<int64_t, 3> weight_operand(const at::Tensor& weight, bool weight_tran
 
 // --- engine selection (see the top of this file) -----------------------------------------------
 
-enum class GemmEngine { kMoeforge, kSimt, kTorch };
+enum class GemmEngine { kMoeforge, kSimt, kTorch };  // kTorch: "auto" / "torch"
 
 GemmEngine requested_engine() {
   const char* env = std::getenv("MOEFORGE_GROUPED_GEMM");
   const std::string_view name = env == nullptr ? std::string_view() : std::string_view(env);
-  if (name.empty() || name == "moeforge") return GemmEngine::kMoeforge;
+  if (name.empty() || name == "auto" || name == "torch") return GemmEngine::kTorch;
+  if (name == "moeforge") return GemmEngine::kMoeforge;
   if (name == "simt") return GemmEngine::kSimt;
-  if (name == "torch") return GemmEngine::kTorch;
   TORCH_CHECK_VALUE(false,
-                    "moeforge: MOEFORGE_GROUPED_GEMM must be \"moeforge\", \"simt\" or \"torch\", "
-                    "got \"",
+                    "moeforge: MOEFORGE_GROUPED_GEMM must be \"auto\", \"moeforge\", \"simt\" or "
+                    "\"torch\", got \"",
                     name, "\"");
   return GemmEngine::kMoeforge;
 }
@@ -149,6 +152,8 @@ at::Tensor grouped_gemm(const at::Tensor& x_in, const RowSource& source, const a
   return out;
 }
 
+}  // namespace
+
 // --- the at::_grouped_mm engine (see the top of this file) ------------------------------------
 
 // torch takes its CUTLASS path (no host sync) for bfloat16 on sm90 / sm100 only.
@@ -178,14 +183,14 @@ bool torch_operand_ok(const at::Tensor& t) {
 // expert_offsets[1:] as torch reads them (cumulative row ends), clamped into [0, num_rows] and
 // made non-decreasing like our engine reads them (clamping commutes with the running maximum).
 // Device ops only: no sync.
-at::Tensor torch_offsets(const at::Tensor& offsets, int64_t num_rows) {
+static at::Tensor torch_offsets(const at::Tensor& offsets, int64_t num_rows) {
   const at::Tensor ends = offsets.slice(0, 1).clamp(0, num_rows);
   return std::get<0>(at::cummax(ends, 0)).to(at::kInt).contiguous();
 }
 
 // torch pads its output's last dimension to 16 bytes; the widths we let through are multiples of
 // 8, so this is a no-op kept as a guard.
-at::Tensor dense(at::Tensor t) {
+static at::Tensor dense(at::Tensor t) {
   return t.is_contiguous() ? t : t.contiguous();
 }
 
@@ -243,6 +248,8 @@ std::optional<at::Tensor> torch_grouped_wgrad(const at::Tensor& first, const at:
              op);
   return g;
 }
+
+namespace {
 
 // torch's engine has no gather: where MOEFORGE_GROUPED_GEMM=torch can reach at::_grouped_mm, a
 // gathered x is materialised (the permute it replaces) and the GEMM reads that copy.

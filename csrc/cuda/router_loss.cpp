@@ -1,6 +1,7 @@
 // CUDA fused router losses: the glue around kernels/router_loss.cu. Same semantics and
 // validation as csrc/cpu/router_loss.cpp. One stats launch per layer writes its rows of a shared
-// partial-sum buffer; one finalize launch reduces them: no host synchronisation.
+// partial-sum buffer; one finalize call (two kernels, through a small double workspace) reduces
+// them: no host synchronisation.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -63,10 +64,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_loss_cuda(
         }
         aux = at::empty({}, acc_opts);
         z = at::empty({}, acc_opts);
+        at::Tensor workspace =
+            at::empty({kernels::router_finalize_workspace_elems(num_partials, num_experts)},
+                      logits[0].options().dtype(at::kDouble));
         check_cuda(kernels::launch_router_finalize(partials.const_data_ptr<acc_t>(), num_partials,
                                                    num_experts, aux.mutable_data_ptr<acc_t>(),
                                                    z.mutable_data_ptr<acc_t>(),
-                                                   counts.mutable_data_ptr<int64_t>(), stream),
+                                                   counts.mutable_data_ptr<int64_t>(),
+                                                   workspace.mutable_data_ptr<double>(), stream),
                    "router_loss");
       });
   return {aux, z, counts};

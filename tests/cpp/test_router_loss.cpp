@@ -1,8 +1,8 @@
 // GoogleTest for kernels/router_loss.cu: drives launch_router_stats (once per layer, into
 // consecutive row ranges of one partials buffer), launch_router_finalize (once, over all layers)
 // and launch_router_loss_backward (once per layer) on cudaMalloc'd buffers whose outputs are
-// poisoned with 0xFF bytes (NaN; -1 for the int64 counts), and compares with a float64 host
-// reference of csrc/cpu/router_loss.cpp's semantics:
+// poisoned with 0xFF bytes (NaN; -1 for the int64 counts; the finalize workspace too), and
+// compares with a float64 host reference of csrc/cpu/router_loss.cpp's semantics:
 //
 //   R        = kept rows over all layers (keep[t] != 0, or every row without a mask)
 //   count_e  = kept rows whose top-k (by logit, NaN ranking lowest, ties to the lower index) has e
@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <numeric>
@@ -251,6 +252,8 @@ void run_gpu(const std::vector<Layer<T>>& layers, int64_t experts, int64_t top_k
   const int64_t num_partials = out->partial_begin.back();
   DeviceBuffer<acc_t> partials(num_partials * width), aux(1), z(1);
   DeviceBuffer<int64_t> counts(experts);
+  DeviceBuffer<double> workspace(kernels::router_finalize_workspace_elems(num_partials, experts));
+  workspace.poison(0xFF);
   DeviceBuffer<acc_t> grad_aux(std::vector<acc_t>{g_aux}), grad_z(std::vector<acc_t>{g_z});
   partials.poison(0xFF);
   aux.poison(0xFF);
@@ -270,8 +273,9 @@ void run_gpu(const std::vector<Layer<T>>& layers, int64_t experts, int64_t top_k
         logits[l]->data(), keep_ptr(l), layers[l].tokens, experts, top_k,
         partials.data() + out->partial_begin[l] * width, nullptr));
   }
-  MOEFORGE_ASSERT_CUDA(kernels::launch_router_finalize<acc_t>(
-      partials.data(), num_partials, experts, aux.data(), z.data(), counts.data(), nullptr));
+  MOEFORGE_ASSERT_CUDA(
+      kernels::launch_router_finalize<acc_t>(partials.data(), num_partials, experts, aux.data(),
+                                             z.data(), counts.data(), workspace.data(), nullptr));
   for (size_t l = 0; l < layers.size(); ++l) {
     MOEFORGE_ASSERT_CUDA(kernels::launch_router_loss_backward<T>(
         logits[l]->data(), keep_ptr(l), counts.data(), grad_aux.data(), grad_z.data(),
@@ -399,6 +403,7 @@ const std::vector<Case>& cases() {
       {128, 2, {37, 1, 37}, true, true},    // a T = 1 layer among others
       {128, 1, {0}, false, false},          // no rows at all: R = 0, aux = z = 0
       {kernels::kRouterMaxExperts, 8, {3, 1}, false, false},  // E at the limit (> 48 KB smem)
+      {128, 8, std::vector<int64_t>(20, 200), true, false},   // 20 layers: 80 partial rows
   };
   return all;
 }
@@ -415,6 +420,31 @@ TYPED_TEST(RouterLossTest, MatchesReference) {
   using T = TypeParam;
   uint32_t seed = 1;
   for (const Case& c : cases()) {
+    SCOPED_TRACE(name(c));
+    std::vector<Layer<T>> layers;
+    for (const int64_t tokens : c.tokens) {
+      layers.push_back(random_layer<T>(tokens, c.experts, c.masked, c.ties, seed++));
+    }
+    const auto [g_aux, g_z] = incoming_grads(layers);
+    GpuResult<T> got;
+    ASSERT_NO_FATAL_FAILURE(run_gpu(layers, c.experts, c.top_k, g_aux, g_z, &got));
+    const LossRef ref = loss_ref(layers, c.experts, c.top_k, g_aux, g_z);
+    expect_matches(layers, c.experts, got, ref);
+  }
+}
+
+TYPED_TEST(RouterLossTest, ManyLayersOver131072Rows) {
+  // bench_router_loss-like: many layers, so that finalize reduces thousands of partial rows
+  // (20 x 104 = 2080 at E = 128). Left to the GPU by scripts/test_emulator.sh (minutes emulated);
+  // RouterFinalizeTest covers the same finalize shapes there.
+  using T = TypeParam;
+  const std::vector<Case> many = {
+      {128, 8, std::vector<int64_t>(20, 6600), false, false},
+      {1, 1, std::vector<int64_t>(20, 6600), true, false},
+      {kernels::kRouterMaxExperts, 8, std::vector<int64_t>(20, 130), false, false},
+  };
+  uint32_t seed = 500;
+  for (const Case& c : many) {
     SCOPED_TRACE(name(c));
     std::vector<Layer<T>> layers;
     for (const int64_t tokens : c.tokens) {
@@ -567,14 +597,23 @@ void expect_bad_sizes_rejected() {
                                                 nullptr, s.tokens, s.experts, s.top_k, nullptr),
         cudaErrorInvalidValue);
   }
+  // A dummy (never dereferenced) workspace, so that only the size is wrong.
+  double dummy = 0;
   for (const int64_t experts : {int64_t{0}, int64_t{-3}, kMax + 1}) {
     EXPECT_EQ(kernels::launch_router_finalize<acc_t>(nullptr, 1, experts, nullptr, nullptr, nullptr,
-                                                     nullptr),
+                                                     &dummy, nullptr),
               cudaErrorInvalidValue);
   }
-  EXPECT_EQ(
-      kernels::launch_router_finalize<acc_t>(nullptr, -1, 8, nullptr, nullptr, nullptr, nullptr),
-      cudaErrorInvalidValue);
+  EXPECT_EQ(kernels::launch_router_finalize<acc_t>(nullptr, -1, 8, nullptr, nullptr, nullptr,
+                                                   &dummy, nullptr),
+            cudaErrorInvalidValue);
+  // Rows to reduce but no workspace.
+  for (const int64_t rows : {int64_t{1}, int64_t{64}, int64_t{12288}}) {
+    EXPECT_EQ(kernels::launch_router_finalize<acc_t>(nullptr, rows, 8, nullptr, nullptr, nullptr,
+                                                     nullptr, nullptr),
+              cudaErrorInvalidValue)
+        << rows;
+  }
 }
 
 TEST(RouterLossArguments, RejectsBadSizes) {
@@ -596,6 +635,190 @@ TEST(RouterLossArguments, PartialsShape) {
     EXPECT_GE(blocks, previous) << tokens;
     previous = blocks;
   }
+}
+
+TEST(RouterLossArguments, FinalizeWorkspaceSize) {
+  // No rows, no workspace; else between one and 16 rows of partial width (fixed, however many
+  // partial rows there are).
+  EXPECT_EQ(kernels::router_finalize_workspace_elems(0, 128), 0);
+  for (const int64_t experts : {int64_t{1}, int64_t{128}, kernels::kRouterMaxExperts}) {
+    const int64_t width = kernels::router_partial_width(experts);
+    for (const int64_t rows : {1, 63, 64, 65, 1000, 1024, 1025, 12288, 12289, 1 << 24}) {
+      const int64_t elems = kernels::router_finalize_workspace_elems(rows, experts);
+      EXPECT_EQ(elems % width, 0) << rows;
+      EXPECT_GE(elems, width) << rows;
+      EXPECT_LE(elems, 16 * width) << rows;
+    }
+  }
+}
+
+// ---- launch_router_finalize alone, on synthetic partial rows ------------------------------------
+// Shapes that launch_router_stats would need minutes to produce in the emulator: up to 12288
+// partial rows (bench_router_loss: 48 layers x 256 blocks), E = 1 and E = kRouterMaxExperts.
+
+// Random partial rows in the documented layout: counts and kept small integers (exact in float),
+// psum and zsum positive with exponents spread over 2^-20 .. 2^20, so that a change of summation
+// order changes the low bits of the result (which the determinism check would see).
+template <typename acc_t>
+std::vector<acc_t> random_partials(int64_t rows, int64_t experts, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int> count(0, 64), exponent(-20, 20);
+  std::uniform_real_distribution<double> mantissa(1.0, 2.0);
+  const int64_t width = kernels::router_partial_width(experts);
+  std::vector<acc_t> p(rows * width);
+  for (int64_t b = 0; b < rows; ++b) {
+    acc_t* row = p.data() + b * width;
+    for (int64_t e = 0; e < experts; ++e) {
+      row[e] = static_cast<acc_t>(count(gen));
+      row[experts + e] = static_cast<acc_t>(std::ldexp(mantissa(gen), exponent(gen)));
+    }
+    row[2 * experts] = static_cast<acc_t>(std::ldexp(mantissa(gen), exponent(gen)));
+    row[2 * experts + 1] = static_cast<acc_t>(count(gen));
+  }
+  return p;
+}
+
+struct FinalizeRef {
+  std::vector<int64_t> counts;
+  double aux = 0, z = 0;
+};
+
+// The column sums in float64, then the formulas of the header.
+template <typename acc_t>
+FinalizeRef finalize_ref(const std::vector<acc_t>& partials, int64_t rows, int64_t experts) {
+  const int64_t width = kernels::router_partial_width(experts);
+  std::vector<double> sum(width, 0.0);
+  for (int64_t b = 0; b < rows; ++b) {
+    for (int64_t i = 0; i < width; ++i) sum[i] += partials[b * width + i];
+  }
+  FinalizeRef ref;
+  double dot = 0;
+  for (int64_t e = 0; e < experts; ++e) {
+    ref.counts.push_back(static_cast<int64_t>(sum[e]));
+    dot += sum[e] * sum[experts + e];
+  }
+  const double kept = sum[2 * experts + 1];
+  if (kept > 0) {
+    ref.aux = experts * dot / (kept * kept);
+    ref.z = sum[2 * experts] / kept;
+  }
+  return ref;
+}
+
+template <typename acc_t>
+struct FinalizeResult {
+  acc_t aux, z;
+  std::vector<int64_t> counts;
+};
+
+// One launch_router_finalize on uploaded partials; outputs and workspace poisoned with `poison`.
+template <typename acc_t>
+void run_finalize(const std::vector<acc_t>& host_partials, int64_t rows, int64_t experts,
+                  unsigned char poison, FinalizeResult<acc_t>* out) {
+  DeviceBuffer<acc_t> partials(host_partials), aux(1), z(1);
+  DeviceBuffer<int64_t> counts(experts);
+  DeviceBuffer<double> workspace(kernels::router_finalize_workspace_elems(rows, experts));
+  aux.poison(poison);
+  z.poison(poison);
+  counts.poison(poison);
+  workspace.poison(poison);
+  MOEFORGE_ASSERT_CUDA(kernels::launch_router_finalize<acc_t>(partials.data(), rows, experts,
+                                                              aux.data(), z.data(), counts.data(),
+                                                              workspace.data(), nullptr));
+  MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
+  out->aux = aux.download()[0];
+  out->z = z.download()[0];
+  out->counts = counts.download();
+}
+
+template <typename acc_t>
+class RouterFinalizeTest : public ::testing::Test {
+ protected:
+  void SetUp() override { MOEFORGE_SKIP_WITHOUT_GPU(); }
+};
+using AccTypes = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(RouterFinalizeTest, AccTypes);
+
+// Relative error of aux and z: the float64 sums of positive terms are within (rows + E) * 2^-53
+// relative (< 2e-12 here), then rounded once to acc_t.
+template <typename acc_t>
+double finalize_rtol() {
+  return std::is_same_v<acc_t, float> ? 2e-7 : 1e-11;
+}
+
+TYPED_TEST(RouterFinalizeTest, ManyPartialRowsMatchReference) {
+  using acc_t = TypeParam;
+  struct Shape {
+    int64_t experts, rows;
+  };
+  // Row counts around the chunking (64 rows per chunk up to 1024 rows, then 16 chunks), and
+  // widths around the 32-column blocks (E = 15: width 32).
+  const std::vector<Shape> shapes = {{1, 1},
+                                     {1, 5},
+                                     {1, 12288},
+                                     {1, 100000},
+                                     {15, 64},
+                                     {15, 65},
+                                     {128, 1},
+                                     {128, 63},
+                                     {128, 64},
+                                     {128, 65},
+                                     {128, 1000},
+                                     {128, 1024},
+                                     {128, 1025},
+                                     {128, 1580},
+                                     {128, 12288},
+                                     {128, 12289},
+                                     {kernels::kRouterMaxExperts, 1},
+                                     {kernels::kRouterMaxExperts, 17},
+                                     {kernels::kRouterMaxExperts, 3000}};
+  uint32_t seed = 100;
+  for (const Shape& sh : shapes) {
+    SCOPED_TRACE("E=" + std::to_string(sh.experts) + " rows=" + std::to_string(sh.rows));
+    const std::vector<acc_t> partials = random_partials<acc_t>(sh.rows, sh.experts, seed++);
+    FinalizeResult<acc_t> got;
+    ASSERT_NO_FATAL_FAILURE(run_finalize(partials, sh.rows, sh.experts, 0xFF, &got));
+    const FinalizeRef ref = finalize_ref(partials, sh.rows, sh.experts);
+    const double rtol = finalize_rtol<acc_t>();
+    EXPECT_EQ(got.counts, ref.counts);
+    EXPECT_TRUE(within(got.aux, ref.aux, rtol * ref.aux))
+        << "aux " << got.aux << " want " << ref.aux;
+    EXPECT_TRUE(within(got.z, ref.z, rtol * ref.z)) << "z " << got.z << " want " << ref.z;
+  }
+}
+
+TYPED_TEST(RouterFinalizeTest, Deterministic) {
+  // Same partials, differently poisoned outputs and workspace: bitwise the same results.
+  using acc_t = TypeParam;
+  for (const int64_t experts : {int64_t{1}, int64_t{128}, kernels::kRouterMaxExperts}) {
+    const int64_t rows = experts == kernels::kRouterMaxExperts ? 1500 : 12288;
+    SCOPED_TRACE("E=" + std::to_string(experts) + " rows=" + std::to_string(rows));
+    const std::vector<acc_t> partials = random_partials<acc_t>(rows, experts, 7 + experts);
+    FinalizeResult<acc_t> first, second;
+    ASSERT_NO_FATAL_FAILURE(run_finalize(partials, rows, experts, 0xFF, &first));
+    ASSERT_NO_FATAL_FAILURE(run_finalize(partials, rows, experts, 0x00, &second));
+    EXPECT_EQ(std::memcmp(&first.aux, &second.aux, sizeof(acc_t)), 0)
+        << first.aux << " vs " << second.aux;
+    EXPECT_EQ(std::memcmp(&first.z, &second.z, sizeof(acc_t)), 0) << first.z << " vs " << second.z;
+    EXPECT_EQ(first.counts, second.counts);
+  }
+}
+
+TYPED_TEST(RouterFinalizeTest, NoPartialRows) {
+  // Nothing to reduce: no workspace needed, R = 0 so aux = z = 0, and no counts.
+  using acc_t = TypeParam;
+  constexpr int64_t kExperts = 8;
+  DeviceBuffer<acc_t> aux(1), z(1);
+  DeviceBuffer<int64_t> counts(kExperts);
+  aux.poison(0xFF);
+  z.poison(0xFF);
+  counts.poison(0xFF);
+  MOEFORGE_ASSERT_CUDA(kernels::launch_router_finalize<acc_t>(
+      nullptr, 0, kExperts, aux.data(), z.data(), counts.data(), nullptr, nullptr));
+  MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
+  EXPECT_EQ(aux.download()[0], 0);
+  EXPECT_EQ(z.download()[0], 0);
+  EXPECT_EQ(counts.download(), std::vector<int64_t>(kExperts, 0));
 }
 
 }  // namespace

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import importlib
 import sys
 
@@ -43,11 +42,11 @@ AUX_LOSS_FAMILIES = (
 )
 
 _originals: dict[str, object] = {}  # modeling module name -> HF's load_balancing_loss_func
-# Set by causal_lm_forward_with_z_loss around the model's forward; the fused aux loss leaves the
-# z-loss of the same pass there.
-_z_loss_sink: contextvars.ContextVar[list[Tensor] | None] = contextvars.ContextVar(
-    "moeforge_z_loss_sink", default=None
-)
+# Pushed by causal_lm_forward_with_z_loss around the model's forward (innermost last); the fused
+# aux loss leaves the z-loss of the same pass in the innermost sink. A plain module-level stack,
+# not a ContextVar: torch.compile before 2.15 cannot trace ContextVar.get (fullgraph fails), and
+# a list read is traced and guarded. Per process: one forward at a time per sink stack.
+_z_loss_sinks: list[list[Tensor]] = []
 
 
 def fused_load_balancing_loss_func(
@@ -83,9 +82,8 @@ def fused_load_balancing_loss_func(
         # Decoding with a KV cache: the mask covers past + new tokens, the logits only the new.
         mask = mask[:, mask.shape[1] - rows // mask.shape[0] :]
     aux, z = router_losses(layers, top_k, mask)
-    sink = _z_loss_sink.get()
-    if sink is not None:
-        sink.append(z)
+    if _z_loss_sinks:
+        _z_loss_sinks[-1].append(z)
     return aux.float()  # HF accumulates in, and returns, float32 whatever the logits dtype
 
 
@@ -142,11 +140,11 @@ def causal_lm_forward_with_z_loss(original, z_loss_coef: float, *args, **kwargs)
         z_loss_coef: the z-loss coefficient (ST-MoE uses 1e-3).
     """
     sink: list[Tensor] = []
-    token = _z_loss_sink.set(sink)
+    _z_loss_sinks.append(sink)
     try:
         out = original(*args, **kwargs)
     finally:
-        _z_loss_sink.reset(token)
+        _z_loss_sinks.pop()
     if not sink:
         return out  # no router logits were collected (output_router_logits=False)
     z = sink[-1]

@@ -5,10 +5,11 @@
 //   psum_e  = sum of softmax(logits)_e;  zsum = sum of logsumexp(logits)^2;  R = #kept rows
 //   aux = E * sum_e count_e * psum_e / R^2,  z = zsum / R   (both 0 when R == 0)
 //
-// Three launches, no host synchronisation, deterministic (fixed-order reductions, no float
-// atomics):
+// No host synchronisation, deterministic (fixed-order reductions whose order depends on the
+// shapes alone, no float atomics):
 //   launch_router_stats     once per layer: per-block partial sums into `partials`
-//   launch_router_finalize  once: reduces all partials in order, writes aux, z and counts
+//   launch_router_finalize  once (two kernels): reduces all partials in double, writes aux, z
+//                           and counts
 //   launch_router_loss_backward  once per layer: d(g_aux * aux + g_z * z) / d logits
 // Element types: float, double, __half, __nv_bfloat16; losses and partials in acc_type_t.
 // Limits: 1 <= top_k <= E <= kRouterMaxExperts (float64 logits with E near 1024 need 64 KB of
@@ -39,10 +40,18 @@ cudaError_t launch_router_stats(const scalar_t* logits,  // [T, E]
                                 acc_type_t<scalar_t>* partials,  // [router_stats_blocks(T), width]
                                 cudaStream_t stream);
 
-// Reduces `num_partials` rows of partials. aux, z: device scalars; counts [E] int64.
+// Doubles of device scratch that launch_router_finalize needs for `num_partials` rows of
+// partials (at most 16 rows of width router_partial_width; 0 when num_partials == 0).
+int64_t router_finalize_workspace_elems(int64_t num_partials, int64_t num_experts);
+
+// Reduces `num_partials` rows of partials: column sums in double over fixed contiguous chunks of
+// rows (into `workspace`), then over the chunks in order. aux, z: device scalars; counts [E]
+// int64. workspace: router_finalize_workspace_elems(num_partials, E) doubles on the device (may be
+// nullptr only when num_partials == 0), overwritten.
 template <typename acc_t>
-cudaError_t launch_router_finalize(const acc_t* partials, int64_t num_partials, int64_t num_experts,
-                                   acc_t* aux, acc_t* z, int64_t* counts, cudaStream_t stream);
+cudaError_t launch_router_finalize(const acc_t* partials,  // [num_partials, width]
+                                   int64_t num_partials, int64_t num_experts, acc_t* aux, acc_t* z,
+                                   int64_t* counts, double* workspace, cudaStream_t stream);
 
 // grad_aux, grad_z: device scalars (the incoming gradients of aux and z); counts from the forward.
 template <typename scalar_t>
