@@ -17,7 +17,7 @@ LOGS=$ROOT/build/gpu_check_logs
 mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-STEPS=${GPU_CHECK_STEPS:-build pytest_cuda ctest bench_layer bench_permute bench_router_loss pytest bench_e2e_lora sanitizer}
+STEPS=${GPU_CHECK_STEPS:-build pytest_cuda ctest bench_layer bench_permute bench_router_loss bench_e2e_lora pytest sanitizer}
 MODELS=${MOEFORGE_BENCH_MODELS:-qwen3-30b-a3b}
 summary=()
 
@@ -59,11 +59,11 @@ wants bench_permute && step bench_permute 180 python bench_permute.py --tokens 4
   --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3
 wants bench_router_loss && step bench_router_loss 120 python bench_router_loss.py --tokens 16384 --layers 48
 cd ..
-wants pytest && step pytest 420 python -m pytest tests -q -rf --timeout 300 -p no:cacheprovider \
-  --ignore=tests/test_cuda.py
 cd benchmarks
 wants bench_e2e_lora && step bench_e2e_lora 300 python bench_e2e_lora.py
 cd ..
+wants pytest && step pytest 420 python -m pytest tests -q -rf --timeout 300 -p no:cacheprovider \
+  --ignore=tests/test_cuda.py
 if wants sanitizer && command -v compute-sanitizer >/dev/null 2>&1; then
   for bin in build/gpu/tests/cpp/test_routing build/gpu/tests/cpp/test_permute \
              build/gpu/tests/cpp/test_swiglu build/gpu/tests/cpp/test_moe_pipeline; do
