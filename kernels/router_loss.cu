@@ -20,8 +20,13 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 4;
 constexpr int kThreads = kWarp * kWarpsPerBlock;
-constexpr int kRowsPerWarp = 16;  // rows per block = 64
-constexpr int64_t kRowsPerBlock = int64_t{kWarpsPerBlock} * kRowsPerWarp;
+// Stats grid: about kTargetRowsPerWarp rows per warp (each row costs a warp ~K + 2 rounds of
+// shuffles, one row after another, so few rows per warp keep a layer's launch short: 16 made each
+// launch tens of microseconds), capped so that a layer's partial rows stay near 1 MB
+// (kMaxPartialElems) whatever T: warps then grid-stride over the rows.
+constexpr int kTargetRowsPerWarp = 4;
+constexpr int64_t kTargetRowsPerBlock = int64_t{kWarpsPerBlock} * kTargetRowsPerWarp;
+constexpr int64_t kMaxPartialElems = int64_t{1} << 18;
 constexpr int kFinalizeThreads = 256;
 // launch_router_finalize's first stage: blocks of 32 columns x 8 row-lanes, at most 16 chunks of
 // at least 64 rows each.
@@ -87,8 +92,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t e = lane; e < E; e += kWarp) counts[e] = psum[e] = acc_t(0);
   acc_t zsum = 0, kept = 0;  // lane 0's copies count
 
-  const int64_t first = blockIdx.x * kRowsPerBlock + int64_t{warp} * kRowsPerWarp;
-  for (int64_t t = first; t < min(first + kRowsPerWarp, num_tokens); ++t) {
+  // Rows warp, warp + W, warp + 2W, ... (W = all warps of the grid): a fixed assignment.
+  for (int64_t t = int64_t{blockIdx.x} * kWarpsPerBlock + warp; t < num_tokens;
+       t += int64_t{gridDim.x} * kWarpsPerBlock) {
     if (keep != nullptr && keep[t] == 0) continue;  // warp-uniform
     const T* row = logits + t * E;
     const acc_t lse = row_logsumexp(row, E, lane);
@@ -237,9 +243,19 @@ __global__ void __launch_bounds__(kThreads)
                                 int64_t top_k) {
   using acc_t = acc_type_t<T>;
   __shared__ acc_t coef[2];  // c_aux, c_z
+  __shared__ long long count_sums[kThreads];
+  // sum(counts): every thread loads its share, then a tree (integers: exact in any order). A
+  // single thread looping over E dependent loads cost every block microseconds.
+  long long mine = 0;
+  for (int64_t e = threadIdx.x; e < E; e += kThreads) mine += counts[e];
+  count_sums[threadIdx.x] = mine;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) count_sums[threadIdx.x] += count_sums[threadIdx.x + stride];
+    __syncthreads();
+  }
   if (threadIdx.x == 0) {
-    int64_t total = 0;
-    for (int64_t e = 0; e < E; ++e) total += counts[e];
+    const int64_t total = count_sums[0];
     const acc_t kept = acc_t(total / top_k);
     const acc_t inv = kept > 0 ? acc_t(1) / kept : acc_t(0);
     coef[0] = *grad_aux * acc_t(E) * inv * inv;
@@ -286,8 +302,12 @@ int64_t reduce_chunks(int64_t num_partials) {
 
 }  // namespace
 
-int64_t router_stats_blocks(int64_t num_tokens) {
-  return std::max<int64_t>(1, (num_tokens + kRowsPerBlock - 1) / kRowsPerBlock);
+int64_t router_stats_blocks(int64_t num_tokens, int64_t num_experts) {
+  const int64_t wanted =
+      (std::max<int64_t>(num_tokens, 0) + kTargetRowsPerBlock - 1) / kTargetRowsPerBlock;
+  const int64_t cap = std::max<int64_t>(
+      16, kMaxPartialElems / router_partial_width(std::max<int64_t>(num_experts, 1)));
+  return std::clamp<int64_t>(wanted, 1, cap);
 }
 
 int64_t router_finalize_workspace_elems(int64_t num_partials, int64_t num_experts) {
@@ -299,7 +319,6 @@ template <typename T>
 cudaError_t launch_router_stats(const T* logits, const uint8_t* keep, int64_t num_tokens, int64_t E,
                                 int64_t top_k, acc_type_t<T>* partials, cudaStream_t stream) {
   if (!valid(num_tokens, E, top_k)) return cudaErrorInvalidValue;
-  if (router_stats_blocks(num_tokens) > 0x7fffffff) return cudaErrorInvalidValue;  // grid.x
   using acc_t = acc_type_t<T>;
   const size_t smem = sizeof(acc_t) * (kWarpsPerBlock * 2 * E + 2 * kWarpsPerBlock);
   if (smem > 48 * 1024) {
@@ -307,7 +326,7 @@ cudaError_t launch_router_stats(const T* logits, const uint8_t* keep, int64_t nu
         router_stats_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   }
   // Every block runs even with no rows, so that all partial rows are written (zeros).
-  MOEFORGE_CUDA_CHECK(launch_kernel(router_stats_kernel<T>, router_stats_blocks(num_tokens),
+  MOEFORGE_CUDA_CHECK(launch_kernel(router_stats_kernel<T>, router_stats_blocks(num_tokens, E),
                                     kThreads, smem, stream, logits, keep, num_tokens, E, top_k,
                                     partials));
   return cudaSuccess;

@@ -144,18 +144,32 @@ def test_expert_ffn_ops_match_cpu(dtype, layout, engine):
         lambda x, A, B, o: torch.ops.moeforge.expert_lora(x, A, B, o, 0.5), xs, A, B, offs, **tol
     )
     _, u = torch.ops.moeforge.expert_lora(xs, A, B, offs, 0.5)
-    assert_matches_cpu(
-        lambda d, x, u, A, B, o: torch.ops.moeforge.expert_lora_backward(
-            d, x, u, A, B, o, 0.5, [True, True, True]
-        ),
-        dy,
-        xs,
-        u,
-        A,
-        B,
-        offs,
-        **tol,
-    )
+    lora_backward_args = (dy, xs, u, A, B, offs)
+
+    def lora_backward(d, x, u, A, B, o):
+        return torch.ops.moeforge.expert_lora_backward(d, x, u, A, B, o, 0.5, [True, True, True])
+
+    if engine == "auto" and torch_engine_applies(dtype):
+        # torch's engine rounds du = s dy B_e to bf16 between the GEMMs (as PEFT's bf16 matmuls
+        # do); the CPU keeps it in fp32. grad_A sums ~175 of those products: on an H100 2.8% of
+        # its entries (the small ones) missed the elementwise 2e-2, and a float64 emulation of the
+        # same rounding on CPU gives that count and 2.4e-3 normwise.
+        assert_matches_cpu_normwise(lora_backward, *lora_backward_args, bound=1e-2)
+    else:
+        assert_matches_cpu(lora_backward, *lora_backward_args, **tol)
+
+
+def assert_matches_cpu_normwise(fn, *args, bound):
+    """fn(*cuda_args) vs fn(*cpu_args): every output finite and |cuda - cpu| / |cpu| < bound."""
+    cpu_args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+    poison_allocator()
+    for g, w in zip(fn(*args), fn(*cpu_args), strict=True):
+        assert g.is_cuda and torch.isfinite(g).all(), (
+            "unwritten (NaN-poisoned) or non-finite output"
+        )
+        g, w = g.cpu().double(), w.double()
+        rel = ((g - w).norm() / w.norm()).item()
+        assert rel < bound, f"|cuda - cpu| / |cpu| = {rel:.2e}"
 
 
 def make_offsets(counts, dropped):

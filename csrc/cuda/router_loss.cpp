@@ -44,7 +44,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_loss_cuda(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor keep = keep_flags(row_mask);
   int64_t num_partials = 0;
-  for (const auto& layer : logits) num_partials += kernels::router_stats_blocks(layer.size(0));
+  for (const auto& layer : logits)
+    num_partials += kernels::router_stats_blocks(layer.size(0), num_experts);
   const int64_t width = kernels::router_partial_width(num_experts);
   at::Tensor aux, z;
   const at::Tensor counts = at::empty({num_experts}, logits[0].options().dtype(at::kLong));
@@ -60,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_loss_cuda(
                          cuda_ptr<scalar_t>(layer), keep_ptr(keep), layer.size(0), num_experts,
                          top_k, partials.mutable_data_ptr<acc_t>() + row * width, stream),
                      "router_loss");
-          row += kernels::router_stats_blocks(layer.size(0));
+          row += kernels::router_stats_blocks(layer.size(0), num_experts);
         }
         aux = at::empty({}, acc_opts);
         z = at::empty({}, acc_opts);

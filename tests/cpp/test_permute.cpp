@@ -344,6 +344,42 @@ TYPED_TEST(PermuteTest, CorruptPlanIndicesCountAsDropped) {
   EXPECT_EQ(to_acc(d[4]), 0.0);
 }
 
+TYPED_TEST(PermuteTest, PermuteWritesOnlyRowsThePlanMapsBothWays) {
+  // Row i gets its pair's token only when pair_to_row maps that pair back to i; every other row
+  // (here row 0: sorted_pairs[0] = 0 but pair 0 maps to row 1) is zero, and no row is left
+  // unwritten (the output is poisoned first).
+  using T = TypeParam;
+  using acc_t = acc_type_t<T>;
+  const int64_t tokens = 2, top_k = 2, hidden = 40, rows = tokens * top_k;
+  std::vector<T> x_host(tokens * hidden);
+  for (size_t i = 0; i < x_host.size(); ++i) x_host[i] = from_acc<T>(acc_t(1 + i % 7));
+  const std::vector<int32_t> sorted_pairs_host = {0, 0, 3, 2};
+  const std::vector<int32_t> pair_to_row_host = {1, -1, 3, 2};
+  const std::vector<acc_t> w_host = {acc_t(0.5), acc_t(3), acc_t(-2), acc_t(0.25)};
+  DeviceBuffer<T> x(x_host), out(rows * hidden);
+  DeviceBuffer<int32_t> sorted_pairs(sorted_pairs_host), pair_to_row(pair_to_row_host);
+  DeviceBuffer<acc_t> w(w_host);
+  for (const bool weighted : {false, true}) {
+    SCOPED_TRACE(weighted);
+    out.poison(0xFF);
+    MOEFORGE_ASSERT_CUDA(kernels::launch_permute<T>(
+        x.data(), sorted_pairs.data(), pair_to_row.data(), weighted ? w.data() : nullptr,
+        out.data(), tokens, top_k, hidden, nullptr));
+    MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
+    const std::vector<T> got = out.download();
+    const int64_t token_of_row[] = {-1, 0, 1, 1};  // -1: zero
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t p = sorted_pairs_host[i], t = token_of_row[i];
+      const acc_t scale = weighted && t >= 0 ? w_host[p] : acc_t(1);
+      for (int64_t h = 0; h < hidden; ++h) {
+        const double want =
+            t < 0 ? 0.0 : to_acc(from_acc<T>(acc_t(scale * to_acc(x_host[t * hidden + h]))));
+        ASSERT_EQ(to_acc(got[i * hidden + h]), want) << "row " << i << " h " << h;
+      }
+    }
+  }
+}
+
 // Argument checks happen before any CUDA call, so this one needs no device and runs everywhere.
 template <typename T>
 void expect_negative_sizes_rejected() {

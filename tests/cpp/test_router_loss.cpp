@@ -231,7 +231,7 @@ template <typename T>
 struct GpuResult {
   acc_type_t<T> aux, z;
   std::vector<int64_t> counts;
-  std::vector<acc_type_t<T>> partials;  // [sum_l router_stats_blocks(T_l), width]
+  std::vector<acc_type_t<T>> partials;  // [sum_l router_stats_blocks(T_l, E), width]
   std::vector<int64_t> partial_begin;   // first partial row of each layer, then the total
   std::vector<std::vector<T>> grads;    // [L][T_l * E]
 };
@@ -247,7 +247,7 @@ void run_gpu(const std::vector<Layer<T>>& layers, int64_t experts, int64_t top_k
   out->partial_begin = {0};
   for (const auto& l : layers) {
     out->partial_begin.push_back(out->partial_begin.back() +
-                                 kernels::router_stats_blocks(l.tokens));
+                                 kernels::router_stats_blocks(l.tokens, experts));
   }
   const int64_t num_partials = out->partial_begin.back();
   DeviceBuffer<acc_t> partials(num_partials * width), aux(1), z(1);
@@ -627,13 +627,19 @@ TEST(RouterLossArguments, PartialsShape) {
   EXPECT_EQ(kernels::router_partial_width(1), 4);
   EXPECT_EQ(kernels::router_partial_width(128), 258);
   // At least one partial row even without tokens (finalize then reads zeros), never fewer for
-  // more tokens.
-  EXPECT_GE(kernels::router_stats_blocks(0), 1);
-  int64_t previous = kernels::router_stats_blocks(0);
-  for (const int64_t tokens : {1, 63, 64, 65, 1000, 100000}) {
-    const int64_t blocks = kernels::router_stats_blocks(tokens);
-    EXPECT_GE(blocks, previous) << tokens;
-    previous = blocks;
+  // more tokens, and capped: a layer's partials stay near 1 MB (2^18 elements) whatever T.
+  for (const int64_t experts : {1, 128, 1024}) {
+    SCOPED_TRACE(experts);
+    EXPECT_GE(kernels::router_stats_blocks(0, experts), 1);
+    int64_t previous = kernels::router_stats_blocks(0, experts);
+    for (const int64_t tokens :
+         std::vector<int64_t>{1, 63, 64, 65, 1000, 100000, int64_t{1} << 40}) {
+      const int64_t blocks = kernels::router_stats_blocks(tokens, experts);
+      EXPECT_GE(blocks, previous) << tokens;
+      EXPECT_LE(blocks * kernels::router_partial_width(experts),
+                std::max<int64_t>(16 * kernels::router_partial_width(experts), int64_t{1} << 18));
+      previous = blocks;
+    }
   }
 }
 

@@ -2,8 +2,10 @@
 // (moeforge/kernels/routing.h). Same semantics as csrc/cpu/permute.cpp. Notation: T tokens,
 // K experts per token, S = T*K routed rows, H hidden.
 //
-//   permute    out[i]    = w[p] * x[p / K]  for row i, p = sorted_pairs[i]; rows of dropped pairs
-//                          (pair_to_row[p] < 0) are zero
+//   permute    out[i]    = w[p] * x[p / K]  for row i, p = sorted_pairs[i], when the plan maps p
+//                          back to i (pair_to_row[p] == i, true of every kept row of a plan made
+//                          by launch_routing); other rows (dropped pairs: pair_to_row[p] < 0, or
+//                          a corrupt plan) are zero
 //   combine    out[t]    = sum_k w[t,k] * y[pair_to_row[t,k]], skipping dropped pairs
 //   routed_dot out[t, k] = <rows[pair_to_row[t,k]], tokens[t]>, 0 for dropped pairs
 //

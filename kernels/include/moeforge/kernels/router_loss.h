@@ -26,19 +26,21 @@ namespace moeforge::kernels {
 
 constexpr int64_t kRouterMaxExperts = 1024;
 
-// Blocks (and so rows of `partials`) that launch_router_stats uses for `num_tokens` rows.
-int64_t router_stats_blocks(int64_t num_tokens);
+// Blocks (and so rows of `partials`) that launch_router_stats uses for `num_tokens` rows of
+// `num_experts` logits: grows with the tokens up to a cap that keeps a layer's partials near 1 MB.
+int64_t router_stats_blocks(int64_t num_tokens, int64_t num_experts);
 // Width of one row of `partials`: [count_0..E) [psum_0..E) [zsum] [kept].
 inline int64_t router_partial_width(int64_t num_experts) {
   return 2 * num_experts + 2;
 }
 
 template <typename scalar_t>
-cudaError_t launch_router_stats(const scalar_t* logits,  // [T, E]
-                                const uint8_t* keep,     // [T] or nullptr (keep all)
-                                int64_t num_tokens, int64_t num_experts, int64_t top_k,
-                                acc_type_t<scalar_t>* partials,  // [router_stats_blocks(T), width]
-                                cudaStream_t stream);
+cudaError_t launch_router_stats(
+    const scalar_t* logits,  // [T, E]
+    const uint8_t* keep,     // [T] or nullptr (keep all)
+    int64_t num_tokens, int64_t num_experts, int64_t top_k,
+    acc_type_t<scalar_t>* partials,  // [router_stats_blocks(T, E), width]
+    cudaStream_t stream);
 
 // Doubles of device scratch that launch_router_finalize needs for `num_partials` rows of
 // partials (at most 16 rows of width router_partial_width; 0 when num_partials == 0).
