@@ -77,13 +77,29 @@ struct WarpStats {
   acc_t* psum;
 };
 
+// The kernels' view of a RouterLayers batch: per layer, its stats blocks and first partial row.
+template <typename T>
+struct LayerTable {
+  const T* logits[kRouterLayersPerLaunch];
+  T* grad_logits[kRouterLayersPerLaunch];
+  int64_t num_tokens[kRouterLayersPerLaunch];
+  int64_t blocks[kRouterLayersPerLaunch];
+  int64_t first_partial[kRouterLayersPerLaunch];
+};
+
+// Block (x, l): layer l's stats block x (blocks past the layer's router_stats_blocks exit).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    router_stats_kernel(const T* __restrict__ logits,      // [T, E]
+    router_stats_kernel(const LayerTable<T> table,
                         const uint8_t* __restrict__ keep,  // [T] or nullptr
-                        int64_t num_tokens, int64_t E, int64_t top_k,
-                        acc_type_t<T>* __restrict__ partials) {  // [gridDim.x, 2E + 2]
+                        int64_t E, int64_t top_k,
+                        acc_type_t<T>* __restrict__ partials) {  // [sum_l blocks, 2E + 2]
   using acc_t = acc_type_t<T>;
+  const int layer = blockIdx.y;
+  const int64_t layer_blocks = table.blocks[layer];
+  if (blockIdx.x >= layer_blocks) return;  // whole block, before any barrier
+  const T* __restrict__ logits = table.logits[layer];
+  const int64_t num_tokens = table.num_tokens[layer];
   acc_t* smem = dynamic_shared_memory<acc_t>();  // [warps][2E] then [warps][2]
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   acc_t* counts = smem + warp * 2 * E;
@@ -94,7 +110,7 @@ __global__ void __launch_bounds__(kThreads)
 
   // Rows warp, warp + W, warp + 2W, ... (W = all warps of the grid): a fixed assignment.
   for (int64_t t = int64_t{blockIdx.x} * kWarpsPerBlock + warp; t < num_tokens;
-       t += int64_t{gridDim.x} * kWarpsPerBlock) {
+       t += layer_blocks * kWarpsPerBlock) {
     if (keep != nullptr && keep[t] == 0) continue;  // warp-uniform
     const T* row = logits + t * E;
     const acc_t lse = row_logsumexp(row, E, lane);
@@ -135,7 +151,7 @@ __global__ void __launch_bounds__(kThreads)
     scalars[2 * warp + 1] = kept;
   }
   __syncthreads();
-  acc_t* out = partials + blockIdx.x * (2 * E + 2);
+  acc_t* out = partials + (table.first_partial[layer] + blockIdx.x) * (2 * E + 2);
   for (int64_t i = threadIdx.x; i < 2 * E; i += blockDim.x) {
     acc_t s = 0;
     for (int w = 0; w < kWarpsPerBlock; ++w) s += smem[w * 2 * E + i];
@@ -235,13 +251,15 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 // R = sum(counts) / top_k (each kept row selected exactly top_k experts).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    router_loss_backward_kernel(const T* __restrict__ logits, const uint8_t* __restrict__ keep,
+    router_loss_backward_kernel(const LayerTable<T> table, const uint8_t* __restrict__ keep,
                                 const int64_t* __restrict__ counts,
                                 const acc_type_t<T>* __restrict__ grad_aux,
-                                const acc_type_t<T>* __restrict__ grad_z,
-                                T* __restrict__ grad_logits, int64_t num_tokens, int64_t E,
-                                int64_t top_k) {
+                                const acc_type_t<T>* __restrict__ grad_z, int64_t E,
+                                int64_t top_k) {  // block (x, l): rows of layer l
   using acc_t = acc_type_t<T>;
+  const T* __restrict__ logits = table.logits[blockIdx.y];
+  T* __restrict__ grad_logits = table.grad_logits[blockIdx.y];
+  const int64_t num_tokens = table.num_tokens[blockIdx.y];
   __shared__ acc_t coef[2];  // c_aux, c_z
   __shared__ long long count_sums[kThreads];
   // sum(counts): every thread loads its share, then a tree (integers: exact in any order). A
@@ -315,21 +333,54 @@ int64_t router_finalize_workspace_elems(int64_t num_partials, int64_t num_expert
   return reduce_chunks(num_partials) * router_partial_width(num_experts);
 }
 
+// The kernels' table of `layers`, or false when the batch is malformed.
 template <typename T>
-cudaError_t launch_router_stats(const T* logits, const uint8_t* keep, int64_t num_tokens, int64_t E,
-                                int64_t top_k, acc_type_t<T>* partials, cudaStream_t stream) {
-  if (!valid(num_tokens, E, top_k)) return cudaErrorInvalidValue;
+bool layer_table(const RouterLayers<T>& layers, int64_t E, LayerTable<T>* table) {
+  if (layers.count < 0 || layers.count > kRouterLayersPerLaunch) return false;
+  int64_t first = 0;
+  for (int l = 0; l < layers.count; ++l) {
+    if (layers.num_tokens[l] < 0) return false;
+    table->logits[l] = layers.logits[l];
+    table->grad_logits[l] = layers.grad_logits[l];
+    table->num_tokens[l] = layers.num_tokens[l];
+    table->blocks[l] = router_stats_blocks(layers.num_tokens[l], E);
+    table->first_partial[l] = first;
+    first += table->blocks[l];
+  }
+  return true;
+}
+
+template <typename T>
+cudaError_t launch_router_stats_layers(const RouterLayers<T>& layers, const uint8_t* keep,
+                                       int64_t E, int64_t top_k, acc_type_t<T>* partials,
+                                       cudaStream_t stream) {
+  LayerTable<T> table{};
+  if (!valid(0, E, top_k) || !layer_table(layers, E, &table)) return cudaErrorInvalidValue;
+  if (layers.count == 0) return cudaSuccess;
+  int64_t max_blocks = 1;
+  for (int l = 0; l < layers.count; ++l) max_blocks = std::max(max_blocks, table.blocks[l]);
   using acc_t = acc_type_t<T>;
   const size_t smem = sizeof(acc_t) * (kWarpsPerBlock * 2 * E + 2 * kWarpsPerBlock);
   if (smem > 48 * 1024) {
     MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(
         router_stats_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   }
-  // Every block runs even with no rows, so that all partial rows are written (zeros).
-  MOEFORGE_CUDA_CHECK(launch_kernel(router_stats_kernel<T>, router_stats_blocks(num_tokens, E),
-                                    kThreads, smem, stream, logits, keep, num_tokens, E, top_k,
-                                    partials));
+  // Every block of a layer runs even with no rows, so that all its partial rows are written.
+  const dim3 grid(static_cast<unsigned>(max_blocks), static_cast<unsigned>(layers.count));
+  MOEFORGE_CUDA_CHECK(launch_kernel(router_stats_kernel<T>, grid, kThreads, smem, stream, table,
+                                    keep, E, top_k, partials));
   return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t launch_router_stats(const T* logits, const uint8_t* keep, int64_t num_tokens, int64_t E,
+                                int64_t top_k, acc_type_t<T>* partials, cudaStream_t stream) {
+  if (!valid(num_tokens, E, top_k)) return cudaErrorInvalidValue;
+  RouterLayers<T> one;
+  one.logits[0] = logits;
+  one.num_tokens[0] = num_tokens;
+  one.count = 1;
+  return launch_router_stats_layers(one, keep, E, top_k, partials, stream);
 }
 
 template <typename acc_t>
@@ -354,21 +405,43 @@ cudaError_t launch_router_finalize(const acc_t* partials, int64_t num_partials, 
 }
 
 template <typename T>
+cudaError_t launch_router_loss_backward_layers(const RouterLayers<T>& layers, const uint8_t* keep,
+                                               const int64_t* counts, const acc_type_t<T>* grad_aux,
+                                               const acc_type_t<T>* grad_z, int64_t E,
+                                               int64_t top_k, cudaStream_t stream) {
+  LayerTable<T> table{};
+  if (!valid(0, E, top_k) || !layer_table(layers, E, &table)) return cudaErrorInvalidValue;
+  int64_t max_tokens = 0;
+  for (int l = 0; l < layers.count; ++l) max_tokens = std::max(max_tokens, table.num_tokens[l]);
+  if (layers.count == 0 || max_tokens == 0) return cudaSuccess;
+  const int64_t blocks =
+      std::clamp<int64_t>((max_tokens + kWarpsPerBlock - 1) / kWarpsPerBlock, 1, 1 << 20);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(layers.count));
+  MOEFORGE_CUDA_CHECK(launch_kernel(router_loss_backward_kernel<T>, grid, kThreads, 0, stream,
+                                    table, keep, counts, grad_aux, grad_z, E, top_k));
+  return cudaSuccess;
+}
+
+template <typename T>
 cudaError_t launch_router_loss_backward(const T* logits, const uint8_t* keep, const int64_t* counts,
                                         const acc_type_t<T>* grad_aux, const acc_type_t<T>* grad_z,
                                         T* grad_logits, int64_t num_tokens, int64_t E,
                                         int64_t top_k, cudaStream_t stream) {
   if (!valid(num_tokens, E, top_k)) return cudaErrorInvalidValue;
-  if (num_tokens == 0) return cudaSuccess;
-  const int64_t blocks =
-      std::clamp<int64_t>((num_tokens + kWarpsPerBlock - 1) / kWarpsPerBlock, 1, 1 << 20);
-  MOEFORGE_CUDA_CHECK(launch_kernel(router_loss_backward_kernel<T>, blocks, kThreads, 0, stream,
-                                    logits, keep, counts, grad_aux, grad_z, grad_logits, num_tokens,
-                                    E, top_k));
-  return cudaSuccess;
+  RouterLayers<T> one;
+  one.logits[0] = logits;
+  one.grad_logits[0] = grad_logits;
+  one.num_tokens[0] = num_tokens;
+  one.count = 1;
+  return launch_router_loss_backward_layers(one, keep, counts, grad_aux, grad_z, E, top_k, stream);
 }
 
 #define MOEFORGE_INSTANTIATE_ROUTER_LOSS(T)                                                        \
+  template cudaError_t launch_router_stats_layers<T>(                                              \
+      const RouterLayers<T>&, const uint8_t*, int64_t, int64_t, acc_type_t<T>*, cudaStream_t);     \
+  template cudaError_t launch_router_loss_backward_layers<T>(                                      \
+      const RouterLayers<T>&, const uint8_t*, const int64_t*, const acc_type_t<T>*,                \
+      const acc_type_t<T>*, int64_t, int64_t, cudaStream_t);                                       \
   template cudaError_t launch_router_stats<T>(const T*, const uint8_t*, int64_t, int64_t, int64_t, \
                                               acc_type_t<T>*, cudaStream_t);                       \
   template cudaError_t launch_router_loss_backward<T>(                                             \

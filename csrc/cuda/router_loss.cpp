@@ -1,7 +1,7 @@
 // CUDA fused router losses: the glue around kernels/router_loss.cu. Same semantics and
-// validation as csrc/cpu/router_loss.cpp. One stats launch per layer writes its rows of a shared
-// partial-sum buffer; one finalize call (two kernels, through a small double workspace) reduces
-// them: no host synchronisation.
+// validation as csrc/cpu/router_loss.cpp. One stats launch per 32 layers writes their rows of a
+// shared partial-sum buffer; one finalize call (two kernels, through a small double workspace)
+// reduces them: no host synchronisation.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -23,6 +23,14 @@ namespace {
 // [T] uint8 keep flags (mask != 0) on the logits' device, or undefined.
 at::Tensor keep_flags(const std::optional<at::Tensor>& row_mask) {
   return row_mask.has_value() ? row_mask->ne(0).to(at::kByte).contiguous() : at::Tensor();
+}
+
+// Each layer's logits, contiguous (kept alive until the launches that read them are queued).
+std::vector<at::Tensor> contiguous_layers(at::TensorList logits) {
+  std::vector<at::Tensor> out;
+  out.reserve(logits.size());
+  for (const auto& layer : logits) out.push_back(layer.contiguous());
+  return out;
 }
 
 const uint8_t* keep_ptr(const at::Tensor& keep) {
@@ -54,14 +62,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_loss_cuda(
         using acc_t = at::opmath_type<scalar_t>;
         const auto acc_opts = logits[0].options().dtype(c10::CppTypeToScalarType<acc_t>::value);
         at::Tensor partials = at::empty({num_partials, width}, acc_opts);
+        // Up to kRouterLayersPerLaunch layers per launch; each batch's partial rows follow the
+        // previous batch's.
+        const std::vector<at::Tensor> layers = contiguous_layers(logits);
         int64_t row = 0;
-        for (const auto& layer_in : logits) {
-          const at::Tensor layer = layer_in.contiguous();
-          check_cuda(kernels::launch_router_stats(
-                         cuda_ptr<scalar_t>(layer), keep_ptr(keep), layer.size(0), num_experts,
-                         top_k, partials.mutable_data_ptr<acc_t>() + row * width, stream),
+        for (size_t first = 0; first < layers.size(); first += kernels::kRouterLayersPerLaunch) {
+          using T = cuda_type_t<scalar_t>;
+          kernels::RouterLayers<T> batch;
+          for (size_t l = first; l < layers.size() && batch.count < kernels::kRouterLayersPerLaunch;
+               ++l, ++batch.count) {
+            batch.logits[batch.count] = cuda_ptr<scalar_t>(layers[l]);
+            batch.num_tokens[batch.count] = layers[l].size(0);
+          }
+          check_cuda(kernels::launch_router_stats_layers(
+                         batch, keep_ptr(keep), num_experts, top_k,
+                         partials.mutable_data_ptr<acc_t>() + row * width, stream),
                      "router_loss");
-          row += kernels::router_stats_blocks(layer.size(0), num_experts);
+          for (int l = 0; l < batch.count; ++l) {
+            row += kernels::router_stats_blocks(batch.num_tokens[l], num_experts);
+          }
         }
         aux = at::empty({}, acc_opts);
         z = at::empty({}, acc_opts);
@@ -101,16 +120,22 @@ std::vector<at::Tensor> router_loss_backward_cuda(const at::Tensor& grad_aux,
         const auto acc = c10::CppTypeToScalarType<acc_t>::value;
         const at::Tensor ga = grad_aux.to(logits[0].device(), acc).contiguous();
         const at::Tensor gz = grad_z.to(logits[0].device(), acc).contiguous();
-        for (const auto& layer_in : logits) {
-          const at::Tensor layer = layer_in.contiguous();
-          at::Tensor grad = at::empty_like(layer);
-          check_cuda(
-              kernels::launch_router_loss_backward(
-                  cuda_ptr<scalar_t>(layer), keep_ptr(keep), counts.const_data_ptr<int64_t>(),
-                  ga.const_data_ptr<acc_t>(), gz.const_data_ptr<acc_t>(),
-                  cuda_mutable_ptr<scalar_t>(grad), layer.size(0), num_experts, top_k, stream),
-              op);
-          grads.push_back(grad);
+        const std::vector<at::Tensor> layers = contiguous_layers(logits);
+        for (const auto& layer : layers) grads.push_back(at::empty_like(layer));
+        for (size_t first = 0; first < layers.size(); first += kernels::kRouterLayersPerLaunch) {
+          using T = cuda_type_t<scalar_t>;
+          kernels::RouterLayers<T> batch;
+          for (size_t l = first; l < layers.size() && batch.count < kernels::kRouterLayersPerLaunch;
+               ++l, ++batch.count) {
+            batch.logits[batch.count] = cuda_ptr<scalar_t>(layers[l]);
+            batch.grad_logits[batch.count] = cuda_mutable_ptr<scalar_t>(grads[l]);
+            batch.num_tokens[batch.count] = layers[l].size(0);
+          }
+          check_cuda(kernels::launch_router_loss_backward_layers(
+                         batch, keep_ptr(keep), counts.const_data_ptr<int64_t>(),
+                         ga.const_data_ptr<acc_t>(), gz.const_data_ptr<acc_t>(), num_experts, top_k,
+                         stream),
+                     op);
         }
       });
   return grads;

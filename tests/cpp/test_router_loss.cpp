@@ -290,6 +290,71 @@ void run_gpu(const std::vector<Layer<T>>& layers, int64_t experts, int64_t top_k
   for (const auto& g : grads) out->grads.push_back(g->download());
 }
 
+// run_gpu with the batched launchers: kRouterLayersPerLaunch layers per stats / backward launch,
+// one keep mask shared by every layer (`keep`, empty: none). Fills the same fields.
+template <typename T>
+void run_gpu_batched(const std::vector<Layer<T>>& layers, const std::vector<uint8_t>& keep,
+                     int64_t experts, int64_t top_k, acc_type_t<T> g_aux, acc_type_t<T> g_z,
+                     GpuResult<T>* out) {
+  using acc_t = acc_type_t<T>;
+  const int64_t width = kernels::router_partial_width(experts);
+  out->partial_begin = {0};
+  for (const auto& l : layers) {
+    out->partial_begin.push_back(out->partial_begin.back() +
+                                 kernels::router_stats_blocks(l.tokens, experts));
+  }
+  const int64_t num_partials = out->partial_begin.back();
+  DeviceBuffer<acc_t> partials(num_partials * width), aux(1), z(1);
+  DeviceBuffer<int64_t> counts(experts);
+  DeviceBuffer<double> workspace(kernels::router_finalize_workspace_elems(num_partials, experts));
+  DeviceBuffer<acc_t> grad_aux(std::vector<acc_t>{g_aux}), grad_z(std::vector<acc_t>{g_z});
+  for (auto* b : {&partials, &aux, &z}) b->poison(0xFF);
+  workspace.poison(0xFF);
+  counts.poison(0xFF);
+  std::unique_ptr<DeviceBuffer<uint8_t>> keep_dev;
+  if (!keep.empty()) keep_dev = std::make_unique<DeviceBuffer<uint8_t>>(keep);
+  const uint8_t* keep_ptr = keep_dev ? keep_dev->data() : nullptr;
+  std::vector<std::unique_ptr<DeviceBuffer<T>>> logits, grads;
+  for (const auto& l : layers) {
+    logits.push_back(std::make_unique<DeviceBuffer<T>>(l.logits));
+    grads.push_back(std::make_unique<DeviceBuffer<T>>(l.logits.size()));
+    grads.back()->poison(0xFF);
+  }
+  for (size_t first = 0; first < layers.size(); first += kernels::kRouterLayersPerLaunch) {
+    kernels::RouterLayers<T> batch;
+    for (size_t l = first; l < layers.size() && batch.count < kernels::kRouterLayersPerLaunch;
+         ++l, ++batch.count) {
+      batch.logits[batch.count] = logits[l]->data();
+      batch.grad_logits[batch.count] = grads[l]->data();
+      batch.num_tokens[batch.count] = layers[l].tokens;
+    }
+    MOEFORGE_ASSERT_CUDA(kernels::launch_router_stats_layers<T>(
+        batch, keep_ptr, experts, top_k, partials.data() + out->partial_begin[first] * width,
+        nullptr));
+  }
+  MOEFORGE_ASSERT_CUDA(
+      kernels::launch_router_finalize<acc_t>(partials.data(), num_partials, experts, aux.data(),
+                                             z.data(), counts.data(), workspace.data(), nullptr));
+  for (size_t first = 0; first < layers.size(); first += kernels::kRouterLayersPerLaunch) {
+    kernels::RouterLayers<T> batch;
+    for (size_t l = first; l < layers.size() && batch.count < kernels::kRouterLayersPerLaunch;
+         ++l, ++batch.count) {
+      batch.logits[batch.count] = logits[l]->data();
+      batch.grad_logits[batch.count] = grads[l]->data();
+      batch.num_tokens[batch.count] = layers[l].tokens;
+    }
+    MOEFORGE_ASSERT_CUDA(kernels::launch_router_loss_backward_layers<T>(
+        batch, keep_ptr, counts.data(), grad_aux.data(), grad_z.data(), experts, top_k, nullptr));
+  }
+  MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
+  out->aux = aux.download()[0];
+  out->z = z.download()[0];
+  out->counts = counts.download();
+  out->partials = partials.download();
+  out->grads.clear();
+  for (const auto& g : grads) out->grads.push_back(g->download());
+}
+
 // |got - want| <= bound, false for NaN.
 bool within(double got, double want, double bound) {
   return std::abs(got - want) <= bound;
@@ -455,6 +520,43 @@ TYPED_TEST(RouterLossTest, ManyLayersOver131072Rows) {
     ASSERT_NO_FATAL_FAILURE(run_gpu(layers, c.experts, c.top_k, g_aux, g_z, &got));
     const LossRef ref = loss_ref(layers, c.experts, c.top_k, g_aux, g_z);
     expect_matches(layers, c.experts, got, ref);
+  }
+}
+
+// Layers batched into one launch (35 layers: two launches of up to 32) write exactly the partial
+// rows and gradients that one launch per layer writes, with and without a shared mask.
+TYPED_TEST(RouterLossTest, LayersInOneLaunchEqualOneLaunchPerLayer) {
+  using T = TypeParam;
+  using acc_t = acc_type_t<T>;
+  const int64_t experts = 40, top_k = 3;
+  for (const bool masked : {false, true}) {
+    SCOPED_TRACE(masked);
+    std::vector<Layer<T>> layers;
+    std::vector<uint8_t> keep;
+    for (int l = 0; l < 35; ++l) {
+      const int64_t tokens = masked ? 70 : std::vector<int64_t>{0, 1, 17, 64, 65, 200}[l % 6];
+      layers.push_back(random_layer<T>(tokens, experts, masked, l % 3 == 0, 4000 + l));
+      if (masked) layers.back().keep = layers.front().keep;  // one mask for every layer
+    }
+    if (masked) keep = layers.front().keep;
+    GpuResult<T> one, batched;
+    run_gpu(layers, experts, top_k, acc_t(0.7), acc_t(-1.3), &one);
+    run_gpu_batched(layers, keep, experts, top_k, acc_t(0.7), acc_t(-1.3), &batched);
+    ASSERT_EQ(one.partials.size(), batched.partials.size());
+    EXPECT_EQ(std::memcmp(one.partials.data(), batched.partials.data(),
+                          one.partials.size() * sizeof(acc_t)),
+              0);
+    EXPECT_EQ(one.counts, batched.counts);
+    EXPECT_EQ(std::memcmp(&one.aux, &batched.aux, sizeof(acc_t)), 0);
+    EXPECT_EQ(std::memcmp(&one.z, &batched.z, sizeof(acc_t)), 0);
+    for (size_t l = 0; l < layers.size(); ++l) {
+      ASSERT_EQ(one.grads[l].size(), batched.grads[l].size());
+      if (one.grads[l].empty()) continue;
+      EXPECT_EQ(std::memcmp(one.grads[l].data(), batched.grads[l].data(),
+                            one.grads[l].size() * sizeof(T)),
+                0)
+          << "layer " << l;
+    }
   }
 }
 
@@ -828,4 +930,24 @@ TYPED_TEST(RouterFinalizeTest, NoPartialRows) {
 }
 
 }  // namespace
+TEST(RouterLossArguments, LayerBatchesRejectBadArguments) {
+  kernels::RouterLayers<float> batch;
+  batch.count = kernels::kRouterLayersPerLaunch + 1;
+  EXPECT_EQ(kernels::launch_router_stats_layers<float>(batch, nullptr, 8, 2, nullptr, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(kernels::launch_router_loss_backward_layers<float>(batch, nullptr, nullptr, nullptr,
+                                                               nullptr, 8, 2, nullptr),
+            cudaErrorInvalidValue);
+  batch.count = 1;
+  batch.num_tokens[0] = -1;
+  EXPECT_EQ(kernels::launch_router_stats_layers<float>(batch, nullptr, 8, 2, nullptr, nullptr),
+            cudaErrorInvalidValue);
+  batch.num_tokens[0] = 4;
+  EXPECT_EQ(kernels::launch_router_stats_layers<float>(batch, nullptr, 8, 9, nullptr, nullptr),
+            cudaErrorInvalidValue);  // top_k > E
+  batch.count = 0;                   // nothing to do
+  EXPECT_EQ(kernels::launch_router_stats_layers<float>(batch, nullptr, 8, 2, nullptr, nullptr),
+            cudaSuccess);
+}
+
 }  // namespace moeforge::testing

@@ -34,6 +34,35 @@ inline int64_t router_partial_width(int64_t num_experts) {
   return 2 * num_experts + 2;
 }
 
+// Several layers in one launch (grid.y = layer): their logits [T_l, E] (and, for the backward,
+// their gradients). All layers share E, top_k and the keep mask (which then needs equal T_l).
+inline constexpr int kRouterLayersPerLaunch = 32;
+template <typename scalar_t>
+struct RouterLayers {
+  const scalar_t* logits[kRouterLayersPerLaunch] = {};
+  scalar_t* grad_logits[kRouterLayersPerLaunch] = {};  // backward only
+  int64_t num_tokens[kRouterLayersPerLaunch] = {};
+  int count = 0;  // in [0, kRouterLayersPerLaunch]
+};
+
+// Statistics of every layer in `layers` in one launch: layer l writes its
+// router_stats_blocks(T_l, E) partial rows after those of layers 0..l-1, from `partials` on, the
+// same rows launch_router_stats would write for it alone.
+template <typename scalar_t>
+cudaError_t launch_router_stats_layers(const RouterLayers<scalar_t>& layers,
+                                       const uint8_t* keep,  // [T] or nullptr
+                                       int64_t num_experts, int64_t top_k,
+                                       acc_type_t<scalar_t>* partials, cudaStream_t stream);
+
+// launch_router_loss_backward for every layer in `layers` (grad_logits[l] [T_l, E]) in one launch.
+template <typename scalar_t>
+cudaError_t launch_router_loss_backward_layers(const RouterLayers<scalar_t>& layers,
+                                               const uint8_t* keep, const int64_t* counts,
+                                               const acc_type_t<scalar_t>* grad_aux,
+                                               const acc_type_t<scalar_t>* grad_z,
+                                               int64_t num_experts, int64_t top_k,
+                                               cudaStream_t stream);
+
 template <typename scalar_t>
 cudaError_t launch_router_stats(
     const scalar_t* logits,  // [T, E]
