@@ -3,7 +3,8 @@
 // straight from the token-major activations (x is [T, in]; routed row r is token
 // sorted_pairs[r] / top_k): the permute fused into the GEMM's operand load, so the [S, in] copy is
 // never written. The CUDA kernels gather in their loads (kernels::RowGather); the CPU kernels
-// (and the CUDA ops under MOEFORGE_GROUPED_GEMM=torch, whose GEMM has no gather) permute first.
+// (and the CUDA ops where torch's grouped GEMM runs: the default engine "auto", whose GEMM has no
+// gather) permute first.
 #pragma once
 
 #include <ATen/core/Tensor.h>

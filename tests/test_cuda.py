@@ -160,16 +160,22 @@ def test_expert_ffn_ops_match_cpu(dtype, layout, engine):
 
 
 def assert_matches_cpu_normwise(fn, *args, bound):
-    """fn(*cuda_args) vs fn(*cpu_args): every output finite and |cuda - cpu| / |cpu| < bound."""
+    """fn(*cuda_args) vs fn(*cpu_args): same shapes and dtypes, every output finite and
+    |cuda - cpu| / |cpu| < bound."""
     cpu_args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
     poison_allocator()
     for g, w in zip(fn(*args), fn(*cpu_args), strict=True):
-        assert g.is_cuda and torch.isfinite(g).all(), (
-            "unwritten (NaN-poisoned) or non-finite output"
-        )
-        g, w = g.cpu().double(), w.double()
-        rel = ((g - w).norm() / w.norm()).item()
-        assert rel < bound, f"|cuda - cpu| / |cpu| = {rel:.2e}"
+        assert g.is_cuda and g.shape == w.shape and g.dtype == w.dtype, (g.shape, w.shape)
+        assert torch.isfinite(g).all(), "unwritten (NaN-poisoned) or non-finite output"
+        assert_normwise_close(g, w, bound)
+
+
+def assert_normwise_close(got, want, bound, name=""):
+    """|got - want| / |want| < bound (both compared in float64 on the CPU; want non-zero)."""
+    got, want = got.detach().cpu().double(), want.detach().cpu().double()
+    assert want.norm() > 0, f"{name}: the reference is all zeros"
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < bound, f"{name}: |cuda - cpu| / |cpu| = {rel:.2e}"
 
 
 def make_offsets(counts, dropped):
@@ -283,6 +289,42 @@ def test_default_engine_runs_the_tensor_core_kernel(monkeypatch, dtype, engine_n
     assert bool(wgrad_wmma) == expect, sorted(names)
 
 
+@pytest.mark.parametrize("name", ["", "auto", "torch"])
+def test_default_engine_aliases_reach_torch(monkeypatch, name):
+    """Unset, "", "auto" and "torch" are one engine: torch's grouped GEMM where it applies."""
+    if not torch_engine_applies(torch.bfloat16):
+        pytest.skip("torch's grouped GEMM needs bfloat16 on sm90 / sm100")
+    monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", name)
+    offs, rows = make_offsets([0, 150, 3, 0, 40], 9)
+    x = torch.randn(rows, 96, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(5, 136, 96, device="cuda", dtype=torch.bfloat16)
+    assert "aten::_grouped_mm" in aten_ops_called(lambda: ops.grouped_mm(x, w, offs))
+
+
+def test_lora_backward_masks_give_the_full_results(engine):
+    """Each output of expert_lora_backward alone (the masks the fused layer passes) equals the
+    same output of the all-True call bitwise, masked outputs are empty; torch's LoRA path (bf16,
+    rank 16) under "auto", our kernels otherwise."""
+    torch.manual_seed(0)
+    E, r, H, O = 8, 16, 96, 136
+    offs, rows = make_offsets([40, 0, 77, 5, 0, 120, 9, 31], 11)
+    dt = torch.bfloat16
+    x = torch.randn(rows, H, device="cuda", dtype=dt)
+    dy = torch.randn(rows, O, device="cuda", dtype=dt)
+    A = torch.randn(E * r, H, device="cuda", dtype=dt) / H**0.5
+    B = torch.randn(O, r * E, device="cuda", dtype=dt) / r**0.5
+    _, u = torch.ops.moeforge.expert_lora(x, A, B, offs, 2.0)
+    full = torch.ops.moeforge.expert_lora_backward(dy, x, u, A, B, offs, 2.0, [True] * 3)
+    for i in range(3):
+        mask = [j == i for j in range(3)]
+        got = torch.ops.moeforge.expert_lora_backward(dy, x, u, A, B, offs, 2.0, mask)
+        for j in range(3):
+            if j == i:
+                assert torch.equal(got[j], full[j]), (mask, j)
+            else:
+                assert got[j].numel() == 0, (mask, j)
+
+
 def test_grouped_gemm_engine_must_be_known(monkeypatch):
     offs, rows = make_offsets([2, 3], 0)
     x = torch.randn(rows, 8, device="cuda")
@@ -293,9 +335,11 @@ def test_grouped_gemm_engine_must_be_known(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_router_loss_matches_cpu(dtype):
-    logits = [torch.randn(4099, 128, device="cuda", dtype=dtype) for _ in range(3)]
-    mask = (torch.rand(4099, device="cuda") > 0.1).long()
+@pytest.mark.parametrize("num_layers,tokens", [(3, 4099), (40, 700)])
+def test_router_loss_matches_cpu(dtype, num_layers, tokens):
+    """40 layers: two batched launches (up to 32 layers each) in the forward and the backward."""
+    logits = [torch.randn(tokens, 128, device="cuda", dtype=dtype) for _ in range(num_layers)]
+    mask = (torch.rand(tokens, device="cuda") > 0.1).long()
     assert_matches_cpu(lambda m, *ls: torch.ops.moeforge.router_loss(list(ls), m, 8), mask, *logits)
     _, _, counts = torch.ops.moeforge.router_loss(logits, mask, 8)
     one = torch.ones((), device="cuda")
@@ -407,11 +451,18 @@ def test_fused_moe_experts_forward_backward_match_cpu(engine, layout):
     # keeps it in fp32): measured on an H100 under the SIMT engine, where every other output is
     # bitwise equal to the CPU's, the down adapter's grad_B differs by 2.6e-3 normwise, and a few
     # of its near-zero entries by more than an elementwise 3e-2.
+    # An elementwise bound scaled by each output's largest entry still catches a few wrong rows.
     for name, got, want in zip(["out", *leaves], run("cuda"), run("cpu")):
         assert torch.isfinite(got).all(), name
-        got, want = got.cpu().double(), want.double()
-        rel = ((got - want).norm() / want.norm()).item()
-        assert rel < 1e-2, f"{name}: |cuda - cpu| / |cpu| = {rel:.2e}"
+        assert_normwise_close(got, want, 1e-2, name)
+        scale = want.abs().max().item()
+        torch.testing.assert_close(
+            got.cpu().double(),
+            want.double(),
+            rtol=5e-2,
+            atol=3e-2 * scale,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
 
 
 def test_deterministic():

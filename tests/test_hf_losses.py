@@ -107,3 +107,34 @@ def test_generate_with_router_logits_on_a_patched_model():
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False
     )
     assert out.shape == (1, ids.shape[1] + 3)
+
+
+def test_z_loss_sinks_are_per_thread():
+    """Two threads (as nn.DataParallel replicas run) inside causal_lm_forward_with_z_loss at the
+    same time each get the z-loss of their own pass."""
+    import threading
+
+    losses = hf_losses
+    barrier = threading.Barrier(2)
+    results = {}
+
+    def forward(name, scale):
+        def original():
+            logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(scale)) * scale
+            barrier.wait()  # both threads inside their forward before either loss is computed
+            losses.fused_load_balancing_loss_func((logits,), 4, 2)
+            barrier.wait()  # both losses computed before either forward returns
+            return {"logits": logits}
+
+        out = losses.causal_lm_forward_with_z_loss(original, 0.1)
+        results[name] = (out["z_loss"], reference.router_z_loss((out["logits"],)))
+
+    threads = [threading.Thread(target=forward, args=(n, s)) for n, s in (("a", 1), ("b", 7))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(results) == {"a", "b"}
+    for got, want in results.values():
+        torch.testing.assert_close(got.double(), want.double())
+    assert not losses._z_loss_sinks_for_compile

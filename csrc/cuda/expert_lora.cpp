@@ -2,7 +2,8 @@
 // (moeforge/kernels/grouped_gemm.h). Same semantics and validation as csrc/cpu/expert_lora.cpp:
 //   lora_A [E*r, in]  expert-major: A_e[j, i] = lora_A[e*r + j, i]
 //   lora_B [out, r*E] rank-major:   B_e[o, j] = lora_B[o, j*E + e]
-// Both are read in place through strided expert views (never copied, B_e A_e never formed):
+// Both are read in place through strided expert views (B_e A_e is never formed; only torch's
+// engine below needs a copy of lora_B):
 //   forward   u = x A_e^T                    (lora_u, stored in x's dtype)
 //             delta = scaling * u B_e^T
 //   backward  du = scaling * grad_delta B_e   [rows, r]
@@ -11,10 +12,12 @@
 // float32 between the two GEMMs, as on CPU; lora_u is rounded once to x's dtype. Under the
 // default engine (MOEFORGE_GROUPED_GEMM unset / "auto", see csrc/cuda/grouped_mm.cpp), bfloat16 on
 // sm90 / sm100 with rank, in and out multiples of 8 runs every GEMM through at::_grouped_mm
-// instead (torch_lora below): measured on an H100, our rank-r GEMMs were most of LoRA's cost.
-// There the intermediates are rounded to bfloat16 between the GEMMs, as PEFT's own bf16 matmuls
-// do, and lora_B is read through a [E, r, out] copy (its rank-major layout has a batch stride of
-// 1, which torch rejects; 2 * out * r * E bytes). Rows past
+// instead (expert_lora_torch / expert_lora_backward_torch below): measured on an H100, our rank-r
+// GEMMs were most of LoRA's cost. There the intermediates are rounded to bfloat16 between the
+// GEMMs, as PEFT's own bf16 matmuls do, `scaling` multiplies a bfloat16 operand (u, du, lora_u:
+// exact for power-of-two scalings such as alpha = 2r, one more rounding otherwise), and lora_B is
+// read through a [E, r, out] copy (its rank-major layout has a batch stride of 1, which torch
+// rejects; 2 * out * r * E bytes). Rows past
 // expert_offsets[E] are zero in delta, lora_u and grad_x; experts without rows get zero grad_A /
 // grad_B slices. No host synchronisation (the offsets are read by the kernels only, clamped
 // defensively: see csrc/cuda/grouped_mm.cpp).
@@ -151,6 +154,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> expert_lora_torch(
   constexpr std::string_view op = "expert_lora";
   const int64_t num_experts = offsets.size(0) - 1, in = x_in.size(1);
   if (!torch_lora_applies(x_in, lora_A, lora_B, rank, num_experts)) return std::nullopt;
+  // An x that torch would reject is known now, before any work (the gathered copy is dense).
+  if (!source.gathered() && !torch_operand_ok(as_rows(x_in))) return std::nullopt;
   const at::Tensor x = source.gathered() ? source.rows(x_in) : as_rows(x_in);
   // u = x A_e^T: A_e^T [in, r] is lora_A viewed [E, r, in], transposed.
   const std::optional<at::Tensor> u = torch_grouped_gemm(
@@ -174,13 +179,20 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> expert_lora_backwa
       grad_delta_in.scalar_type() != x_in.scalar_type()) {
     return std::nullopt;
   }
+  // Operands torch would reject are known now, before any work (gathered copies are dense).
+  if (!sources.grad_delta.gathered() && !torch_operand_ok(as_rows(grad_delta_in))) {
+    return std::nullopt;
+  }
+  if (output_mask[1] && !sources.x.gathered() && !torch_operand_ok(as_rows(x_in))) {
+    return std::nullopt;
+  }
   const at::Tensor grad_delta = sources.grad_delta.gathered()
                                     ? sources.grad_delta.rows(grad_delta_in)
                                     : as_rows(grad_delta_in);
   const auto empty = [&] { return at::empty({0}, x_in.options()); };
   at::Tensor grad_x = empty(), grad_A = empty(), grad_B = empty();
-  const at::Tensor b_t = b_transposed_copy(lora_B, rank, num_experts);  // [E, r, out]
   if (output_mask[0] || output_mask[1]) {
+    const at::Tensor b_t = b_transposed_copy(lora_B, rank, num_experts);  // [E, r, out]
     // du = scaling * grad_delta B_e [rows, r]
     std::optional<at::Tensor> du =
         torch_grouped_gemm(grad_delta, b_t.transpose(1, 2), offsets, {}, op, stream);

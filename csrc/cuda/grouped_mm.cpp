@@ -251,8 +251,10 @@ std::optional<at::Tensor> torch_grouped_wgrad(const at::Tensor& first, const at:
 
 namespace {
 
-// torch's engine has no gather: where MOEFORGE_GROUPED_GEMM=torch can reach at::_grouped_mm, a
-// gathered x is materialised (the permute it replaces) and the GEMM reads that copy.
+// torch's engine has no gather: where the selected engine ("auto", the default) reaches
+// at::_grouped_mm, a gathered x is materialised (the permute it replaces) and the GEMM reads that
+// copy. (For a corrupt plan the copy's rows follow permute's rule, our gathered loads clamp the
+// index: the two engines may then differ; a plan made by routing is never corrupt.)
 bool gather_first(const RowSource& source, const at::Tensor& x, int64_t num_experts) {
   return source.gathered() && torch_engine_applies(x, num_experts);
 }

@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import sys
 
+import torch
 from torch import Tensor, nn
 
 from moeforge.losses import router_losses
@@ -42,11 +44,22 @@ AUX_LOSS_FAMILIES = (
 )
 
 _originals: dict[str, object] = {}  # modeling module name -> HF's load_balancing_loss_func
-# Pushed by causal_lm_forward_with_z_loss around the model's forward (innermost last); the fused
-# aux loss leaves the z-loss of the same pass in the innermost sink. A plain module-level stack,
-# not a ContextVar: torch.compile before 2.15 cannot trace ContextVar.get (fullgraph fails), and
-# a list read is traced and guarded. Per process: one forward at a time per sink stack.
-_z_loss_sinks: list[list[Tensor]] = []
+# Set by causal_lm_forward_with_z_loss around the model's forward; the fused aux loss leaves the
+# z-loss of the same pass there. A ContextVar, so that threads (nn.DataParallel replicas, which
+# HF Trainer uses on several GPUs without torch.distributed) each see their own sink. torch.compile
+# before 2.15 cannot trace ContextVar.get (a fullgraph compile fails), so compiled code reads the
+# innermost sink from a plain stack pushed alongside instead (one compiled forward at a time).
+_z_loss_sink: contextvars.ContextVar[list[Tensor] | None] = contextvars.ContextVar(
+    "moeforge_z_loss_sink", default=None
+)
+_z_loss_sinks_for_compile: list[list[Tensor]] = []
+
+
+def _current_z_loss_sink() -> list[Tensor] | None:
+    """The sink of the forward in progress in this thread (None outside one)."""
+    if torch.compiler.is_compiling():
+        return _z_loss_sinks_for_compile[-1] if _z_loss_sinks_for_compile else None
+    return _z_loss_sink.get()
 
 
 def fused_load_balancing_loss_func(
@@ -82,8 +95,9 @@ def fused_load_balancing_loss_func(
         # Decoding with a KV cache: the mask covers past + new tokens, the logits only the new.
         mask = mask[:, mask.shape[1] - rows // mask.shape[0] :]
     aux, z = router_losses(layers, top_k, mask)
-    if _z_loss_sinks:
-        _z_loss_sinks[-1].append(z)
+    sink = _current_z_loss_sink()
+    if sink is not None:
+        sink.append(z)
     return aux.float()  # HF accumulates in, and returns, float32 whatever the logits dtype
 
 
@@ -140,11 +154,15 @@ def causal_lm_forward_with_z_loss(original, z_loss_coef: float, *args, **kwargs)
         z_loss_coef: the z-loss coefficient (ST-MoE uses 1e-3).
     """
     sink: list[Tensor] = []
-    _z_loss_sinks.append(sink)
+    token = _z_loss_sink.set(sink)
+    _z_loss_sinks_for_compile.append(sink)
     try:
         out = original(*args, **kwargs)
     finally:
-        _z_loss_sinks.pop()
+        _z_loss_sink.reset(token)
+        # by identity: another thread may have pushed after this one
+        index = next(i for i, s in enumerate(_z_loss_sinks_for_compile) if s is sink)
+        del _z_loss_sinks_for_compile[index]
     if not sink:
         return out  # no router logits were collected (output_router_logits=False)
     z = sink[-1]

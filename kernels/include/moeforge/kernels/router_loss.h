@@ -7,10 +7,11 @@
 //
 // No host synchronisation, deterministic (fixed-order reductions whose order depends on the
 // shapes alone, no float atomics):
-//   launch_router_stats     once per layer: per-block partial sums into `partials`
-//   launch_router_finalize  once (two kernels): reduces all partials in double, writes aux, z
-//                           and counts
-//   launch_router_loss_backward  once per layer: d(g_aux * aux + g_z * z) / d logits
+//   launch_router_stats(_layers)   per layer, or per batch of up to kRouterLayersPerLaunch layers
+//                                  in one launch: per-block partial sums into `partials`
+//   launch_router_finalize         once (two kernels): reduces all partials in double, writes
+//                                  aux, z and counts
+//   launch_router_loss_backward(_layers)  likewise: d(g_aux * aux + g_z * z) / d logits
 // Element types: float, double, __half, __nv_bfloat16; losses and partials in acc_type_t.
 // Limits: 1 <= top_k <= E <= kRouterMaxExperts (float64 logits with E near 1024 need 64 KB of
 // shared memory: more than sm75 allows, fine on sm80+). NaN logits rank lowest in the top-k.
@@ -27,7 +28,8 @@ namespace moeforge::kernels {
 constexpr int64_t kRouterMaxExperts = 1024;
 
 // Blocks (and so rows of `partials`) that launch_router_stats uses for `num_tokens` rows of
-// `num_experts` logits: grows with the tokens up to a cap that keeps a layer's partials near 1 MB.
+// `num_experts` logits: grows with the tokens up to a cap that keeps a layer's partials near 2^18
+// elements (1 MB of float, 2 MB of double).
 int64_t router_stats_blocks(int64_t num_tokens, int64_t num_experts);
 // Width of one row of `partials`: [count_0..E) [psum_0..E) [zsum] [kept].
 inline int64_t router_partial_width(int64_t num_experts) {
