@@ -7,11 +7,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#if defined(__CUDACC__)
-#define MOEFORGE_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define MOEFORGE_HOST_DEVICE inline
-#endif
+#include "moeforge/kernels/host_device.h"
 
 namespace moeforge::kernels {
 

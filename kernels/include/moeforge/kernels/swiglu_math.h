@@ -12,7 +12,7 @@
 
 #include <cmath>
 
-#include "moeforge/kernels/numeric.h"  // MOEFORGE_HOST_DEVICE
+#include "moeforge/kernels/host_device.h"
 
 namespace moeforge::kernels {
 
