@@ -58,8 +58,6 @@ wants bench_layer && step bench_layer 420 python bench_layer.py --models $MODELS
 wants bench_permute && step bench_permute 180 python bench_permute.py --tokens 4096 16384 65536 \
   --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3
 wants bench_router_loss && step bench_router_loss 120 python bench_router_loss.py --tokens 16384 --layers 48
-cd ..
-cd benchmarks
 wants bench_e2e_lora && step bench_e2e_lora 300 python bench_e2e_lora.py
 cd ..
 wants pytest && step pytest 420 python -m pytest tests -q -rf --timeout 300 -p no:cacheprovider \

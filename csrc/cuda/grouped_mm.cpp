@@ -180,19 +180,23 @@ bool torch_operand_ok(const at::Tensor& t) {
   return false;
 }
 
+namespace {
+
 // expert_offsets[1:] as torch reads them (cumulative row ends), clamped into [0, num_rows] and
 // made non-decreasing like our engine reads them (clamping commutes with the running maximum).
 // Device ops only: no sync.
-static at::Tensor torch_offsets(const at::Tensor& offsets, int64_t num_rows) {
+at::Tensor torch_offsets(const at::Tensor& offsets, int64_t num_rows) {
   const at::Tensor ends = offsets.slice(0, 1).clamp(0, num_rows);
   return std::get<0>(at::cummax(ends, 0)).to(at::kInt).contiguous();
 }
 
 // torch pads its output's last dimension to 16 bytes; the widths we let through are multiples of
 // 8, so this is a no-op kept as a guard.
-static at::Tensor dense(at::Tensor t) {
+at::Tensor dense(at::Tensor t) {
   return t.is_contiguous() ? t : t.contiguous();
 }
+
+}  // namespace
 
 // out [S, n] = a @ b_e per expert through at::_grouped_mm, with rows past ends[E-1] zero and, when
 // given, bias[e] added to the rows of e; std::nullopt when torch's engine does not apply.

@@ -33,6 +33,22 @@ std::vector<at::Tensor> contiguous_layers(at::TensorList logits) {
   return out;
 }
 
+// Layers [first, first + kRouterLayersPerLaunch) of `layers` (and their gradients when `grads`
+// is not empty) as one launch's batch.
+template <typename scalar_t>
+kernels::RouterLayers<cuda_type_t<scalar_t>> layer_batch(const std::vector<at::Tensor>& layers,
+                                                         std::vector<at::Tensor>& grads,
+                                                         size_t first) {
+  kernels::RouterLayers<cuda_type_t<scalar_t>> batch;
+  for (size_t l = first; l < layers.size() && batch.count < kernels::kRouterLayersPerLaunch;
+       ++l, ++batch.count) {
+    batch.logits[batch.count] = cuda_ptr<scalar_t>(layers[l]);
+    if (!grads.empty()) batch.grad_logits[batch.count] = cuda_mutable_ptr<scalar_t>(grads[l]);
+    batch.num_tokens[batch.count] = layers[l].size(0);
+  }
+  return batch;
+}
+
 const uint8_t* keep_ptr(const at::Tensor& keep) {
   return keep.defined() ? keep.const_data_ptr<uint8_t>() : nullptr;
 }
@@ -65,15 +81,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_loss_cuda(
         // Up to kRouterLayersPerLaunch layers per launch; each batch's partial rows follow the
         // previous batch's.
         const std::vector<at::Tensor> layers = contiguous_layers(logits);
+        std::vector<at::Tensor> no_grads;
         int64_t row = 0;
         for (size_t first = 0; first < layers.size(); first += kernels::kRouterLayersPerLaunch) {
-          using T = cuda_type_t<scalar_t>;
-          kernels::RouterLayers<T> batch;
-          for (size_t l = first; l < layers.size() && batch.count < kernels::kRouterLayersPerLaunch;
-               ++l, ++batch.count) {
-            batch.logits[batch.count] = cuda_ptr<scalar_t>(layers[l]);
-            batch.num_tokens[batch.count] = layers[l].size(0);
-          }
+          const auto batch = layer_batch<scalar_t>(layers, no_grads, first);
           check_cuda(kernels::launch_router_stats_layers(
                          batch, keep_ptr(keep), num_experts, top_k,
                          partials.mutable_data_ptr<acc_t>() + row * width, stream),
@@ -123,14 +134,7 @@ std::vector<at::Tensor> router_loss_backward_cuda(const at::Tensor& grad_aux,
         const std::vector<at::Tensor> layers = contiguous_layers(logits);
         for (const auto& layer : layers) grads.push_back(at::empty_like(layer));
         for (size_t first = 0; first < layers.size(); first += kernels::kRouterLayersPerLaunch) {
-          using T = cuda_type_t<scalar_t>;
-          kernels::RouterLayers<T> batch;
-          for (size_t l = first; l < layers.size() && batch.count < kernels::kRouterLayersPerLaunch;
-               ++l, ++batch.count) {
-            batch.logits[batch.count] = cuda_ptr<scalar_t>(layers[l]);
-            batch.grad_logits[batch.count] = cuda_mutable_ptr<scalar_t>(grads[l]);
-            batch.num_tokens[batch.count] = layers[l].size(0);
-          }
+          const auto batch = layer_batch<scalar_t>(layers, grads, first);
           check_cuda(kernels::launch_router_loss_backward_layers(
                          batch, keep_ptr(keep), counts.const_data_ptr<int64_t>(),
                          ga.const_data_ptr<acc_t>(), gz.const_data_ptr<acc_t>(), num_experts, top_k,

@@ -238,10 +238,11 @@ struct GpuResult {
 
 // stats once per layer into consecutive row ranges of one partials buffer, one finalize, then
 // backward once per layer with the counts and the device scalars g_aux, g_z; every output
-// poisoned with 0xFF bytes first.
+// poisoned with 0xFF bytes first. batched: the _layers launchers instead, kRouterLayersPerLaunch
+// layers per launch, with layer 0's keep mask for all (every layer must have the same one).
 template <typename T>
 void run_gpu(const std::vector<Layer<T>>& layers, int64_t experts, int64_t top_k,
-             acc_type_t<T> g_aux, acc_type_t<T> g_z, GpuResult<T>* out) {
+             acc_type_t<T> g_aux, acc_type_t<T> g_z, GpuResult<T>* out, bool batched = false) {
   using acc_t = acc_type_t<T>;
   const int64_t width = kernels::router_partial_width(experts);
   out->partial_begin = {0};
@@ -268,83 +269,41 @@ void run_gpu(const std::vector<Layer<T>>& layers, int64_t experts, int64_t top_k
     grads.back()->poison(0xFF);
   }
   const auto keep_ptr = [&](size_t l) { return keeps[l] ? keeps[l]->data() : nullptr; };
+  const auto batch_from = [&](size_t first) {
+    kernels::RouterLayers<T> batch;
+    for (size_t l = first; l < layers.size() && batch.count < kernels::kRouterLayersPerLaunch;
+         ++l, ++batch.count) {
+      EXPECT_EQ(layers[l].keep, layers[0].keep) << "batched layers share one mask";
+      batch.logits[batch.count] = logits[l]->data();
+      batch.grad_logits[batch.count] = grads[l]->data();
+      batch.num_tokens[batch.count] = layers[l].tokens;
+    }
+    return batch;
+  };
   for (size_t l = 0; l < layers.size(); ++l) {
-    MOEFORGE_ASSERT_CUDA(kernels::launch_router_stats<T>(
-        logits[l]->data(), keep_ptr(l), layers[l].tokens, experts, top_k,
-        partials.data() + out->partial_begin[l] * width, nullptr));
+    if (batched && l % kernels::kRouterLayersPerLaunch == 0) {
+      MOEFORGE_ASSERT_CUDA(kernels::launch_router_stats_layers<T>(
+          batch_from(l), keep_ptr(0), experts, top_k,
+          partials.data() + out->partial_begin[l] * width, nullptr));
+    } else if (!batched) {
+      MOEFORGE_ASSERT_CUDA(kernels::launch_router_stats<T>(
+          logits[l]->data(), keep_ptr(l), layers[l].tokens, experts, top_k,
+          partials.data() + out->partial_begin[l] * width, nullptr));
+    }
   }
   MOEFORGE_ASSERT_CUDA(
       kernels::launch_router_finalize<acc_t>(partials.data(), num_partials, experts, aux.data(),
                                              z.data(), counts.data(), workspace.data(), nullptr));
   for (size_t l = 0; l < layers.size(); ++l) {
-    MOEFORGE_ASSERT_CUDA(kernels::launch_router_loss_backward<T>(
-        logits[l]->data(), keep_ptr(l), counts.data(), grad_aux.data(), grad_z.data(),
-        grads[l]->data(), layers[l].tokens, experts, top_k, nullptr));
-  }
-  MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
-  out->aux = aux.download()[0];
-  out->z = z.download()[0];
-  out->counts = counts.download();
-  out->partials = partials.download();
-  out->grads.clear();
-  for (const auto& g : grads) out->grads.push_back(g->download());
-}
-
-// run_gpu with the batched launchers: kRouterLayersPerLaunch layers per stats / backward launch,
-// one keep mask shared by every layer (`keep`, empty: none). Fills the same fields.
-template <typename T>
-void run_gpu_batched(const std::vector<Layer<T>>& layers, const std::vector<uint8_t>& keep,
-                     int64_t experts, int64_t top_k, acc_type_t<T> g_aux, acc_type_t<T> g_z,
-                     GpuResult<T>* out) {
-  using acc_t = acc_type_t<T>;
-  const int64_t width = kernels::router_partial_width(experts);
-  out->partial_begin = {0};
-  for (const auto& l : layers) {
-    out->partial_begin.push_back(out->partial_begin.back() +
-                                 kernels::router_stats_blocks(l.tokens, experts));
-  }
-  const int64_t num_partials = out->partial_begin.back();
-  DeviceBuffer<acc_t> partials(num_partials * width), aux(1), z(1);
-  DeviceBuffer<int64_t> counts(experts);
-  DeviceBuffer<double> workspace(kernels::router_finalize_workspace_elems(num_partials, experts));
-  DeviceBuffer<acc_t> grad_aux(std::vector<acc_t>{g_aux}), grad_z(std::vector<acc_t>{g_z});
-  for (auto* b : {&partials, &aux, &z}) b->poison(0xFF);
-  workspace.poison(0xFF);
-  counts.poison(0xFF);
-  std::unique_ptr<DeviceBuffer<uint8_t>> keep_dev;
-  if (!keep.empty()) keep_dev = std::make_unique<DeviceBuffer<uint8_t>>(keep);
-  const uint8_t* keep_ptr = keep_dev ? keep_dev->data() : nullptr;
-  std::vector<std::unique_ptr<DeviceBuffer<T>>> logits, grads;
-  for (const auto& l : layers) {
-    logits.push_back(std::make_unique<DeviceBuffer<T>>(l.logits));
-    grads.push_back(std::make_unique<DeviceBuffer<T>>(l.logits.size()));
-    grads.back()->poison(0xFF);
-  }
-  for (size_t first = 0; first < layers.size(); first += kernels::kRouterLayersPerLaunch) {
-    kernels::RouterLayers<T> batch;
-    for (size_t l = first; l < layers.size() && batch.count < kernels::kRouterLayersPerLaunch;
-         ++l, ++batch.count) {
-      batch.logits[batch.count] = logits[l]->data();
-      batch.grad_logits[batch.count] = grads[l]->data();
-      batch.num_tokens[batch.count] = layers[l].tokens;
+    if (batched && l % kernels::kRouterLayersPerLaunch == 0) {
+      MOEFORGE_ASSERT_CUDA(kernels::launch_router_loss_backward_layers<T>(
+          batch_from(l), keep_ptr(0), counts.data(), grad_aux.data(), grad_z.data(), experts, top_k,
+          nullptr));
+    } else if (!batched) {
+      MOEFORGE_ASSERT_CUDA(kernels::launch_router_loss_backward<T>(
+          logits[l]->data(), keep_ptr(l), counts.data(), grad_aux.data(), grad_z.data(),
+          grads[l]->data(), layers[l].tokens, experts, top_k, nullptr));
     }
-    MOEFORGE_ASSERT_CUDA(kernels::launch_router_stats_layers<T>(
-        batch, keep_ptr, experts, top_k, partials.data() + out->partial_begin[first] * width,
-        nullptr));
-  }
-  MOEFORGE_ASSERT_CUDA(
-      kernels::launch_router_finalize<acc_t>(partials.data(), num_partials, experts, aux.data(),
-                                             z.data(), counts.data(), workspace.data(), nullptr));
-  for (size_t first = 0; first < layers.size(); first += kernels::kRouterLayersPerLaunch) {
-    kernels::RouterLayers<T> batch;
-    for (size_t l = first; l < layers.size() && batch.count < kernels::kRouterLayersPerLaunch;
-         ++l, ++batch.count) {
-      batch.logits[batch.count] = logits[l]->data();
-      batch.grad_logits[batch.count] = grads[l]->data();
-      batch.num_tokens[batch.count] = layers[l].tokens;
-    }
-    MOEFORGE_ASSERT_CUDA(kernels::launch_router_loss_backward_layers<T>(
-        batch, keep_ptr, counts.data(), grad_aux.data(), grad_z.data(), experts, top_k, nullptr));
   }
   MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
   out->aux = aux.download()[0];
@@ -532,16 +491,14 @@ TYPED_TEST(RouterLossTest, LayersInOneLaunchEqualOneLaunchPerLayer) {
   for (const bool masked : {false, true}) {
     SCOPED_TRACE(masked);
     std::vector<Layer<T>> layers;
-    std::vector<uint8_t> keep;
     for (int l = 0; l < 35; ++l) {
       const int64_t tokens = masked ? 70 : std::vector<int64_t>{0, 1, 17, 64, 65, 200}[l % 6];
       layers.push_back(random_layer<T>(tokens, experts, masked, l % 3 == 0, 4000 + l));
       if (masked) layers.back().keep = layers.front().keep;  // one mask for every layer
     }
-    if (masked) keep = layers.front().keep;
     GpuResult<T> one, batched;
     run_gpu(layers, experts, top_k, acc_t(0.7), acc_t(-1.3), &one);
-    run_gpu_batched(layers, keep, experts, top_k, acc_t(0.7), acc_t(-1.3), &batched);
+    run_gpu(layers, experts, top_k, acc_t(0.7), acc_t(-1.3), &batched, /*batched=*/true);
     ASSERT_EQ(one.partials.size(), batched.partials.size());
     EXPECT_EQ(std::memcmp(one.partials.data(), batched.partials.data(),
                           one.partials.size() * sizeof(acc_t)),
