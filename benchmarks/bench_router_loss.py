@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import environment, print_table, time_ms
+from common import environment, print_kernel_profile, print_table, time_ms
 
 from moeforge import ops, reference
 
@@ -22,6 +22,7 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--profile", action="store_true", help="also print moeforge's GPU kernel times")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     E, K = args.experts, args.top_k
@@ -59,6 +60,9 @@ def main() -> None:
         ],
         ["layers", "T", "moeforge ms", "HF + torch z-loss ms", "speedup"],
     )
+
+    if args.profile:
+        print_kernel_profile(ours)
 
 
 if __name__ == "__main__":

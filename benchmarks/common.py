@@ -72,3 +72,23 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("-|-".join("-" * widths[c] for c in columns))
     for r in rows:
         print(" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def print_kernel_profile(step: Callable[[], object], steps: int = 3, top: int = 18) -> None:
+    """GPU time per call of ``step`` (after 3 warm-up calls), summed per kernel name over a
+    torch.profiler trace of ``steps`` calls, largest first."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = [
+        (getattr(a, "self_device_time_total", 0.0) / 1e3 / steps, a.count // steps, a.key)
+        for a in prof.key_averages()
+    ]
+    rows = [r for r in rows if r[0] > 0]
+    print(f"GPU time per step {sum(r[0] for r in rows):.3f} ms (kernels and copies, summed)")
+    for ms, count, name in sorted(rows, reverse=True)[:top]:
+        print(f"{ms:8.3f} ms {count:4d}x  {name[:110]}")

@@ -10,8 +10,8 @@ import argparse
 import types
 
 import torch
-from bench_layer import build_paths, grouped_gemm_engine
-from common import MODEL_SHAPES, environment
+from bench_layer import build_paths, grouped_gemm_engine, train_step
+from common import MODEL_SHAPES, environment, print_kernel_profile
 
 
 def main() -> None:
@@ -31,21 +31,7 @@ def main() -> None:
     grad = torch.randn_like(x)
     print(environment("cuda"), "|", args.model, "T", T, args.mode, "engine", args.engine)
     with grouped_gemm_engine(args.engine):
-        for _ in range(3):
-            fn(x).backward(grad)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(args.steps):
-                fn(x).backward(grad)
-            torch.cuda.synchronize()
-    rows = [
-        (getattr(a, "self_device_time_total", 0.0) / 1e3 / args.steps, a.count // args.steps, a.key)
-        for a in prof.key_averages()
-    ]
-    rows = [r for r in rows if r[0] > 0]
-    print(f"GPU time per step {sum(r[0] for r in rows):.2f} ms (kernels and copies, summed)")
-    for ms, count, name in sorted(rows, reverse=True)[: args.top]:
-        print(f"{ms:8.3f} ms {count:4d}x  {name[:110]}")
+        print_kernel_profile(lambda: train_step(fn, x, grad), args.steps, args.top)
 
 
 if __name__ == "__main__":
