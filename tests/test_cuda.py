@@ -465,6 +465,53 @@ def test_fused_moe_experts_forward_backward_match_cpu(engine, layout):
         )
 
 
+@pytest.mark.parametrize("layout", ["hf", "gpt_oss"])
+def test_fused_layer_gathers_once_with_the_same_values(monkeypatch, layout):
+    """Under torch's engine the fused layer gathers x (LoRA forward) and dO (backward) once and
+    hands the copy to each op: every output and gradient is bitwise what the ops give when each
+    reads through the plan (and gathers its own copy)."""
+    if not torch_engine_applies(torch.bfloat16):
+        pytest.skip("torch's grouped GEMM engine does not apply on this GPU")
+    from moeforge import fused
+
+    monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "auto")
+    torch.manual_seed(0)
+    T, K, E, H, I, r = 300, 4, 16, 128, 96, 8
+    dt = torch.bfloat16
+    transposed = layout == "gpt_oss"
+    ids = random_topk_ids(T, K, E, device="cuda", drop_fraction=0.05, skip_experts=(3,))
+    leaves = [
+        torch.randn(T, H, device="cuda", dtype=dt),
+        torch.rand(T, K, device="cuda"),
+        torch.randn((E, H, 2 * I) if transposed else (E, 2 * I, H), device="cuda", dtype=dt) / 11,
+        torch.randn((E, I, H) if transposed else (E, H, I), device="cuda", dtype=dt) / 10,
+        torch.randn(E * r, H, device="cuda", dtype=dt) / 11,
+        torch.randn(2 * I, r * E, device="cuda", dtype=dt) / 3,
+        torch.randn(E * r, I, device="cuda", dtype=dt) / 10,
+        torch.randn(H, r * E, device="cuda", dtype=dt) / 3,
+    ]
+    if transposed:
+        leaves += [torch.randn(E, 2 * I, device="cuda", dtype=dt)]
+        leaves += [torch.randn(E, H, device="cuda", dtype=dt)]
+    grad_out = torch.randn(T, H, device="cuda", dtype=dt)
+    assert fused._gathers_to_a_copy(leaves[0], E)
+
+    def run():
+        p = [t.detach().clone().requires_grad_() for t in leaves]
+        kwargs = {"gate_up_lora": (p[4], p[5], 0.5), "down_lora": (p[6], p[7], 0.25)}
+        if transposed:
+            kwargs.update(gate_up_bias=p[8], down_bias=p[9])
+        out = fused.fused_moe_experts(p[0], ids, p[1], p[2], p[3], layout=layout, **kwargs)
+        return [out, *torch.autograd.grad(out, p, grad_out)]
+
+    once = run()
+    monkeypatch.setattr(fused, "_gathers_to_a_copy", lambda x, num_experts: False)
+    per_op = run()
+    for i, (a, b) in enumerate(zip(once, per_op, strict=True)):
+        assert torch.isfinite(a).all(), i
+        assert torch.equal(a, b), i
+
+
 def test_deterministic():
     T, K, E, H = 3000, 8, 64, 256
     ids = random_topk_ids(T, K, E, device="cuda")

@@ -6,7 +6,10 @@ Forward (same values and rounding as composing the ops one by one): routing ->
 
 The permute is fused into the gate_up GEMMs: they read the token-major ``x`` through the routing
 plan (``grouped_mm`` / ``expert_lora`` with ``sorted_pairs``), in the forward and in the weight
-gradients, so the permuted input ``[S, H]`` is never written.
+gradients, so the permuted input ``[S, H]`` is never written. Under torch's grouped GEMM engine
+(the default for bfloat16 on Hopper/Blackwell), whose kernels need dense rows, each op would
+gather its own copy instead: there the layer gathers ``x`` (LoRA's forward) and ``dO`` (the
+backward's down projection) once and hands the copy to every op that reads it.
 
 Saved for backward: the layer input ``x [T, H]``, the pre-activation ``h [S, 2I]``, the routing
 plan and weights, LoRA's rank-r intermediates ``[S, r]`` (and the parameters, which autograd holds
@@ -25,10 +28,12 @@ activation, ``a_w = w a``, so that ``out[t] = sum_k (a_w W_d^T + w b_d)[row(t,k)
 * ``dW_d = dO_rows^T a_w`` and the down adapter's gradients read ``a_w`` and ``w u``.
 
 ``dO_rows`` is read through the plan too (by the GEMMs for ``g``, ``dW_d`` and the down
-adapter); it is materialised only for a trainable down bias.
+adapter); it is materialised only for a trainable down bias (or once, as above).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -36,6 +41,19 @@ from torch import Tensor
 from moeforge import ops
 
 _ops = torch.ops.moeforge
+
+
+def _gathers_to_a_copy(x: Tensor, num_experts: int) -> bool:
+    """Whether the grouped GEMMs take torch's engine here (``MOEFORGE_GROUPED_GEMM`` auto/torch,
+    bfloat16 on sm90/sm100: ``torch_engine_applies`` in csrc/cuda/grouped_mm.cpp). Its kernels
+    read dense rows, so each op given the routing plan gathers its own copy; the layer then
+    gathers once and hands the rows to every op that reads them. Only speed depends on the
+    answer: an op computes the same values from the plan or from the gathered rows."""
+    if not x.is_cuda or x.dtype != torch.bfloat16 or not 1 <= num_experts <= 1023:
+        return False
+    if os.environ.get("MOEFORGE_GROUPED_GEMM", "") not in ("", "auto", "torch"):
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] in (9, 10)
 
 
 def _shape_only(rows: int, cols: int, like: Tensor) -> Tensor:
@@ -70,15 +88,20 @@ class FusedMoEExperts(torch.autograd.Function):
     ) -> Tensor:
         transposed = layout == "gpt_oss"
         variant = "gpt_oss" if transposed else "silu"
-        sorted_pairs, pair_to_row, offsets = _ops.routing(top_k_index, gate_up_proj.shape[0])
+        num_experts = gate_up_proj.shape[0]
+        sorted_pairs, pair_to_row, offsets = _ops.routing(top_k_index, num_experts)
         plan = (sorted_pairs, pair_to_row)  # x is read through it: no permuted copy
-        h = _ops.grouped_mm(x, gate_up_proj, offsets, gate_up_bias, transposed, *plan)
+        x_in, x_plan = x, plan
+        if gate_up_lora_A is not None and _gathers_to_a_copy(x, num_experts):
+            x_in, x_plan = _ops.permute(x, *plan, None), ()  # one copy for both GEMMs
+        h = _ops.grouped_mm(x_in, gate_up_proj, offsets, gate_up_bias, transposed, *x_plan)
         gate_up_u = None
         if gate_up_lora_A is not None:
             delta, gate_up_u = _ops.expert_lora(
-                x, gate_up_lora_A, gate_up_lora_B, offsets, gate_up_scaling, *plan
+                x_in, gate_up_lora_A, gate_up_lora_B, offsets, gate_up_scaling, *x_plan
             )
             h.add_(delta)
+        del x_in
         a = _ops.swiglu(h, variant, alpha, limit)
         y = _ops.grouped_mm(a, down_proj, offsets, down_bias, transposed)
         down_u = None
@@ -149,14 +172,20 @@ class FusedMoEExperts(torch.autograd.Function):
 
         # ---- down projection and the weighted activation ----
         # dO is read through the plan by every GEMM (grad of a_w, dW_d, the down adapter); only a
-        # trainable down bias needs its rows materialised.
+        # trainable down bias needs its rows materialised (unless they are gathered once, below).
         grad_out = grad_out.to(h.dtype)
         plan = (sorted_pairs, pair_to_row)
         row_weights = top_k_weights.reshape(-1).index_select(0, sorted_pairs)
-        grad_aw = _ops.grouped_mm(grad_out, down_proj, offsets, None, not transposed, *plan)
-        if down_lora_A is not None:  # dO token-major, read through the plan
+        # dO's readers: grad_aw's GEMM, then (after the activation's backward) dW_d, the down
+        # adapter and a down bias. Where each would gather its own copy, gather once.
+        dO, dO_plan, dO_lora_plan = grad_out, plan, (*plan, False, True)
+        dO_readers = 1 + (down_lora_A is not None) + need_dn + (need_dn_A or need_dn_B)
+        if dO_readers > 1 and _gathers_to_a_copy(grad_out, gate_up_proj.shape[0]):
+            dO, dO_plan, dO_lora_plan = _ops.permute(grad_out, *plan, None), (), ()
+        grad_aw = _ops.grouped_mm(dO, down_proj, offsets, None, not transposed, *dO_plan)
+        if down_lora_A is not None:
             lora_grad, _, _ = _ops.expert_lora_backward(
-                grad_out,
+                dO,
                 _shape_only(num_rows, inter, h),
                 down_u,
                 down_lora_A,
@@ -164,9 +193,7 @@ class FusedMoEExperts(torch.autograd.Function):
                 offsets,
                 ctx.down_scaling,
                 [True, False, False],
-                *plan,
-                False,
-                True,
+                *dO_lora_plan,
             )
             grad_aw.add_(lora_grad)
         want_act_w = need_dn or need_dn_A or need_dn_B
@@ -182,11 +209,14 @@ class FusedMoEExperts(torch.autograd.Function):
             # weight orientation flipped, a_w in the place of its output gradient), so that dO
             # is again read through the plan.
             _, grad_dn, _ = _ops.grouped_mm_backward(
-                act_w, grad_out, down_proj, offsets, not transposed, [False, True, False], *plan
+                act_w, dO, down_proj, offsets, not transposed, [False, True, False], *dO_plan
             )
         if need_dn_bias:  # sum over expert e's rows of w * dO
-            weighted_rows = _ops.permute(grad_out, *plan, None)
-            weighted_rows *= row_weights.to(weighted_rows.dtype)[:, None]
+            if dO_plan:
+                weighted_rows = _ops.permute(grad_out, *plan, None)
+                weighted_rows *= row_weights.to(weighted_rows.dtype)[:, None]
+            else:
+                weighted_rows = dO * row_weights.to(dO.dtype)[:, None]
             _, _, grad_dn_bias = _ops.grouped_mm_backward(
                 weighted_rows,
                 _shape_only(num_rows, inter, h),
@@ -199,7 +229,7 @@ class FusedMoEExperts(torch.autograd.Function):
         if need_dn_A or need_dn_B:  # the adapter saw a_w, whose rank-r intermediate is w u
             down_u_w = down_u.to(row_weights.dtype) * row_weights[:, None]
             _, grad_dn_A, grad_dn_B = _ops.expert_lora_backward(
-                grad_out,
+                dO,
                 act_w,
                 down_u_w,
                 down_lora_A,
@@ -207,11 +237,9 @@ class FusedMoEExperts(torch.autograd.Function):
                 offsets,
                 ctx.down_scaling,
                 [False, need_dn_A, need_dn_B],
-                *plan,
-                False,
-                True,
+                *dO_lora_plan,
             )
-        del act_w
+        del act_w, dO
 
         # ---- routing weights: dw[t, k] = <g, a>[row(t, k)] (+ <dO[t], b_d[e]>) ----
         grad_w = None
