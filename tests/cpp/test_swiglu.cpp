@@ -416,11 +416,14 @@ double gamma_bound(int64_t k, double u) {
 }
 
 // Upper bound on the roundings one product dy_j * a_j meets on its way to grad_row_weights[r]
-// (the product included), following the kernel's reduction order (see above).
-int64_t dot_roundings(int64_t inter) {
+// (the product included), following the kernels' reduction orders (see above): the CTA-per-row
+// kernel (threads stride over columns, butterfly, warp totals) or the warp-per-row vector kernel
+// (each lane sums its vectors of `vec` columns in turn, then a butterfly).
+int64_t dot_roundings(int64_t inter, int64_t vec) {
   constexpr int64_t kCtaThreads = 256, kWarps = kCtaThreads / 32, kButterflyLevels = 5;
-  const int64_t depth = (inter + kCtaThreads - 1) / kCtaThreads + kButterflyLevels + kWarps;
-  return 1 + std::min(inter - 1, depth);
+  const int64_t cta = (inter + kCtaThreads - 1) / kCtaThreads + kButterflyLevels + kWarps;
+  const int64_t warp = (inter / vec + 31) / 32 * vec + kButterflyLevels;
+  return 1 + std::min(inter - 1, std::max(cta, warp));
 }
 
 template <typename T>
@@ -459,23 +462,35 @@ WeightedInputs<T> weighted_inputs(const Shape& s, uint32_t seed) {
   return in;
 }
 
-// Launches on fresh buffers, every output poisoned (0xFF, NaN) first.
+// `values` after `shift` leading filler elements (1).
+template <typename T>
+std::vector<T> shifted(const std::vector<T>& values, int64_t shift) {
+  std::vector<T> out(values.size() + shift, from_acc<T>(acc_type_t<T>(1)));
+  std::copy(values.begin(), values.end(), out.begin() + shift);
+  return out;
+}
+
+// Launches on fresh buffers, every output poisoned (0xFF, NaN) first. shift = 1 moves the
+// element buffers one element off 16-byte alignment (the kernel's scalar path).
 template <typename T>
 void run_weighted(const WeightedInputs<T>& in, const Shape& s, GluVariant v, bool want_act,
-                  WeightedOutputs<T>* out) {
+                  WeightedOutputs<T>* out, int64_t shift = 0) {
   using acc_t = acc_type_t<T>;
-  DeviceBuffer<T> grad_aw(in.grad_aw), h(in.h), grad_h(s.rows * 2 * s.inter),
-      act(want_act ? s.rows * s.inter : 0);
+  const int64_t n_act = want_act ? s.rows * s.inter : 0;
+  DeviceBuffer<T> grad_aw(shifted(in.grad_aw, shift)), h(shifted(in.h, shift)),
+      grad_h(s.rows * 2 * s.inter + shift), act(n_act + shift);
   DeviceBuffer<acc_t> row_weights(in.row_weights), grad_row_weights(s.rows);
   grad_h.poison(0xFF);
   act.poison(0xFF);
   grad_row_weights.poison(0xFF);
   MOEFORGE_ASSERT_CUDA(kernels::launch_weighted_swiglu_backward<T>(
-      grad_aw.data(), h.data(), row_weights.data(), grad_h.data(), want_act ? act.data() : nullptr,
-      grad_row_weights.data(), s.rows, s.inter, v, kAlpha, kLimit, nullptr));
+      grad_aw.data() + shift, h.data() + shift, row_weights.data(), grad_h.data() + shift,
+      want_act ? act.data() + shift : nullptr, grad_row_weights.data(), s.rows, s.inter, v, kAlpha,
+      kLimit, nullptr));
   MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
-  out->grad_h = grad_h.download();
-  out->weighted_act = want_act ? act.download() : std::vector<T>{};
+  const std::vector<T> gh = grad_h.download(), a = act.download();
+  out->grad_h.assign(gh.begin() + shift, gh.end());
+  out->weighted_act = want_act ? std::vector<T>(a.begin() + shift, a.end()) : std::vector<T>{};
   out->grad_row_weights = grad_row_weights.download();
 }
 
@@ -489,7 +504,7 @@ void expect_weighted_matches_reference(const WeightedInputs<T>& in, const Shape&
   std::vector<double> got_dot(s.rows), want_dot(s.rows), tol_dot(s.rows);
   const double u = unit_roundoff<acc_t>();
   const double dot_rel =
-      (1 + tolerance<T>().acc_rel) * (1 + gamma_bound(dot_roundings(inter), u)) - 1;
+      (1 + tolerance<T>().acc_rel) * (1 + gamma_bound(dot_roundings(inter, 16 / sizeof(T)), u)) - 1;
   for (int64_t r = 0; r < s.rows; ++r) {
     const T* row = in.h.data() + r * 2 * inter;
     const double w = in.row_weights[r];
@@ -548,6 +563,28 @@ TYPED_TEST(SwigluTest, WeightedBackwardMatchesReference) {
       WeightedOutputs<T> out;
       ASSERT_NO_FATAL_FAILURE(run_weighted(in, s, v, /*want_act=*/true, &out));
       expect_weighted_matches_reference(in, s, v, out);
+    }
+  }
+}
+
+// The 16-byte vector path (a warp per row: I a multiple of the vector width, aligned buffers)
+// and the scalar path (a CTA per row; taken by shifting the buffers one element) write bitwise
+// the same grad_h and weighted_act (same per-element arithmetic); grad_row_weights sums in a
+// different fixed order, each within the reference's bound.
+TYPED_TEST(SwigluTest, WeightedBackwardVectorAndScalarPathsAgree) {
+  using T = TypeParam;
+  uint32_t seed = 350;
+  for (const GluVariant v : variants()) {
+    for (const Shape& s : {Shape{33, 768}, Shape{5, 2880}, Shape{9, 64}, Shape{3, 16}}) {
+      SCOPED_TRACE(name(s, v));
+      const WeightedInputs<T> in = weighted_inputs<T>(s, seed++);
+      WeightedOutputs<T> vec, scalar;
+      ASSERT_NO_FATAL_FAILURE(run_weighted(in, s, v, /*want_act=*/true, &vec));
+      ASSERT_NO_FATAL_FAILURE(run_weighted(in, s, v, /*want_act=*/true, &scalar, /*shift=*/1));
+      expect_weighted_matches_reference(in, s, v, vec);
+      expect_weighted_matches_reference(in, s, v, scalar);
+      EXPECT_TRUE(same_bytes(vec.grad_h, scalar.grad_h));
+      EXPECT_TRUE(same_bytes(vec.weighted_act, scalar.weighted_act));
     }
   }
 }
@@ -695,16 +732,19 @@ TYPED_TEST(SwigluTest, WeightedBackwardEmptyShapes) {
 }
 
 TYPED_TEST(SwigluTest, WeightedBackwardGridStrideOver131072Rows) {
-  // The launcher starts min(rows, 2^20) CTAs, so only more than 2^20 rows make a CTA take a second
-  // row (grid-stride). Left to the GPU: scripts/test_emulator.sh skips "Over131072" cases.
+  // The CTA-per-row launcher starts min(rows, 2^20) CTAs, so only more than 2^20 rows make a CTA
+  // take a second row (grid-stride); the vector kernel (I = 16: a multiple of every vector width)
+  // runs 2^14 CTAs of 8 warps, so past 131072 rows its warps take several. Left to the GPU:
+  // scripts/test_emulator.sh skips "Over131072" cases.
   using T = TypeParam;
-  const Shape s{(int64_t{1} << 20) + 37, 2};
-  for (const GluVariant v : variants()) {
-    SCOPED_TRACE(name(s, v));
-    const WeightedInputs<T> in = weighted_inputs<T>(s, v == GluVariant::kSilu ? 700 : 701);
-    WeightedOutputs<T> out;
-    ASSERT_NO_FATAL_FAILURE(run_weighted(in, s, v, /*want_act=*/true, &out));
-    expect_weighted_matches_reference(in, s, v, out);
+  for (const Shape s : {Shape{(int64_t{1} << 20) + 37, 3}, Shape{(int64_t{1} << 18) + 37, 16}}) {
+    for (const GluVariant v : variants()) {
+      SCOPED_TRACE(name(s, v));
+      const WeightedInputs<T> in = weighted_inputs<T>(s, v == GluVariant::kSilu ? 700 : 701);
+      WeightedOutputs<T> out;
+      ASSERT_NO_FATAL_FAILURE(run_weighted(in, s, v, /*want_act=*/true, &out));
+      expect_weighted_matches_reference(in, s, v, out);
+    }
   }
 }
 
