@@ -1,7 +1,7 @@
 """Where the time of one moeforge MoE layer's forward+backward goes: the CUDA kernels of a few
 profiled steps (torch.profiler), summed per kernel name, largest first.
 
-    python benchmarks/profile_layer.py --mode lora --tokens 16384 --engine torch
+    python benchmarks/profile_layer.py --mode lora --tokens 16384 [--engine moeforge] [--forward]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def main() -> None:
     p.add_argument("--engine", default=None, help="MOEFORGE_GROUPED_GEMM for the run")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=18)
+    p.add_argument("--forward", action="store_true", help="profile the forward alone")
     args = p.parse_args()
     H, I, E, K = MODEL_SHAPES[args.model]
     T = args.tokens
@@ -31,7 +32,8 @@ def main() -> None:
     grad = torch.randn_like(x)
     print(environment("cuda"), "|", args.model, "T", T, args.mode, "engine", args.engine)
     with grouped_gemm_engine(args.engine):
-        print_kernel_profile(lambda: train_step(fn, x, grad), args.steps, args.top)
+        step = (lambda: fn(x)) if args.forward else (lambda: train_step(fn, x, grad))
+        print_kernel_profile(step, args.steps, args.top)
 
 
 if __name__ == "__main__":
