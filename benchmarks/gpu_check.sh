@@ -6,6 +6,7 @@
 #   CTEST_REGEX=Router BENCH_ENGINES=auto BENCH_UNFUSED= ...  (a subset of ctest; bench_layer with
 #   the default engine only, without the op-by-op composition)
 #   SANITIZER_BINS="router_loss grouped_gemm" SANITIZER_GTEST_FILTER=...  (compute-sanitizer subset)
+#   GPU_CHECK_STEPS="... profile"  adds profile_layer.py's per-kernel times (train, frozen, lora)
 # The device tool returns at most 8 files, so every log goes into one tarball, $OUT/logs.tgz,
 # refreshed after each step (a call stopped at its limit still returns what ran). The GPU machine
 # has no GoogleTest and no network: a GoogleTest source tree in .gtest/googletest (carried; see
@@ -60,6 +61,9 @@ wants bench_permute && step bench_permute 180 python bench_permute.py --tokens 4
   --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3
 wants bench_router_loss && step bench_router_loss 120 python bench_router_loss.py --tokens 16384 --layers 48
 wants bench_e2e_lora && step bench_e2e_lora 300 python bench_e2e_lora.py
+# Optional (not in the default steps): where one layer step's GPU time goes, per kernel.
+wants profile && step profile 240 bash -c 'for m in train frozen lora; do
+  python profile_layer.py --mode $m --top 14; done; python profile_layer.py --mode train --forward --top 10'
 cd ..
 wants pytest && step pytest 420 python -m pytest tests -q -rf --timeout 300 -p no:cacheprovider \
   --ignore=tests/test_cuda.py
