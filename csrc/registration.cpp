@@ -90,6 +90,14 @@ TORCH_LIBRARY(moeforge, m) {
       "Tensor? sorted_pairs=None, Tensor? pair_to_row=None, bool x_through_plan=True, "
       "bool grad_delta_through_plan=False) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B)");
 
+  // LoRA's up-projection added in place: out[i] += scaling * u[i] M_e for the rows i of expert e
+  // (rows of no expert untouched), M_e [r, n] from lora_weight: rank_major, PEFT's lora_B
+  // [n, r*E] (M_e = B_e^T); else PEFT's lora_A [E*r, n] (M_e = A_e). The fused layer adds LoRA's
+  // delta into the GEMM output (forward) or grad_x (backward) this way instead of writing it.
+  m.def(
+      "lora_expand_add_(Tensor(a!) out, Tensor u, Tensor lora_weight, Tensor expert_offsets, "
+      "float scaling, bool rank_major) -> ()");
+
   // Fused router losses over all layers' logits [T,E] together (HF semantics): the load-balancing
   // loss E * sum_e (count_e / R) * (psum_e / R) and the z-loss mean(logsumexp^2), one pass.
   // row_mask [T] (flattened attention mask) excludes padding rows. expert_counts [E] int64.

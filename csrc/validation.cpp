@@ -256,6 +256,43 @@ void check_router_loss_inputs(std::string_view op, at::TensorList logits,
   }
 }
 
+int64_t check_lora_expand_add_inputs(const at::Tensor& out, const at::Tensor& u,
+                                     const at::Tensor& lora_weight,
+                                     const at::Tensor& expert_offsets, bool rank_major) {
+  constexpr std::string_view op = "lora_expand_add_";
+  check_dim(op, "out", out, 2, "[num_rows, out_features]");
+  check_floating(op, "out", out);
+  MOEFORGE_CHECK_VALUE(out.size(1) <= 1 || out.stride(1) == 1, op,
+                       "out must have unit stride along its rows (it is updated in place), got "
+                       "strides ",
+                       out.strides());
+  check_dim(op, "u", u, 2, "[num_rows, rank]");
+  check_same_dtype(op, "u", u, "out", out);
+  check_same_device(op, "u", u, "out", out);
+  check_size(op, "u", u, 0, out.size(0), "num_rows of out");
+  MOEFORGE_CHECK_VALUE(u.size(1) >= 1, op, "u must have rank >= 1 columns, got shape ", u.sizes());
+  check_dim(op, "expert_offsets", expert_offsets, 1, "[num_experts + 1]");
+  check_dtype(op, "expert_offsets", expert_offsets, at::kInt);
+  check_same_device(op, "expert_offsets", expert_offsets, "out", out);
+  const int64_t num_experts = expert_offsets.size(0) - 1, rank = u.size(1), n = out.size(1);
+  MOEFORGE_CHECK_VALUE(num_experts >= 1, op, "expert_offsets must have num_experts + 1 >= 2 ",
+                       "entries, got shape ", expert_offsets.sizes());
+  check_same_dtype(op, "lora_weight", lora_weight, "out", out);
+  check_same_device(op, "lora_weight", lora_weight, "out", out);
+  if (rank_major) {
+    check_dim(op, "lora_weight", lora_weight, 2, "[out_features, rank * num_experts] (lora_B)");
+    check_size(op, "lora_weight", lora_weight, 0, n, "out_features of out");
+    check_size(op, "lora_weight", lora_weight, 1, rank * num_experts,
+               "rank of u * num_experts of expert_offsets");
+  } else {
+    check_dim(op, "lora_weight", lora_weight, 2, "[num_experts * rank, out_features] (lora_A)");
+    check_size(op, "lora_weight", lora_weight, 0, rank * num_experts,
+               "num_experts of expert_offsets * rank of u");
+    check_size(op, "lora_weight", lora_weight, 1, n, "out_features of out");
+  }
+  return num_experts;
+}
+
 void check_offsets_values(std::string_view op, const at::Tensor& expert_offsets, int64_t num_rows) {
   TORCH_INTERNAL_ASSERT(expert_offsets.device().is_cpu());
   const at::Tensor offs = expert_offsets.contiguous();

@@ -63,6 +63,14 @@ int64_t check_expert_lora_backward_inputs(const at::Tensor& grad_delta, const at
                                           const at::Tensor& expert_offsets, int64_t num_rows,
                                           int64_t grad_delta_rows);
 
+// lora_expand_add_: out [num_rows, n] (floating, unit stride along its rows: written in place),
+// u [num_rows, rank], lora_weight in PEFT's lora_B layout [n, rank * E] (rank_major) or lora_A
+// layout [E * rank, n], all of out's dtype and device; expert_offsets [E + 1] int32, E >= 1.
+// Returns E.
+int64_t check_lora_expand_add_inputs(const at::Tensor& out, const at::Tensor& u,
+                                     const at::Tensor& lora_weight,
+                                     const at::Tensor& expert_offsets, bool rank_major);
+
 void check_router_loss_inputs(std::string_view op, at::TensorList logits,
                               const std::optional<at::Tensor>& row_mask, int64_t top_k);
 

@@ -407,12 +407,14 @@ def check_gathered_rows(dtype, H):
         assert torch.equal(g, wt)
 
 
+@pytest.mark.parametrize("r", [4, 16])
 @pytest.mark.parametrize("layout", ["hf", "gpt_oss"])
-def test_fused_moe_experts_forward_backward_match_cpu(engine, layout):
+def test_fused_moe_experts_forward_backward_match_cpu(engine, layout, r):
     """The fused layer (moe_experts: gathered gate_up GEMMs, weighted_swiglu_backward, LoRA on
-    both projections, gpt-oss biases) on CUDA vs the same function on CPU, every gradient."""
+    both projections, gpt-oss biases) on CUDA vs the same function on CPU, every gradient. Rank
+    16 under torch's engine adds LoRA's up-projections in place (lora_expand_add_)."""
     torch.manual_seed(0)
-    T, K, E, H, I, r = 600, 4, 16, 128, 96, 4
+    T, K, E, H, I = 600, 4, 16, 128, 96
     dt = torch.bfloat16
     ids = random_topk_ids(T, K, E, device="cuda", drop_fraction=0.03, skip_experts=(2,))
     transposed = layout == "gpt_oss"
@@ -510,6 +512,51 @@ def test_fused_layer_gathers_once_with_the_same_values(monkeypatch, layout):
     for i, (a, b) in enumerate(zip(once, per_op, strict=True)):
         assert torch.isfinite(a).all(), i
         assert torch.equal(a, b), i
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("rank_major", [True, False])
+@pytest.mark.parametrize("n,rank", [(1536, 16), (131, 8), (256, 24)])
+def test_lora_expand_add_equals_cpu_bitwise(dtype, rank_major, n, rank):
+    """The kernel's arithmetic is the CPU op's step for step (fused multiply-adds over the rank
+    in ascending order, one rounding): bitwise equal, on 128 uneven experts (some empty) with
+    dropped rows, which must keep their values."""
+    torch.manual_seed(1)
+    E = 128
+    counts = torch.randint(0, 9, (E,))
+    counts[::7] = 0
+    offs = torch.zeros(E + 1, dtype=torch.int32)
+    offs[1:] = counts.cumsum(0)
+    rows = int(offs[-1]) + 11
+    out = torch.randn(rows, n, dtype=dtype)
+    u = torch.randn(rows, rank, dtype=dtype)
+    weight = torch.randn((n, rank * E) if rank_major else (E * rank, n), dtype=dtype) / 4
+    want = out.clone()
+    torch.ops.moeforge.lora_expand_add_(want, u, weight, offs, 0.75, rank_major)
+    got = out.cuda()
+    poison_allocator()
+    torch.ops.moeforge.lora_expand_add_(got, u.cuda(), weight.cuda(), offs.cuda(), 0.75, rank_major)
+    assert torch.equal(got.cpu(), want)
+    assert torch.equal(got.cpu()[int(offs[-1]) :], out[int(offs[-1]) :])
+
+
+def test_lora_expand_add_clamps_corrupt_offsets():
+    """CUDA reads corrupt offsets as the grouped GEMM does (clamped into [0, rows], made
+    non-decreasing, offsets[0] as 0) instead of syncing to report them: the CPU op on those
+    clamped offsets gives the same bits."""
+    torch.manual_seed(2)
+    rows, n, rank = 50, 64, 8
+    bad = torch.tensor([7, 20, 9, 70, -3, 45], dtype=torch.int32)
+    clamped = torch.tensor([0, 20, 20, 50, 50, 50], dtype=torch.int32)
+    E = bad.numel() - 1
+    out = torch.randn(rows, n, dtype=torch.bfloat16)
+    u = torch.randn(rows, rank, dtype=torch.bfloat16)
+    weight = torch.randn(n, rank * E, dtype=torch.bfloat16)
+    want = out.clone()
+    torch.ops.moeforge.lora_expand_add_(want, u, weight, clamped, 1.5, True)
+    got = out.cuda()
+    torch.ops.moeforge.lora_expand_add_(got, u.cuda(), weight.cuda(), bad.cuda(), 1.5, True)
+    assert torch.equal(got.cpu(), want)
 
 
 def test_deterministic():

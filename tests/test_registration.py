@@ -9,14 +9,16 @@ import torch
 import moeforge
 
 FORWARD_OPS = ["permute", "combine", "grouped_mm", "swiglu", "expert_lora", "router_loss"]
-# Backward helpers (called by the registered backward formulas; no double backward) and routing
-# (integer in, integer out).
+# Backward helpers (called by the registered backward formulas; no double backward), routing
+# (integer in, integer out) and the fused layer's helpers (called inside its autograd node).
 OTHER_OPS = [
     "routing",
     "routed_dot",
     "grouped_mm_backward",
     "swiglu_backward",
+    "weighted_swiglu_backward",
     "expert_lora_backward",
+    "lora_expand_add_",
     "router_loss_backward",
 ]
 

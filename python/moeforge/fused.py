@@ -9,7 +9,9 @@ plan (``grouped_mm`` / ``expert_lora`` with ``sorted_pairs``), in the forward an
 gradients, so the permuted input ``[S, H]`` is never written. Under torch's grouped GEMM engine
 (the default for bfloat16 on Hopper/Blackwell), whose kernels need dense rows, each op would
 gather its own copy instead: there the layer gathers ``x`` (LoRA's forward) and ``dO`` (the
-backward's down projection) once and hands the copy to every op that reads it.
+backward's down projection) once and hands the copy to every op that reads it, and adds LoRA's
+up-projections into ``h``, ``y`` and ``grad_x`` in place (``lora_expand_add_``) instead of
+writing each ``[S, out]`` delta and adding it (see :func:`_add_lora`).
 
 Saved for backward: the layer input ``x [T, H]``, the pre-activation ``h [S, 2I]``, the routing
 plan and weights, LoRA's rank-r intermediates ``[S, r]`` (and the parameters, which autograd holds
@@ -43,12 +45,9 @@ from moeforge import ops
 _ops = torch.ops.moeforge
 
 
-def _gathers_to_a_copy(x: Tensor, num_experts: int) -> bool:
+def _torch_engine(x: Tensor, num_experts: int) -> bool:
     """Whether the grouped GEMMs take torch's engine here (``MOEFORGE_GROUPED_GEMM`` auto/torch,
-    bfloat16 on sm90/sm100: ``torch_engine_applies`` in csrc/cuda/grouped_mm.cpp). Its kernels
-    read dense rows, so each op given the routing plan gathers its own copy; the layer then
-    gathers once and hands the rows to every op that reads them. Only speed depends on the
-    answer: an op computes the same values from the plan or from the gathered rows."""
+    bfloat16 on sm90/sm100: ``torch_engine_applies`` in csrc/cuda/grouped_mm.cpp)."""
     if not x.is_cuda or x.dtype != torch.bfloat16 or not 1 <= num_experts <= 1023:
         return False
     if os.environ.get("MOEFORGE_GROUPED_GEMM", "") not in ("", "auto", "torch"):
@@ -56,11 +55,77 @@ def _gathers_to_a_copy(x: Tensor, num_experts: int) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] in (9, 10)
 
 
+def _gathers_to_a_copy(x: Tensor, num_experts: int) -> bool:
+    """Whether an op given the routing plan would gather its own dense copy of x: under torch's
+    engine, whose kernels read dense rows. The layer then gathers once and hands the rows to
+    every op that reads them. Only speed depends on the answer: an op computes the same values
+    from the plan or from the gathered rows."""
+    return _torch_engine(x, num_experts)
+
+
 def _shape_only(rows: int, cols: int, like: Tensor) -> Tensor:
     """A ``[rows, cols]`` stand-in (one row of storage, broadcast) for an op argument that only
     fixes an output's shape: the backward ops read their ``x`` only for weight gradients, and
     ours are called with those outputs masked off."""
     return like.new_empty(cols).expand(rows, cols)
+
+
+def _lora_expand_applies(lora_A: Tensor, num_experts: int, dtype, torch_engine: bool) -> bool:
+    """Where LoRA's up-projection is added in place (:func:`_add_lora`): under torch's engine,
+    ranks a multiple of 8 and adapters in the rows' dtype, i.e. where ``expert_lora`` would run
+    torch's GEMMs and round its rank-r intermediate to bfloat16 between them."""
+    rank = lora_A.shape[0] // num_experts
+    return (
+        torch_engine
+        and lora_A.dtype == dtype
+        and rank % 8 == 0
+        and rank * num_experts == lora_A.shape[0]
+    )
+
+
+def _add_lora(
+    out: Tensor,
+    x: Tensor,
+    x_plan: tuple,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    offsets: Tensor,
+    scaling: float,
+    torch_engine: bool,
+) -> Tensor:
+    """``out += scaling * (x A_e^T) B_e^T`` on the routed rows; returns ``u = x A_e^T`` [S, r].
+
+    Under torch's engine (:func:`_lora_expand_applies`) ``u`` comes from the grouped GEMM (in
+    x's dtype, as ``expert_lora`` rounds it there) and ``lora_expand_add_`` adds its
+    up-projection into ``out`` in place: the ``[S, out]`` delta is never written and read back
+    (at Qwen3's T=16384 that was ~0.5 ms per projection). Elsewhere ``expert_lora`` + an add."""
+    num_experts = offsets.shape[0] - 1
+    rank = lora_A.shape[0] // num_experts
+    if _lora_expand_applies(lora_A, num_experts, out.dtype, torch_engine):
+        a = lora_A.reshape(num_experts, rank, lora_A.shape[1])  # [E, r, in]: u = x A_e^T
+        u = _ops.grouped_mm(x, a, offsets, None, False, *x_plan)
+        _ops.lora_expand_add_(out, u, lora_B, offsets, scaling, True)
+        return u
+    delta, u = _ops.expert_lora(x, lora_A, lora_B, offsets, scaling, *x_plan)
+    out.add_(delta)
+    return u
+
+
+def _add_lora_grad_x(
+    grad_x: Tensor,
+    grad_delta: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    offsets: Tensor,
+    scaling: float,
+) -> None:
+    """``grad_x += scaling * (grad_delta B_e) A_e`` on the routed rows, in place (the backward
+    of :func:`_add_lora` for its input; grad_delta rows in expert order)."""
+    num_experts = offsets.shape[0] - 1
+    rank = lora_A.shape[0] // num_experts
+    b_t = lora_B.reshape(lora_B.shape[0], rank, num_experts).permute(2, 1, 0).contiguous()
+    du = _ops.grouped_mm(grad_delta, b_t, offsets)  # [S, r] = grad_delta B_e
+    _ops.lora_expand_add_(grad_x, du, lora_A, offsets, scaling, False)
 
 
 class FusedMoEExperts(torch.autograd.Function):
@@ -92,26 +157,29 @@ class FusedMoEExperts(torch.autograd.Function):
         sorted_pairs, pair_to_row, offsets = _ops.routing(top_k_index, num_experts)
         plan = (sorted_pairs, pair_to_row)  # x is read through it: no permuted copy
         x_in, x_plan = x, plan
+        torch_engine = _torch_engine(x, num_experts)
         if gate_up_lora_A is not None and _gathers_to_a_copy(x, num_experts):
             x_in, x_plan = _ops.permute(x, *plan, None), ()  # one copy for both GEMMs
         h = _ops.grouped_mm(x_in, gate_up_proj, offsets, gate_up_bias, transposed, *x_plan)
         gate_up_u = None
         if gate_up_lora_A is not None:
-            delta, gate_up_u = _ops.expert_lora(
-                x_in, gate_up_lora_A, gate_up_lora_B, offsets, gate_up_scaling, *x_plan
-            )
-            h.add_(delta)
+            gate_up_u = _add_lora(
+                h, x_in, x_plan, gate_up_lora_A, gate_up_lora_B, offsets, gate_up_scaling,
+                torch_engine,
+            )  # fmt: skip
         del x_in
         a = _ops.swiglu(h, variant, alpha, limit)
         y = _ops.grouped_mm(a, down_proj, offsets, down_bias, transposed)
         down_u = None
         if down_lora_A is not None:
-            delta, down_u = _ops.expert_lora(a, down_lora_A, down_lora_B, offsets, down_scaling)
-            y.add_(delta)
+            down_u = _add_lora(
+                y, a, (), down_lora_A, down_lora_B, offsets, down_scaling, torch_engine
+            )
         del a
         out = _ops.combine(y, sorted_pairs, pair_to_row, top_k_weights)
 
         ctx.layout, ctx.alpha, ctx.limit = layout, alpha, limit
+        ctx.torch_engine = torch_engine
         ctx.gate_up_scaling, ctx.down_scaling = gate_up_scaling, down_scaling
         ctx.save_for_backward(
             x,
@@ -264,19 +332,32 @@ class FusedMoEExperts(torch.autograd.Function):
                     grad_h, x, gate_up_proj, offsets, transposed, mask, *plan
                 )
             if gate_up_lora_A is not None and (need_x or need_gu_A or need_gu_B):
-                lora_grad_x, grad_gu_A, grad_gu_B = _ops.expert_lora_backward(
-                    grad_h,
-                    x,
-                    gate_up_u,
-                    gate_up_lora_A,
-                    gate_up_lora_B,
-                    offsets,
-                    ctx.gate_up_scaling,
-                    [need_x, need_gu_A, need_gu_B],
-                    *plan,
-                )
-                if need_x:
-                    grad_x_rows.add_(lora_grad_x)
+                lora_mask = [need_x, need_gu_A, need_gu_B]
+                num_experts = offsets.shape[0] - 1
+                if need_x and _lora_expand_applies(
+                    gate_up_lora_A, num_experts, grad_h.dtype, ctx.torch_engine
+                ):
+                    # grad_x's share s (grad_h B_e) A_e added into grad_x_rows in place (the rank-r
+                    # du again inside expert_lora_backward for grad_A: one more read of grad_h).
+                    _add_lora_grad_x(
+                        grad_x_rows, grad_h, gate_up_lora_A, gate_up_lora_B, offsets,
+                        ctx.gate_up_scaling,
+                    )  # fmt: skip
+                    lora_mask[0] = False
+                if any(lora_mask):
+                    lora_grad_x, grad_gu_A, grad_gu_B = _ops.expert_lora_backward(
+                        grad_h,
+                        x,
+                        gate_up_u,
+                        gate_up_lora_A,
+                        gate_up_lora_B,
+                        offsets,
+                        ctx.gate_up_scaling,
+                        lora_mask,
+                        *plan,
+                    )
+                    if lora_mask[0]:
+                        grad_x_rows.add_(lora_grad_x)
             if need_x:
                 grad_x = _ops.combine(grad_x_rows, sorted_pairs, pair_to_row, None)
 

@@ -428,6 +428,11 @@ def _expert_lora_backward_fake(
     )
 
 
+@torch.library.register_fake("moeforge::lora_expand_add_")
+def _lora_expand_add_fake(out, u, lora_weight, expert_offsets, scaling, rank_major):
+    return None
+
+
 def _expert_lora_setup(ctx, inputs, output):
     x, lora_A, lora_B, expert_offsets, scaling, sorted_pairs, pair_to_row = inputs
     _, lora_u = output

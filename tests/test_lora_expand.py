@@ -1,0 +1,105 @@
+"""lora_expand_add_: LoRA's up-projection added in place (the fused layer's helper), vs a float64
+reference built from PEFT's layouts; rows of no expert untouched; named input errors."""
+
+import pytest
+import torch
+
+_ops = torch.ops.moeforge
+
+
+def make_case(counts, n, rank, device, dtype, *, dropped=0, rank_major=True, out_pad=0):
+    E = len(counts)
+    offs = torch.zeros(E + 1, dtype=torch.int32)
+    offs[1:] = torch.tensor(counts).cumsum(0)
+    rows = int(offs[-1]) + dropped
+    out = torch.randn(rows, n + out_pad, device=device, dtype=dtype)[:, :n]  # row stride n + pad
+    u = torch.randn(rows, rank, device=device, dtype=dtype)
+    shape = (n, rank * E) if rank_major else (E * rank, n)
+    weight = torch.randn(shape, device=device, dtype=dtype) / rank**0.5
+    return out, u, weight, offs.to(device)
+
+
+def reference(out, u, weight, offs, scaling, rank_major):
+    """out + scaling * u_e M_e per expert in float64, M_e = B_e^T (rank-major lora_B [n, r*E])
+    or A_e (lora_A [E*r, n])."""
+    E, rank, n = offs.numel() - 1, u.shape[1], out.shape[1]
+    ref = out.double().cpu().clone()
+    w = weight.double().cpu()
+    M = w.view(n, rank, E).permute(2, 1, 0) if rank_major else w.view(E, rank, n)
+    o = offs.cpu().tolist()
+    for e in range(E):
+        ref[o[e] : o[e + 1]] += scaling * u.double().cpu()[o[e] : o[e + 1]] @ M[e]
+    return ref
+
+
+@pytest.mark.parametrize("rank_major", [True, False])
+@pytest.mark.parametrize(
+    "counts,dropped,n,rank,out_pad",
+    [
+        ([5, 0, 7], 3, 24, 8, 0),  # an empty expert, dropped rows
+        ([1, 2, 3, 4], 0, 13, 3, 5),  # odd widths, strided out rows
+        ([40], 2, 64, 20, 0),  # rank above the kernel's register cache
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_matches_float64_reference(device, dtype, counts, dropped, n, rank, out_pad, rank_major):
+    out, u, weight, offs = make_case(
+        counts, n, rank, device, dtype, dropped=dropped, rank_major=rank_major, out_pad=out_pad
+    )
+    before = out.clone()
+    ref = reference(out, u, weight, offs, 0.5, rank_major)
+    _ops.lora_expand_add_(out, u, weight, offs, 0.5, rank_major)
+    routed = int(offs[-1])
+    assert torch.equal(out[routed:], before[routed:]), "rows of no expert were written"
+    # One rounding into dtype of an fp32 (fp64) sum of `rank` products.
+    eps = torch.finfo(dtype).eps
+    tol = eps * ref.abs() + 4 * rank * torch.finfo(torch.float32).eps * (ref.abs() + 1)
+    assert ((out.double().cpu() - ref).abs() <= tol).all()
+
+
+def test_the_layouts_pick_the_expert_and_rank_entries():
+    # Perturbing column j*E + e of lora_B (rank j of expert e) changes only expert e's rows; the
+    # same for row e*r + j of lora_A.
+    out, u, weight, offs = make_case([3, 3, 3], 4, 2, "cpu", torch.float64)
+    base = out.clone()
+    _ops.lora_expand_add_(base, u, weight, offs, 1.0, True)
+    w2 = weight.clone()
+    w2[:, 1 * 3 + 2] += 1.0
+    changed = out.clone()
+    _ops.lora_expand_add_(changed, u, w2, offs, 1.0, True)
+    diff = (changed - base).abs().sum(1)
+    assert (diff[:6] == 0).all() and (diff[6:] > 0).all()
+    out, u, weight, offs = make_case([3, 3, 3], 4, 2, "cpu", torch.float64, rank_major=False)
+    base = out.clone()
+    _ops.lora_expand_add_(base, u, weight, offs, 1.0, False)
+    w2 = weight.clone()
+    w2[1 * 2 + 0] += 1.0  # rank 0 of expert 1
+    changed = out.clone()
+    _ops.lora_expand_add_(changed, u, w2, offs, 1.0, False)
+    diff = (changed - base).abs().sum(1)
+    assert (diff[3:6] > 0).all() and (diff[:3] == 0).all() and (diff[6:] == 0).all()
+
+
+def test_bad_inputs_are_named(device):
+    out, u, weight, offs = make_case([2, 2], 8, 2, device, torch.float32)  # lora_B [8, 4]
+    with pytest.raises(TypeError, match=r"lora_expand_add_: u must have the dtype of out"):
+        _ops.lora_expand_add_(out, u.double(), weight, offs, 1.0, True)
+    with pytest.raises(ValueError, match=r"lora_expand_add_: lora_weight.*rank of u"):
+        _ops.lora_expand_add_(out, u, weight[:, :3], offs, 1.0, True)
+    with pytest.raises(ValueError, match=r"lora_expand_add_: lora_weight.*out_features of out"):
+        lora_A = torch.randn(4, 9, device=device)  # [E * r, n + 1]
+        _ops.lora_expand_add_(out, u, lora_A, offs, 1.0, False)
+    with pytest.raises(ValueError, match=r"lora_expand_add_: out must have unit stride"):
+        _ops.lora_expand_add_(out.t().contiguous().t(), u, weight, offs, 1.0, True)
+    with pytest.raises(ValueError, match=r"lora_expand_add_: u.*num_rows of out"):
+        _ops.lora_expand_add_(out, u[:3], weight, offs, 1.0, True)
+    with pytest.raises(TypeError, match=r"lora_expand_add_: expert_offsets must be Int"):
+        _ops.lora_expand_add_(out, u, weight, offs.long(), 1.0, True)
+
+
+def test_corrupt_offsets_are_named_on_cpu():
+    out, u, weight, offs = make_case([2, 2], 8, 4, "cpu", torch.float32)
+    with pytest.raises(
+        ValueError, match=r"lora_expand_add_: expert_offsets must be non-decreasing"
+    ):
+        _ops.lora_expand_add_(out, u, weight, torch.tensor([0, 3, 2], dtype=torch.int32), 1.0, True)
