@@ -240,9 +240,11 @@ struct GpuResult {
 // backward once per layer with the counts and the device scalars g_aux, g_z; every output
 // poisoned with 0xFF bytes first. batched: the _layers launchers instead, kRouterLayersPerLaunch
 // layers per launch, with layer 0's keep mask for all (every layer must have the same one).
+// offset: the logits and gradients start `offset` elements into their buffers (misaligned rows).
 template <typename T>
 void run_gpu(const std::vector<Layer<T>>& layers, int64_t experts, int64_t top_k,
-             acc_type_t<T> g_aux, acc_type_t<T> g_z, GpuResult<T>* out, bool batched = false) {
+             acc_type_t<T> g_aux, acc_type_t<T> g_z, GpuResult<T>* out, bool batched = false,
+             size_t offset = 0) {
   using acc_t = acc_type_t<T>;
   const int64_t width = kernels::router_partial_width(experts);
   out->partial_begin = {0};
@@ -263,19 +265,23 @@ void run_gpu(const std::vector<Layer<T>>& layers, int64_t experts, int64_t top_k
   std::vector<std::unique_ptr<DeviceBuffer<T>>> logits, grads;
   std::vector<std::unique_ptr<DeviceBuffer<uint8_t>>> keeps;
   for (const auto& l : layers) {
-    logits.push_back(std::make_unique<DeviceBuffer<T>>(l.logits));
+    std::vector<T> padded(offset, to_t<T>(kNaN));
+    padded.insert(padded.end(), l.logits.begin(), l.logits.end());
+    logits.push_back(std::make_unique<DeviceBuffer<T>>(padded));
     keeps.push_back(l.keep.empty() ? nullptr : std::make_unique<DeviceBuffer<uint8_t>>(l.keep));
-    grads.push_back(std::make_unique<DeviceBuffer<T>>(l.logits.size()));
+    grads.push_back(std::make_unique<DeviceBuffer<T>>(padded.size()));
     grads.back()->poison(0xFF);
   }
+  const auto logits_ptr = [&](size_t l) { return logits[l]->data() + offset; };
+  const auto grads_ptr = [&](size_t l) { return grads[l]->data() + offset; };
   const auto keep_ptr = [&](size_t l) { return keeps[l] ? keeps[l]->data() : nullptr; };
   const auto batch_from = [&](size_t first) {
     kernels::RouterLayers<T> batch;
     for (size_t l = first; l < layers.size() && batch.count < kernels::kRouterLayersPerLaunch;
          ++l, ++batch.count) {
       EXPECT_EQ(layers[l].keep, layers[0].keep) << "batched layers share one mask";
-      batch.logits[batch.count] = logits[l]->data();
-      batch.grad_logits[batch.count] = grads[l]->data();
+      batch.logits[batch.count] = logits_ptr(l);
+      batch.grad_logits[batch.count] = grads_ptr(l);
       batch.num_tokens[batch.count] = layers[l].tokens;
     }
     return batch;
@@ -287,7 +293,7 @@ void run_gpu(const std::vector<Layer<T>>& layers, int64_t experts, int64_t top_k
           partials.data() + out->partial_begin[l] * width, nullptr));
     } else if (!batched) {
       MOEFORGE_ASSERT_CUDA(kernels::launch_router_stats<T>(
-          logits[l]->data(), keep_ptr(l), layers[l].tokens, experts, top_k,
+          logits_ptr(l), keep_ptr(l), layers[l].tokens, experts, top_k,
           partials.data() + out->partial_begin[l] * width, nullptr));
     }
   }
@@ -301,8 +307,8 @@ void run_gpu(const std::vector<Layer<T>>& layers, int64_t experts, int64_t top_k
           nullptr));
     } else if (!batched) {
       MOEFORGE_ASSERT_CUDA(kernels::launch_router_loss_backward<T>(
-          logits[l]->data(), keep_ptr(l), counts.data(), grad_aux.data(), grad_z.data(),
-          grads[l]->data(), layers[l].tokens, experts, top_k, nullptr));
+          logits_ptr(l), keep_ptr(l), counts.data(), grad_aux.data(), grad_z.data(), grads_ptr(l),
+          layers[l].tokens, experts, top_k, nullptr));
     }
   }
   MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
@@ -311,7 +317,10 @@ void run_gpu(const std::vector<Layer<T>>& layers, int64_t experts, int64_t top_k
   out->counts = counts.download();
   out->partials = partials.download();
   out->grads.clear();
-  for (const auto& g : grads) out->grads.push_back(g->download());
+  for (const auto& g : grads) {
+    const std::vector<T> all = g->download();
+    out->grads.emplace_back(all.begin() + offset, all.end());
+  }
 }
 
 // |got - want| <= bound, false for NaN.
@@ -428,6 +437,13 @@ const std::vector<Case>& cases() {
       {128, 1, {0}, false, false},          // no rows at all: R = 0, aux = z = 0
       {kernels::kRouterMaxExperts, 8, {3, 1}, false, false},  // E at the limit (> 48 KB smem)
       {128, 8, std::vector<int64_t>(20, 200), true, false},   // 20 layers: 80 partial rows
+      // The one-thread-per-row path: E <= 256, top_k <= 16, rows of whole 4-byte words (float;
+      // half and bf16 with E even). Tiles of 128 rows (bf16 E = 128), 64 (float E = 128, bf16
+      // E = 256) or 32 (float E = 256); T = 1000, 150, 37 end in a partial tile.
+      {256, 16, {150, 37}, true, true},  // both limits; top_k = 16 of many tied logits
+      {256, 5, {130}, false, false},
+      // E <= 256 but top_k > 16: the warp-per-row fallback with 128-row stats blocks.
+      {64, 17, {130, 3}, true, true},
   };
   return all;
 }
@@ -466,6 +482,8 @@ TYPED_TEST(RouterLossTest, ManyLayersOver131072Rows) {
       {128, 8, std::vector<int64_t>(20, 6600), false, false},
       {1, 1, std::vector<int64_t>(20, 6600), true, false},
       {kernels::kRouterMaxExperts, 8, std::vector<int64_t>(20, 130), false, false},
+      // More 128-row chunks (547) than a layer's capped stats blocks (510): blocks grid-stride.
+      {256, 8, {70000}, true, false},
   };
   uint32_t seed = 500;
   for (const Case& c : many) {
@@ -513,6 +531,42 @@ TYPED_TEST(RouterLossTest, LayersInOneLaunchEqualOneLaunchPerLayer) {
                             one.grads[l].size() * sizeof(T)),
                 0)
           << "layer " << l;
+    }
+  }
+}
+
+TYPED_TEST(RouterLossTest, MisalignedRowsGiveTheSameResults) {
+  // Logits and gradients 1 or 2 elements past an aligned start: the one-thread-per-row path
+  // stages rows with 4- or 2-byte instead of 16-byte accesses, which must change nothing (the
+  // path and every summation order depend on the shapes alone).
+  using T = TypeParam;
+  using acc_t = acc_type_t<T>;
+  for (const int64_t experts : {8, 60, 128}) {
+    SCOPED_TRACE("E=" + std::to_string(experts));
+    const std::vector<Layer<T>> layers = {random_layer<T>(300, experts, true, false, 900),
+                                          random_layer<T>(45, experts, false, true, 901)};
+    GpuResult<T> aligned;
+    ASSERT_NO_FATAL_FAILURE(run_gpu(layers, experts, 6, acc_t(0.7), acc_t(-1.3), &aligned));
+    expect_matches(layers, experts, aligned, loss_ref(layers, experts, 6, acc_t(0.7), acc_t(-1.3)));
+    for (const size_t offset : {1, 2}) {
+      SCOPED_TRACE("offset " + std::to_string(offset));
+      GpuResult<T> got;
+      ASSERT_NO_FATAL_FAILURE(
+          run_gpu(layers, experts, 6, acc_t(0.7), acc_t(-1.3), &got, false, offset));
+      ASSERT_EQ(got.partials.size(), aligned.partials.size());
+      EXPECT_EQ(std::memcmp(got.partials.data(), aligned.partials.data(),
+                            got.partials.size() * sizeof(acc_t)),
+                0);
+      EXPECT_EQ(got.counts, aligned.counts);
+      EXPECT_EQ(std::memcmp(&got.aux, &aligned.aux, sizeof(acc_t)), 0);
+      EXPECT_EQ(std::memcmp(&got.z, &aligned.z, sizeof(acc_t)), 0);
+      for (size_t l = 0; l < layers.size(); ++l) {
+        ASSERT_EQ(got.grads[l].size(), aligned.grads[l].size());
+        EXPECT_EQ(std::memcmp(got.grads[l].data(), aligned.grads[l].data(),
+                              got.grads[l].size() * sizeof(T)),
+                  0)
+            << "layer " << l;
+      }
     }
   }
 }

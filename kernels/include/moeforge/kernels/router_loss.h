@@ -15,6 +15,9 @@
 // Element types: float, double, __half, __nv_bfloat16; losses and partials in acc_type_t.
 // Limits: 1 <= top_k <= E <= kRouterMaxExperts (float64 logits with E near 1024 need 64 KB of
 // shared memory: more than sm75 allows, fine on sm80+). NaN logits rank lowest in the top-k.
+// E <= 256 with top_k <= 16 (float; half and bf16 with E even) takes a one-thread-per-row path,
+// everything else one warp per row (router_loss.cu); which one depends on the shapes and the
+// element type alone, never on pointers or the device.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -28,8 +31,8 @@ namespace moeforge::kernels {
 constexpr int64_t kRouterMaxExperts = 1024;
 
 // Blocks (and so rows of `partials`) that launch_router_stats uses for `num_tokens` rows of
-// `num_experts` logits: grows with the tokens up to a cap that keeps a layer's partials near 2^18
-// elements (1 MB of float, 2 MB of double).
+// `num_experts` logits: one per 128 rows (E <= 256) or per 16 rows (larger E), up to a cap that
+// keeps a layer's partials near 2^18 elements (1 MB of float, 2 MB of double).
 int64_t router_stats_blocks(int64_t num_tokens, int64_t num_experts);
 // Width of one row of `partials`: [count_0..E) [psum_0..E) [zsum] [kept].
 inline int64_t router_partial_width(int64_t num_experts) {
