@@ -120,7 +120,8 @@ def _add_lora_grad_x(
     scaling: float,
 ) -> None:
     """``grad_x += scaling * (grad_delta B_e) A_e`` on the routed rows, in place (the backward
-    of :func:`_add_lora` for its input; grad_delta rows in expert order)."""
+    of :func:`_add_lora` for its input; grad_delta rows in expert order). Where the adapter's
+    weight gradients are wanted too, expert_lora_backward forms grad_delta B_e once more."""
     num_experts = offsets.shape[0] - 1
     rank = lora_A.shape[0] // num_experts
     b_t = lora_B.reshape(lora_B.shape[0], rank, num_experts).permute(2, 1, 0).contiguous()
@@ -251,7 +252,14 @@ class FusedMoEExperts(torch.autograd.Function):
         if dO_readers > 1 and _gathers_to_a_copy(grad_out, gate_up_proj.shape[0]):
             dO, dO_plan, dO_lora_plan = _ops.permute(grad_out, *plan, None), (), ()
         grad_aw = _ops.grouped_mm(dO, down_proj, offsets, None, not transposed, *dO_plan)
-        if down_lora_A is not None:
+        num_experts = offsets.shape[0] - 1
+        if (
+            down_lora_A is not None
+            and not dO_plan
+            and _lora_expand_applies(down_lora_A, num_experts, dO.dtype, ctx.torch_engine)
+        ):  # the adapter's share s (dO B_e) A_e added into grad_aw in place
+            _add_lora_grad_x(grad_aw, dO, down_lora_A, down_lora_B, offsets, ctx.down_scaling)
+        elif down_lora_A is not None:
             lora_grad, _, _ = _ops.expert_lora_backward(
                 dO,
                 _shape_only(num_rows, inter, h),
@@ -333,7 +341,6 @@ class FusedMoEExperts(torch.autograd.Function):
                 )
             if gate_up_lora_A is not None and (need_x or need_gu_A or need_gu_B):
                 lora_mask = [need_x, need_gu_A, need_gu_B]
-                num_experts = offsets.shape[0] - 1
                 if need_x and _lora_expand_applies(
                     gate_up_lora_A, num_experts, grad_h.dtype, ctx.torch_engine
                 ):
