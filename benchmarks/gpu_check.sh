@@ -59,7 +59,7 @@ wants bench_layer && step bench_layer 420 python bench_layer.py --models $MODELS
   --json "$LOGS/bench_layer.json"
 wants bench_permute && step bench_permute 180 python bench_permute.py --tokens 4096 16384 65536 \
   --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3
-wants bench_router_loss && step bench_router_loss 120 python bench_router_loss.py --tokens 16384 --layers 48
+wants bench_router_loss && step bench_router_loss 120 python bench_router_loss.py --tokens 16384 --layers 48 --profile
 wants bench_e2e_lora && step bench_e2e_lora 300 python bench_e2e_lora.py
 # Optional (not in the default steps): where one layer step's GPU time goes, per kernel.
 wants profile && step profile 240 bash -c 'for m in train frozen lora; do
@@ -69,7 +69,7 @@ wants pytest && step pytest 420 python -m pytest tests -q -rf --timeout 300 -p n
   --ignore=tests/test_cuda.py
 if wants sanitizer && command -v compute-sanitizer >/dev/null 2>&1; then
   # The >= 131072-row cases take minutes under the sanitizer; the small cases reach the same code.
-  for name in ${SANITIZER_BINS:-routing permute swiglu moe_pipeline router_loss grouped_gemm}; do
+  for name in ${SANITIZER_BINS:-routing permute swiglu moe_pipeline router_loss lora_expand grouped_gemm}; do
     bin=build/gpu/tests/cpp/test_$name
     [ -x "$bin" ] || continue
     for tool in memcheck racecheck; do
