@@ -118,14 +118,16 @@ def _add_lora_grad_x(
     lora_B: Tensor,
     offsets: Tensor,
     scaling: float,
+    grad_delta_plan: tuple = (),
 ) -> None:
     """``grad_x += scaling * (grad_delta B_e) A_e`` on the routed rows, in place (the backward
-    of :func:`_add_lora` for its input; grad_delta rows in expert order). Where the adapter's
-    weight gradients are wanted too, expert_lora_backward forms grad_delta B_e once more."""
+    of :func:`_add_lora` for its input; grad_delta in expert order or, with the plan, token-major
+    and read through it). Where the adapter's weight gradients are wanted too,
+    expert_lora_backward forms grad_delta B_e once more."""
     num_experts = offsets.shape[0] - 1
     rank = lora_A.shape[0] // num_experts
     b_t = lora_B.reshape(lora_B.shape[0], rank, num_experts).permute(2, 1, 0).contiguous()
-    du = _ops.grouped_mm(grad_delta, b_t, offsets)  # [S, r] = grad_delta B_e
+    du = _ops.grouped_mm(grad_delta, b_t, offsets, None, False, *grad_delta_plan)  # grad_delta B_e
     _ops.lora_expand_add_(grad_x, du, lora_A, offsets, scaling, False)
 
 
@@ -253,12 +255,12 @@ class FusedMoEExperts(torch.autograd.Function):
             dO, dO_plan, dO_lora_plan = _ops.permute(grad_out, *plan, None), (), ()
         grad_aw = _ops.grouped_mm(dO, down_proj, offsets, None, not transposed, *dO_plan)
         num_experts = offsets.shape[0] - 1
-        if (
-            down_lora_A is not None
-            and not dO_plan
-            and _lora_expand_applies(down_lora_A, num_experts, dO.dtype, ctx.torch_engine)
+        if down_lora_A is not None and _lora_expand_applies(
+            down_lora_A, num_experts, dO.dtype, ctx.torch_engine
         ):  # the adapter's share s (dO B_e) A_e added into grad_aw in place
-            _add_lora_grad_x(grad_aw, dO, down_lora_A, down_lora_B, offsets, ctx.down_scaling)
+            _add_lora_grad_x(
+                grad_aw, dO, down_lora_A, down_lora_B, offsets, ctx.down_scaling, dO_plan
+            )
         elif down_lora_A is not None:
             lora_grad, _, _ = _ops.expert_lora_backward(
                 dO,
