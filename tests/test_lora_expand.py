@@ -4,6 +4,8 @@ reference built from PEFT's layouts; rows of no expert untouched; named input er
 import pytest
 import torch
 
+from moeforge import reference
+
 _ops = torch.ops.moeforge
 
 
@@ -17,19 +19,6 @@ def make_case(counts, n, rank, device, dtype, *, dropped=0, rank_major=True, out
     shape = (n, rank * E) if rank_major else (E * rank, n)
     weight = torch.randn(shape, device=device, dtype=dtype) / rank**0.5
     return out, u, weight, offs.to(device)
-
-
-def reference(out, u, weight, offs, scaling, rank_major):
-    """out + scaling * u_e M_e per expert in float64, M_e = B_e^T (rank-major lora_B [n, r*E])
-    or A_e (lora_A [E*r, n])."""
-    E, rank, n = offs.numel() - 1, u.shape[1], out.shape[1]
-    ref = out.double().cpu().clone()
-    w = weight.double().cpu()
-    M = w.view(n, rank, E).permute(2, 1, 0) if rank_major else w.view(E, rank, n)
-    o = offs.cpu().tolist()
-    for e in range(E):
-        ref[o[e] : o[e + 1]] += scaling * u.double().cpu()[o[e] : o[e + 1]] @ M[e]
-    return ref
 
 
 @pytest.mark.parametrize("rank_major", [True, False])
@@ -47,7 +36,7 @@ def test_matches_float64_reference(device, dtype, counts, dropped, n, rank, out_
         counts, n, rank, device, dtype, dropped=dropped, rank_major=rank_major, out_pad=out_pad
     )
     before = out.clone()
-    ref = reference(out, u, weight, offs, 0.5, rank_major)
+    ref = reference.lora_expand_add(out, u, weight, offs.cpu(), 0.5, rank_major)
     _ops.lora_expand_add_(out, u, weight, offs, 0.5, rank_major)
     routed = int(offs[-1])
     assert torch.equal(out[routed:], before[routed:]), "rows of no expert were written"

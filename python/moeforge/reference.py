@@ -95,6 +95,30 @@ def expert_lora(
     return grouped_mm(x, delta_w, expert_offsets)
 
 
+def lora_expand_add(
+    out: Tensor,
+    u: Tensor,
+    lora_weight: Tensor,
+    expert_offsets: Tensor,
+    scaling: float,
+    rank_major: bool,
+) -> Tensor:
+    """``out + scaling * u_e M_e`` per expert in float64 (a new tensor), ``M_e = B_e^T`` from the
+    rank-major ``lora_B [n, r*E]`` or ``A_e`` from ``lora_A [E*r, n]``; other rows unchanged."""
+    num_experts, rank, n = expert_offsets.numel() - 1, u.shape[1], out.shape[1]
+    ref = out.double().cpu().clone()
+    w = lora_weight.double().cpu()
+    if rank_major:
+        M = w.view(n, rank, num_experts).permute(2, 1, 0)  # [E, r, n]
+    else:
+        M = w.view(num_experts, rank, n)
+    offs = expert_offsets.tolist()
+    u64 = u.double().cpu()
+    for e in range(num_experts):
+        ref[offs[e] : offs[e + 1]] += scaling * u64[offs[e] : offs[e + 1]] @ M[e]
+    return ref
+
+
 def moe_experts_loop(
     hidden_states: Tensor,
     top_k_index: Tensor,
