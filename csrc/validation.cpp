@@ -266,6 +266,9 @@ int64_t check_lora_expand_add_inputs(const at::Tensor& out, const at::Tensor& u,
                        "out must have unit stride along its rows (it is updated in place), got "
                        "strides ",
                        out.strides());
+  MOEFORGE_CHECK_VALUE(out.size(0) <= 1 || out.stride(0) >= out.size(1), op,
+                       "out's rows must not overlap (stride(0) >= out_features), got shape ",
+                       out.sizes(), " and strides ", out.strides());
   check_dim(op, "u", u, 2, "[num_rows, rank]");
   check_same_dtype(op, "u", u, "out", out);
   check_same_device(op, "u", u, "out", out);

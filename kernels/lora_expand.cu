@@ -84,8 +84,9 @@ __device__ __forceinline__ void expand_add_rows(T* __restrict__ out, int64_t ld_
                                                 int64_t q, int64_t rank, acc_type_t<T> scaling) {
   using acc_t = acc_type_t<T>;
   using P = Pack<T, N>;
-  // out's packs first: their DRAM latency then overlaps the rank loop (loaded after it, each
-  // group's loads sat exposed: ~1.3 TB/s at Qwen3's T=16384 on an H100).
+  // out's packs are loaded before the rank loop so that their DRAM latency may overlap it (no
+  // measured gain: the kernel stays at ~1.3 TB/s on an H100, latency-bound in the rank loop's
+  // dependent u / M_e loads; benchmarks/RESULTS.md).
   P o[kRows];
 #pragma unroll
   for (int g = 0; g < kRows; ++g) {

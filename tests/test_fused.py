@@ -15,7 +15,7 @@ T, K, E, H, I, R = 29, 3, 6, 16, 10, 2
 SCALING = 0.75
 
 
-def make_inputs(device, layout, lora, bias):
+def make_inputs(device, layout, lora, bias, rank=R):
     f64 = {"device": device, "dtype": torch.float64}
     ids = random_topk_ids(T, K, E, device=device, drop_fraction=0.15, skip_experts=(4,))
     weights = torch.rand(T, K, **f64) * 1.5 - 0.25  # some negative
@@ -29,10 +29,10 @@ def make_inputs(device, layout, lora, bias):
         leaves["gub"] = torch.randn(E, 2 * I, **f64)
         leaves["dnb"] = torch.randn(E, H, **f64)
     if lora:
-        leaves["guA"] = torch.randn(E * R, H, **f64) / H**0.5
-        leaves["guB"] = torch.randn(2 * I, R * E, **f64)
-        leaves["dnA"] = torch.randn(E * R, I, **f64) / I**0.5
-        leaves["dnB"] = torch.randn(H, R * E, **f64)
+        leaves["guA"] = torch.randn(E * rank, H, **f64) / H**0.5
+        leaves["guB"] = torch.randn(2 * I, rank * E, **f64)
+        leaves["dnA"] = torch.randn(E * rank, I, **f64) / I**0.5
+        leaves["dnB"] = torch.randn(H, rank * E, **f64)
     return ids, leaves
 
 
@@ -75,9 +75,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("layout,lora,bias", CASES)
-def test_every_gradient_subset_matches_eager_loop(device, layout, lora, bias):
-    ids, leaves = make_inputs(device, layout, lora, bias)
+def check_every_gradient_subset(ids, leaves, layout):
     for trainable in trainable_subsets(list(leaves)):
         p = {n: t.clone().requires_grad_(n in trainable) for n, t in leaves.items()}
         q = {n: t.clone().requires_grad_(n in trainable) for n, t in leaves.items()}
@@ -90,6 +88,30 @@ def test_every_gradient_subset_matches_eager_loop(device, layout, lora, bias):
         for name, a, b in zip(trainable, got, want):
             torch.testing.assert_close(a, b, msg=f"{trainable}: grad of {name}")
             assert a.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("layout,lora,bias", CASES)
+def test_every_gradient_subset_matches_eager_loop(device, layout, lora, bias):
+    ids, leaves = make_inputs(device, layout, lora, bias)
+    check_every_gradient_subset(ids, leaves, layout)
+
+
+@pytest.mark.parametrize("gather_once", [False, True])
+@pytest.mark.parametrize("layout,bias", [("hf", False), ("gpt_oss", True)])
+def test_torch_engine_lora_path_matches_eager_loop(monkeypatch, layout, bias, gather_once):
+    """The path the fused layer takes under torch's grouped GEMM engine (bf16 on Hopper /
+    Blackwell only: LoRA's up-projections added in place by lora_expand_add_, x and dO gathered
+    once or read through the plan), forced on CPU in float64 with a rank it applies to (8):
+    every gradient subset against the eager loop."""
+    from moeforge import fused
+
+    monkeypatch.setattr(fused, "_torch_engine", lambda x, num_experts: True)
+    monkeypatch.setattr(fused, "_gathers_to_a_copy", lambda x, num_experts: gather_once)
+    ids, leaves = make_inputs("cpu", layout, lora=True, bias=bias, rank=8)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        check_every_gradient_subset(ids, leaves, layout)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("moeforge::lora_expand_add_", 0) > 0
 
 
 def test_dropped_pairs_get_zero_weight_gradient(device):

@@ -27,7 +27,7 @@ def make_case(counts, n, rank, device, dtype, *, dropped=0, rank_major=True, out
     [
         ([5, 0, 7], 3, 24, 8, 0),  # an empty expert, dropped rows
         ([1, 2, 3, 4], 0, 13, 3, 5),  # odd widths, strided out rows
-        ([40], 2, 64, 20, 0),  # rank above the kernel's register cache
+        ([40], 2, 64, 20, 0),  # a long rank loop
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -80,6 +80,8 @@ def test_bad_inputs_are_named(device):
         _ops.lora_expand_add_(out, u, lora_A, offs, 1.0, False)
     with pytest.raises(ValueError, match=r"lora_expand_add_: out must have unit stride"):
         _ops.lora_expand_add_(out.t().contiguous().t(), u, weight, offs, 1.0, True)
+    with pytest.raises(ValueError, match=r"lora_expand_add_: out's rows must not overlap"):
+        _ops.lora_expand_add_(out.as_strided((4, 8), (2, 1)), u, weight, offs, 1.0, True)
     with pytest.raises(ValueError, match=r"lora_expand_add_: u.*num_rows of out"):
         _ops.lora_expand_add_(out, u[:3], weight, offs, 1.0, True)
     with pytest.raises(TypeError, match=r"lora_expand_add_: expert_offsets must be Int"):
@@ -92,3 +94,15 @@ def test_corrupt_offsets_are_named_on_cpu():
         ValueError, match=r"lora_expand_add_: expert_offsets must be non-decreasing"
     ):
         _ops.lora_expand_add_(out, u, weight, torch.tensor([0, 3, 2], dtype=torch.int32), 1.0, True)
+
+
+def test_one_row_with_any_row_stride(device):
+    # A single row's stride(0) is arbitrary ([n, 1] transposed has strides (1, 1)).
+    n, rank = 16, 8
+    out = torch.randn(n, 1, device=device, dtype=torch.float32).t()
+    u = torch.randn(1, rank, device=device)
+    weight = torch.randn(n, rank, device=device)
+    offs = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    ref = reference.lora_expand_add(out, u, weight, offs.cpu(), 0.5, True)
+    _ops.lora_expand_add_(out, u, weight, offs, 0.5, True)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-6, atol=1e-6)

@@ -36,10 +36,11 @@ void lora_expand_add_cuda(at::Tensor out, const at::Tensor& u_in, const at::Tens
       rank_major ? lora_weight.reshape({n, rank, num_experts}).permute({2, 1, 0}).contiguous()
                  : (lora_weight.stride(1) == 1 ? lora_weight : lora_weight.contiguous());
   const int64_t m_stride_j = rank_major ? n : m.stride(0);
+  const int64_t ld_out = rows == 1 ? n : out.stride(0);  // a single row's stride(0) is arbitrary
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, out.scalar_type(), "moeforge.lora_expand_add_", [&] {
         check_cuda(kernels::launch_lora_expand_add(
-                       cuda_mutable_ptr<scalar_t>(out), out.stride(0), cuda_ptr<scalar_t>(u), rank,
+                       cuda_mutable_ptr<scalar_t>(out), ld_out, cuda_ptr<scalar_t>(u), rank,
                        cuda_ptr<scalar_t>(m), rank * m_stride_j, m_stride_j,
                        offsets.const_data_ptr<int32_t>(), num_experts, rows, n, rank, scaling,
                        at::cuda::getCurrentCUDAStream()),

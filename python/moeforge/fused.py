@@ -10,8 +10,8 @@ gradients, so the permuted input ``[S, H]`` is never written. Under torch's grou
 (the default for bfloat16 on Hopper/Blackwell), whose kernels need dense rows, each op would
 gather its own copy instead: there the layer gathers ``x`` (LoRA's forward) and ``dO`` (the
 backward's down projection) once and hands the copy to every op that reads it, and adds LoRA's
-up-projections into ``h``, ``y`` and ``grad_x`` in place (``lora_expand_add_``) instead of
-writing each ``[S, out]`` delta and adding it (see :func:`_add_lora`).
+up-projections into ``h``, ``y``, ``grad_aw`` and ``grad_x`` in place (``lora_expand_add_``)
+instead of writing each ``[S, out]`` delta and adding it (see :func:`_add_lora`).
 
 Saved for backward: the layer input ``x [T, H]``, the pre-activation ``h [S, 2I]``, the routing
 plan and weights, LoRA's rank-r intermediates ``[S, r]`` (and the parameters, which autograd holds
@@ -251,6 +251,7 @@ class FusedMoEExperts(torch.autograd.Function):
         # adapter and a down bias. Where each would gather its own copy, gather once.
         dO, dO_plan, dO_lora_plan = grad_out, plan, (*plan, False, True)
         dO_readers = 1 + (down_lora_A is not None) + need_dn + (need_dn_A or need_dn_B)
+        dO_readers += need_dn_bias
         if dO_readers > 1 and _gathers_to_a_copy(grad_out, gate_up_proj.shape[0]):
             dO, dO_plan, dO_lora_plan = _ops.permute(grad_out, *plan, None), (), ()
         grad_aw = _ops.grouped_mm(dO, down_proj, offsets, None, not transposed, *dO_plan)
