@@ -196,6 +196,19 @@ def measure(fn, x, grad, device):
     return t_fwd, t_step, peak
 
 
+def measure_or_oom(fn, x, grad, device):
+    """measure(), or None when the path runs out of device memory (large T and wide models: the
+    other paths still run; the grads and cached blocks it left are released)."""
+    try:
+        return measure(fn, x, grad, device)
+    except torch.OutOfMemoryError:
+        x.grad = None
+        for p in fn.parameters():
+            p.grad = None
+        torch.cuda.empty_cache()
+        return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -234,13 +247,19 @@ def main() -> None:
                             runs.append(("moeforge (op by op)", args.engines[0], True))
                     for label, engine, unfused in runs:
                         with grouped_gemm_engine(engine), layer_variant(unfused):
-                            results[label] = measure(fn, x, grad, args.device)
-                ours = results[engine_label(args.engines[0])][1]
+                            results[label] = measure_or_oom(fn, x, grad, args.device)
+                nan = float("nan")
+                ours = (results.get(engine_label(args.engines[0])) or (nan, nan, nan))[1]
                 # #3's memory target compares our peak with the HF grouped_mm path of the mode
                 # (PEFT + HF grouped_mm with LoRA).
                 peer = ("PEFT + " if mode == "lora" else "") + "HF grouped_mm"
-                peer_peak = results[peer][2] if peer in results else float("nan")
-                for name, (t_fwd, t_step, peak) in results.items():
+                peer_peak = (results.get(peer) or (nan, nan, nan))[2]
+                for name, result in results.items():
+                    if result is None:  # out of memory: a row that says so
+                        rows.append({"model": model_name, "T": T, "mode": mode, "path": name,
+                                     "fwd ms": "OOM", "fwd+bwd ms": "OOM"})  # fmt: skip
+                        continue
+                    t_fwd, t_step, peak = result
                     rows.append({
                         "model": model_name, "T": T, "mode": mode, "path": name,
                         "fwd ms": f"{t_fwd:.2f}", "fwd+bwd ms": f"{t_step:.2f}",
