@@ -70,7 +70,9 @@ def _shape_only(rows: int, cols: int, like: Tensor) -> Tensor:
     return like.new_empty(cols).expand(rows, cols)
 
 
-def _lora_expand_applies(lora_A: Tensor, num_experts: int, dtype, torch_engine: bool) -> bool:
+def _lora_expand_applies(
+    lora_A: Tensor, num_experts: int, dtype: torch.dtype, torch_engine: bool
+) -> bool:
     """Where LoRA's up-projection is added in place (:func:`_add_lora`): under torch's engine,
     ranks a multiple of 8 and adapters in the rows' dtype, i.e. where ``expert_lora`` would run
     torch's GEMMs and round its rank-r intermediate to bfloat16 between them."""
