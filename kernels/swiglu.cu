@@ -60,6 +60,29 @@ struct alignas(16) Vec16 {
   T v[kSize];
 };
 
+// The gate and up values of output columns j0 .. j0 + kV of a row of h (16-byte loads): two
+// vectors of the halves (silu) or two vectors of interleaved pairs, split (gpt-oss).
+template <typename T>
+__device__ __forceinline__ void load_gate_up(const T* __restrict__ row, int64_t j0, int64_t inter,
+                                             GluVariant variant, Vec16<T>* gate, Vec16<T>* up) {
+  using V = Vec16<T>;
+  constexpr int kV = V::kSize;
+  if (variant == GluVariant::kSilu) {
+    *gate = *reinterpret_cast<const V*>(row + j0);
+    *up = *reinterpret_cast<const V*>(row + inter + j0);
+    return;
+  }
+  const V lo = *reinterpret_cast<const V*>(row + 2 * j0);
+  const V hi = *reinterpret_cast<const V*>(row + 2 * j0 + kV);
+#pragma unroll
+  for (int t = 0; t < kV / 2; ++t) {
+    gate->v[t] = lo.v[2 * t];
+    up->v[t] = lo.v[2 * t + 1];
+    gate->v[kV / 2 + t] = hi.v[2 * t];
+    up->v[kV / 2 + t] = hi.v[2 * t + 1];
+  }
+}
+
 // swiglu_kernel on vectors: thread i writes out[r, j0 : j0 + V) for the i-th group of V outputs.
 // Requires inter % V == 0 and 16-byte aligned h and out (launch_swiglu checks).
 template <typename T>
@@ -77,20 +100,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t r = i / groups_per_row, j0 = (i - r * groups_per_row) * kV;
     const T* row = h + r * 2 * inter;
     V gate, up, a;
-    if (variant == GluVariant::kSilu) {
-      gate = *reinterpret_cast<const V*>(row + j0);
-      up = *reinterpret_cast<const V*>(row + inter + j0);
-    } else {  // interleaved pairs (gate, up) of columns j0 .. j0 + V: 2 vectors
-      const V lo = *reinterpret_cast<const V*>(row + 2 * j0);
-      const V hi = *reinterpret_cast<const V*>(row + 2 * j0 + kV);
-#pragma unroll
-      for (int t = 0; t < kV / 2; ++t) {
-        gate.v[t] = lo.v[2 * t];
-        up.v[t] = lo.v[2 * t + 1];
-        gate.v[kV / 2 + t] = hi.v[2 * t];
-        up.v[kV / 2 + t] = hi.v[2 * t + 1];
-      }
-    }
+    load_gate_up(row, j0, inter, variant, &gate, &up);
 #pragma unroll
     for (int t = 0; t < kV; ++t) {
       const acc_t g = to_acc(gate.v[t]), u = to_acc(up.v[t]);
@@ -221,20 +231,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t j0 = q * kV;
       const V dy_v = *reinterpret_cast<const V*>(grad_aw + r * inter + j0);
       V gate, up;
-      if (variant == GluVariant::kSilu) {
-        gate = *reinterpret_cast<const V*>(row + j0);
-        up = *reinterpret_cast<const V*>(row + inter + j0);
-      } else {  // interleaved pairs (gate, up) of columns j0 .. j0 + kV: 2 vectors
-        const V lo = *reinterpret_cast<const V*>(row + 2 * j0);
-        const V hi = *reinterpret_cast<const V*>(row + 2 * j0 + kV);
-#pragma unroll
-        for (int t = 0; t < kV / 2; ++t) {
-          gate.v[t] = lo.v[2 * t];
-          up.v[t] = lo.v[2 * t + 1];
-          gate.v[kV / 2 + t] = hi.v[2 * t];
-          up.v[kV / 2 + t] = hi.v[2 * t + 1];
-        }
-      }
+      load_gate_up(row, j0, inter, variant, &gate, &up);
       V dgate, dup, act;
 #pragma unroll
       for (int t = 0; t < kV; ++t) {

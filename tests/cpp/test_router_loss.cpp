@@ -456,20 +456,26 @@ class RouterLossTest : public ::testing::Test {
 using ElementTypes = ::testing::Types<float, double, __half, __nv_bfloat16>;
 TYPED_TEST_SUITE(RouterLossTest, ElementTypes);
 
+// Random layers of case c (seeds from *seed on), run on the GPU and compared with the reference.
+template <typename T>
+void check_case(const Case& c, uint32_t* seed) {
+  SCOPED_TRACE(name(c));
+  std::vector<Layer<T>> layers;
+  for (const int64_t tokens : c.tokens) {
+    layers.push_back(random_layer<T>(tokens, c.experts, c.masked, c.ties, (*seed)++));
+  }
+  const auto [g_aux, g_z] = incoming_grads(layers);
+  GpuResult<T> got;
+  ASSERT_NO_FATAL_FAILURE(run_gpu(layers, c.experts, c.top_k, g_aux, g_z, &got));
+  const LossRef ref = loss_ref(layers, c.experts, c.top_k, g_aux, g_z);
+  expect_matches(layers, c.experts, got, ref);
+}
+
 TYPED_TEST(RouterLossTest, MatchesReference) {
   using T = TypeParam;
   uint32_t seed = 1;
   for (const Case& c : cases()) {
-    SCOPED_TRACE(name(c));
-    std::vector<Layer<T>> layers;
-    for (const int64_t tokens : c.tokens) {
-      layers.push_back(random_layer<T>(tokens, c.experts, c.masked, c.ties, seed++));
-    }
-    const auto [g_aux, g_z] = incoming_grads(layers);
-    GpuResult<T> got;
-    ASSERT_NO_FATAL_FAILURE(run_gpu(layers, c.experts, c.top_k, g_aux, g_z, &got));
-    const LossRef ref = loss_ref(layers, c.experts, c.top_k, g_aux, g_z);
-    expect_matches(layers, c.experts, got, ref);
+    ASSERT_NO_FATAL_FAILURE(check_case<T>(c, &seed));
   }
 }
 
@@ -487,16 +493,7 @@ TYPED_TEST(RouterLossTest, ManyLayersOver131072Rows) {
   };
   uint32_t seed = 500;
   for (const Case& c : many) {
-    SCOPED_TRACE(name(c));
-    std::vector<Layer<T>> layers;
-    for (const int64_t tokens : c.tokens) {
-      layers.push_back(random_layer<T>(tokens, c.experts, c.masked, c.ties, seed++));
-    }
-    const auto [g_aux, g_z] = incoming_grads(layers);
-    GpuResult<T> got;
-    ASSERT_NO_FATAL_FAILURE(run_gpu(layers, c.experts, c.top_k, g_aux, g_z, &got));
-    const LossRef ref = loss_ref(layers, c.experts, c.top_k, g_aux, g_z);
-    expect_matches(layers, c.experts, got, ref);
+    ASSERT_NO_FATAL_FAILURE(check_case<T>(c, &seed));
   }
 }
 
