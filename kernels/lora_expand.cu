@@ -1,17 +1,23 @@
-// launch_lora_expand_add (see moeforge/kernels/lora_expand.h). Memory-bound: one read and one
-// write of out, plus u (rank values per row) and M_e (L1/L2 resident: rank * n values per expert).
+// launch_lora_expand_add (see moeforge/kernels/lora_expand.h): the dispatch, and the SIMT kernel
+// for float / double and for the 16-bit cases the tensor-core kernel (lora_expand_wmma.cu) does
+// not take. One read and one write of out, plus u (rank values per row) and M_e (L1/L2 resident:
+// rank * n values per expert); `rank` FMAs per element of out, so for 16-bit types on an H100 it
+// is issue-bound (~1.3 TB/s at r = 16), which is why those go to tensor cores where they can.
 //
 // A block takes chunks of kRowsPerChunk consecutive rows (grid-stride over chunks). Thread
 // (x, y) owns the N-element packs x, x + blockDim.x, ... of each row and walks the chunk's rows
 // y, y + blockDim.y, ... in groups of kRowGroup: rows are sorted by expert, so a group mostly
 // belongs to one expert and shares each (L1-resident) load of M_e's pack (caching all of M_e's
 // packs in registers instead made nvcc keep rank * N floats live: 193 registers for bf16).
-// Every block first builds m(0..E) (clamp, then an inclusive max-scan) in shared memory; a row's
-// expert is then found by a binary search for the thread's first row and a forward walk after.
+// Every block first builds m(0..E) in shared memory (expert_bounds.cuh); a row's expert is then
+// found by a binary search for the thread's first row and a forward walk after.
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
+#include "expert_bounds.cuh"
 #include "launch.cuh"
+#include "lora_expand_wmma.h"
 #include "moeforge/kernels/cuda_check.h"
 #include "moeforge/kernels/lora_expand.h"
 
@@ -35,43 +41,6 @@ __device__ __forceinline__ float fma_rn(float a, float b, float c) {
 }
 __device__ __forceinline__ double fma_rn(double a, double b, double c) {
   return __fma_rn(a, b, c);
-}
-
-// m(0..E) of the header in bounds[0..E]: every thread of the block takes part (barriers inside).
-__device__ const int32_t* expert_bounds(const int32_t* __restrict__ offsets, int64_t num_experts,
-                                        int64_t rows,
-                                        int32_t (*bounds)[kLoraExpandMaxExperts + 1]) {
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  const int threads = blockDim.x * blockDim.y;
-  for (int64_t i = tid; i <= num_experts; i += threads) {
-    const int64_t o = i == 0 ? 0 : offsets[i];
-    bounds[0][i] = static_cast<int32_t>(o < 0 ? 0 : o > rows ? rows : o);
-  }
-  __syncthreads();
-  int cur = 0;
-  for (int64_t d = 1; d <= num_experts; d *= 2) {  // Hillis-Steele max-scan, double-buffered
-    for (int64_t i = tid; i <= num_experts; i += threads) {
-      const int32_t a = bounds[cur][i];
-      bounds[cur ^ 1][i] = i >= d && bounds[cur][i - d] > a ? bounds[cur][i - d] : a;
-    }
-    __syncthreads();
-    cur ^= 1;
-  }
-  return bounds[cur];
-}
-
-// The expert that owns row i < bound[E]: the largest e with bound[e] <= i.
-__device__ __forceinline__ int64_t expert_of(const int32_t* bound, int64_t num_experts, int64_t i) {
-  int64_t lo = 0, hi = num_experts;  // bound[lo] <= i < bound[hi]
-  while (hi - lo > 1) {
-    const int64_t mid = (lo + hi) / 2;
-    if (bound[mid] <= i) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
 }
 
 // Adds the rank-r products of `count` <= kRows rows of one expert (row stride `row_step`) for
@@ -129,8 +98,9 @@ __global__ void __launch_bounds__(kThreads, 3)  // <= 85 registers: 3 CTAs/SM (b
                            int64_t m_stride_j, const int32_t* __restrict__ offsets,
                            int64_t num_experts, int64_t rows, int64_t n, int64_t rank,
                            acc_type_t<T> scaling) {
-  __shared__ int32_t bounds[2][kLoraExpandMaxExperts + 1];
-  const int32_t* bound = expert_bounds(offsets, num_experts, rows, bounds);
+  __shared__ int32_t bound[kLoraExpandMaxExperts + 1];
+  __shared__ int32_t warp_max[kBoundsMaxWarps];
+  build_expert_bounds(offsets, num_experts, rows, bound, warp_max);
   const int64_t routed = bound[num_experts];
   const int64_t packs = n / N, step = blockDim.y;
   for (int64_t chunk = blockIdx.x; chunk * kRowsPerChunk < routed; chunk += gridDim.x) {
@@ -139,7 +109,7 @@ __global__ void __launch_bounds__(kThreads, 3)  // <= 85 registers: 3 CTAs/SM (b
     const int64_t last = end < routed ? end : routed;
     if (first >= last) continue;
     for (int64_t q = threadIdx.x; q < packs; q += blockDim.x) {
-      int64_t e = expert_of(bound, num_experts, first);
+      int64_t e = expert_of_row(bound, num_experts, first);
       for (int64_t i = first; i < last; i += kRowGroup * step) {
         const int count = static_cast<int>(min(int64_t{kRowGroup}, (last - i + step - 1) / step));
         while (i >= bound[e + 1]) ++e;                // e < E: i < bound[E]
@@ -183,6 +153,15 @@ cudaError_t launch(T* out, int64_t ld_out, const T* u, int64_t ld_u, const T* m,
 }  // namespace
 
 template <typename T>
+cudaError_t lora_expand_add_uses_tensor_cores(const T* out, int64_t ld_out, int64_t n, bool* uses) {
+  *uses = false;
+  if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
+    return lora_expand_detail::lora_expand_wmma_applies(out, ld_out, n, uses);
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
 cudaError_t launch_lora_expand_add(T* out, int64_t ld_out, const T* u, int64_t ld_u, const T* m,
                                    int64_t m_stride_e, int64_t m_stride_j,
                                    const int32_t* expert_offsets, int64_t num_experts, int64_t rows,
@@ -194,6 +173,26 @@ cudaError_t launch_lora_expand_add(T* out, int64_t ld_out, const T* u, int64_t l
   if (rows == 0 || n == 0 || rank == 0) return cudaSuccess;  // nothing to add
   if (out == nullptr || u == nullptr || m == nullptr || expert_offsets == nullptr) {
     return cudaErrorInvalidValue;
+  }
+  bool tensor_cores = false;
+  MOEFORGE_CUDA_CHECK(lora_expand_add_uses_tensor_cores(out, ld_out, n, &tensor_cores));
+  if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
+    if (tensor_cores) {
+      const lora_expand_detail::LoraExpandArgs<T> args{out,
+                                                       ld_out,
+                                                       u,
+                                                       ld_u,
+                                                       m,
+                                                       m_stride_e,
+                                                       m_stride_j,
+                                                       expert_offsets,
+                                                       num_experts,
+                                                       rows,
+                                                       n,
+                                                       rank,
+                                                       static_cast<float>(scaling)};
+      return lora_expand_detail::launch_lora_expand_add_wmma(args, stream);
+    }
   }
   constexpr int64_t kV = kVecBytes / static_cast<int64_t>(sizeof(T));
   const auto aligned = [](const void* p) {
@@ -209,10 +208,11 @@ cudaError_t launch_lora_expand_add(T* out, int64_t ld_out, const T* u, int64_t l
                       rows, n, rank, scaling, stream);
 }
 
-#define MOEFORGE_INSTANTIATE_LORA_EXPAND(T)                                                 \
-  template cudaError_t launch_lora_expand_add<T>(T*, int64_t, const T*, int64_t, const T*,  \
-                                                 int64_t, int64_t, const int32_t*, int64_t, \
-                                                 int64_t, int64_t, int64_t, double, cudaStream_t);
+#define MOEFORGE_INSTANTIATE_LORA_EXPAND(T)                                                        \
+  template cudaError_t launch_lora_expand_add<T>(T*, int64_t, const T*, int64_t, const T*,         \
+                                                 int64_t, int64_t, const int32_t*, int64_t,        \
+                                                 int64_t, int64_t, int64_t, double, cudaStream_t); \
+  template cudaError_t lora_expand_add_uses_tensor_cores<T>(const T*, int64_t, int64_t, bool*);
 
 MOEFORGE_INSTANTIATE_LORA_EXPAND(float)
 MOEFORGE_INSTANTIATE_LORA_EXPAND(double)

@@ -1,8 +1,12 @@
-// GoogleTest for kernels/lora_expand.cu: launch_lora_expand_add on cudaMalloc'd buffers against
-//   * a host transcription of the kernel's arithmetic (the same fused multiply-adds in the same
-//     order, std::fma on the host): bitwise equal, every element type;
-//   * a float64 reference: |got - ref| <= u_T |ref| + (rank + 1) u_acc (|out| + |s| sum |u m|),
-//     the final rounding into T plus the acc_t error of a rank-long dot product and one add.
+// GoogleTest for kernels/lora_expand.cu and kernels/lora_expand_wmma.cu: launch_lora_expand_add
+// on cudaMalloc'd buffers against
+//   * a host transcription of the SIMT kernel's arithmetic (the same fused multiply-adds in the
+//     same order, std::fma on the host): bitwise equal wherever the SIMT path runs (float,
+//     double, and 16-bit cases the tensor-core path does not take);
+//   * a float64 reference: |got - ref| <= u_T |ref| + c (rank + 1) u_acc (|out| + |s| sum |u m|),
+//     the final rounding into T plus the acc_t error of a rank-long dot product and one add
+//     (c = 1 for the SIMT path; c = 2 on tensor cores, whose fp32 accumulation may truncate
+//     instead of rounding to nearest).
 // Rows of no expert (dropped, or past clamped offsets) must keep their bytes exactly (they hold
 // random values, not zeros, so a stray write shows). Every launching case skips without a GPU.
 #include <cuda_bf16.h>
@@ -71,6 +75,10 @@ void run_case(const Case& c, uint32_t seed) {
 
   DeviceBuffer<T> d_out(out0), d_u(u), d_m(m);
   DeviceBuffer<int32_t> d_offsets(c.offsets);
+  bool tensor_cores = false;
+  MOEFORGE_ASSERT_CUDA(
+      kernels::lora_expand_add_uses_tensor_cores<T>(d_out.data(), ld_out, c.n, &tensor_cores));
+  const double acc_factor = tensor_cores ? 2.0 : 1.0;
   MOEFORGE_ASSERT_CUDA(kernels::launch_lora_expand_add<T>(
       d_out.data(), ld_out, d_u.data(), c.rank, d_m.data(), m_stride_e, ld_m, d_offsets.data(), E,
       c.rows, c.n, c.rank, scaling, nullptr));
@@ -94,11 +102,13 @@ void run_case(const Case& c, uint32_t seed) {
         const T want = from_acc<T>(std::fma(s, acc, to_acc(out0[i * ld_out + col])));
         const T have = got[i * ld_out + col];
         const double ref = o + static_cast<double>(s) * exact;
-        const double tol = unit_roundoff<T>() * std::abs(ref) +
-                           (c.rank + 1) * unit_roundoff<acc_t>() * (std::abs(o) + 0.75 * mag) +
-                           subnormal_rounding<T>();
-        if (std::memcmp(&have, &want, sizeof(T)) != 0 ||
-            !(std::abs(as_double(have) - ref) <= tol)) {
+        const double tol =
+            unit_roundoff<T>() * std::abs(ref) +
+            acc_factor * (c.rank + 1) * unit_roundoff<acc_t>() * (std::abs(o) + 0.75 * mag) +
+            subnormal_rounding<T>();
+        const bool transcription_differs =
+            !tensor_cores && std::memcmp(&have, &want, sizeof(T)) != 0;
+        if (transcription_differs || !(std::abs(as_double(have) - ref) <= tol)) {
           ADD_FAILURE() << "row " << i << " col " << col << " (expert " << e << "): got "
                         << as_double(have) << ", transcription " << as_double(want) << ", float64 "
                         << ref << " +- " << tol;
@@ -139,6 +149,9 @@ TYPED_TEST(LoraExpandTest, MatchesReferences) {
       {"padded rows of out and M_e", {0, 25, 64}, 64, 96, 16, 8, 16},
       {"odd padding: scalar path", {0, 25, 64}, 64, 96, 4, 3, 1},
       {"wide rows: several packs per thread", {0, 20, 33}, 33, 4160, 8},
+      {"rank 12: a part-filled rank chunk", {0, 50, 51, 130}, 130, 128, 12},
+      {"rank 40: three rank chunks", {0, 70, 140}, 140, 64, 40},
+      {"odd M_e row stride, n a multiple of 8", {0, 30, 70}, 70, 96, 16, 0, 3},
       {"corrupt offsets: negative, decreasing, past rows", {-5, 30, 12, 99, 70}, 60, 64, 16},
       {"every row dropped", {0, 0, 0}, 12, 64, 16},
   };
@@ -164,6 +177,32 @@ TYPED_TEST(LoraExpandTest, RowsOver131072) {
   using T = TypeParam;
   const Case c{"131072+ rows", {0, 70000, 70000, 140011}, 140011, 16, 4};
   ASSERT_NO_FATAL_FAILURE(run_case<T>(c, 91));
+}
+
+TEST(LoraExpandTensorCores, TakenForAlignedHalfTypesOnSm80) {
+  // The fast path must not fall back silently: 16-bit types with n, ld_out multiples of 8 and an
+  // aligned out take it on sm80+; float, odd widths and misaligned out never do.
+  MOEFORGE_SKIP_WITHOUT_GPU();
+  int device = 0, major = 0;
+  MOEFORGE_ASSERT_CUDA(cudaGetDevice(&device));
+  MOEFORGE_ASSERT_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  DeviceBuffer<__nv_bfloat16> bf(4096);
+  DeviceBuffer<__half> half(4096);
+  DeviceBuffer<float> f32(4096);
+  bool uses = true;
+  MOEFORGE_ASSERT_CUDA(kernels::lora_expand_add_uses_tensor_cores(bf.data(), 1536, 1536, &uses));
+  EXPECT_EQ(uses, major >= 8);
+  MOEFORGE_ASSERT_CUDA(kernels::lora_expand_add_uses_tensor_cores(half.data(), 2888, 2880, &uses));
+  EXPECT_EQ(uses, major >= 8);
+  MOEFORGE_ASSERT_CUDA(kernels::lora_expand_add_uses_tensor_cores(bf.data(), 131, 131, &uses));
+  EXPECT_FALSE(uses);
+  MOEFORGE_ASSERT_CUDA(kernels::lora_expand_add_uses_tensor_cores(bf.data(), 1540, 1536, &uses));
+  EXPECT_FALSE(uses);
+  MOEFORGE_ASSERT_CUDA(
+      kernels::lora_expand_add_uses_tensor_cores(bf.data() + 1, 1536, 1536, &uses));
+  EXPECT_FALSE(uses);
+  MOEFORGE_ASSERT_CUDA(kernels::lora_expand_add_uses_tensor_cores(f32.data(), 1536, 1536, &uses));
+  EXPECT_FALSE(uses);
 }
 
 // Argument checks happen before any CUDA call: no device needed.
