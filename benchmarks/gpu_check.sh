@@ -22,7 +22,7 @@ LOGS=$ROOT/build/gpu_check_logs
 mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-STEPS=${GPU_CHECK_STEPS:-build pytest_cuda ctest bench_layer bench_permute bench_router_loss bench_e2e_lora pytest sanitizer}
+STEPS=${GPU_CHECK_STEPS:-build pytest_cuda ctest bench_layer bench_permute bench_lora_expand bench_router_loss bench_e2e_lora pytest sanitizer}
 MODELS=${MOEFORGE_BENCH_MODELS:-qwen3-30b-a3b}
 summary=()
 
@@ -62,6 +62,7 @@ wants bench_layer && step bench_layer 420 python bench_layer.py --models $MODELS
   --json "$LOGS/bench_layer.json"
 wants bench_permute && step bench_permute 180 python bench_permute.py --tokens 4096 16384 65536 \
   --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3
+wants bench_lora_expand && step bench_lora_expand 120 python bench_lora_expand.py --tokens 4096 16384
 wants bench_router_loss && step bench_router_loss 120 python bench_router_loss.py --tokens 16384 --layers 48 --profile
 wants bench_e2e_lora && step bench_e2e_lora 300 python bench_e2e_lora.py
 # Optional (not in the default steps): where one layer step's GPU time goes, per kernel.
@@ -82,7 +83,7 @@ if wants sanitizer && command -v compute-sanitizer >/dev/null 2>&1; then
   done
 fi
 echo; echo "== summary =="; printf '%s\n' "${summary[@]}"
-for b in bench_permute bench_router_loss bench_layer bench_e2e_lora; do
+for b in bench_permute bench_lora_expand bench_router_loss bench_layer bench_e2e_lora; do
   [ -f "$LOGS/$b.log" ] || continue
   echo; echo "== $b =="; grep -v "^ *$" "$LOGS/$b.log" | tail -25
 done
