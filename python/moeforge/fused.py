@@ -11,7 +11,9 @@ gradients, so the permuted input ``[S, H]`` is never written. Under torch's grou
 gather its own copy instead: there the layer gathers ``x`` (LoRA's forward) and ``dO`` (the
 backward's down projection) once and hands the copy to every op that reads it, and adds LoRA's
 up-projections into ``h``, ``y``, ``grad_aw`` and ``grad_x`` in place (``lora_expand_add_``)
-instead of writing each ``[S, out]`` delta and adding it (see :func:`_add_lora`).
+instead of writing each ``[S, out]`` delta and adding it (see :func:`_add_lora`); each adapter's
+rank-r ``du = grad_delta B_e`` is formed once, for the input's gradient and its weight gradients
+(:func:`_lora_weight_grads`).
 
 Saved for backward: the layer input ``x [T, H]``, the pre-activation ``h [S, 2I]``, the routing
 plan and weights, LoRA's rank-r intermediates ``[S, r]`` (and the parameters, which autograd holds
@@ -113,6 +115,15 @@ def _add_lora(
     return u
 
 
+def _lora_du(grad_delta: Tensor, lora_B: Tensor, offsets: Tensor, plan: tuple = ()) -> Tensor:
+    """``du = grad_delta B_e`` [S, r] (scaling not applied) through the grouped GEMM; grad_delta
+    in expert order or, with the plan, token-major and read through it."""
+    num_experts = offsets.shape[0] - 1
+    rank = lora_B.shape[1] // num_experts
+    b_t = lora_B.reshape(lora_B.shape[0], rank, num_experts).permute(2, 1, 0).contiguous()
+    return _ops.grouped_mm(grad_delta, b_t, offsets, None, False, *plan)
+
+
 def _add_lora_grad_x(
     grad_x: Tensor,
     grad_delta: Tensor,
@@ -121,16 +132,57 @@ def _add_lora_grad_x(
     offsets: Tensor,
     scaling: float,
     grad_delta_plan: tuple = (),
-) -> None:
+) -> Tensor:
     """``grad_x += scaling * (grad_delta B_e) A_e`` on the routed rows, in place (the backward
     of :func:`_add_lora` for its input; grad_delta in expert order or, with the plan, token-major
-    and read through it). Where the adapter's weight gradients are wanted too,
-    expert_lora_backward forms grad_delta B_e once more."""
+    and read through it). Returns ``du = grad_delta B_e`` for :func:`_lora_weight_grads`."""
+    du = _lora_du(grad_delta, lora_B, offsets, grad_delta_plan)
+    _ops.lora_expand_add_(grad_x, du, lora_A, offsets, scaling, False)
+    return du
+
+
+def _lora_weight_grads(
+    du: Tensor,
+    grad_delta: Tensor,
+    grad_delta_plan: tuple,
+    x: Tensor,
+    x_plan: tuple,
+    u: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    offsets: Tensor,
+    scaling: float,
+    need_A: bool,
+    need_B: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The adapter's weight gradients in PEFT's layouts (lora_A [E*r, in], lora_B [out, r*E])
+    from ``du = grad_delta B_e`` (:func:`_lora_du`), already formed for the input's gradient:
+
+        grad_A_e = (s du_e)^T x_e,   grad_B_e = grad_delta_e^T (s u_e)
+
+    with ``s du`` and ``s u`` rounded to the rows' dtype, as ``expert_lora_backward`` computes
+    them under torch's engine, where it would form du (one more read of grad_delta) itself.
+    x and grad_delta in expert order or read through their plans."""
     num_experts = offsets.shape[0] - 1
     rank = lora_A.shape[0] // num_experts
-    b_t = lora_B.reshape(lora_B.shape[0], rank, num_experts).permute(2, 1, 0).contiguous()
-    du = _ops.grouped_mm(grad_delta, b_t, offsets, None, False, *grad_delta_plan)  # grad_delta B_e
-    _ops.lora_expand_add_(grad_x, du, lora_A, offsets, scaling, False)
+    grad_A = grad_B = None
+    if need_A:
+        a = lora_A.reshape(num_experts, rank, lora_A.shape[1])  # [E, r, in]: only its shape is read
+        mask = [False, True, False]
+        _, grad_A, _ = _ops.grouped_mm_backward(du * scaling, x, a, offsets, False, mask, *x_plan)
+        grad_A = grad_A.reshape(lora_A.shape)
+    if need_B:
+        # [E, out, r] as the weight gradient of a weight in the transposed layout, grad_delta in
+        # x's place (so that it may be read through its plan) and s u as the output gradient.
+        out = lora_B.shape[0]
+        like = grad_delta.new_empty(()).expand(num_experts, out, rank)  # shape only
+        u_s = u.to(grad_delta.dtype) * scaling
+        mask = [False, True, False]
+        _, g, _ = _ops.grouped_mm_backward(
+            u_s, grad_delta, like, offsets, True, mask, *grad_delta_plan
+        )
+        grad_B = g.permute(1, 2, 0).reshape(out, rank * num_experts)  # B[o, j*E + e]
+    return grad_A, grad_B
 
 
 class FusedMoEExperts(torch.autograd.Function):
@@ -258,10 +310,11 @@ class FusedMoEExperts(torch.autograd.Function):
             dO, dO_plan, dO_lora_plan = _ops.permute(grad_out, *plan, None), (), ()
         grad_aw = _ops.grouped_mm(dO, down_proj, offsets, None, not transposed, *dO_plan)
         num_experts = offsets.shape[0] - 1
+        down_du = None  # dO B_e of the down adapter, kept for its weight gradients
         if down_lora_A is not None and _lora_expand_applies(
             down_lora_A, num_experts, dO.dtype, ctx.torch_engine
         ):  # the adapter's share s (dO B_e) A_e added into grad_aw in place
-            _add_lora_grad_x(
+            down_du = _add_lora_grad_x(
                 grad_aw, dO, down_lora_A, down_lora_B, offsets, ctx.down_scaling, dO_plan
             )
         elif down_lora_A is not None:
@@ -309,6 +362,12 @@ class FusedMoEExperts(torch.autograd.Function):
             del weighted_rows
         if need_dn_A or need_dn_B:  # the adapter saw a_w, whose rank-r intermediate is w u
             down_u_w = down_u.to(row_weights.dtype) * row_weights[:, None]
+        if (need_dn_A or need_dn_B) and down_du is not None:
+            grad_dn_A, grad_dn_B = _lora_weight_grads(
+                down_du, dO, dO_plan, act_w, (), down_u_w, down_lora_A, down_lora_B, offsets,
+                ctx.down_scaling, need_dn_A, need_dn_B,
+            )  # fmt: skip
+        elif need_dn_A or need_dn_B:
             _, grad_dn_A, grad_dn_B = _ops.expert_lora_backward(
                 dO,
                 act_w,
@@ -346,16 +405,23 @@ class FusedMoEExperts(torch.autograd.Function):
                 )
             if gate_up_lora_A is not None and (need_x or need_gu_A or need_gu_B):
                 lora_mask = [need_x, need_gu_A, need_gu_B]
-                if need_x and _lora_expand_applies(
+                if _lora_expand_applies(
                     gate_up_lora_A, num_experts, grad_h.dtype, ctx.torch_engine
                 ):
-                    # grad_x's share s (grad_h B_e) A_e added into grad_x_rows in place (the rank-r
-                    # du again inside expert_lora_backward for grad_A: one more read of grad_h).
-                    _add_lora_grad_x(
-                        grad_x_rows, grad_h, gate_up_lora_A, gate_up_lora_B, offsets,
-                        ctx.gate_up_scaling,
+                    # du = grad_h B_e once: grad_x's share s du A_e added into grad_x_rows in
+                    # place, then the adapter's weight gradients from the same du.
+                    if need_x:
+                        du = _add_lora_grad_x(
+                            grad_x_rows, grad_h, gate_up_lora_A, gate_up_lora_B, offsets,
+                            ctx.gate_up_scaling,
+                        )  # fmt: skip
+                    else:
+                        du = _lora_du(grad_h, gate_up_lora_B, offsets) if need_gu_A else None
+                    grad_gu_A, grad_gu_B = _lora_weight_grads(
+                        du, grad_h, (), x, plan, gate_up_u, gate_up_lora_A, gate_up_lora_B,
+                        offsets, ctx.gate_up_scaling, need_gu_A, need_gu_B,
                     )  # fmt: skip
-                    lora_mask[0] = False
+                    lora_mask = [False, False, False]
                 if any(lora_mask):
                     lora_grad_x, grad_gu_A, grad_gu_B = _ops.expert_lora_backward(
                         grad_h,
