@@ -10,9 +10,9 @@
 // Design: CTA tile 64 rows x 128 columns, 256 threads = 8 warps in a 4 (rows) x 2 (columns)
 // grid, each warp owning 16 rows x 64 columns (4 fp32 accumulator fragments of 16 x 16; 8 per
 // warp spilled under 128 registers). grid.x walks row tiles (consecutive rows of out), grid.y
-// column tiles. Rows are grouped by expert, but a tile may meet several experts (usually one):
-// it makes one pass per expert, each over 16-wide rank chunks staged in shared memory as raw
-// 16-bit values —
+// column tiles (grid.x capped: blocks stride over row tiles). Rows are grouped by expert, but a
+// tile may meet several experts (usually one): it makes one pass per expert, each over 16-wide rank
+// chunks staged in shared memory as raw 16-bit values —
 //   u    [64][16 + 8]   the tile's rows (rows past the routed ones and ranks past `rank` zero;
 //                       rows of other experts are harmless: row i of u M_e depends on u's row i
 //                       only, and only the expert's rows are updated) (matrix_a, row_major),
@@ -33,6 +33,7 @@
 
 #include <mma.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -57,6 +58,7 @@ constexpr int kFragsN = kWarpN / kFrag;  // accumulator fragments per warp
 constexpr int kChunk = 8;                // 16-bit elements per 16-byte vector
 constexpr int kLdU = kFrag + kChunk;     // u tile row (elements)
 constexpr int kLdM = kBN + kChunk;       // M_e tile row (elements)
+constexpr int64_t kMaxBlocks = 2048;     // ~8 waves of 2 CTAs on 132 SMs; blocks stride beyond
 constexpr int kLdC = kWarpN + 4;         // fp32 scratch row (a multiple of 4, as wmma needs)
 constexpr int kUChunks = kBM * (kFrag / kChunk);                    // 128: threads 0..127 stage u
 constexpr int kChunksPerRow = kBN / kChunk;                         // 16 (M_e tile)
@@ -89,7 +91,7 @@ __device__ __forceinline__ void stage_chunk(uint16_t* dst, const T* src, int val
   *reinterpret_cast<Vec<T>*>(dst) = chunk;
 }
 
-// 2 CTAs (16 warps) per SM, <= 128 registers: bf16 128, fp16 106, no spills (3 CTAs spilled).
+// 2 CTAs (16 warps) per SM, <= 128 registers: bf16 128, fp16 110, no spills (3 CTAs spilled).
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     lora_expand_add_wmma_kernel(const LoraExpandArgs<T> args, bool u_vector, bool m_vector) {
@@ -102,93 +104,96 @@ __global__ void __launch_bounds__(kThreads, 2)
   __shared__ int32_t s_warp_max[kBoundsMaxWarps];
 
   build_expert_bounds(args.offsets, args.num_experts, args.rows, s_bound, s_warp_max);
-  const int64_t routed = s_bound[args.num_experts];
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  if (r0 >= routed) return;  // the whole block: rows of no expert stay as they are
-  const int64_t r1 = r0 + kBM < routed ? r0 + kBM : routed;
+  const int64_t routed = s_bound[args.num_experts];  // rows from here on stay as they are
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kBN;
   const int tid = static_cast<int>(threadIdx.x), warp = tid / kWarp, lane = tid % kWarp;
   const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;
-  const int64_t w0 = r0 + warp_m * kFrag;    // the warp's first row
-  const int64_t wc0 = c0 + warp_n * kWarpN;  // and first column
+  const int64_t wc0 = c0 + warp_n * kWarpN;  // the warp's first column
   T* const su = reinterpret_cast<T*>(s_u);
   T* const sm = reinterpret_cast<T*>(s_m);
 
-  for (int64_t e = expert_of_row(s_bound, args.num_experts, r0);
-       e < args.num_experts && s_bound[e] < r1; ++e) {
-    const int64_t s0 = s_bound[e] > r0 ? s_bound[e] : r0;
-    const int64_t s1 = s_bound[e + 1] < r1 ? s_bound[e + 1] : r1;
-    if (s0 >= s1) continue;  // an empty expert (uniform over the block)
-    const bool warp_has_rows = w0 < s1 && w0 + kFrag > s0;
-    const T* m_e = args.m + e * args.m_stride_e;
+  // Blocks stride over the row tiles (the grid is capped), building the bounds once for many.
+  for (int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBM; r0 < routed;
+       r0 += static_cast<int64_t>(gridDim.x) * kBM) {
+    const int64_t r1 = r0 + kBM < routed ? r0 + kBM : routed;
+    const int64_t w0 = r0 + warp_m * kFrag;  // the warp's first row
+    for (int64_t e = expert_of_row(s_bound, args.num_experts, r0);
+         e < args.num_experts && s_bound[e] < r1; ++e) {
+      const int64_t s0 = s_bound[e] > r0 ? s_bound[e] : r0;
+      const int64_t s1 = s_bound[e + 1] < r1 ? s_bound[e + 1] : r1;
+      if (s0 >= s1) continue;  // an empty expert (uniform over the block)
+      const bool warp_has_rows = w0 < s1 && w0 + kFrag > s0;
+      const T* m_e = args.m + e * args.m_stride_e;
 
-    wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> acc[kFragsN];
+      wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> acc[kFragsN];
 #pragma unroll
-    for (int f = 0; f < kFragsN; ++f) wmma::fill_fragment(acc[f], 0.0f);
+      for (int f = 0; f < kFragsN; ++f) wmma::fill_fragment(acc[f], 0.0f);
 
-    for (int64_t k0 = 0; k0 < args.rank; k0 += kFrag) {
-      __syncthreads();       // every warp has read the previous chunk's (or expert's) tiles
-      if (tid < kUChunks) {  // u: thread -> (row, half of the 16 ranks)
-        const int row = tid / 2, half = tid % 2;
-        const int64_t r = r0 + row, k = k0 + half * kChunk, left = args.rank - k;
-        const int valid = r < r1 && left > 0 ? (left < kChunk ? int(left) : kChunk) : 0;
-        stage_chunk(s_u + row * kLdU + half * kChunk, args.u + r * args.ld_u + k, valid, u_vector);
-      }
-      {  // M_e: thread -> (rank, 8 columns)
-        const int krow = tid / kChunksPerRow, chunk = tid % kChunksPerRow;
-        const int64_t k = k0 + krow, col = c0 + chunk * kChunk;
-        const int valid = k < args.rank && col < args.n ? kChunk : 0;  // n % 8 == 0
-        stage_chunk(s_m + krow * kLdM + chunk * kChunk, m_e + k * args.m_stride_j + col, valid,
-                    m_vector);
-      }
-      __syncthreads();
-      if (warp_has_rows) {
-        wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major> a;
-        wmma::load_matrix_sync(a, su + warp_m * kFrag * kLdU, kLdU);
+      for (int64_t k0 = 0; k0 < args.rank; k0 += kFrag) {
+        __syncthreads();       // every warp has read the previous chunk's (or expert's) tiles
+        if (tid < kUChunks) {  // u: thread -> (row, half of the 16 ranks)
+          const int row = tid / 2, half = tid % 2;
+          const int64_t r = r0 + row, k = k0 + half * kChunk, left = args.rank - k;
+          const int valid = r < r1 && left > 0 ? (left < kChunk ? int(left) : kChunk) : 0;
+          stage_chunk(s_u + row * kLdU + half * kChunk, args.u + r * args.ld_u + k, valid,
+                      u_vector);
+        }
+        {  // M_e: thread -> (rank, 8 columns)
+          const int krow = tid / kChunksPerRow, chunk = tid % kChunksPerRow;
+          const int64_t k = k0 + krow, col = c0 + chunk * kChunk;
+          const int valid = k < args.rank && col < args.n ? kChunk : 0;  // n % 8 == 0
+          stage_chunk(s_m + krow * kLdM + chunk * kChunk, m_e + k * args.m_stride_j + col, valid,
+                      m_vector);
+        }
+        __syncthreads();
+        if (warp_has_rows) {
+          wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major> a;
+          wmma::load_matrix_sync(a, su + warp_m * kFrag * kLdU, kLdU);
 #pragma unroll
-        for (int f = 0; f < kFragsN; ++f) {
-          wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::row_major> b;
-          wmma::load_matrix_sync(b, sm + warp_n * kWarpN + f * kFrag, kLdM);
-          wmma::mma_sync(acc[f], a, b, acc[f]);
+          for (int f = 0; f < kFragsN; ++f) {
+            wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::row_major> b;
+            wmma::load_matrix_sync(b, sm + warp_n * kWarpN + f * kFrag, kLdM);
+            wmma::mma_sync(acc[f], a, b, acc[f]);
+          }
         }
       }
-    }
-    if (!warp_has_rows) continue;
+      if (!warp_has_rows) continue;
 
-    float* const scratch = s_c[warp];
+      float* const scratch = s_c[warp];
 #pragma unroll
-    for (int f = 0; f < kFragsN; ++f) {
-      wmma::store_matrix_sync(scratch + f * kFrag, acc[f], kLdC, wmma::mem_row_major);
-    }
-    __syncwarp();
-    // Lane -> (row 4i + lane / 8, 8 columns lane % 8): a row's 128 bytes per 8 lanes.
-    const int lane_row = lane / kWarpChunksPerRow, col_chunk = lane % kWarpChunksPerRow;
-    const int64_t col = wc0 + col_chunk * kChunk;
-    T* const out_lane = args.out + (w0 + lane_row) * args.ld_out + col;
-    const int64_t step = kRowsPerUpdate * args.ld_out;
-    const int first = static_cast<int>(s0 - w0), last = static_cast<int>(s1 - w0);  // warp rows
-    const bool col_ok = col < args.n;
-    Vec<T> o[kUpdatesPerLane];
-#pragma unroll
-    for (int i = 0; i < kUpdatesPerLane; ++i) {
-      const int row = i * kRowsPerUpdate + lane_row;
-      if (row >= first && row < last && col_ok) {
-        o[i] = *reinterpret_cast<const Vec<T>*>(out_lane + i * step);
+      for (int f = 0; f < kFragsN; ++f) {
+        wmma::store_matrix_sync(scratch + f * kFrag, acc[f], kLdC, wmma::mem_row_major);
       }
-    }
+      __syncwarp();
+      // Lane -> (row 4i + lane / 8, 8 columns lane % 8): a row's 128 bytes per 8 lanes.
+      const int lane_row = lane / kWarpChunksPerRow, col_chunk = lane % kWarpChunksPerRow;
+      const int64_t col = wc0 + col_chunk * kChunk;
+      T* const out_lane = args.out + (w0 + lane_row) * args.ld_out + col;
+      const int64_t step = kRowsPerUpdate * args.ld_out;
+      const int first = static_cast<int>(s0 - w0), last = static_cast<int>(s1 - w0);  // warp rows
+      const bool col_ok = col < args.n;
+      Vec<T> o[kUpdatesPerLane];
 #pragma unroll
-    for (int i = 0; i < kUpdatesPerLane; ++i) {
-      const int row = i * kRowsPerUpdate + lane_row;
-      if (row >= first && row < last && col_ok) {
-        const float* c = scratch + row * kLdC + col_chunk * kChunk;
-#pragma unroll
-        for (int t = 0; t < kChunk; ++t) {
-          o[i].v[t] = from_acc<T>(__fmaf_rn(args.scaling, c[t], to_acc(o[i].v[t])));
+      for (int i = 0; i < kUpdatesPerLane; ++i) {
+        const int row = i * kRowsPerUpdate + lane_row;
+        if (row >= first && row < last && col_ok) {
+          o[i] = *reinterpret_cast<const Vec<T>*>(out_lane + i * step);
         }
-        *reinterpret_cast<Vec<T>*>(out_lane + i * step) = o[i];
       }
+#pragma unroll
+      for (int i = 0; i < kUpdatesPerLane; ++i) {
+        const int row = i * kRowsPerUpdate + lane_row;
+        if (row >= first && row < last && col_ok) {
+          const float* c = scratch + row * kLdC + col_chunk * kChunk;
+#pragma unroll
+          for (int t = 0; t < kChunk; ++t) {
+            o[i].v[t] = from_acc<T>(__fmaf_rn(args.scaling, c[t], to_acc(o[i].v[t])));
+          }
+          *reinterpret_cast<Vec<T>*>(out_lane + i * step) = o[i];
+        }
+      }
+      __syncwarp();  // the scratch is read before the next expert's accumulators overwrite it
     }
-    __syncwarp();  // the scratch is read before the next expert's accumulators overwrite it
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // never launched: lora_expand_wmma_applies is false without an sm80+ image
@@ -225,9 +230,10 @@ cudaError_t launch_lora_expand_add_wmma(const LoraExpandArgs<T>& args, cudaStrea
   const bool u_vector = args.ld_u % kChunk == 0 && aligned(args.u);
   const bool m_vector =
       args.m_stride_j % kChunk == 0 && args.m_stride_e % kChunk == 0 && aligned(args.m);
+  const int64_t row_blocks = std::clamp<int64_t>(kMaxBlocks / col_tiles, 1, row_tiles);
   MOEFORGE_CUDA_CHECK(
       launch_kernel(lora_expand_add_wmma_kernel<T>,
-                    dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles)),
+                    dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(col_tiles)),
                     dim3(kThreads), 0, stream, args, u_vector, m_vector));
   return cudaSuccess;
 }

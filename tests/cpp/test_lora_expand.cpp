@@ -173,10 +173,13 @@ TYPED_TEST(LoraExpandTest, ManyExperts) {
 }
 
 TYPED_TEST(LoraExpandTest, RowsOver131072) {
-  // More rows than the 4096 blocks of 32 rows cover: blocks take several chunks (grid-stride).
+  // More rows than the SIMT kernel's 4096 blocks of 32 rows cover, and more row tiles than the
+  // tensor-core kernel's capped grid (2048 blocks over the column tiles): blocks stride.
   using T = TypeParam;
   const Case c{"131072+ rows", {0, 70000, 70000, 140011}, 140011, 16, 4};
   ASSERT_NO_FATAL_FAILURE(run_case<T>(c, 91));
+  const Case wide{"16 column tiles, 313 row tiles", {0, 9000, 9001, 20011}, 20011, 2048, 16};
+  ASSERT_NO_FATAL_FAILURE(run_case<T>(wide, 93));
 }
 
 TEST(LoraExpandTensorCores, TakenForAlignedHalfTypesOnSm80) {
