@@ -106,3 +106,16 @@ def test_one_row_with_any_row_stride(device):
     ref = reference.lora_expand_add(out, u, weight, offs.cpu(), 0.5, True)
     _ops.lora_expand_add_(out, u, weight, offs, 0.5, True)
     torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(device, dtype):
+    # Schema (out mutated in place, nothing returned), fake kernel and dispatch, on the SIMT and
+    # (bf16 with n % 8 == 0 on a GPU) the tensor-core path.
+    for rank_major in (True, False):
+        out, u, weight, offs = make_case(
+            [5, 0, 7], 16, 8, device, dtype, dropped=2, rank_major=rank_major
+        )
+        torch.library.opcheck(
+            torch.ops.moeforge.lora_expand_add_.default, (out, u, weight, offs, 0.5, rank_major)
+        )
