@@ -34,8 +34,8 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
-#include <limits>
 
 #include "expert_bounds.cuh"
 #include "launch.cuh"
@@ -70,6 +70,12 @@ static_assert(kFrag * kChunksPerRow == kThreads, "one M_e chunk per thread");
 static_assert((kLdU * 2) % 16 == 0 && (kLdM * 2) % 16 == 0, "16-byte aligned smem rows");
 static_assert((kFrag * kLdU * 2) % 32 == 0 && (kFrag * 2) % 32 == 0, "32-byte fragment pointers");
 static_assert((kFrag * kLdC * 4) % 32 == 0, "32-byte aligned scratch per warp");
+// The kernel's static shared memory (u and M_e tiles, fp32 scratch, expert bounds) within the
+// 48 KB a block may hold without the dynamic opt-in.
+static_assert(2 * (kBM * kLdU + kFrag * kLdM) + 4 * (kWarps * kFrag * kLdC) +
+                      4 * (kLoraExpandMaxExperts + 1 + kBoundsMaxWarps) <=
+                  48 * 1024,
+              "static shared memory over 48 KB");
 
 template <typename T>
 struct alignas(16) Vec {
@@ -200,6 +206,32 @@ __global__ void __launch_bounds__(kThreads, 2)
 #endif
 }
 
+// Whether the current device runs the kernel: compute capability 8.0+ and an sm80+ image loaded
+// for it (not older PTX). Both instantiations come from one architecture list, so one stands for
+// both; the answer is cached per device (three runtime calls on every launch otherwise).
+cudaError_t device_runs_wmma_kernel(bool* runs) {
+  constexpr int kCachedDevices = 64;
+  static std::atomic<int8_t> cache[kCachedDevices];  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  MOEFORGE_CUDA_CHECK(cudaGetDevice(&device));
+  const bool cached = device >= 0 && device < kCachedDevices;
+  if (cached && cache[device].load() != 0) {
+    *runs = cache[device].load() == 2;
+    return cudaSuccess;
+  }
+  int major = 0;
+  MOEFORGE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  *runs = false;
+  if (major >= 8) {
+    cudaFuncAttributes attributes{};
+    MOEFORGE_CUDA_CHECK(
+        cudaFuncGetAttributes(&attributes, lora_expand_add_wmma_kernel<__nv_bfloat16>));
+    *runs = attributes.ptxVersion >= 80;
+  }
+  if (cached) cache[device].store(*runs ? 2 : 1);
+  return cudaSuccess;
+}
+
 }  // namespace
 
 template <typename T>
@@ -209,23 +241,14 @@ cudaError_t lora_expand_wmma_applies(const T* out, int64_t ld_out, int64_t n, bo
       (n + kBN - 1) / kBN > 65535) {
     return cudaSuccess;
   }
-  int device = 0, major = 0;
-  MOEFORGE_CUDA_CHECK(cudaGetDevice(&device));
-  MOEFORGE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (major < 8) return cudaSuccess;
-  cudaFuncAttributes attributes{};
-  MOEFORGE_CUDA_CHECK(cudaFuncGetAttributes(&attributes, lora_expand_add_wmma_kernel<T>));
-  *applies = attributes.ptxVersion >= 80;
-  return cudaSuccess;
+  return device_runs_wmma_kernel(applies);
 }
 
 template <typename T>
 cudaError_t launch_lora_expand_add_wmma(const LoraExpandArgs<T>& args, cudaStream_t stream) {
   const int64_t row_tiles = (args.rows + kBM - 1) / kBM;
   const int64_t col_tiles = (args.n + kBN - 1) / kBN;
-  if (row_tiles > std::numeric_limits<int32_t>::max() || col_tiles > 65535) {
-    return cudaErrorInvalidValue;
-  }
+  if (col_tiles > 65535) return cudaErrorInvalidValue;  // grid.y (applies() excludes it)
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const bool u_vector = args.ld_u % kChunk == 0 && aligned(args.u);
   const bool m_vector =

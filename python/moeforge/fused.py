@@ -302,7 +302,8 @@ class FusedMoEExperts(torch.autograd.Function):
         plan = (sorted_pairs, pair_to_row)
         row_weights = top_k_weights.reshape(-1).index_select(0, sorted_pairs)
         # dO's readers: grad_aw's GEMM, then (after the activation's backward) dW_d, the down
-        # adapter and a down bias. Where each would gather its own copy, gather once.
+        # adapter (its du, and grad_B; grad_A reuses du where lora_expand_add_ applies) and a
+        # down bias. Where each would gather its own copy, gather once.
         dO, dO_plan, dO_lora_plan = grad_out, plan, (*plan, False, True)
         dO_readers = 1 + (down_lora_A is not None) + need_dn + (need_dn_A or need_dn_B)
         dO_readers += need_dn_bias

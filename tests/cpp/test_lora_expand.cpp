@@ -208,6 +208,14 @@ TEST(LoraExpandTensorCores, TakenForAlignedHalfTypesOnSm80) {
   EXPECT_FALSE(uses);
 }
 
+TEST(LoraExpandTensorCores, BlocksStrideOverRowTiles) {
+  // 1024 column tiles leave the capped grid 2 blocks per column tile for 5 row tiles: blocks
+  // take several row tiles (scratch and staging reused across them), on the emulator as well.
+  MOEFORGE_SKIP_WITHOUT_GPU();
+  const Case c{"1024 column tiles, 5 row tiles", {0, 100, 100, 300}, 300, 131072, 4};
+  ASSERT_NO_FATAL_FAILURE(run_case<__nv_bfloat16>(c, 95));
+}
+
 // Argument checks happen before any CUDA call: no device needed.
 TEST(LoraExpandArguments, RejectsBadArguments) {
   using T = float;
