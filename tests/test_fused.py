@@ -117,6 +117,45 @@ def test_torch_engine_lora_path_matches_eager_loop(monkeypatch, layout, bias, ga
     assert calls.get("moeforge::expert_lora_backward", 0) == 0
 
 
+def test_torch_engine_lora_path_beyond_lora_expand_expert_limit(monkeypatch):
+    """More experts than lora_expand_add_'s CUDA kernels take: the torch-engine layer keeps
+    expert_lora (no in-place adds) and gives the same values and gradients as the default path."""
+    from moeforge import fused
+
+    num_experts, tokens, hidden, inter, rank = fused._LORA_EXPAND_MAX_EXPERTS + 3, 6, 8, 8, 8
+    f64 = {"dtype": torch.float64}
+    ids = random_topk_ids(tokens, 2, num_experts, device="cpu", drop_fraction=0.0)
+    leaves = [
+        torch.randn(tokens, hidden, **f64),
+        torch.rand(tokens, 2, **f64),
+        torch.randn(num_experts, 2 * inter, hidden, **f64),
+        torch.randn(num_experts, hidden, inter, **f64),
+        torch.randn(num_experts * rank, hidden, **f64),
+        torch.randn(2 * inter, rank * num_experts, **f64),
+        torch.randn(num_experts * rank, inter, **f64),
+        torch.randn(hidden, rank * num_experts, **f64),
+    ]
+
+    def run():
+        x, w, gu, dn, gA, gB, dA, dB = (t.clone().requires_grad_(i != 2 and i != 3) for i, t in
+                                        enumerate(leaves))  # fmt: skip
+        out = moe_experts(
+            x, ids, w, gu, dn,
+            gate_up_lora=ExpertLoRA(gA, gB, SCALING), down_lora=ExpertLoRA(dA, dB, SCALING),
+        )  # fmt: skip
+        grads = torch.autograd.grad(out, [x, w, gA, gB, dA, dB], torch.ones_like(out))
+        return [out, *grads]
+
+    want = run()
+    monkeypatch.setattr(fused, "_torch_engine", lambda x, num_experts: True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = run()
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("moeforge::lora_expand_add_", 0) == 0
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_dropped_pairs_get_zero_weight_gradient(device):
     ids, leaves = make_inputs(device, "gpt_oss", lora=False, bias=True)
     w = leaves["w"].clone().requires_grad_()

@@ -72,18 +72,25 @@ def _shape_only(rows: int, cols: int, like: Tensor) -> Tensor:
     return like.new_empty(cols).expand(rows, cols)
 
 
+# lora_expand_add_'s CUDA kernels hold the experts' row bounds in shared memory: up to
+# kLoraExpandMaxExperts (kernels/include/moeforge/kernels/lora_expand.h) experts.
+_LORA_EXPAND_MAX_EXPERTS = 1024
+
+
 def _lora_expand_applies(
     lora_A: Tensor, num_experts: int, dtype: torch.dtype, torch_engine: bool
 ) -> bool:
     """Where LoRA's up-projection is added in place (:func:`_add_lora`): under torch's engine,
     ranks a multiple of 8 and adapters in the rows' dtype, i.e. where ``expert_lora`` would run
-    torch's GEMMs and round its rank-r intermediate to bfloat16 between them."""
+    torch's GEMMs and round its rank-r intermediate to bfloat16 between them (and no more
+    experts than lora_expand_add_'s CUDA kernels take; ``expert_lora`` has no such limit)."""
     rank = lora_A.shape[0] // num_experts
     return (
         torch_engine
         and lora_A.dtype == dtype
         and rank % 8 == 0
         and rank * num_experts == lora_A.shape[0]
+        and num_experts <= _LORA_EXPAND_MAX_EXPERTS
     )
 
 
