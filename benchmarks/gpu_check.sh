@@ -9,7 +9,8 @@
 #   GPU_CHECK_STEPS="... profile"  adds profile_layer.py's per-kernel times (train, frozen, lora)
 #   GPU_CHECK_STEPS="build bench_layer" MOEFORGE_BENCH_MODELS="mixtral-8x7b olmoe deepseek-v3
 #   gpt-oss-20b" BENCH_TOKENS="4096 16384 65536" BENCH_ENGINES=auto BENCH_UNFUSED=
-#                                  the other models' layer rows (paths out of memory print OOM)
+#                                  the other models' layer rows (paths out of memory print OOM;
+#                                  BENCH_LAYER_TIMEOUT=560 gives the step more than its 420 s)
 # The device tool returns at most 8 files, so every log goes into one tarball, $OUT/logs.tgz,
 # refreshed after each step (a call stopped at its limit still returns what ran). The GPU machine
 # has no GoogleTest and no network: a GoogleTest source tree in .gtest/googletest (carried; see
@@ -57,7 +58,7 @@ wants pytest_cuda && step pytest_cuda 240 python -m pytest tests/test_cuda.py -q
 wants ctest && step ctest 240 ctest --test-dir build/gpu --output-on-failure --timeout 120 -j 4 \
   ${CTEST_REGEX:+-R "$CTEST_REGEX"}
 cd benchmarks
-wants bench_layer && step bench_layer 420 python bench_layer.py --models $MODELS \
+wants bench_layer && step bench_layer "${BENCH_LAYER_TIMEOUT:-420}" python bench_layer.py --models $MODELS \
   --tokens ${BENCH_TOKENS:-4096 16384} --engines ${BENCH_ENGINES:-auto moeforge} ${BENCH_UNFUSED---unfused} \
   --json "$LOGS/bench_layer.json"
 wants bench_permute && step bench_permute 180 python bench_permute.py --tokens 4096 16384 65536 \
