@@ -1,7 +1,8 @@
 // CPU lora_expand_add_: out[i, :] += scaling * u[i, :] M_e for the rows i of expert e (see
-// registration.cpp). The arithmetic of kernels/lora_expand.cu step for step: the rank sum with
-// fused multiply-adds in ascending j in the op-math type, then one fused multiply-add into out
-// and one rounding, so CPU and CUDA agree bit for bit.
+// registration.cpp). The arithmetic of the SIMT kernel in kernels/lora_expand.cu step for step:
+// the rank sum with fused multiply-adds in ascending j in the op-math type, then one fused
+// multiply-add into out and one rounding, so CPU and that kernel agree bit for bit (16-bit types
+// with widths a multiple of 8 run on tensor cores on sm80+ instead, which sum in their own order).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
