@@ -22,6 +22,18 @@ MODEL_SHAPES = {
 }
 
 
+# MoE layers per model (the router losses sum over all of them). DeepSeek-V3: 61 layers, the
+# first 3 dense.
+MOE_LAYERS = {
+    "qwen3-30b-a3b": 48,
+    "olmoe": 16,
+    "mixtral-8x7b": 32,
+    "gpt-oss-20b": 24,
+    "qwen3-235b-a22b": 94,
+    "deepseek-v3": 58,
+}
+
+
 def time_ms(fn: Callable[[], object], device: str, warmup: int = 5, iters: int = 20) -> float:
     """Median wall time of ``fn`` in ms: CUDA events on GPU, perf_counter on CPU."""
     for _ in range(warmup):

@@ -63,8 +63,10 @@ wants bench_layer && step bench_layer "${BENCH_LAYER_TIMEOUT:-420}" python bench
   --json "$LOGS/bench_layer.json"
 wants bench_permute && step bench_permute 180 python bench_permute.py --tokens 4096 16384 65536 \
   --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3
-wants bench_lora_expand && step bench_lora_expand 120 python bench_lora_expand.py --tokens 4096 16384
-wants bench_router_loss && step bench_router_loss 120 python bench_router_loss.py --tokens 16384 --layers 48 --profile
+wants bench_lora_expand && step bench_lora_expand 180 python bench_lora_expand.py --tokens 4096 16384 \
+  --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3
+wants bench_router_loss && step bench_router_loss 240 python bench_router_loss.py --tokens 4096 16384 65536 \
+  --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3 --profile
 wants bench_e2e_lora && step bench_e2e_lora 300 python bench_e2e_lora.py
 # Optional (not in the default steps): where one layer step's GPU time goes, per kernel.
 wants profile && step profile 240 bash -c 'for m in train frozen lora; do
