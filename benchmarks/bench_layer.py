@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 
 import torch
-from common import MODEL_SHAPES, environment, print_table, time_ms
+from common import MODEL_SHAPES, environment, print_table, time_ms, write_json
 
 import moeforge
 
@@ -271,9 +270,7 @@ def main() -> None:
     cols = ["model", "T", "mode", "path", "fwd ms", "fwd+bwd ms", "fwd TF/s", "fwd+bwd TF/s",
             "peak GiB", "peak / HF", "moeforge speedup"]  # fmt: skip
     print_table(rows, cols)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment(args.device), "rows": rows}, f, indent=1)
+    write_json(args.json, rows, args.device)
 
 
 if __name__ == "__main__":

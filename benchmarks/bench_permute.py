@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import MODEL_SHAPES, environment, print_table, routed_ids, time_ms
+from common import MODEL_SHAPES, environment, print_table, routed_ids, time_ms, write_json
 
 from moeforge import ops
 
@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--models", nargs="+", default=["qwen3-30b-a3b", "mixtral-8x7b", "gpt-oss-20b"])
+    p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     print(environment(args.device))
@@ -68,6 +69,7 @@ def main() -> None:
                     row["moeforge GB/s"] = f"{nbytes / t_ours / 1e6:.0f}"
                 rows.append(row)
     print_table(rows, ["model", "T", "op", "moeforge ms", "torch ms", "speedup", "moeforge GB/s"])
+    write_json(args.json, rows, args.device)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from common import (
     print_kernel_profile,
     print_table,
     time_ms,
+    write_json,
 )
 
 from moeforge import ops, reference
@@ -32,6 +33,7 @@ def main() -> None:
     p.add_argument(
         "--profile", action="store_true", help="also print moeforge's GPU kernel times (first row)"
     )
+    p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     print(environment(args.device))
@@ -78,6 +80,7 @@ def main() -> None:
                 profiled = True
     cols = ["model", "E", "top_k", "layers", "T", "moeforge ms", "HF + torch z-loss ms"]
     print_table(rows, [*cols, "speedup"])
+    write_json(args.json, rows, args.device)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import statistics
 import subprocess
@@ -76,6 +77,13 @@ def environment(device: str) -> str:
 def routed_ids(T: int, K: int, E: int, device: str) -> torch.Tensor:
     """Top-k ids of a random softmax router: distinct experts per token, ``[T, K]`` int64."""
     return torch.rand(T, E, device=device).topk(K, dim=-1).indices
+
+
+def write_json(path: str | None, rows: list[dict], device: str) -> None:
+    """The rows of a results table and the environment line, for benchmarks/targets.py."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"environment": environment(device), "rows": rows}, f, indent=1)
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

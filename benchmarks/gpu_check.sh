@@ -62,11 +62,12 @@ wants bench_layer && step bench_layer "${BENCH_LAYER_TIMEOUT:-420}" python bench
   --tokens ${BENCH_TOKENS:-4096 16384} --engines ${BENCH_ENGINES:-auto moeforge} ${BENCH_UNFUSED---unfused} \
   --json "$LOGS/bench_layer.json"
 wants bench_permute && step bench_permute 180 python bench_permute.py --tokens 4096 16384 65536 \
-  --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3
+  --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3 --json "$LOGS/bench_permute.json"
 wants bench_lora_expand && step bench_lora_expand 180 python bench_lora_expand.py --tokens 4096 16384 \
   --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3
 wants bench_router_loss && step bench_router_loss 240 python bench_router_loss.py --tokens 4096 16384 65536 \
-  --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3 --profile
+  --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3 --profile \
+  --json "$LOGS/bench_router_loss.json"
 wants bench_e2e_lora && step bench_e2e_lora 300 python bench_e2e_lora.py
 # Optional (not in the default steps): where one layer step's GPU time goes, per kernel.
 wants profile && step profile 240 bash -c 'for m in train frozen lora; do
@@ -90,4 +91,9 @@ for b in bench_permute bench_lora_expand bench_router_loss bench_layer bench_e2e
   [ -f "$LOGS/$b.log" ] || continue
   echo; echo "== $b =="; grep -v "^ *$" "$LOGS/$b.log" | tail -25
 done
+# Issue #3's targets from this run's JSON (Qwen3-30B-A3B rows), met or missed by how much.
+if ls "$LOGS"/bench_*.json >/dev/null 2>&1; then
+  echo; echo "== targets (issue #3) =="
+  python benchmarks/targets.py "$LOGS" | tee "$LOGS/targets.log"
+fi
 pack
