@@ -159,6 +159,32 @@ TYPED_TEST(LoraExpandTest, MatchesReferences) {
   for (const Case& c : cases) ASSERT_NO_FATAL_FAILURE(run_case<T>(c, seed += 3));
 }
 
+TYPED_TEST(LoraExpandTest, RandomShapes) {
+  // Random sizes around the tile edges of both kernels: widths a multiple of 8 (tensor cores for
+  // 16-bit types) or not, ranks across 16-wide chunks, uneven and empty experts, dropped rows,
+  // padded strides, sometimes corrupt offsets.
+  using T = TypeParam;
+  std::mt19937 gen(2026);
+  const auto uniform = [&](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(gen);
+  };
+  for (int trial = 0; trial < 12; ++trial) {
+    Case c{"random " + std::to_string(trial), {0}, 0, 0, 0};
+    const int64_t num_experts = uniform(1, 12);
+    for (int64_t e = 0; e < num_experts; ++e) {
+      const int64_t count = uniform(0, 3) == 0 ? 0 : uniform(1, 90);
+      c.offsets.push_back(c.offsets.back() + static_cast<int32_t>(count));
+    }
+    c.rows = c.offsets.back() + uniform(0, 20);
+    if (uniform(0, 5) == 0) c.offsets[uniform(1, num_experts)] = static_cast<int32_t>(c.rows + 7);
+    c.n = uniform(0, 2) == 0 ? uniform(1, 300) : 8 * uniform(1, 40);
+    c.rank = uniform(1, 40);
+    c.pad_out = uniform(0, 1) == 0 ? 0 : 8 * uniform(0, 2) + uniform(0, 1);
+    c.pad_m = uniform(0, 1) == 0 ? 0 : uniform(1, 9);
+    ASSERT_NO_FATAL_FAILURE(run_case<T>(c, 300 + 7 * trial));
+  }
+}
+
 TYPED_TEST(LoraExpandTest, ManyExperts) {
   // 256 experts (DeepSeek-V3) with uneven counts, some empty: the per-row expert walk crosses
   // many boundaries inside one chunk.
