@@ -179,14 +179,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t j = threadIdx.x; j < inter; j += kThreads) {
       const GateUp c = columns(variant, j, inter);
       const acc_t g = to_acc(row[c.gate]), u = to_acc(row[c.up]), dy = to_acc(grow_in[j]);
-      acc_t a, dg, du;
-      if (variant == GluVariant::kSilu) {
-        a = silu_glu(g, u);
-        silu_glu_backward(w * dy, g, u, &dg, &du);
-      } else {
-        a = gpt_oss_glu(g, u, alpha, limit);
-        gpt_oss_glu_backward(w * dy, g, u, alpha, limit, &dg, &du);
-      }
+      acc_t dg, du;
+      const acc_t a =
+          glu_with_backward(variant == GluVariant::kGptOss, w * dy, g, u, alpha, limit, &dg, &du);
       dot += dy * a;
       grow[c.gate] = from_acc<T>(dg);
       grow[c.up] = from_acc<T>(du);
@@ -236,14 +231,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int t = 0; t < kV; ++t) {
         const acc_t g = to_acc(gate.v[t]), u = to_acc(up.v[t]), dy = to_acc(dy_v.v[t]);
-        acc_t a, dg, du;
-        if (variant == GluVariant::kSilu) {
-          a = silu_glu(g, u);
-          silu_glu_backward(w * dy, g, u, &dg, &du);
-        } else {
-          a = gpt_oss_glu(g, u, alpha, limit);
-          gpt_oss_glu_backward(w * dy, g, u, alpha, limit, &dg, &du);
-        }
+        acc_t dg, du;
+        const acc_t a =
+            glu_with_backward(variant == GluVariant::kGptOss, w * dy, g, u, alpha, limit, &dg, &du);
         dot += dy * a;
         dgate.v[t] = from_acc<T>(dg);
         dup.v[t] = from_acc<T>(du);

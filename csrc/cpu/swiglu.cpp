@@ -124,14 +124,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_swiglu_backward_cpu(
             acc_t dot = 0;
             for (int64_t j = 0; j < inter; ++j) {
               const acc_t g = row[cols.gate(j)], u = row[cols.up(j)], dy = ga[r * inter + j];
-              acc_t act, dg, du;
-              if (v == SwigluVariant::kSilu) {
-                act = kernels::silu_glu(g, u);
-                kernels::silu_glu_backward(w[r] * dy, g, u, &dg, &du);
-              } else {
-                act = kernels::gpt_oss_glu(g, u, a, lim);
-                kernels::gpt_oss_glu_backward(w[r] * dy, g, u, a, lim, &dg, &du);
-              }
+              acc_t dg, du;
+              const acc_t act = kernels::glu_with_backward(v == SwigluVariant::kGptOss, w[r] * dy,
+                                                           g, u, a, lim, &dg, &du);
               dot += dy * act;
               grow[cols.gate(j)] = static_cast<scalar_t>(dg);
               grow[cols.up(j)] = static_cast<scalar_t>(du);

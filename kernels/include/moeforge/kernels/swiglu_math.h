@@ -54,4 +54,18 @@ MOEFORGE_HOST_DEVICE void gpt_oss_glu_backward(T grad, T gate, T up, T alpha, T 
   *dg = gate <= limit ? grad * (u + T(1)) * (s + alpha * glu * (T(1) - s)) : T(0);
 }
 
+// Both at once for one element of either variant (gpt_oss when `gpt_oss`): returns a, writes
+// grad * da/dgate and grad * da/dup. The weighted backward's per-element step, shared by its CPU
+// op and both CUDA kernels, so their values agree by construction.
+template <typename T>
+MOEFORGE_HOST_DEVICE T glu_with_backward(bool gpt_oss, T grad, T gate, T up, T alpha, T limit,
+                                         T* dg, T* du) {
+  if (gpt_oss) {
+    gpt_oss_glu_backward(grad, gate, up, alpha, limit, dg, du);
+    return gpt_oss_glu(gate, up, alpha, limit);
+  }
+  silu_glu_backward(grad, gate, up, dg, du);
+  return silu_glu(gate, up);
+}
+
 }  // namespace moeforge::kernels
