@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 
 import torch
@@ -71,37 +72,57 @@ def careful_torch_experts(experts, x, ids, weights):
     return torch.zeros_like(x).index_add_(0, tok, y)
 
 
-def build_paths(args, H, I, E, K, T, mode, dtype):
-    """{name: block} where block (a module) maps x [1, T, H] -> [1, T, H]; all share the same
-    weights."""
-    paths = {}
+def iter_paths(args, H, I, E, K, T, mode, dtype):
+    """Yields (name, block) one model at a time, where block (a module) maps x [1, T, H] ->
+    [1, T, H]; every model is built from the same seed, so all paths share the same weights.
+    Built lazily so that only one model's weights (22.5 GB for DeepSeek-V3's 256 experts) are on
+    the device at a time; block is None when building the model ran out of device memory."""
     lora = mode == "lora"
     impls = ["grouped_mm", "moeforge"] + (["eager"] if args.eager_max_tokens >= T else [])
     for impl in impls:
-        model = one_layer_model(
-            H, I, E, K, dtype, args.device, "grouped_mm" if impl == "moeforge" else impl
-        )
-        if lora:
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(
-                r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
-                target_modules=[], target_parameters=EXPERT_TARGETS,
-            ))  # fmt: skip
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    torch.nn.init.normal_(p, std=0.02)
-        if impl == "moeforge":
-            moeforge.patch_model(model)
-        for n, p in model.named_parameters():
-            if "experts" in n and "lora_" not in n:
-                p.requires_grad_(mode == "train")
-        block = next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp"))
         name = {"grouped_mm": "HF grouped_mm", "eager": "HF eager", "moeforge": "moeforge"}[impl]
-        paths[("PEFT + " if lora and impl != "moeforge" else "") + name] = block
+        name = ("PEFT + " if lora and impl != "moeforge" else "") + name
+        try:
+            block = build_block(args, H, I, E, K, mode, dtype, impl)
+        except torch.OutOfMemoryError:
+            release_device_memory()
+            yield name, None
+            continue
+        yield name, block
         if impl == "grouped_mm" and not lora and args.device.startswith("cuda"):
-            paths["careful torch"] = CarefulTorchBlock(block)
-    return paths
+            yield "careful torch", CarefulTorchBlock(block)
+        del block
+        release_device_memory()
+
+
+def build_block(args, H, I, E, K, mode, dtype, impl: str) -> torch.nn.Module:
+    """The MoE block of a fresh 1-layer model for one path (impl: grouped_mm, moeforge, eager)."""
+    model = one_layer_model(
+        H, I, E, K, dtype, args.device, "grouped_mm" if impl == "moeforge" else impl
+    )
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+            target_modules=[], target_parameters=EXPERT_TARGETS,
+        ))  # fmt: skip
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)
+    if impl == "moeforge":
+        moeforge.patch_model(model)
+    for n, p in model.named_parameters():
+        if "experts" in n and "lora_" not in n:
+            p.requires_grad_(mode == "train")
+    return next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp"))
+
+
+def release_device_memory() -> None:
+    """Frees the last model's weights and the allocator's cached blocks before the next path."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class CarefulTorchBlock(torch.nn.Module):
@@ -230,6 +251,17 @@ def main() -> None:
     tokens = [64] if args.tiny else args.tokens
     print(environment(args.device))
     rows = []
+    try:
+        measure_rows(args, shapes, tokens, dtype, rows)
+    finally:  # what was measured is printed even if a later row fails
+        cols = ["model", "T", "mode", "path", "fwd ms", "fwd+bwd ms", "fwd TF/s",
+                "fwd+bwd TF/s", "peak GiB", "peak / HF", "moeforge speedup"]  # fmt: skip
+        print_table(rows, cols)
+        write_json(args.json, rows, args.device)
+
+
+def measure_rows(args, shapes: dict, tokens: list[int], dtype, rows: list[dict]) -> None:
+    """Appends one row per (model, T, mode, path) to rows as each is measured."""
     for model_name, (H, I, E, K) in shapes.items():
         for T in tokens:
             x = torch.randn(1, T, H, device=args.device, dtype=dtype, requires_grad=True)
@@ -238,7 +270,10 @@ def main() -> None:
                 passes_step = {"train": 3, "frozen": 2, "lora": 2}[mode]
                 flops = 6 * T * K * H * I
                 results = {}
-                for name, fn in build_paths(args, H, I, E, K, T, mode, dtype).items():
+                for name, fn in iter_paths(args, H, I, E, K, T, mode, dtype):
+                    if fn is None:  # the model itself did not fit
+                        results[name] = None
+                        continue
                     runs = [(name, None, False)]
                     if name == "moeforge":
                         runs = [(engine_label(e), e, False) for e in args.engines]
@@ -247,6 +282,7 @@ def main() -> None:
                     for label, engine, unfused in runs:
                         with grouped_gemm_engine(engine), layer_variant(unfused):
                             results[label] = measure_or_oom(fn, x, grad, args.device)
+                    fn = None  # so the next model is built after this one is freed
                 nan = float("nan")
                 ours = (results.get(engine_label(args.engines[0])) or (nan, nan, nan))[1]
                 # #3's memory target compares our peak with the HF grouped_mm path of the mode
@@ -267,10 +303,6 @@ def main() -> None:
                         "peak GiB": f"{peak:.2f}", "peak / HF": f"{peak / peer_peak:.2f}",
                         "moeforge speedup": f"{t_step / ours:.2f}x",
                     })  # fmt: skip
-    cols = ["model", "T", "mode", "path", "fwd ms", "fwd+bwd ms", "fwd TF/s", "fwd+bwd TF/s",
-            "peak GiB", "peak / HF", "moeforge speedup"]  # fmt: skip
-    print_table(rows, cols)
-    write_json(args.json, rows, args.device)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import argparse
 import types
 
 import torch
-from bench_layer import build_paths, grouped_gemm_engine, train_step
+from bench_layer import build_block, grouped_gemm_engine, train_step
 from common import MODEL_SHAPES, environment, print_kernel_profile
 
 
@@ -26,8 +26,8 @@ def main() -> None:
     args = p.parse_args()
     H, I, E, K = MODEL_SHAPES[args.model]
     T = args.tokens
-    opts = types.SimpleNamespace(device="cuda", eager_max_tokens=0, lora_rank=16)
-    fn = build_paths(opts, H, I, E, K, T, args.mode, torch.bfloat16)["moeforge"]
+    opts = types.SimpleNamespace(device="cuda", lora_rank=16)
+    fn = build_block(opts, H, I, E, K, args.mode, torch.bfloat16, "moeforge")
     x = torch.randn(1, T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
     print(environment("cuda"), "|", args.model, "T", T, args.mode, "engine", args.engine)
