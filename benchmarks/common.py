@@ -94,9 +94,10 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print(" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
 
 
-def print_kernel_profile(step: Callable[[], object], steps: int = 3, top: int = 18) -> None:
-    """GPU time per call of ``step`` (after 3 warm-up calls), summed per kernel name over a
-    torch.profiler trace of ``steps`` calls, largest first."""
+def kernel_times(step: Callable[[], object], steps: int = 3) -> list[tuple[float, int, str]]:
+    """(ms per call, launches per call, kernel name) of ``step``'s GPU work, largest first: a
+    torch.profiler trace of ``steps`` calls after 3 warm-up calls, summed per kernel name. Their
+    sum is the device time of a call without the host's launch and Python overhead."""
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -108,7 +109,31 @@ def print_kernel_profile(step: Callable[[], object], steps: int = 3, top: int = 
         (getattr(a, "self_device_time_total", 0.0) / 1e3 / steps, a.count // steps, a.key)
         for a in prof.key_averages()
     ]
-    rows = [r for r in rows if r[0] > 0]
+    return sorted((r for r in rows if r[0] > 0), reverse=True)
+
+
+def print_kernel_profile(step: Callable[[], object], steps: int = 3, top: int = 18) -> None:
+    """Prints kernel_times(step): the GPU time per call and its largest kernels."""
+    rows = kernel_times(step, steps)
     print(f"GPU time per step {sum(r[0] for r in rows):.3f} ms (kernels and copies, summed)")
-    for ms, count, name in sorted(rows, reverse=True)[:top]:
+    for ms, count, name in rows[:top]:
+        print(f"{ms:8.3f} ms {count:4d}x  {name[:110]}")
+
+
+def print_host_profile(step: Callable[[], object], steps: int = 3, top: int = 12) -> None:
+    """The host side of ``step``: the ops and autograd nodes with the most CPU time per call
+    (torch.profiler over ``steps`` calls after 3 warm-up calls), to see where the wall time goes
+    above the GPU time."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = [(a.self_cpu_time_total / 1e3 / steps, a.count // steps, a.key)
+            for a in prof.key_averages()]  # fmt: skip
+    rows.sort(reverse=True)
+    print(f"host CPU time per step {sum(r[0] for r in rows):.3f} ms (self time, summed)")
+    for ms, count, name in rows[:top]:
         print(f"{ms:8.3f} ms {count:4d}x  {name[:110]}")
