@@ -19,11 +19,9 @@
 //   M_e  [16][128 + 8]  ranks past `rank` and columns past n zero (matrix_b, row_major),
 // the 8-element padding keeping 16-byte rows and 32-byte aligned fragment pointers (the zero
 // padding is in both operands, so no garbage or NaN enters through 0 * x).
-// Each warp loads its rows of out (16 bytes per lane, 8 lanes per row's 128 bytes) into
-// registers when it starts a row tile, before the staging: the loads' latency overlaps the u /
-// M_e round trip instead of following it (a tile's RMW was two dependent memory round trips).
 // After the chunks each warp stores its accumulators into its own fp32 scratch [16][64 + 4]
-// and its lanes write the expert's rows back: out = round(fma(scaling, acc, out)).
+// and its lanes update the expert's rows 16 bytes at a time (8 lanes per row's 128 bytes, all
+// four loads of a lane issued before its first store): out = round(fma(scaling, acc, out)).
 // Warps without a row of the expert skip its mma and update (a warp-uniform test).
 //
 // Rounding: products of 16-bit values are exact in fp32; the tensor cores' fp32 accumulation
@@ -125,22 +123,6 @@ __global__ void __launch_bounds__(kThreads, 2)
        r0 += static_cast<int64_t>(gridDim.x) * kBM) {
     const int64_t r1 = r0 + kBM < routed ? r0 + kBM : routed;
     const int64_t w0 = r0 + warp_m * kFrag;  // the warp's first row
-    // Lane -> (row 4i + lane / 8, 8 columns lane % 8): a row's 128 bytes per 8 lanes. The tile's
-    // rows of out are loaded first, so that their latency overlaps the staging of u and M_e (each
-    // row is written back once, in the pass of its expert).
-    const int lane_row = lane / kWarpChunksPerRow, col_chunk = lane % kWarpChunksPerRow;
-    const int64_t col = wc0 + col_chunk * kChunk;
-    const bool col_ok = col < args.n;
-    T* const out_lane = args.out + (w0 + lane_row) * args.ld_out + col;
-    const int64_t step = kRowsPerUpdate * args.ld_out;
-    const int tile_rows = static_cast<int>(r1 - w0);  // the warp's rows before r1 (may be <= 0)
-    Vec<T> o[kUpdatesPerLane];
-#pragma unroll
-    for (int i = 0; i < kUpdatesPerLane; ++i) {
-      if (i * kRowsPerUpdate + lane_row < tile_rows && col_ok) {
-        o[i] = *reinterpret_cast<const Vec<T>*>(out_lane + i * step);
-      }
-    }
     for (int64_t e = expert_of_row(s_bound, args.num_experts, r0);
          e < args.num_experts && s_bound[e] < r1; ++e) {
       const int64_t s0 = s_bound[e] > r0 ? s_bound[e] : r0;
@@ -189,7 +171,21 @@ __global__ void __launch_bounds__(kThreads, 2)
         wmma::store_matrix_sync(scratch + f * kFrag, acc[f], kLdC, wmma::mem_row_major);
       }
       __syncwarp();
+      // Lane -> (row 4i + lane / 8, 8 columns lane % 8): a row's 128 bytes per 8 lanes.
+      const int lane_row = lane / kWarpChunksPerRow, col_chunk = lane % kWarpChunksPerRow;
+      const int64_t col = wc0 + col_chunk * kChunk;
+      T* const out_lane = args.out + (w0 + lane_row) * args.ld_out + col;
+      const int64_t step = kRowsPerUpdate * args.ld_out;
       const int first = static_cast<int>(s0 - w0), last = static_cast<int>(s1 - w0);  // warp rows
+      const bool col_ok = col < args.n;
+      Vec<T> o[kUpdatesPerLane];
+#pragma unroll
+      for (int i = 0; i < kUpdatesPerLane; ++i) {
+        const int row = i * kRowsPerUpdate + lane_row;
+        if (row >= first && row < last && col_ok) {
+          o[i] = *reinterpret_cast<const Vec<T>*>(out_lane + i * step);
+        }
+      }
 #pragma unroll
       for (int i = 0; i < kUpdatesPerLane; ++i) {
         const int row = i * kRowsPerUpdate + lane_row;
