@@ -2,6 +2,7 @@
 profiled steps (torch.profiler), summed per kernel name, largest first.
 
     python benchmarks/profile_layer.py --mode lora --tokens 16384 [--engine moeforge] [--forward]
+        [--host]   # also the host side: the ops with the most CPU time per step
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import types
 
 import torch
 from bench_layer import build_block, grouped_gemm_engine, train_step
-from common import MODEL_SHAPES, environment, print_kernel_profile
+from common import MODEL_SHAPES, environment, print_host_profile, print_kernel_profile
 
 
 def main() -> None:
@@ -23,6 +24,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--forward", action="store_true", help="profile the forward alone")
+    p.add_argument("--host", action="store_true", help="also print the host side's largest ops")
     args = p.parse_args()
     H, I, E, K = MODEL_SHAPES[args.model]
     T = args.tokens
@@ -34,6 +36,8 @@ def main() -> None:
     with grouped_gemm_engine(args.engine):
         step = (lambda: fn(x)) if args.forward else (lambda: train_step(fn, x, grad))
         print_kernel_profile(step, args.steps, args.top)
+        if args.host:
+            print_host_profile(step, args.steps, args.top)
 
 
 if __name__ == "__main__":
