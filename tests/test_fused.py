@@ -189,6 +189,53 @@ def test_backward_saves_only_input_preactivation_and_plan(lora):
     assert all(t.grad is not None for t in p.values())
 
 
+def _saved_preactivation(ids, p):
+    """The layer's output and the saved pre-activation h [S, 2I] (the tensor backward unpacks)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run_fused(ids, p, "hf")
+    (h,) = [t for t in saved if tuple(t.shape) == (T * K, 2 * I)]
+    return out, h
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_backward_frees_the_preactivation_once_read(device, lora):
+    """h's memory is released inside the backward, after the activation's backward read it last
+    (before grad_x and the weight gradients are allocated); the gradients stay those of the
+    eager loop."""
+    ids, leaves = make_inputs(device, "hf", lora, bias=False)
+    p = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+    q = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+    out, h = _saved_preactivation(ids, p)
+    assert h.untyped_storage().nbytes() > 0
+    g = torch.randn_like(out)
+    out.backward(g)
+    assert h.untyped_storage().nbytes() == 0
+    run_reference(ids, q, "hf").backward(g)
+    for name in p:
+        torch.testing.assert_close(p[name].grad, q[name].grad, msg=f"grad of {name}")
+
+
+def test_retained_graph_keeps_the_preactivation():
+    """With retain_graph the graph may run again: h is kept and a second backward gives the same
+    gradients as the first."""
+    ids, leaves = make_inputs("cpu", "hf", lora=True, bias=False)
+    p = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+    out, h = _saved_preactivation(ids, p)
+    g = torch.randn_like(out)
+    first = torch.autograd.grad(out, list(p.values()), g, retain_graph=True)
+    assert h.untyped_storage().nbytes() == h.numel() * h.element_size()
+    second = torch.autograd.grad(out, list(p.values()), g)
+    for name, a, b in zip(p, first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"grad of {name}")
+    assert h.untyped_storage().nbytes() == 0  # the last backward released it
+
+
 class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the names of the ops dispatched inside the block."""
 

@@ -20,7 +20,9 @@ plan and weights, LoRA's rank-r intermediates ``[S, r]`` (and the parameters, wh
 anyway). Not saved: the activation ``[S, I]`` (recomputed from ``h``) and the expert outputs
 ``[S, H]`` (never needed). At Qwen3-30B-A3B's shapes (T=16384, K=8, H=2048, I=768, bf16) a
 layer keeps 0.47 GB (``h`` and ``x``) instead of the 1.7 GB that op-by-op autograd keeps
-(``x_rows``, ``h``, ``a``, ``y``).
+(``x_rows``, ``h``, ``a``, ``y``). The backward releases ``h`` as soon as the activation's
+backward has read it (unless the graph is retained), before it allocates the input's rows and
+the weight gradients, where the layer's peak is (:func:`_release_dead_saved`).
 
 The routing-weight gradient without the expert outputs: read each row's weight as a factor of its
 activation, ``a_w = w a``, so that ``out[t] = sum_k (a_w W_d^T + w b_d)[row(t,k)]``. Then, with
@@ -63,6 +65,28 @@ def _gathers_to_a_copy(x: Tensor, num_experts: int) -> bool:
     every op that reads them. Only speed depends on the answer: an op computes the same values
     from the plan or from the gathered rows."""
     return _torch_engine(x, num_experts)
+
+
+def _release_dead_saved(t: Tensor) -> None:
+    """Frees a saved tensor's memory in the middle of the backward that reads it for the last time.
+
+    Autograd holds a node's saved tensors until its backward returns; the fused backward is done
+    with ``h [S, 2I]`` after the activation's backward, before it allocates ``grad_x``'s rows and
+    the weight gradients (where the layer's peak is). Freed only when nothing can read ``h``
+    again: not while the graph is kept for another backward (``retain_graph`` /
+    ``create_graph``), nor while torch.compile traces the backward (its graph frees buffers
+    itself), and only a resizable storage that holds ``t`` alone (ours; a saved-tensor hook may
+    hand back another). A saved-tensor hook that kept its own reference to ``h`` would find it
+    empty afterwards."""
+    if torch.compiler.is_compiling():
+        return
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None or keep_graph():
+        return
+    storage = t.untyped_storage()
+    whole = t.storage_offset() == 0 and storage.nbytes() == t.numel() * t.element_size()
+    if storage.resizable() and whole and t.is_contiguous():
+        storage.resize_(0)
 
 
 def _shape_only(rows: int, cols: int, like: Tensor) -> Tensor:
@@ -343,6 +367,8 @@ class FusedMoEExperts(torch.autograd.Function):
             grad_aw, h, row_weights, variant, ctx.alpha, ctx.limit, want_act_w
         )
         del grad_aw
+        _release_dead_saved(h)  # its last reader was the activation's backward
+        del h
         row_weights = row_weights.to(grad_row_weights.dtype)
 
         grad_dn = grad_dn_bias = grad_dn_A = grad_dn_B = None
@@ -361,7 +387,7 @@ class FusedMoEExperts(torch.autograd.Function):
                 weighted_rows = dO * row_weights.to(dO.dtype)[:, None]
             _, _, grad_dn_bias = _ops.grouped_mm_backward(
                 weighted_rows,
-                _shape_only(num_rows, inter, h),
+                _shape_only(num_rows, inter, grad_h),
                 down_proj,
                 offsets,
                 transposed,
