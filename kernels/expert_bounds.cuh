@@ -1,5 +1,6 @@
 // Per-expert row bounds built in shared memory by a whole block, for kernels that walk rows
-// grouped by expert (kernels/lora_expand.cu, kernels/lora_expand_wmma.cu).
+// grouped by expert (kernels/lora_expand.cu, kernels/lora_expand_wmma.cu) and for the offsets of
+// the at::_grouped_mm engine (kernels/zero_rows.cu).
 //
 // m(0..E) as the grouped GEMM engine reads offsets (moeforge/kernels/grouped_gemm.h): m(0) = 0,
 // m(e) = min(rows, max(0, offsets[1], ..., offsets[e])) — clamped into [0, rows] and made

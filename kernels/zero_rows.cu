@@ -2,8 +2,12 @@
 // bound. One block per row (grid-stride over rows), its threads along the columns, so that
 // accesses coalesce and the per-row work on the offsets (one load, or a binary search over ends
 // for the bias) is done once per row by every thread of the block from the same cached words.
+// The engine's offsets themselves (expert_row_ends_kernel) come from one block's clamp and
+// max-scan in shared memory (expert_bounds.cuh).
 #include <algorithm>
+#include <cstdint>
 
+#include "expert_bounds.cuh"
 #include "launch.cuh"
 #include "moeforge/kernels/cuda_check.h"
 #include "moeforge/kernels/numeric.h"
@@ -81,7 +85,31 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One block: the bounds m(0..E) of expert_bounds.cuh in shared memory, then ends[e] = m(e + 1).
+constexpr int kEndsThreads = 256;
+__global__ void __launch_bounds__(kEndsThreads)
+    expert_row_ends_kernel(const int32_t* __restrict__ offsets, int64_t num_experts,
+                           int64_t num_rows, int32_t* __restrict__ ends) {
+  __shared__ int32_t bound[kExpertRowEndsMaxExperts + 1];
+  __shared__ int32_t warp_max[kBoundsMaxWarps];
+  build_expert_bounds(offsets, num_experts, num_rows, bound, warp_max);
+  for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) ends[e] = bound[e + 1];
+}
+
 }  // namespace
+
+cudaError_t launch_expert_row_ends(const int32_t* offsets, int64_t num_experts, int64_t num_rows,
+                                   int32_t* ends, cudaStream_t stream) {
+  if (num_experts < 0 || num_experts > kExpertRowEndsMaxExperts || num_rows < 0 ||
+      num_rows > INT32_MAX) {
+    return cudaErrorInvalidValue;
+  }
+  if (num_experts == 0) return cudaSuccess;
+  if (offsets == nullptr || ends == nullptr) return cudaErrorInvalidValue;
+  MOEFORGE_CUDA_CHECK(launch_kernel(expert_row_ends_kernel, 1, kEndsThreads, 0, stream, offsets,
+                                    num_experts, num_rows, ends));
+  return cudaSuccess;
+}
 
 template <typename T>
 cudaError_t launch_zero_rows_from(T* y, int64_t ldy, int64_t num_rows, int64_t cols,

@@ -7,6 +7,9 @@
 //   launch_add_grouped_bias    y[r, :] += bias[e(r), :] on the rows of expert e, y[r, :] = 0 on
 //                              rows of no expert (the dropped rows), in one pass over y
 //   launch_zero_empty_groups   G_e = 0 for every expert e that owns no rows
+//   launch_expert_row_ends     ends = expert_offsets[1:] clamped into [0, num_rows] and made
+//                              non-decreasing: the offsets as the engine and the launchers
+//                              above take them, in one launch
 //
 // No host synchronisation: where a row range depends on offsets, the offsets stay on the device
 // and only the kernels read them, so every launcher is CUDA-graph capturable and its launch
@@ -52,5 +55,17 @@ template <typename T>
 cudaError_t launch_zero_empty_groups(T* g, int64_t g_stride_e, int64_t group_elems,
                                      const int32_t* ends,  // [num_experts], device
                                      int64_t num_experts, cudaStream_t stream);
+
+// Most experts launch_expert_row_ends takes (one block holds the bounds in shared memory; torch's
+// grouped GEMM takes at most 1023 groups).
+inline constexpr int64_t kExpertRowEndsMaxExperts = 1024;
+
+// ends [num_experts] (device, written): ends[e] = min(num_rows, max(0, offsets[1], ...,
+// offsets[e + 1])) for offsets [num_experts + 1] (device; offsets[0] is not read), i.e.
+// expert_offsets[1:] clamped into [0, num_rows] and made non-decreasing, so that any offsets give
+// valid row ranges. One block of one launch, no host synchronisation. Limits: num_experts <=
+// kExpertRowEndsMaxExperts, num_rows <= INT32_MAX.
+cudaError_t launch_expert_row_ends(const int32_t* offsets, int64_t num_experts, int64_t num_rows,
+                                   int32_t* ends, cudaStream_t stream);
 
 }  // namespace moeforge::kernels
