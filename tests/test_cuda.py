@@ -576,6 +576,31 @@ def test_lora_expand_add_clamps_corrupt_offsets(dtype):
     assert not torch.equal(got, out)
 
 
+def test_grouped_mm_reads_corrupt_offsets_as_clamped(engine):
+    """grouped_mm and grouped_mm_backward on corrupt offsets (negative, decreasing, past the rows)
+    give exactly what they give on the same offsets clamped into [0, rows] and made
+    non-decreasing, on every engine (torch's engine: launch_expert_row_ends before
+    at::_grouped_mm; ours: the kernels' own clamped reads), with no sync and no stray access."""
+    torch.manual_seed(3)
+    rows, n_in, n_out = 50, 64, 96
+    bad = torch.tensor([7, 20, 9, 70, -3, 45], dtype=torch.int32, device="cuda")
+    clamped = torch.tensor([0, 20, 20, 50, 50, 50], dtype=torch.int32, device="cuda")
+    E = bad.numel() - 1
+    x = torch.randn(rows, n_in, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(E, n_out, n_in, device="cuda", dtype=torch.bfloat16) / n_in**0.5
+    b = torch.randn(E, n_out, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(rows, n_out, device="cuda", dtype=torch.bfloat16)
+    for bias in (None, b):
+        got = ops.grouped_mm(x, w, bad, bias)
+        want = ops.grouped_mm(x, w, clamped, bias)
+        assert torch.equal(got, want)
+    mask = [True, True, True]
+    got = torch.ops.moeforge.grouped_mm_backward(dy, x, w, bad, False, mask)
+    want = torch.ops.moeforge.grouped_mm_backward(dy, x, w, clamped, False, mask)
+    for g, r in zip(got, want, strict=True):
+        assert torch.equal(g, r)
+
+
 def test_deterministic():
     T, K, E, H = 3000, 8, 64, 256
     ids = random_topk_ids(T, K, E, device="cuda")

@@ -203,19 +203,57 @@ def _saved_preactivation(ids, p):
     return out, h
 
 
+class _StorageAtOp(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records a tensor's storage size each time an op of the given name is dispatched."""
+
+    def __init__(self, tensor, name):
+        super().__init__()
+        self.tensor, self.name, self.sizes = tensor, name, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket).endswith(self.name):
+            self.sizes.append(self.tensor.untyped_storage().nbytes())
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_backward_frees_the_preactivation_once_read(device, lora):
     """h's memory is released inside the backward, after the activation's backward read it last
-    (before grad_x and the weight gradients are allocated); the gradients stay those of the
-    eager loop."""
+    and before grad_x and the weight gradients (grouped_mm_backward) are computed; the gradients
+    stay those of the eager loop."""
     ids, leaves = make_inputs(device, "hf", lora, bias=False)
     p = {n: t.clone().requires_grad_() for n, t in leaves.items()}
     q = {n: t.clone().requires_grad_() for n, t in leaves.items()}
     out, h = _saved_preactivation(ids, p)
     assert h.untyped_storage().nbytes() > 0
     g = torch.randn_like(out)
-    out.backward(g)
+    with _StorageAtOp(h, "grouped_mm_backward") as seen:
+        out.backward(g)
+    assert seen.sizes and all(size == 0 for size in seen.sizes)
     assert h.untyped_storage().nbytes() == 0
+    run_reference(ids, q, "hf").backward(g)
+    for name in p:
+        torch.testing.assert_close(p[name].grad, q[name].grad, msg=f"grad of {name}")
+
+
+def test_preactivation_handed_back_by_a_hook_is_left_alone():
+    """A saved-tensor hook that hands back its own tensor (offloading, a reused buffer) owns that
+    memory: the backward does not free it, and the gradients are unchanged."""
+    ids, leaves = make_inputs("cpu", "hf", lora=True, bias=False)
+    p = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+    q = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+    kept = []
+
+    def unpack(t):
+        kept.append(t.clone())  # the hook's own copy, which it keeps
+        return kept[-1]
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+        out = run_fused(ids, p, "hf")
+        g = torch.randn_like(out)
+        out.backward(g)
+    (h,) = [t for t in kept if tuple(t.shape) == (T * K, 2 * I)]
+    assert h.untyped_storage().nbytes() == h.numel() * h.element_size()
     run_reference(ids, q, "hf").backward(g)
     for name in p:
         torch.testing.assert_close(p[name].grad, q[name].grad, msg=f"grad of {name}")

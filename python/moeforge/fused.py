@@ -40,6 +40,7 @@ adapter); it is materialised only for a trainable down bias (or once, as above).
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 from torch import Tensor
@@ -67,26 +68,31 @@ def _gathers_to_a_copy(x: Tensor, num_experts: int) -> bool:
     return _torch_engine(x, num_experts)
 
 
-def _release_dead_saved(t: Tensor) -> None:
+def _release_dead_saved(t: Tensor, saved: weakref.ref) -> None:
     """Frees a saved tensor's memory in the middle of the backward that reads it for the last time.
 
     Autograd holds a node's saved tensors until its backward returns; the fused backward is done
     with ``h [S, 2I]`` after the activation's backward, before it allocates ``grad_x``'s rows and
-    the weight gradients (where the layer's peak is). Freed only when nothing can read ``h``
-    again: not while the graph is kept for another backward (``retain_graph`` /
-    ``create_graph``), nor while torch.compile traces the backward (its graph frees buffers
-    itself), and only a resizable storage that holds ``t`` alone (ours; a saved-tensor hook may
-    hand back another). A saved-tensor hook that kept its own reference to ``h`` would find it
-    empty afterwards."""
-    if torch.compiler.is_compiling():
+    the weight gradients (where the layer's peak is). Freed only when nothing can read it again:
+    ``t`` must be the very tensor the forward saved (``saved``, a weak reference to it; a
+    saved-tensor hook that offloads, copies or recomputes hands back another tensor, whose memory
+    its owner manages, and is left alone), the graph must not be kept for another backward
+    (``retain_graph``, which ``create_graph`` implies by default), torch.compile must not be
+    tracing the backward (its graph frees buffers itself), and ``t`` must own its whole storage.
+    On CUDA the current stream is recorded first, so that the allocator reuses the memory only
+    after the work queued on it (the activation's backward) has read ``t``."""
+    if torch.compiler.is_compiling() or saved() is not t:
         return
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     if keep_graph is None or keep_graph():
         return
     storage = t.untyped_storage()
     whole = t.storage_offset() == 0 and storage.nbytes() == t.numel() * t.element_size()
-    if storage.resizable() and whole and t.is_contiguous():
-        storage.resize_(0)
+    if not (storage.resizable() and whole and t.is_contiguous()):
+        return
+    if t.is_cuda:
+        t.record_stream(torch.cuda.current_stream(t.device))
+    storage.resize_(0)
 
 
 def _shape_only(rows: int, cols: int, like: Tensor) -> Tensor:
@@ -266,6 +272,7 @@ class FusedMoEExperts(torch.autograd.Function):
         del a
         out = _ops.combine(y, sorted_pairs, pair_to_row, top_k_weights)
 
+        ctx.saved_h = weakref.ref(h)  # see _release_dead_saved
         ctx.layout, ctx.alpha, ctx.limit = layout, alpha, limit
         ctx.torch_engine = torch_engine
         ctx.gate_up_scaling, ctx.down_scaling = gate_up_scaling, down_scaling
@@ -367,7 +374,7 @@ class FusedMoEExperts(torch.autograd.Function):
             grad_aw, h, row_weights, variant, ctx.alpha, ctx.limit, want_act_w
         )
         del grad_aw
-        _release_dead_saved(h)  # its last reader was the activation's backward
+        _release_dead_saved(h, ctx.saved_h)  # its last reader was the activation's backward
         del h
         row_weights = row_weights.to(grad_row_weights.dtype)
 
