@@ -94,20 +94,27 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print(" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
 
 
-def kernel_times(step: Callable[[], object], steps: int = 3) -> list[tuple[float, int, str]]:
-    """(ms per call, launches per call, kernel name) of ``step``'s GPU work, largest first: a
-    torch.profiler trace of ``steps`` calls after 3 warm-up calls, summed per kernel name. Their
-    sum is the device time of a call without the host's launch and Python overhead."""
+def profiled_averages(step: Callable[[], object], steps: int, activity):
+    """torch.profiler's per-name averages over ``steps`` calls of ``step`` after 3 warm-up calls,
+    recording one activity (ProfilerActivity.CUDA: kernels; CPU: host ops)."""
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[activity]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
+    return prof.key_averages()
+
+
+def kernel_times(step: Callable[[], object], steps: int = 3) -> list[tuple[float, int, str]]:
+    """(ms per call, launches per call, kernel name) of ``step``'s GPU work, largest first,
+    summed per kernel name. Their sum is the device time of a call without the host's launch and
+    Python overhead."""
+    averages = profiled_averages(step, steps, torch.profiler.ProfilerActivity.CUDA)
     rows = [
         (getattr(a, "self_device_time_total", 0.0) / 1e3 / steps, a.count // steps, a.key)
-        for a in prof.key_averages()
+        for a in averages
     ]
     return sorted((r for r in rows if r[0] > 0), reverse=True)
 
@@ -121,19 +128,11 @@ def print_kernel_profile(step: Callable[[], object], steps: int = 3, top: int = 
 
 
 def print_host_profile(step: Callable[[], object], steps: int = 3, top: int = 12) -> None:
-    """The host side of ``step``: the ops and autograd nodes with the most CPU time per call
-    (torch.profiler over ``steps`` calls after 3 warm-up calls), to see where the wall time goes
-    above the GPU time."""
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    rows = [(a.self_cpu_time_total / 1e3 / steps, a.count // steps, a.key)
-            for a in prof.key_averages()]  # fmt: skip
-    rows.sort(reverse=True)
+    """The host side of ``step``: the ops and autograd nodes with the most CPU time per call, to
+    see where the wall time goes above the GPU time."""
+    averages = profiled_averages(step, steps, torch.profiler.ProfilerActivity.CPU)
+    rows = sorted(((a.self_cpu_time_total / 1e3 / steps, a.count // steps, a.key)
+                   for a in averages), reverse=True)  # fmt: skip
     print(f"host CPU time per step {sum(r[0] for r in rows):.3f} ms (self time, summed)")
     for ms, count, name in rows[:top]:
         print(f"{ms:8.3f} ms {count:4d}x  {name[:110]}")

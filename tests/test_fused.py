@@ -172,14 +172,7 @@ def test_backward_saves_only_input_preactivation_and_plan(lora):
     permuted input are recomputed or never needed."""
     ids, leaves = make_inputs("cpu", "hf", lora, bias=False)
     p = {n: t.clone().requires_grad_() for n, t in leaves.items()}
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run_fused(ids, p, "hf")
+    out, saved = _run_saving(ids, p)
     inputs = {t.data_ptr() for t in [ids, *p.values()]}
     new = sorted((tuple(t.shape) for t in saved if t.data_ptr() not in inputs), key=str)
     S = T * K
@@ -189,8 +182,8 @@ def test_backward_saves_only_input_preactivation_and_plan(lora):
     assert all(t.grad is not None for t in p.values())
 
 
-def _saved_preactivation(ids, p):
-    """The layer's output and the saved pre-activation h [S, 2I] (the tensor backward unpacks)."""
+def _run_saving(ids, p):
+    """The fused layer's output and every tensor its forward saved (as backward unpacks them)."""
     saved = []
 
     def pack(t):
@@ -199,6 +192,12 @@ def _saved_preactivation(ids, p):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = run_fused(ids, p, "hf")
+    return out, saved
+
+
+def _saved_preactivation(ids, p):
+    """The layer's output and the saved pre-activation h [S, 2I]."""
+    out, saved = _run_saving(ids, p)
     (h,) = [t for t in saved if tuple(t.shape) == (T * K, 2 * I)]
     return out, h
 
