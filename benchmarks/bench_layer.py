@@ -31,7 +31,7 @@ import gc
 import os
 
 import torch
-from common import MODEL_SHAPES, environment, print_table, time_ms, write_json
+from common import MODEL_SHAPES, environment, kernel_times, print_table, time_ms, write_json
 
 import moeforge
 
@@ -196,7 +196,11 @@ def train_step(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> N
     block(x).backward(grad)
 
 
-def measure(fn, x, grad, device):
+def measure(fn, x, grad, device, gpu_time=False):
+    """(fwd ms, fwd+bwd ms, peak GiB of fwd+bwd, GPU ms of fwd+bwd or None): wall times by
+    time_ms; with gpu_time the kernels' summed time of a step (torch.profiler), i.e. the wall
+    time without the host's launch and Python gaps."""
+
     def fwd():
         return fn(x)
 
@@ -213,14 +217,17 @@ def measure(fn, x, grad, device):
         fwd_bwd()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    return t_fwd, t_step, peak
+    t_gpu = None
+    if gpu_time and device.startswith("cuda"):
+        t_gpu = sum(r[0] for r in kernel_times(fwd_bwd))
+    return t_fwd, t_step, peak, t_gpu
 
 
-def measure_or_oom(fn, x, grad, device):
+def measure_or_oom(fn, x, grad, device, gpu_time=False):
     """measure(), or None when the path runs out of device memory (large T and wide models: the
     other paths still run; the grads and cached blocks it left are released)."""
     try:
-        return measure(fn, x, grad, device)
+        return measure(fn, x, grad, device, gpu_time)
     except torch.OutOfMemoryError:
         x.grad = None
         for p in fn.parameters():
@@ -245,6 +252,10 @@ def main() -> None:
     p.add_argument("--unfused", action="store_true", help="also run the op-by-op composition")
     p.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument(
+        "--gpu-time", action="store_true",
+        help="also the summed kernel time of each path's fwd+bwd (torch.profiler; slower)",
+    )  # fmt: skip
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     shapes = {"tiny": (64, 32, 8, 2)} if args.tiny else {m: MODEL_SHAPES[m] for m in args.models}
@@ -255,7 +266,8 @@ def main() -> None:
         measure_rows(args, shapes, tokens, dtype, rows)
     finally:  # what was measured is printed even if a later row fails
         cols = ["model", "T", "mode", "path", "fwd ms", "fwd+bwd ms", "fwd TF/s",
-                "fwd+bwd TF/s", "peak GiB", "peak / HF", "moeforge speedup"]  # fmt: skip
+                "fwd+bwd TF/s", "fwd+bwd GPU ms", "peak GiB", "peak / HF",
+                "moeforge speedup"]  # fmt: skip
         print_table(rows, cols)
         write_json(args.json, rows, args.device)
 
@@ -281,25 +293,26 @@ def measure_rows(args, shapes: dict, tokens: list[int], dtype, rows: list[dict])
                             runs.append(("moeforge (op by op)", args.engines[0], True))
                     for label, engine, unfused in runs:
                         with grouped_gemm_engine(engine), layer_variant(unfused):
-                            results[label] = measure_or_oom(fn, x, grad, args.device)
+                            results[label] = measure_or_oom(fn, x, grad, args.device, args.gpu_time)
                     fn = None  # so the next model is built after this one is freed
                 nan = float("nan")
-                ours = (results.get(engine_label(args.engines[0])) or (nan, nan, nan))[1]
+                ours = (results.get(engine_label(args.engines[0])) or (nan, nan, nan, None))[1]
                 # #3's memory target compares our peak with the HF grouped_mm path of the mode
                 # (PEFT + HF grouped_mm with LoRA).
                 peer = ("PEFT + " if mode == "lora" else "") + "HF grouped_mm"
-                peer_peak = (results.get(peer) or (nan, nan, nan))[2]
+                peer_peak = (results.get(peer) or (nan, nan, nan, None))[2]
                 for name, result in results.items():
                     if result is None:  # out of memory: a row that says so
                         rows.append({"model": model_name, "T": T, "mode": mode, "path": name,
                                      "fwd ms": "OOM", "fwd+bwd ms": "OOM"})  # fmt: skip
                         continue
-                    t_fwd, t_step, peak = result
+                    t_fwd, t_step, peak, t_gpu = result
                     rows.append({
                         "model": model_name, "T": T, "mode": mode, "path": name,
                         "fwd ms": f"{t_fwd:.2f}", "fwd+bwd ms": f"{t_step:.2f}",
                         "fwd TF/s": f"{flops / t_fwd / 1e9:.0f}",
                         "fwd+bwd TF/s": f"{passes_step * flops / t_step / 1e9:.0f}",
+                        "fwd+bwd GPU ms": "" if t_gpu is None else f"{t_gpu:.2f}",
                         "peak GiB": f"{peak:.2f}", "peak / HF": f"{peak / peer_peak:.2f}",
                         "moeforge speedup": f"{t_step / ours:.2f}x",
                     })  # fmt: skip

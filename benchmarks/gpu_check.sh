@@ -7,6 +7,8 @@
 #   the default engine only, without the op-by-op composition)
 #   SANITIZER_BINS="router_loss grouped_gemm" SANITIZER_GTEST_FILTER=...  (compute-sanitizer subset)
 #   GPU_CHECK_STEPS="... profile"  adds profile_layer.py's per-kernel times (train, frozen, lora)
+#   BENCH_GPU_TIME=                bench_layer without its kernel-time column (faster; set it for
+#                                  the five models' rows)
 #   GPU_CHECK_STEPS="build bench_layer" MOEFORGE_BENCH_MODELS="mixtral-8x7b olmoe deepseek-v3
 #   gpt-oss-20b" BENCH_TOKENS="4096 16384 65536" BENCH_ENGINES=auto BENCH_UNFUSED=
 #                                  the other models' layer rows (paths out of memory print OOM;
@@ -60,7 +62,7 @@ wants ctest && step ctest 240 ctest --test-dir build/gpu --output-on-failure --t
 cd benchmarks
 wants bench_layer && step bench_layer "${BENCH_LAYER_TIMEOUT:-420}" python bench_layer.py --models $MODELS \
   --tokens ${BENCH_TOKENS:-4096 16384} --engines ${BENCH_ENGINES:-auto moeforge} ${BENCH_UNFUSED---unfused} \
-  --json "$LOGS/bench_layer.json"
+  ${BENCH_GPU_TIME---gpu-time} --json "$LOGS/bench_layer.json"
 wants bench_permute && step bench_permute 180 python bench_permute.py --tokens 4096 16384 65536 \
   --models qwen3-30b-a3b olmoe mixtral-8x7b gpt-oss-20b deepseek-v3 --json "$LOGS/bench_permute.json"
 wants bench_lora_expand && step bench_lora_expand 180 python bench_lora_expand.py --tokens 4096 16384 \
