@@ -1,0 +1,61 @@
+// Stage S1 of docs/hopper-gemm-plan.md: a dense grouped GEMM on Hopper's warpgroup MMA (wgmma,
+// sm_90a), not yet run on a GPU and not used by any op: the GoogleTest suite
+// tests/cpp/test_grouped_gemm_sm90.cpp is its first user, to check the shared-memory layout,
+// the descriptors and the accumulator map on a GPU before the gather and the fused epilogues are
+// built on them.
+//
+//   y[r, :] = x[r, :] W_e^T   for the rows r of expert e, m(e) <= r < m(e + 1)
+//
+// x [num_rows, k] and y [num_rows, n] row-major with leading dimensions ldx / ldy; w [E, n, k]
+// (HF's K-major layout: w + e * w_stride_e + j * ldw is row j of W_e); bfloat16 in and out,
+// fp32 accumulation. m(0..E): the offsets clamped into [0, num_rows] and made non-decreasing
+// (expert_bounds.cuh), read on the device — no host synchronisation, CUDA-graph capturable. Rows
+// of no expert (r >= m(E)) are not written. Deterministic: each element comes from one CTA's
+// fixed sequence of wgmma steps.
+//
+// Requirements (else cudaErrorInvalidValue): k, n, ldx, ldy, ldw multiples of 8; x, y, w 16-byte
+// aligned; w_stride_e a multiple of 8; 1 <= num_experts <= kGroupedGemmSm90MaxExperts. Runs on
+// compute capability 9.0 only (grouped_gemm_sm90_supported says whether this build and device can).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace moeforge::kernels {
+
+inline constexpr int64_t kGroupedGemmSm90MaxExperts = 1024;
+
+struct GroupedGemmSm90Args {
+  const __nv_bfloat16* x = nullptr;
+  int64_t ldx = 0;
+  const __nv_bfloat16* w = nullptr;
+  int64_t ldw = 0;
+  int64_t w_stride_e = 0;
+  __nv_bfloat16* y = nullptr;
+  int64_t ldy = 0;
+  const int32_t* expert_offsets = nullptr;  // [num_experts + 1], device
+  int64_t num_rows = 0, k = 0, n = 0, num_experts = 0;
+};
+
+// The requirements above (sizes, multiples of 8, alignment, expert count).
+inline bool grouped_gemm_sm90_args_valid(const GroupedGemmSm90Args& a) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return a.num_rows >= 0 && a.num_rows <= INT32_MAX && a.k >= 0 && a.n >= 0 && a.num_experts >= 1 &&
+         a.num_experts <= kGroupedGemmSm90MaxExperts && a.k % 8 == 0 && a.n % 8 == 0 &&
+         a.ldx % 8 == 0 && a.ldy % 8 == 0 && a.ldw % 8 == 0 && a.w_stride_e % 8 == 0 &&
+         a.ldx >= a.k && a.ldw >= a.k && a.ldy >= a.n && a.w_stride_e >= 0 &&
+         a.expert_offsets != nullptr && aligned(a.x) && aligned(a.y) && aligned(a.w);
+}
+
+// Whether this build holds the sm_90a kernel (CUDA architecture 9.0 in the build) and the
+// current device is compute capability 9.0.
+cudaError_t grouped_gemm_sm90_supported(bool* supported);
+
+// Launches the kernel on `stream`: cudaErrorInvalidValue for arguments that break the
+// requirements, cudaErrorNotSupported where grouped_gemm_sm90_supported is false, else the first
+// CUDA error.
+cudaError_t launch_grouped_gemm_sm90(const GroupedGemmSm90Args& args, cudaStream_t stream);
+
+}  // namespace moeforge::kernels

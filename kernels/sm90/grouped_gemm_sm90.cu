@@ -1,0 +1,272 @@
+// Stage S1 of docs/hopper-gemm-plan.md (contract: moeforge/kernels/grouped_gemm_sm90.h): a dense
+// grouped GEMM on wgmma, built for sm_90a only (CMakeLists.txt), not yet run on a GPU.
+//
+// Design, the simplest that exercises the pieces the fused kernels will build on:
+// - Persistent CTAs of 256 threads (two warpgroups). Each builds the expert bounds m(0..E) and
+//   the exclusive prefix of M tiles per expert in shared memory, then walks the tiles of the
+//   schedule (sm90_layout.h tile_coord: 128-row M tiles over unpadded expert segments, N tiles of
+//   128 columns fastest), blockIdx.x, + gridDim.x, ...
+// - Operands through cp.async (every thread: 4 chunks of A, 4 of B per stage) into 1024-byte
+//   aligned stage buffers laid out K-major with the 128-byte swizzle (sm90_layout.h
+//   sw128_offset); rows past an expert's tail, columns past n and k past k are zero-filled
+//   (src-size 0). Three stages; after its cp.async.wait_group each thread fences the async proxy
+//   (wgmma reads shared memory through it) before the barrier.
+// - Warpgroup g computes rows 64g..64g+63 of the tile: per 64-wide k block four
+//   wgmma.m64n128k16 (f32 += bf16 x bf16, both operands K-major in shared memory, descriptors of
+//   sm90_layout.h gmma_descriptor, start advanced 32 bytes per k16), committed and waited before
+//   the stage is refilled.
+// - Epilogue straight from the accumulators (sm90_layout.h accumulator_coord): pairs of adjacent
+//   columns rounded to bf16 and stored 4 bytes at a time, rows past the expert's segment skipped.
+// Not tuned: no TMA, no warp specialisation, no overlap of epilogue and loads.
+#include <algorithm>
+#include <cstdint>
+
+#include "../expert_bounds.cuh"
+#include "../launch.cuh"
+#include "moeforge/kernels/cuda_check.h"
+#include "moeforge/kernels/grouped_gemm_sm90.h"
+#include "moeforge/kernels/sm90_layout.h"
+
+namespace moeforge::kernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kBM = 128, kBN = 128, kBK = 64;  // kBK bf16 = one 128-byte swizzled row
+constexpr int kStages = 3;
+constexpr int kTileBytes = kBM * kBK * 2;  // 16 KB, A and B alike (kBN == kBM)
+constexpr int kStageBytes = 2 * kTileBytes;
+constexpr int kChunksPerRow = kBK * 2 / 16;                       // 8
+constexpr int kChunksPerThread = kBM * kChunksPerRow / kThreads;  // 4 of A, 4 of B
+constexpr int kAcc = kBN / 2;  // fp32 accumulators per thread of an m64n128 result
+constexpr size_t kBoundsBytes = 4 * (2 * (kGroupedGemmSm90MaxExperts + 1) + kBoundsMaxWarps);
+// Dynamic shared memory: bounds and tile prefix, then 1024-byte aligned stages (+ alignment slack).
+constexpr size_t kSmemBytes = kBoundsBytes + 1024 + size_t{kStages} * kStageBytes;
+static_assert(kBM == kBN, "one chunk mapping serves A and B");
+
+// 16 bytes global -> shared, the last 16 - src_bytes of them zero (src_bytes in [0, 16]).
+__device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
+               "l"(__cvta_generic_to_global(src)), "r"(src_bytes)
+               : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit_group() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int kInFlight>
+__device__ __forceinline__ void cp_async_wait_group() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kInFlight) : "memory");
+#endif
+}
+
+// Shared memory written through the generic proxy (cp.async) becomes visible to wgmma, which
+// reads through the async proxy.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wgmma_commit_group() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wgmma_wait_all() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+
+// d[64 x 128] += A[64 x 16] B^T, A rows and B rows (the n index) both K-major bf16 in shared
+// memory through their descriptors; fp32 accumulators (scale-d = 1: add to d).
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kAcc], uint64_t desc_a,
+                                                 uint64_t desc_b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  const int scale_d = 1;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "
+      "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "
+      "%56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+#else
+  (void)d, (void)desc_a, (void)desc_b;
+#endif
+}
+
+// Makes every later use of d depend on the asm statements before it: the compiler may not move
+// the epilogue's reads of the accumulators above the wgmma wait, which names no registers.
+__device__ __forceinline__ void fence_accumulators(float (&d)[kAcc]) {
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// Loads the A (rows row0.., k block kb) and B (rows n0.. of W_e) tiles of one stage.
+__device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args, uint32_t stage,
+                                           int64_t row0, int64_t rows, int64_t n0,
+                                           const __nv_bfloat16* w_e, int64_t k0) {
+  const int tid = static_cast<int>(threadIdx.x);
+#pragma unroll
+  for (int i = 0; i < kChunksPerThread; ++i) {
+    const int id = tid + i * kThreads;
+    const int r = id / kChunksPerRow, c = id % kChunksPerRow;
+    const int64_t k = k0 + c * 8;
+    const int k_bytes = k < args.k ? static_cast<int>(std::min<int64_t>(8, args.k - k)) * 2 : 0;
+    const uint32_t offset = sm90::sw128_offset(static_cast<uint32_t>(r), static_cast<uint32_t>(c));
+    // A: row row0 + r of x (zero past the segment's tail).
+    const bool a_ok = r < rows && k_bytes > 0;
+    const __nv_bfloat16* a_src = a_ok ? args.x + (row0 + r) * args.ldx + k : args.x;
+    cp_async_16_zfill(stage + offset, a_src, a_ok ? k_bytes : 0);
+    // B: row n0 + r of W_e (zero past n).
+    const bool b_ok = n0 + r < args.n && k_bytes > 0;
+    const __nv_bfloat16* b_src = b_ok ? w_e + (n0 + r) * args.ldw + k : args.w;
+    cp_async_16_zfill(stage + kTileBytes + offset, b_src, b_ok ? k_bytes : 0);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    grouped_gemm_sm90_kernel(const GroupedGemmSm90Args args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  unsigned char* smem = dynamic_shared_memory<unsigned char>();
+  int32_t* bound = reinterpret_cast<int32_t*>(smem);             // [E + 1]
+  int32_t* tile_start = bound + kGroupedGemmSm90MaxExperts + 1;  // [E + 1]
+  int32_t* warp_max = tile_start + kGroupedGemmSm90MaxExperts + 1;
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t stages = (smem_base + static_cast<uint32_t>(kBoundsBytes) + 1023u) & ~1023u;
+  const int64_t E = args.num_experts;
+
+  build_expert_bounds(args.expert_offsets, E, args.num_rows, bound, warp_max);
+  if (threadIdx.x == 0) {  // E <= 1024: one thread's prefix is short next to the GEMM
+    tile_start[0] = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      tile_start[e + 1] =
+          tile_start[e] + static_cast<int32_t>(sm90::m_tiles(bound[e + 1] - bound[e], kBM));
+    }
+  }
+  __syncthreads();
+  const int64_t n_tiles = (args.n + kBN - 1) / kBN;
+  const int64_t num_tiles = int64_t{tile_start[E]} * n_tiles;
+  const int64_t k_blocks = (args.k + kBK - 1) / kBK;
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int group = warp / 4;  // warpgroup: rows 64 group .. of the tile
+
+  for (int64_t t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+    const sm90::TileCoord tile = sm90::tile_coord<int32_t>(t, bound, tile_start, E, n_tiles, kBM);
+    const int64_t n0 = tile.n_tile * kBN;
+    const __nv_bfloat16* w_e = args.w + tile.expert * args.w_stride_e;
+    float d[kAcc];
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) d[i] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < k_blocks)
+        load_stage(args, stages + s * kStageBytes, tile.row0, tile.rows, n0, w_e, s * kBK);
+      cp_async_commit_group();
+    }
+    for (int64_t kb = 0; kb < k_blocks; ++kb) {
+      cp_async_wait_group<kStages - 2>();  // this thread's copies of stage kb have landed
+      fence_proxy_async_shared();
+      __syncthreads();  // everyone's copies of stage kb are in; stage kb - 1 is no longer read
+      const int64_t next = kb + kStages - 1;
+      if (next < k_blocks) {
+        load_stage(args, stages + static_cast<uint32_t>(next % kStages) * kStageBytes, tile.row0,
+                   tile.rows, n0, w_e, next * kBK);
+      }
+      cp_async_commit_group();
+      const uint32_t stage = stages + static_cast<uint32_t>(kb % kStages) * kStageBytes;
+      const uint32_t a_tile = stage + static_cast<uint32_t>(group) * (64 * 128);
+      const uint32_t b_tile = stage + kTileBytes;
+      fence_accumulators(d);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < kBK / 16; ++j) {  // k16 steps: 32 bytes along the swizzled rows
+        const uint64_t desc_a =
+            sm90::gmma_descriptor(a_tile + 32u * j, 16, 1024, sm90::GmmaLayout::kSwizzle128B);
+        const uint64_t desc_b =
+            sm90::gmma_descriptor(b_tile + 32u * j, 16, 1024, sm90::GmmaLayout::kSwizzle128B);
+        wgmma_m64n128k16(d, desc_a, desc_b);
+      }
+      wgmma_commit_group();
+      wgmma_wait_all();
+      fence_accumulators(d);
+    }
+    cp_async_wait_group<0>();
+    __syncthreads();  // the next tile's prologue refills stages this tile's last steps read
+
+    // Epilogue: value pairs (i, i + 1) are columns (c, c + 1) of one row.
+#pragma unroll
+    for (int i = 0; i < kAcc; i += 2) {
+      const sm90::FragCoord c = sm90::accumulator_coord(warp % 4, lane, i);
+      const int64_t r = 64 * group + c.row, col = n0 + c.col;
+      if (r < tile.rows && col < args.n) {
+        __nv_bfloat162 pair = __floats2bfloat162_rn(d[i], d[i + 1]);
+        *reinterpret_cast<__nv_bfloat162*>(args.y + (tile.row0 + r) * args.ldy + col) = pair;
+      }
+    }
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built without sm_90a features: never launched (CMakeLists.txt builds 90a only)
+#endif
+}
+
+}  // namespace
+
+cudaError_t grouped_gemm_sm90_supported(bool* supported) {
+  *supported = false;
+  int device = 0, major = 0, minor = 0;
+  MOEFORGE_CUDA_CHECK(cudaGetDevice(&device));
+  MOEFORGE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  MOEFORGE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  *supported = major == 9 && minor == 0;
+  return cudaSuccess;
+}
+
+cudaError_t launch_grouped_gemm_sm90(const GroupedGemmSm90Args& args, cudaStream_t stream) {
+  if (!grouped_gemm_sm90_args_valid(args)) return cudaErrorInvalidValue;
+  if (args.num_rows == 0 || args.n == 0) return cudaSuccess;
+  if (args.x == nullptr || args.y == nullptr || args.w == nullptr) return cudaErrorInvalidValue;
+  bool supported = false;
+  MOEFORGE_CUDA_CHECK(grouped_gemm_sm90_supported(&supported));
+  if (!supported) return cudaErrorNotSupported;
+  MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_sm90_kernel,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(kSmemBytes)));
+  int device = 0, sms = 0;
+  MOEFORGE_CUDA_CHECK(cudaGetDevice(&device));
+  MOEFORGE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  MOEFORGE_CUDA_CHECK(launch_kernel(grouped_gemm_sm90_kernel, dim3(static_cast<unsigned>(sms)),
+                                    dim3(kThreads), kSmemBytes, stream, args));
+  return cudaSuccess;
+}
+
+}  // namespace moeforge::kernels

@@ -1,0 +1,16 @@
+// moeforge/kernels/grouped_gemm_sm90.h for builds without CUDA architecture 9.0 (CMakeLists.txt
+// links this file instead of grouped_gemm_sm90.cu): the kernel is not in the build.
+#include "moeforge/kernels/grouped_gemm_sm90.h"
+
+namespace moeforge::kernels {
+
+cudaError_t grouped_gemm_sm90_supported(bool* supported) {
+  *supported = false;
+  return cudaSuccess;
+}
+
+cudaError_t launch_grouped_gemm_sm90(const GroupedGemmSm90Args& args, cudaStream_t) {
+  return grouped_gemm_sm90_args_valid(args) ? cudaErrorNotSupported : cudaErrorInvalidValue;
+}
+
+}  // namespace moeforge::kernels

@@ -1,0 +1,257 @@
+// GoogleTest for kernels/sm90/grouped_gemm_sm90.cu (stage S1 of docs/hopper-gemm-plan.md): the
+// wgmma grouped GEMM against a float64 host reference, in an order that isolates its pieces on a
+// first GPU run — one tile of one k block (descriptors, swizzle, accumulator map), a long k loop
+// (the pipeline), many tiles (the persistent schedule), then unpadded expert segments with
+// empty experts, tails of every size, k / n tails and padded leading dimensions, corrupt offsets
+// and determinism. Outputs start as NaN bytes (0xFF): rows of no expert must keep them. A
+// mismatch prints where it is within its 128 x 128 tile and what it looks like (a value that
+// belongs to another column of the same 8-column group points at the swizzle or the descriptor; to
+// row +- 8, at the accumulator map). Every launching case skips without an sm_90 GPU and a build
+// that holds the kernel; the argument checks run everywhere.
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda_test_utils.h"
+#include "moeforge/kernels/grouped_gemm_sm90.h"
+
+namespace moeforge::testing {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+#define MOEFORGE_SKIP_WITHOUT_SM90()                                                       \
+  do {                                                                                     \
+    MOEFORGE_SKIP_WITHOUT_GPU();                                                           \
+    bool supported = false;                                                                \
+    MOEFORGE_ASSERT_CUDA(kernels::grouped_gemm_sm90_supported(&supported));                \
+    if (!supported) GTEST_SKIP() << "needs a compute capability 9.0 GPU and sm_90a build"; \
+  } while (0)
+
+std::vector<bf16> random_bf16(int64_t count, uint32_t seed, double scale) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<double> dist(-1.0, 1.0);
+  std::vector<bf16> v(count);
+  for (auto& x : v) {
+    do {
+      x = __float2bfloat16(static_cast<float>(scale * dist(gen)));
+    } while (__bfloat162float(x) == 0.0f);
+  }
+  return v;
+}
+
+struct Case {
+  std::string what;
+  std::vector<int32_t> offsets;  // [E + 1], taken as given
+  int64_t rows, k, n;
+  int64_t pad_x = 0, pad_w = 0, pad_y = 0;
+};
+
+std::vector<int64_t> bounds(const std::vector<int32_t>& offsets, int64_t rows) {
+  std::vector<int64_t> m(offsets.size(), 0);
+  for (size_t e = 1; e < offsets.size(); ++e) {
+    m[e] = std::max(m[e - 1], std::min<int64_t>(std::max<int64_t>(offsets[e], 0), rows));
+  }
+  return m;
+}
+
+// The first few mismatches, each with its place in the 128 x 128 tile and a hint of its cause.
+void report(const std::vector<double>& got, const std::vector<double>& ref,
+            const std::vector<double>& tol, int64_t row0, int64_t rows, int64_t n, int64_t ldy,
+            int64_t r, int64_t c) {
+  const auto at = [&](int64_t rr, int64_t cc) { return ref[rr * ldy + cc]; };
+  const double g = got[r * ldy + c];
+  std::string hint;
+  for (int64_t dc = -7; dc <= 7 && hint.empty(); ++dc) {
+    const int64_t cc = c + dc;
+    if (dc != 0 && cc >= 0 && cc < n && std::abs(at(r, cc) - g) <= tol[r * ldy + c]) {
+      hint = "equals the reference at column " + std::to_string(cc) + " (swizzle / descriptor?)";
+    }
+  }
+  for (const int64_t dr : {-8, 8, -16, 16, -64, 64}) {
+    const int64_t rr = r + dr;
+    if (hint.empty() && rr >= row0 && rr < row0 + rows &&
+        std::abs(at(rr, c) - g) <= tol[r * ldy + c]) {
+      hint = "equals the reference at row " + std::to_string(rr) + " (accumulator map?)";
+    }
+  }
+  ADD_FAILURE() << "y[" << r << ", " << c << "] (tile row " << (r - row0) % 128 << ", tile col "
+                << c % 128 << "): got " << g << ", want " << at(r, c) << " +- " << tol[r * ldy + c]
+                << (hint.empty() ? "" : "; " + hint);
+}
+
+std::vector<bf16> run(const Case& c, const std::vector<int32_t>& offsets,
+                      const std::vector<bf16>& x, const std::vector<bf16>& w) {
+  const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
+  const int64_t ldx = c.k + c.pad_x, ldw = c.k + c.pad_w, ldy = c.n + c.pad_y;
+  DeviceBuffer<bf16> d_x(x), d_w(w), d_y(c.rows * ldy);
+  DeviceBuffer<int32_t> d_off(offsets);
+  d_y.poison(0xFF);
+  kernels::GroupedGemmSm90Args args;
+  args.x = d_x.data();
+  args.ldx = ldx;
+  args.w = d_w.data();
+  args.ldw = ldw;
+  args.w_stride_e = c.n * ldw;
+  args.y = d_y.data();
+  args.ldy = ldy;
+  args.expert_offsets = d_off.data();
+  args.num_rows = c.rows;
+  args.k = c.k;
+  args.n = c.n;
+  args.num_experts = E;
+  EXPECT_EQ(kernels::launch_grouped_gemm_sm90(args, nullptr), cudaSuccess);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  return d_y.download();
+}
+
+void check_case(const Case& c, uint32_t seed) {
+  SCOPED_TRACE(c.what);
+  const int64_t E = static_cast<int64_t>(c.offsets.size()) - 1;
+  const int64_t ldx = c.k + c.pad_x, ldw = c.k + c.pad_w, ldy = c.n + c.pad_y;
+  const std::vector<bf16> x = random_bf16(c.rows * ldx, seed, 1.0);
+  const std::vector<bf16> w = random_bf16(E * c.n * ldw, seed + 1, 1.0 / std::sqrt(c.k + 1.0));
+  const std::vector<bf16> y = run(c, c.offsets, x, w);
+  const std::vector<int64_t> m = bounds(c.offsets, c.rows);
+  std::vector<double> got(c.rows * ldy, 0), ref(c.rows * ldy, 0), tol(c.rows * ldy, 0);
+  int bad = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t r = m[e]; r < m[e + 1]; ++r) {
+      for (int64_t j = 0; j < c.n; ++j) {
+        double acc = 0, mag = 0;
+        for (int64_t q = 0; q < c.k; ++q) {
+          const double p = static_cast<double>(__bfloat162float(x[r * ldx + q])) *
+                           __bfloat162float(w[(e * c.n + j) * ldw + q]);
+          acc += p;
+          mag += std::abs(p);
+        }
+        ref[r * ldy + j] = acc;
+        // bf16 rounding of the result + fp32 accumulation over k terms (twice for slack).
+        tol[r * ldy + j] = unit_roundoff<bf16>() * std::abs(acc) +
+                           2.0 * static_cast<double>(c.k) * std::ldexp(1.0, -24) * mag + 1e-30;
+        got[r * ldy + j] = __bfloat162float(y[r * ldy + j]);
+      }
+    }
+  }
+  for (int64_t e = 0; e < E && bad < 6; ++e) {
+    for (int64_t r = m[e]; r < m[e + 1] && bad < 6; ++r) {
+      for (int64_t j = 0; j < c.n && bad < 6; ++j) {
+        const double g = got[r * ldy + j];
+        if (!(std::abs(g - ref[r * ldy + j]) <= tol[r * ldy + j])) {
+          const int64_t tile_row0 = m[e] + ((r - m[e]) / 128) * 128;
+          report(got, ref, tol, tile_row0, std::min<int64_t>(128, m[e + 1] - tile_row0), c.n, ldy,
+                 r, j);
+          ++bad;
+        }
+      }
+    }
+  }
+  // Rows of no expert and the padding columns keep their NaN bytes.
+  uint16_t nan_bits;
+  std::memset(&nan_bits, 0xFF, sizeof(nan_bits));
+  for (int64_t r = 0; r < c.rows; ++r) {
+    const bool routed = r < m[E];
+    for (int64_t j = routed ? c.n : 0; j < ldy; ++j) {
+      uint16_t bits;
+      std::memcpy(&bits, &y[r * ldy + j], sizeof(bits));
+      if (bits != nan_bits && bad++ < 6) {
+        ADD_FAILURE() << "y[" << r << ", " << j << "] was written (row of no expert or padding)";
+      }
+    }
+  }
+}
+
+std::vector<int32_t> random_offsets(int64_t num_experts, int64_t rows, uint32_t seed,
+                                    int64_t dropped) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int64_t> pick(0, rows - dropped);
+  std::vector<int32_t> cuts(num_experts - 1);
+  for (auto& v : cuts) v = static_cast<int32_t>(pick(gen));
+  std::sort(cuts.begin(), cuts.end());
+  std::vector<int32_t> offsets(1, 0);
+  offsets.insert(offsets.end(), cuts.begin(), cuts.end());
+  offsets.push_back(static_cast<int32_t>(rows - dropped));
+  return offsets;
+}
+
+TEST(GroupedGemmSm90, OneTileOneKBlock) {
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  check_case({"128 x 128, k = 64", {0, 128}, 128, 64, 128}, 1);
+}
+
+TEST(GroupedGemmSm90, LongKLoop) {
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  check_case({"k = 1024", {0, 128}, 128, 1024, 128}, 2);
+  check_case({"k = 128 (two blocks, one stage ahead)", {0, 128}, 128, 128, 128}, 3);
+}
+
+TEST(GroupedGemmSm90, ManyTilesOneExpert) {
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  check_case({"1000 rows, n = 384", {0, 1000}, 1000, 256, 384}, 4);
+}
+
+TEST(GroupedGemmSm90, UnpaddedExpertsAndTails) {
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  check_case({"empty experts, tails", {0, 0, 1, 129, 129, 300, 427, 427}, 440, 128, 256}, 5);
+  check_case({"k and n tails, padded strides", {0, 37, 37, 200}, 210, 72, 136, 8, 16, 24}, 6);
+  check_case({"E = 32 random", random_offsets(32, 3000, 7, 13), 3000, 512, 256}, 7);
+  check_case({"E = 1", {0, 5}, 5, 64, 8}, 8);
+}
+
+TEST(GroupedGemmSm90, CorruptOffsetsReadClamped) {
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  check_case({"negative, decreasing, past the rows", {9, 40, -3, 90, 20, 500}, 100, 64, 128}, 9);
+}
+
+TEST(GroupedGemmSm90, QwenLikeShapes) {
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  check_case({"E = 16, k = 2048, n = 256", random_offsets(16, 2048, 10, 0), 2048, 2048, 256}, 10);
+}
+
+TEST(GroupedGemmSm90, Deterministic) {
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  const Case c{"determinism", random_offsets(8, 1500, 11, 5), 1500, 320, 256};
+  const std::vector<bf16> x = random_bf16(c.rows * c.k, 12, 1.0);
+  const std::vector<bf16> w = random_bf16(8 * c.n * c.k, 13, 0.05);
+  const std::vector<bf16> a = run(c, c.offsets, x, w), b = run(c, c.offsets, x, w);
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(bf16)), 0);
+}
+
+TEST(GroupedGemmSm90Arguments, RejectsBadArguments) {
+  kernels::GroupedGemmSm90Args ok;
+  ok.x = reinterpret_cast<const bf16*>(uintptr_t{256});
+  ok.w = reinterpret_cast<const bf16*>(uintptr_t{256});
+  ok.y = reinterpret_cast<bf16*>(uintptr_t{256});
+  ok.expert_offsets = reinterpret_cast<const int32_t*>(uintptr_t{256});
+  ok.num_rows = 16;
+  ok.k = ok.ldx = ok.ldw = 64;
+  ok.n = ok.ldy = 64;
+  ok.w_stride_e = 64 * 64;
+  ok.num_experts = 2;
+  EXPECT_TRUE(kernels::grouped_gemm_sm90_args_valid(ok));
+  auto bad = [&](auto mutate) {
+    kernels::GroupedGemmSm90Args a = ok;
+    mutate(a);
+    EXPECT_FALSE(kernels::grouped_gemm_sm90_args_valid(a));
+    EXPECT_EQ(kernels::launch_grouped_gemm_sm90(a, nullptr), cudaErrorInvalidValue);
+  };
+  bad([](auto& a) { a.k = 60; });
+  bad([](auto& a) { a.n = 12; });
+  bad([](auto& a) { a.ldy = 56; });
+  bad([](auto& a) { a.num_experts = 0; });
+  bad([](auto& a) { a.num_experts = kernels::kGroupedGemmSm90MaxExperts + 1; });
+  bad([](auto& a) { a.x = reinterpret_cast<const bf16*>(uintptr_t{258}); });
+  bad([](auto& a) { a.expert_offsets = nullptr; });
+  bad([](auto& a) { a.num_rows = -1; });
+}
+
+}  // namespace
+}  // namespace moeforge::testing
