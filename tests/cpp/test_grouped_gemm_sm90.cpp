@@ -196,6 +196,20 @@ TEST(GroupedGemmSm90, LongKLoop) {
 TEST(GroupedGemmSm90, ManyTilesOneExpert) {
   MOEFORGE_SKIP_WITHOUT_SM90();
   check_case({"1000 rows, n = 384", {0, 1000}, 1000, 256, 384}, 4);
+  // 32 x 8 = 256 tiles: more than the persistent grid (one CTA per SM, <= 132), so CTAs run a
+  // second tile (re-zeroed accumulators, stages refilled after the previous tile read them).
+  check_case({"256 tiles, CTAs run several", {0, 4096}, 4096, 64, 1024}, 14);
+}
+
+TEST(GroupedGemmSm90, EmptyKGivesZeros) {
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  check_case({"k = 0", {0, 50, 90}, 100, 0, 64}, 15);
+}
+
+TEST(GroupedGemmSm90, ManyExperts) {
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  check_case({"E = 1023", random_offsets(1023, 6000, 16, 9), 6000, 64, 128}, 16);
+  check_case({"E = 1024", random_offsets(1024, 3000, 17, 0), 3000, 64, 64}, 17);
 }
 
 TEST(GroupedGemmSm90, UnpaddedExpertsAndTails) {

@@ -14,8 +14,10 @@
 // fixed sequence of wgmma steps.
 //
 // Requirements (else cudaErrorInvalidValue): k, n, ldx, ldy, ldw multiples of 8; x, y, w 16-byte
-// aligned; w_stride_e a multiple of 8; 1 <= num_experts <= kGroupedGemmSm90MaxExperts. Runs on
-// compute capability 9.0 only (grouped_gemm_sm90_supported says whether this build and device can).
+// aligned; w_stride_e a multiple of 8; 1 <= num_experts <= kGroupedGemmSm90MaxExperts. Not
+// checked: y must not overlap x or w, and W_e must not overlap W_(e+1) (w_stride_e >= n ldw for
+// distinct weights). Runs on compute capability 9.0 only (grouped_gemm_sm90_supported says
+// whether this build and device can).
 #pragma once
 
 #include <cuda_bf16.h>
