@@ -1,7 +1,8 @@
 // Stage S1 of docs/hopper-gemm-plan.md (contract: moeforge/kernels/grouped_gemm_sm90.h): a dense
 // grouped GEMM on wgmma, built for sm_90a only (CMakeLists.txt), not yet run on a GPU.
 //
-// Design, the simplest that exercises the pieces the fused kernels will build on:
+// Design, the simplest that exercises the pieces the fused kernels will build on (with the row
+// gather of stage S2: A rows read through the routing plan, resolved once per tile):
 // - Persistent CTAs of 256 threads (two warpgroups). Each builds the expert bounds m(0..E) and
 //   the exclusive prefix of M tiles per expert in shared memory, then walks the tiles of the
 //   schedule (sm90_layout.h tile_coord: 128-row M tiles over unpadded expert segments, N tiles of
@@ -130,9 +131,21 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[kAcc]) {
   for (int i = 0; i < kAcc; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// Loads the A (rows row0.., k block kb) and B (rows n0.. of W_e) tiles of one stage.
+// The row of x that row r of a tile (rows [row0, row0 + rows) of the routed order) reads, or -1
+// for a zero row: r past the segment's tail, or (gathering) a pair outside [0, T * top_k).
+__device__ __forceinline__ int64_t a_source_row(const GroupedGemmSm90Args& args, int64_t row0,
+                                                int64_t rows, int r) {
+  if (r >= rows) return -1;
+  const int64_t routed = row0 + r;
+  if (args.sorted_pairs == nullptr) return routed;
+  const int64_t pair = args.sorted_pairs[routed];
+  return pair >= 0 && pair < args.num_tokens * args.top_k ? pair / args.top_k : -1;
+}
+
+// Loads one stage: the A tile (this thread's rows a_rows[i] of x, resolved once per tile) and the
+// B tile (rows n0.. of W_e), k block k0.
 __device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args, uint32_t stage,
-                                           int64_t row0, int64_t rows, int64_t n0,
+                                           const int64_t (&a_rows)[kChunksPerThread], int64_t n0,
                                            const __nv_bfloat16* w_e, int64_t k0) {
   const int tid = static_cast<int>(threadIdx.x);
 #pragma unroll
@@ -142,9 +155,8 @@ __device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args, uint
     const int64_t k = k0 + c * 8;
     const int k_bytes = k < args.k ? static_cast<int>(std::min<int64_t>(8, args.k - k)) * 2 : 0;
     const uint32_t offset = sm90::sw128_offset(static_cast<uint32_t>(r), static_cast<uint32_t>(c));
-    // A: row row0 + r of x (zero past the segment's tail).
-    const bool a_ok = r < rows && k_bytes > 0;
-    const __nv_bfloat16* a_src = a_ok ? args.x + (row0 + r) * args.ldx + k : args.x;
+    const bool a_ok = a_rows[i] >= 0 && k_bytes > 0;
+    const __nv_bfloat16* a_src = a_ok ? args.x + a_rows[i] * args.ldx + k : args.x;
     cp_async_16_zfill(stage + offset, a_src, a_ok ? k_bytes : 0);
     // B: row n0 + r of W_e (zero past n).
     const bool b_ok = n0 + r < args.n && k_bytes > 0;
@@ -183,14 +195,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     const sm90::TileCoord tile = sm90::tile_coord<int32_t>(t, bound, tile_start, E, n_tiles, kBM);
     const int64_t n0 = tile.n_tile * kBN;
     const __nv_bfloat16* w_e = args.w + tile.expert * args.w_stride_e;
+    int64_t a_rows[kChunksPerThread];  // read once per tile, used by every k block
+#pragma unroll
+    for (int i = 0; i < kChunksPerThread; ++i) {
+      const int r = (static_cast<int>(threadIdx.x) + i * kThreads) / kChunksPerRow;
+      a_rows[i] = a_source_row(args, tile.row0, tile.rows, r);
+    }
     float d[kAcc];
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) d[i] = 0.0f;
 
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-      if (s < k_blocks)
-        load_stage(args, stages + s * kStageBytes, tile.row0, tile.rows, n0, w_e, s * kBK);
+      if (s < k_blocks) load_stage(args, stages + s * kStageBytes, a_rows, n0, w_e, s * kBK);
       cp_async_commit_group();
     }
     for (int64_t kb = 0; kb < k_blocks; ++kb) {
@@ -199,8 +216,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();  // everyone's copies of stage kb are in; stage kb - 1 is no longer read
       const int64_t next = kb + kStages - 1;
       if (next < k_blocks) {
-        load_stage(args, stages + static_cast<uint32_t>(next % kStages) * kStageBytes, tile.row0,
-                   tile.rows, n0, w_e, next * kBK);
+        load_stage(args, stages + static_cast<uint32_t>(next % kStages) * kStageBytes, a_rows, n0,
+                   w_e, next * kBK);
       }
       cp_async_commit_group();
       const uint32_t stage = stages + static_cast<uint32_t>(kb % kStages) * kStageBytes;

@@ -1,13 +1,14 @@
-// GoogleTest for kernels/sm90/grouped_gemm_sm90.cu (stage S1 of docs/hopper-gemm-plan.md): the
-// wgmma grouped GEMM against a float64 host reference, in an order that isolates its pieces on a
-// first GPU run — one tile of one k block (descriptors, swizzle, accumulator map), a long k loop
-// (the pipeline), many tiles (the persistent schedule), then unpadded expert segments with
+// GoogleTest for kernels/sm90/grouped_gemm_sm90.cu (stages S1-S2 of docs/hopper-gemm-plan.md):
+// the wgmma grouped GEMM against a float64 host reference, in an order that isolates its pieces
+// on a first GPU run — one tile of one k block (descriptors, swizzle, accumulator map), a long k
+// loop (the pipeline), many tiles (the persistent schedule), then unpadded expert segments with
 // empty experts, tails of every size, k / n tails and padded leading dimensions, corrupt offsets
-// and determinism. Outputs start as NaN bytes (0xFF): rows of no expert must keep them. A
-// mismatch prints where it is within its 128 x 128 tile and what it looks like (a value that
-// belongs to another column of the same 8-column group points at the swizzle or the descriptor; to
-// row +- 8, at the accumulator map). Every launching case skips without an sm_90 GPU and a build
-// that holds the kernel; the argument checks run everywhere.
+// and determinism; then the row gather, bitwise against the dense kernel on permuted rows. Outputs
+// start as NaN bytes (0xFF): rows of no expert must keep them. A mismatch prints where it is within
+// its 128 x 128 tile and what it looks like (a value that belongs to another column of the same
+// 8-column group points at the swizzle or the descriptor; to row +- 8, at the accumulator map).
+// Every launching case skips without an sm_90 GPU and a build that holds the kernel; the argument
+// checks run everywhere.
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
@@ -239,6 +240,61 @@ TEST(GroupedGemmSm90, Deterministic) {
   EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(bf16)), 0);
 }
 
+// y from x [x_rows, k] (token-major through sorted_pairs when given), NaN-poisoned first.
+std::vector<bf16> run_rows(const std::vector<bf16>& x, int64_t x_rows, const std::vector<bf16>& w,
+                           const std::vector<int32_t>& offsets, int64_t num_rows, int64_t k,
+                           int64_t n, const std::vector<int32_t>* sorted_pairs, int64_t top_k) {
+  DeviceBuffer<bf16> d_x(x), d_w(w), d_y(num_rows * n);
+  DeviceBuffer<int32_t> d_off(offsets);
+  DeviceBuffer<int32_t> d_pairs(sorted_pairs ? *sorted_pairs : std::vector<int32_t>(1, 0));
+  d_y.poison(0xFF);
+  kernels::GroupedGemmSm90Args args;
+  args.x = d_x.data();
+  args.ldx = args.ldw = k;
+  args.w = d_w.data();
+  args.w_stride_e = n * k;
+  args.y = d_y.data();
+  args.ldy = n;
+  args.expert_offsets = d_off.data();
+  args.num_rows = num_rows;
+  args.k = k;
+  args.n = n;
+  args.num_experts = static_cast<int64_t>(offsets.size()) - 1;
+  if (sorted_pairs != nullptr) {
+    args.sorted_pairs = d_pairs.data();
+    args.num_tokens = x_rows;
+    args.top_k = top_k;
+  }
+  EXPECT_EQ(kernels::launch_grouped_gemm_sm90(args, nullptr), cudaSuccess);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  return d_y.download();
+}
+
+TEST(GroupedGemmSm90, GatherEqualsDenseOnGatheredRows) {
+  // The permute fused into the A load: the same tiles and k order as the dense kernel on the
+  // rows permute would write (zero for a corrupt pair), so the results are bitwise equal.
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  const int64_t T = 300, K = 4, S = T * K, k = 192, n = 256;
+  const std::vector<int32_t> offsets = random_offsets(9, S, 21, 40);  // 40 dropped rows last
+  std::vector<int32_t> pairs(S);
+  for (int64_t i = 0; i < S; ++i) pairs[i] = static_cast<int32_t>(i);
+  std::shuffle(pairs.begin(), pairs.end(), std::mt19937(22));
+  pairs[5] = -3;                              // corrupt: a zero row
+  pairs[700] = static_cast<int32_t>(S + 11);  // corrupt: a zero row
+  const std::vector<bf16> x = random_bf16(T * k, 23, 1.0);
+  const std::vector<bf16> w = random_bf16(9 * n * k, 24, 0.07);
+  std::vector<bf16> rows(S * k, __float2bfloat16(0.0f));
+  for (int64_t r = 0; r < S; ++r) {
+    const int64_t p = pairs[r];
+    if (p >= 0 && p < S) std::copy_n(x.begin() + (p / K) * k, k, rows.begin() + r * k);
+  }
+  const std::vector<bf16> gathered = run_rows(x, T, w, offsets, S, k, n, &pairs, K);
+  const std::vector<bf16> dense = run_rows(rows, S, w, offsets, S, k, n, nullptr, 1);
+  EXPECT_EQ(std::memcmp(gathered.data(), dense.data(), dense.size() * sizeof(bf16)), 0);
+  // The dense kernel on these shapes against float64 (random rows of its own).
+  check_case({"the gather test's shapes, dense", offsets, S, k, n}, 25);
+}
+
 TEST(GroupedGemmSm90Arguments, RejectsBadArguments) {
   kernels::GroupedGemmSm90Args ok;
   ok.x = reinterpret_cast<const bf16*>(uintptr_t{256});
@@ -265,6 +321,10 @@ TEST(GroupedGemmSm90Arguments, RejectsBadArguments) {
   bad([](auto& a) { a.x = reinterpret_cast<const bf16*>(uintptr_t{258}); });
   bad([](auto& a) { a.expert_offsets = nullptr; });
   bad([](auto& a) { a.num_rows = -1; });
+  bad([](auto& a) {
+    a.sorted_pairs = reinterpret_cast<const int32_t*>(uintptr_t{256});
+    a.top_k = 0;
+  });
 }
 
 }  // namespace

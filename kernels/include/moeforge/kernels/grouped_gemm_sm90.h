@@ -4,7 +4,11 @@
 // the descriptors and the accumulator map on a GPU before the gather and the fused epilogues are
 // built on them.
 //
-//   y[r, :] = x[r, :] W_e^T   for the rows r of expert e, m(e) <= r < m(e + 1)
+//   y[r, :] = x[src(r), :] W_e^T   for the rows r of expert e, m(e) <= r < m(e + 1)
+//
+// src(r) = r (x in expert order, [num_rows, k]) or, with the routing plan's sorted_pairs, the token
+// sorted_pairs[r] / top_k of a token-major x [num_tokens, k] — the permute fused into the A load;
+// a pair outside [0, num_tokens * top_k) reads a zero row (permute's rule for a corrupt plan).
 //
 // x [num_rows, k] and y [num_rows, n] row-major with leading dimensions ldx / ldy; w [E, n, k]
 // (HF's K-major layout: w + e * w_stride_e + j * ldw is row j of W_e); bfloat16 in and out,
@@ -39,6 +43,8 @@ struct GroupedGemmSm90Args {
   int64_t ldy = 0;
   const int32_t* expert_offsets = nullptr;  // [num_experts + 1], device
   int64_t num_rows = 0, k = 0, n = 0, num_experts = 0;
+  const int32_t* sorted_pairs = nullptr;  // [>= num_rows] device, or nullptr (x in expert order)
+  int64_t num_tokens = 0, top_k = 1;      // with sorted_pairs: x is [num_tokens, k]
 };
 
 // The requirements above (sizes, multiples of 8, alignment, expert count).
@@ -48,7 +54,9 @@ inline bool grouped_gemm_sm90_args_valid(const GroupedGemmSm90Args& a) {
          a.num_experts <= kGroupedGemmSm90MaxExperts && a.k % 8 == 0 && a.n % 8 == 0 &&
          a.ldx % 8 == 0 && a.ldy % 8 == 0 && a.ldw % 8 == 0 && a.w_stride_e % 8 == 0 &&
          a.ldx >= a.k && a.ldw >= a.k && a.ldy >= a.n && a.w_stride_e >= 0 &&
-         a.expert_offsets != nullptr && aligned(a.x) && aligned(a.y) && aligned(a.w);
+         a.expert_offsets != nullptr && aligned(a.x) && aligned(a.y) && aligned(a.w) &&
+         (a.sorted_pairs == nullptr ||
+          (a.top_k >= 1 && a.num_tokens >= 0 && a.num_tokens <= INT32_MAX / a.top_k));
 }
 
 // Whether this build holds the sm_90a kernel (CUDA architecture 9.0 in the build) and the
