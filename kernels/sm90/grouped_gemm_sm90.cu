@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../async_copy.cuh"
 #include "../expert_bounds.cuh"
 #include "../launch.cuh"
 #include "moeforge/kernels/cuda_check.h"
@@ -44,25 +45,13 @@ constexpr size_t kBoundsBytes = 4 * (2 * (kGroupedGemmSm90MaxExperts + 1) + kBou
 constexpr size_t kSmemBytes = kBoundsBytes + 1024 + size_t{kStages} * kStageBytes;
 static_assert(kBM == kBN, "one chunk mapping serves A and B");
 
-// 16 bytes global -> shared, the last 16 - src_bytes of them zero (src_bytes in [0, 16]).
+// 16 bytes global -> shared, the last 16 - src_bytes of them zero (src_bytes in [0, 16]); committed
+// and waited for with async_copy.cuh's cp_async_commit / cp_async_wait.
 __device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src, int src_bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
                "l"(__cvta_generic_to_global(src)), "r"(src_bytes)
                : "memory");
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit_group() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-template <int kInFlight>
-__device__ __forceinline__ void cp_async_wait_group() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kInFlight) : "memory");
 #endif
 }
 
@@ -208,10 +197,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
       if (s < k_blocks) load_stage(args, stages + s * kStageBytes, a_rows, n0, w_e, s * kBK);
-      cp_async_commit_group();
+      cp_async_commit();
     }
     for (int64_t kb = 0; kb < k_blocks; ++kb) {
-      cp_async_wait_group<kStages - 2>();  // this thread's copies of stage kb have landed
+      cp_async_wait<kStages - 2>();  // this thread's copies of stage kb have landed
       fence_proxy_async_shared();
       __syncthreads();  // everyone's copies of stage kb are in; stage kb - 1 is no longer read
       const int64_t next = kb + kStages - 1;
@@ -219,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         load_stage(args, stages + static_cast<uint32_t>(next % kStages) * kStageBytes, a_rows, n0,
                    w_e, next * kBK);
       }
-      cp_async_commit_group();
+      cp_async_commit();
       const uint32_t stage = stages + static_cast<uint32_t>(kb % kStages) * kStageBytes;
       const uint32_t a_tile = stage + static_cast<uint32_t>(group) * (64 * 128);
       const uint32_t b_tile = stage + kTileBytes;
@@ -237,7 +226,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait_all();
       fence_accumulators(d);
     }
-    cp_async_wait_group<0>();
+    cp_async_wait<0>();
     __syncthreads();  // the next tile's prologue refills stages this tile's last steps read
 
     // Epilogue: value pairs (i, i + 1) are columns (c, c + 1) of one row.
