@@ -1,5 +1,7 @@
 // Stage S1 of docs/hopper-gemm-plan.md (contract: moeforge/kernels/grouped_gemm_sm90.h): a dense
-// grouped GEMM on wgmma, built for sm_90a only (CMakeLists.txt), not yet run on a GPU.
+// grouped GEMM on wgmma, built for sm_90a only (CMakeLists.txt), not yet run on a GPU. The host
+// kernel emulator (tests/emu) runs it with wgmma emulated from the documented layout (below), so
+// its schedule, loads, pipeline and epilogue are tested on machines without a GPU.
 //
 // Design, the simplest that exercises the pieces the fused kernels will build on (with the row
 // gather of stage S2: A rows read through the routing plan, resolved once per tile):
@@ -45,10 +47,27 @@ constexpr size_t kBoundsBytes = 4 * (2 * (kGroupedGemmSm90MaxExperts + 1) + kBou
 constexpr size_t kSmemBytes = kBoundsBytes + 1024 + size_t{kStages} * kStageBytes;
 static_assert(kBM == kBN, "one chunk mapping serves A and B");
 
-// 16 bytes global -> shared, the last 16 - src_bytes of them zero (src_bytes in [0, 16]); committed
-// and waited for with async_copy.cuh's cp_async_commit / cp_async_wait.
+// Shared-window address of a pointer into shared memory (what cp.async and the wgmma descriptors
+// take). On the host kernel emulator: the offset into the block's dynamic shared memory, which the
+// emulated wgmma below resolves back.
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+#if defined(MOEFORGE_KERNEL_EMULATION)
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) -
+                               dynamic_shared_memory<unsigned char>());
+#else
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#endif
+}
+
+// 16 bytes global -> shared, the last 16 - src_bytes of them zero (src_bytes 0 or 16 here);
+// committed and waited for with async_copy.cuh's cp_async_commit / cp_async_wait.
 __device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src, int src_bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(MOEFORGE_KERNEL_EMULATION)
+  alignas(16) static const unsigned char kZeros[16] = {};
+  if (src_bytes != 0 && src_bytes != 16) ::moeforge::emu::trap("cp_async_16_zfill: 0 or 16 bytes");
+  ::moeforge::emu::async_copy(dynamic_shared_memory<unsigned char>() + dst,
+                              src_bytes == 16 ? src : kZeros, 16);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
                "l"(__cvta_generic_to_global(src)), "r"(src_bytes)
                : "memory");
@@ -108,6 +127,38 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kAcc], uint64_t desc
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
         "+f"(d[63])
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+#elif defined(MOEFORGE_KERNEL_EMULATION)
+  // Each thread adds its own accumulators' products (accumulator_coord), reading both operands
+  // through their descriptors as the hardware is documented to: K-major rows of 128 bytes in
+  // 8-row atoms SBO bytes apart, the 128-byte swizzle applied to the address (sm90_layout.h).
+  // This checks that the kernel's writers, descriptors and epilogue agree with one reading of
+  // the layout; only a GPU confirms the reading.
+  const unsigned char* smem = dynamic_shared_memory<unsigned char>();
+  const auto element = [&](uint64_t desc, int row, int kk) {
+    if ((desc >> 62) != static_cast<uint64_t>(sm90::GmmaLayout::kSwizzle128B)) {
+      ::moeforge::emu::trap("emulated wgmma: only the 128-byte swizzle is modelled");
+    }
+    const uint32_t start = static_cast<uint32_t>(desc & 0x3FFFu) << 4;
+    const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFFu) << 4;
+    const uint32_t address = start + (row / 8) * sbo + (row % 8) * 128u + kk * 2u;
+    const uint32_t swizzled = address ^ (((address >> 7) & 7u) << 4);
+    __nv_bfloat16 v;
+    std::memcpy(&v, smem + swizzled, sizeof(v));
+    return __bfloat162float(v);
+  };
+  const int lane = static_cast<int>(threadIdx.x) % 32,
+            warp = (static_cast<int>(threadIdx.x) / 32) % 4;
+  float a[2][16];  // this thread's two rows of A (lane / 4 and + 8 within its warp's 16)
+  for (int h = 0; h < 2; ++h) {
+    for (int kk = 0; kk < 16; ++kk) a[h][kk] = element(desc_a, 16 * warp + lane / 4 + 8 * h, kk);
+  }
+  for (int i = 0; i < kAcc; ++i) {
+    const sm90::FragCoord c = sm90::accumulator_coord(warp, lane, i);
+    const float* row = a[(c.row % 16) / 8];
+    float acc = d[i];
+    for (int kk = 0; kk < 16; ++kk) acc += row[kk] * element(desc_b, c.col, kk);
+    d[i] = acc;
+  }
 #else
   (void)d, (void)desc_a, (void)desc_b;
 #endif
@@ -116,8 +167,12 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kAcc], uint64_t desc
 // Makes every later use of d depend on the asm statements before it: the compiler may not move
 // the epilogue's reads of the accumulators above the wgmma wait, which names no registers.
 __device__ __forceinline__ void fence_accumulators(float (&d)[kAcc]) {
+#if defined(MOEFORGE_KERNEL_EMULATION)
+  (void)d;  // the emulated wgmma is an ordinary call
+#else
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#endif
 }
 
 // The row of x that row r of a tile (rows [row0, row0 + rows) of the routed order) reads, or -1
@@ -156,12 +211,12 @@ __device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args, uint
 
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_sm90_kernel(const GroupedGemmSm90Args args) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(MOEFORGE_KERNEL_EMULATION)
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
   int32_t* bound = reinterpret_cast<int32_t*>(smem);             // [E + 1]
   int32_t* tile_start = bound + kGroupedGemmSm90MaxExperts + 1;  // [E + 1]
   int32_t* warp_max = tile_start + kGroupedGemmSm90MaxExperts + 1;
-  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t smem_base = shared_address(smem);
   const uint32_t stages = (smem_base + static_cast<uint32_t>(kBoundsBytes) + 1023u) & ~1023u;
   const int64_t E = args.num_experts;
 

@@ -8,7 +8,8 @@
 // its 128 x 128 tile and what it looks like (a value that belongs to another column of the same
 // 8-column group points at the swizzle or the descriptor; to row +- 8, at the accumulator map).
 // Every launching case skips without an sm_90 GPU and a build that holds the kernel; the argument
-// checks run everywhere.
+// checks run everywhere; the host kernel emulator runs every case with wgmma emulated from the
+// documented operand layout (kernels/sm90/grouped_gemm_sm90.cu).
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
