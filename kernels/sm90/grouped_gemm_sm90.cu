@@ -3,8 +3,9 @@
 // kernel emulator (tests/emu) runs it with wgmma emulated from the documented layout (below), so
 // its schedule, loads, pipeline and epilogue are tested on machines without a GPU.
 //
-// Design, the simplest that exercises the pieces the fused kernels will build on (with the row
-// gather of stage S2: A rows read through the routing plan, resolved once per tile):
+// Design, the simplest that exercises the pieces the fused kernels will build on (with stage S2's
+// row gather — A rows read through the routing plan, resolved once per tile — and SwiGLU
+// epilogue — B tiles of 64 gate + 64 up rows, h and a = silu(h_gate) h_up written together):
 // - Persistent CTAs of 256 threads (two warpgroups). Each builds the expert bounds m(0..E) and
 //   the exclusive prefix of M tiles per expert in shared memory, then walks the tiles of the
 //   schedule (sm90_layout.h tile_coord: 128-row M tiles over unpadded expert segments, N tiles of
@@ -30,6 +31,7 @@
 #include "moeforge/kernels/cuda_check.h"
 #include "moeforge/kernels/grouped_gemm_sm90.h"
 #include "moeforge/kernels/sm90_layout.h"
+#include "moeforge/kernels/swiglu_math.h"
 
 namespace moeforge::kernels {
 namespace {
@@ -41,7 +43,8 @@ constexpr int kTileBytes = kBM * kBK * 2;  // 16 KB, A and B alike (kBN == kBM)
 constexpr int kStageBytes = 2 * kTileBytes;
 constexpr int kChunksPerRow = kBK * 2 / 16;                       // 8
 constexpr int kChunksPerThread = kBM * kChunksPerRow / kThreads;  // 4 of A, 4 of B
-constexpr int kAcc = kBN / 2;  // fp32 accumulators per thread of an m64n128 result
+constexpr int kAcc = kBN / 2;      // fp32 accumulators per thread of an m64n128 result
+constexpr int kGluHalf = kBN / 2;  // with SwiGLU: gate columns, then as many up columns
 constexpr size_t kBoundsBytes = 4 * (2 * (kGroupedGemmSm90MaxExperts + 1) + kBoundsMaxWarps);
 // Dynamic shared memory: bounds and tile prefix, then 1024-byte aligned stages (+ alignment slack).
 constexpr size_t kSmemBytes = kBoundsBytes + 1024 + size_t{kStages} * kStageBytes;
@@ -202,9 +205,17 @@ __device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args, uint
     const bool a_ok = a_rows[i] >= 0 && k_bytes > 0;
     const __nv_bfloat16* a_src = a_ok ? args.x + a_rows[i] * args.ldx + k : args.x;
     cp_async_16_zfill(stage + offset, a_src, a_ok ? k_bytes : 0);
-    // B: row n0 + r of W_e (zero past n).
-    const bool b_ok = n0 + r < args.n && k_bytes > 0;
-    const __nv_bfloat16* b_src = b_ok ? w_e + (n0 + r) * args.ldw + k : args.w;
+    // B: row n0 + r of W_e (zero past n); with SwiGLU (n0 then counts intermediate columns) the
+    // tile's first 64 rows are gate rows n0.., the next 64 the matching up rows I + n0...
+    int64_t b_row = n0 + r;
+    bool b_ok = b_row < args.n;
+    if (args.a != nullptr) {
+      const int64_t inter = args.n / 2, j = n0 + (r % kGluHalf);
+      b_row = (r < kGluHalf ? 0 : inter) + j;
+      b_ok = j < inter;
+    }
+    b_ok = b_ok && k_bytes > 0;
+    const __nv_bfloat16* b_src = b_ok ? w_e + b_row * args.ldw + k : args.w;
     cp_async_16_zfill(stage + kTileBytes + offset, b_src, b_ok ? k_bytes : 0);
   }
 }
@@ -229,7 +240,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   __syncthreads();
-  const int64_t n_tiles = (args.n + kBN - 1) / kBN;
+  const bool glu = args.a != nullptr;
+  const int64_t tile_cols = glu ? kGluHalf : kBN;  // output columns (intermediate ones with SwiGLU)
+  const int64_t n_tiles = ((glu ? args.n / 2 : args.n) + tile_cols - 1) / tile_cols;
   const int64_t num_tiles = int64_t{tile_start[E]} * n_tiles;
   const int64_t k_blocks = (args.k + kBK - 1) / kBK;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
@@ -237,7 +250,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int64_t t = blockIdx.x; t < num_tiles; t += gridDim.x) {
     const sm90::TileCoord tile = sm90::tile_coord<int32_t>(t, bound, tile_start, E, n_tiles, kBM);
-    const int64_t n0 = tile.n_tile * kBN;
+    const int64_t n0 = tile.n_tile * tile_cols;
     const __nv_bfloat16* w_e = args.w + tile.expert * args.w_stride_e;
     int64_t a_rows[kChunksPerThread];  // read once per tile, used by every k block
 #pragma unroll
@@ -285,13 +298,35 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();  // the next tile's prologue refills stages this tile's last steps read
 
     // Epilogue: value pairs (i, i + 1) are columns (c, c + 1) of one row.
+    if (!glu) {
 #pragma unroll
-    for (int i = 0; i < kAcc; i += 2) {
-      const sm90::FragCoord c = sm90::accumulator_coord(warp % 4, lane, i);
-      const int64_t r = 64 * group + c.row, col = n0 + c.col;
-      if (r < tile.rows && col < args.n) {
-        __nv_bfloat162 pair = __floats2bfloat162_rn(d[i], d[i + 1]);
-        *reinterpret_cast<__nv_bfloat162*>(args.y + (tile.row0 + r) * args.ldy + col) = pair;
+      for (int i = 0; i < kAcc; i += 2) {
+        const sm90::FragCoord c = sm90::accumulator_coord(warp % 4, lane, i);
+        const int64_t r = 64 * group + c.row, col = n0 + c.col;
+        if (r < tile.rows && col < args.n) {
+          const __nv_bfloat162 pair = __floats2bfloat162_rn(d[i], d[i + 1]);
+          *reinterpret_cast<__nv_bfloat162*>(args.y + (tile.row0 + r) * args.ldy + col) = pair;
+        }
+      }
+    } else {
+      // Values i < kAcc / 2 are gate columns c < 64; value i + kAcc / 2 is up column c + 64, same
+      // row, same thread. h is rounded first and a computed from the rounded h, as swiglu does.
+      const int64_t inter = args.n / 2;
+#pragma unroll
+      for (int i = 0; i < kAcc / 2; i += 2) {
+        const sm90::FragCoord c = sm90::accumulator_coord(warp % 4, lane, i);
+        const int64_t r = 64 * group + c.row, j = n0 + c.col;
+        if (r < tile.rows && j < inter) {
+          const __nv_bfloat162 gate = __floats2bfloat162_rn(d[i], d[i + 1]);
+          const __nv_bfloat162 up = __floats2bfloat162_rn(d[i + kAcc / 2], d[i + kAcc / 2 + 1]);
+          __nv_bfloat16* h_row = args.y + (tile.row0 + r) * args.ldy;
+          *reinterpret_cast<__nv_bfloat162*>(h_row + j) = gate;
+          *reinterpret_cast<__nv_bfloat162*>(h_row + inter + j) = up;
+          const __nv_bfloat162 act =
+              __floats2bfloat162_rn(silu_glu(__low2float(gate), __low2float(up)),
+                                    silu_glu(__high2float(gate), __high2float(up)));
+          *reinterpret_cast<__nv_bfloat162*>(args.a + (tile.row0 + r) * args.lda + j) = act;
+        }
       }
     }
   }

@@ -24,6 +24,7 @@
 
 #include "cuda_test_utils.h"
 #include "moeforge/kernels/grouped_gemm_sm90.h"
+#include "moeforge/kernels/swiglu.h"
 
 namespace moeforge::testing {
 namespace {
@@ -90,13 +91,18 @@ void report(const std::vector<double>& got, const std::vector<double>& ref,
                 << (hint.empty() ? "" : "; " + hint);
 }
 
+// y (and, when glu is given, the SwiGLU epilogue's a [rows, n / 2] into *glu, and swiglu's own a
+// from y into *swiglu_of_y), every output NaN-poisoned first.
 std::vector<bf16> run(const Case& c, const std::vector<int32_t>& offsets,
-                      const std::vector<bf16>& x, const std::vector<bf16>& w) {
+                      const std::vector<bf16>& x, const std::vector<bf16>& w,
+                      std::vector<bf16>* glu = nullptr, std::vector<bf16>* swiglu_of_y = nullptr) {
   const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
   const int64_t ldx = c.k + c.pad_x, ldw = c.k + c.pad_w, ldy = c.n + c.pad_y;
   DeviceBuffer<bf16> d_x(x), d_w(w), d_y(c.rows * ldy);
+  DeviceBuffer<bf16> d_a(glu ? c.rows * c.n / 2 : 1), d_swiglu(glu ? c.rows * c.n / 2 : 1);
   DeviceBuffer<int32_t> d_off(offsets);
   d_y.poison(0xFF);
+  d_a.poison(0xFF);
   kernels::GroupedGemmSm90Args args;
   args.x = d_x.data();
   args.ldx = ldx;
@@ -110,19 +116,51 @@ std::vector<bf16> run(const Case& c, const std::vector<int32_t>& offsets,
   args.k = c.k;
   args.n = c.n;
   args.num_experts = E;
+  if (glu != nullptr) {
+    args.a = d_a.data();
+    args.lda = c.n / 2;
+  }
   EXPECT_EQ(kernels::launch_grouped_gemm_sm90(args, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  if (glu != nullptr) {
+    *glu = d_a.download();
+    EXPECT_EQ(ldy, c.n) << "swiglu reads h with rows of 2I";
+    EXPECT_EQ(kernels::launch_swiglu<bf16>(d_y.data(), d_swiglu.data(), c.rows, c.n / 2,
+                                           kernels::GluVariant::kSilu, 0.0, 0.0, nullptr),
+              cudaSuccess);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    *swiglu_of_y = d_swiglu.download();
+  }
   return d_y.download();
 }
 
-void check_case(const Case& c, uint32_t seed) {
+// y against float64; with glu also the epilogue's a: bitwise swiglu(y) on the routed rows (the
+// swiglu kernel run on the same device), untouched (NaN bytes) on the others.
+void check_case(const Case& c, uint32_t seed, bool glu = false) {
   SCOPED_TRACE(c.what);
   const int64_t E = static_cast<int64_t>(c.offsets.size()) - 1;
   const int64_t ldx = c.k + c.pad_x, ldw = c.k + c.pad_w, ldy = c.n + c.pad_y;
   const std::vector<bf16> x = random_bf16(c.rows * ldx, seed, 1.0);
   const std::vector<bf16> w = random_bf16(E * c.n * ldw, seed + 1, 1.0 / std::sqrt(c.k + 1.0));
-  const std::vector<bf16> y = run(c, c.offsets, x, w);
+  std::vector<bf16> a, swiglu_of_y;
+  const std::vector<bf16> y =
+      run(c, c.offsets, x, w, glu ? &a : nullptr, glu ? &swiglu_of_y : nullptr);
   const std::vector<int64_t> m = bounds(c.offsets, c.rows);
+  if (glu) {
+    const int64_t inter = c.n / 2;
+    int mismatches = 0;
+    for (int64_t r = 0; r < c.rows; ++r) {
+      for (int64_t j = 0; j < inter; ++j) {
+        uint16_t got, want = 0xFFFF;
+        std::memcpy(&got, &a[r * inter + j], 2);
+        if (r < m[E]) std::memcpy(&want, &swiglu_of_y[r * inter + j], 2);
+        if (got != want && mismatches++ < 6) {
+          ADD_FAILURE() << "a[" << r << ", " << j << "]: got bits " << got << ", want " << want
+                        << (r < m[E] ? " (swiglu of y)" : " (row of no expert: untouched)");
+        }
+      }
+    }
+  }
   std::vector<double> got(c.rows * ldy, 0), ref(c.rows * ldy, 0), tol(c.rows * ldy, 0);
   int bad = 0;
   for (int64_t e = 0; e < E; ++e) {
@@ -296,6 +334,16 @@ TEST(GroupedGemmSm90, GatherEqualsDenseOnGatheredRows) {
   check_case({"the gather test's shapes, dense", offsets, S, k, n}, 25);
 }
 
+TEST(GroupedGemmSm90, SwigluEpilogue) {
+  // h = x W_gu^T over gate and up rows, and a = silu(h_gate) h_up from the rounded h: the same
+  // h as the plain kernel (float64 check) and bitwise swiglu(h).
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  check_case({"I = 64, one tile", {0, 128}, 128, 64, 128}, 30, true);
+  check_case({"I = 200: a partial intermediate tile", {0, 50, 50, 300}, 310, 128, 400}, 31, true);
+  check_case({"E = 12 random, I = 768 (Qwen3)", random_offsets(12, 900, 32, 7), 900, 256, 1536}, 33,
+             true);
+}
+
 TEST(GroupedGemmSm90Arguments, RejectsBadArguments) {
   kernels::GroupedGemmSm90Args ok;
   ok.x = reinterpret_cast<const bf16*>(uintptr_t{256});
@@ -322,6 +370,11 @@ TEST(GroupedGemmSm90Arguments, RejectsBadArguments) {
   bad([](auto& a) { a.x = reinterpret_cast<const bf16*>(uintptr_t{258}); });
   bad([](auto& a) { a.expert_offsets = nullptr; });
   bad([](auto& a) { a.num_rows = -1; });
+  bad([](auto& a) {  // SwiGLU needs n / 2 a multiple of 8
+    a.a = reinterpret_cast<bf16*>(uintptr_t{256});
+    a.n = a.ldy = 72;
+    a.lda = 40;
+  });
   bad([](auto& a) {
     a.sorted_pairs = reinterpret_cast<const int32_t*>(uintptr_t{256});
     a.top_k = 0;

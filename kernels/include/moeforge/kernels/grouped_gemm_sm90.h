@@ -17,6 +17,13 @@
 // of no expert (r >= m(E)) are not written. Deterministic: each element comes from one CTA's
 // fixed sequence of wgmma steps.
 //
+// SwiGLU in the epilogue (stage S2, when `a` is given): W_e is HF's gate_up_proj [2I, k] (gate
+// rows [0, I), up rows [I, 2I), n = 2I), y receives h [num_rows, 2I] and a [num_rows, I] gets
+// silu(h_gate) * h_up computed from the rounded h exactly as launch_swiglu computes it
+// (swiglu_math.h), so a is bitwise the swiglu of y. A tile then covers 64 intermediate columns:
+// its B tile is 64 gate rows and the 64 matching up rows, so each thread holds both halves of
+// every pair it writes.
+//
 // Requirements (else cudaErrorInvalidValue): k, n, ldx, ldy, ldw multiples of 8; x, y, w 16-byte
 // aligned; w_stride_e a multiple of 8; 1 <= num_experts <= kGroupedGemmSm90MaxExperts. Not
 // checked: y must not overlap x or w, and W_e must not overlap W_(e+1) (w_stride_e >= n ldw for
@@ -43,6 +50,8 @@ struct GroupedGemmSm90Args {
   int64_t ldy = 0;
   const int32_t* expert_offsets = nullptr;  // [num_experts + 1], device
   int64_t num_rows = 0, k = 0, n = 0, num_experts = 0;
+  __nv_bfloat16* a = nullptr;  // [num_rows, n / 2] with SwiGLU in the epilogue, else nullptr
+  int64_t lda = 0;
   const int32_t* sorted_pairs = nullptr;  // [>= num_rows] device, or nullptr (x in expert order)
   int64_t num_tokens = 0, top_k = 1;      // with sorted_pairs: x is [num_tokens, k]
 };
@@ -55,6 +64,8 @@ inline bool grouped_gemm_sm90_args_valid(const GroupedGemmSm90Args& a) {
          a.ldx % 8 == 0 && a.ldy % 8 == 0 && a.ldw % 8 == 0 && a.w_stride_e % 8 == 0 &&
          a.ldx >= a.k && a.ldw >= a.k && a.ldy >= a.n && a.w_stride_e >= 0 &&
          a.expert_offsets != nullptr && aligned(a.x) && aligned(a.y) && aligned(a.w) &&
+         (a.a == nullptr || (a.n % 16 == 0 && a.lda % 8 == 0 && a.lda >= a.n / 2 &&
+                             reinterpret_cast<uintptr_t>(a.a) % 16 == 0)) &&
          (a.sorted_pairs == nullptr ||
           (a.top_k >= 1 && a.num_tokens >= 0 && a.num_tokens <= INT32_MAX / a.top_k));
 }
