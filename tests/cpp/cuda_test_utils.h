@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -41,6 +42,32 @@ inline bool have_gpu() {
     const cudaError_t moeforge_test_err_ = (expr);                                        \
     ASSERT_EQ(moeforge_test_err_, cudaSuccess) << cudaGetErrorString(moeforge_test_err_); \
   } while (0)
+
+// ---- expert offsets -----------------------------------------------------------------------------
+
+// m(0..E): offsets clamped into [0, rows] and made non-decreasing, m(0) = 0 — how every kernel
+// reads expert offsets (kernels/expert_bounds.cuh), so any offsets give valid row ranges.
+inline std::vector<int64_t> clamped_bounds(const std::vector<int32_t>& offsets, int64_t rows) {
+  std::vector<int64_t> m(offsets.size(), 0);
+  for (size_t e = 1; e < offsets.size(); ++e) {
+    const int64_t clamped = offsets[e] < 0 ? 0 : (offsets[e] > rows ? rows : offsets[e]);
+    m[e] = m[e - 1] > clamped ? m[e - 1] : clamped;
+  }
+  return m;
+}
+
+// Valid random offsets [E + 1]: 0, E - 1 sorted cuts in [0, rows - dropped], rows - dropped (so
+// some experts may be empty and the last `dropped` rows belong to no expert).
+inline std::vector<int32_t> random_offsets(int64_t num_experts, int64_t rows, uint32_t seed,
+                                           int64_t dropped = 0) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int64_t> pick(0, rows - dropped);
+  std::vector<int32_t> offsets(1, 0);
+  for (int64_t e = 1; e < num_experts; ++e) offsets.push_back(static_cast<int32_t>(pick(gen)));
+  std::sort(offsets.begin() + 1, offsets.end());
+  offsets.push_back(static_cast<int32_t>(rows - dropped));
+  return offsets;
+}
 
 // ---- rounding and comparison ------------------------------------------------------------------
 

@@ -58,14 +58,6 @@ struct Case {
   int64_t pad_x = 0, pad_w = 0, pad_y = 0;
 };
 
-std::vector<int64_t> bounds(const std::vector<int32_t>& offsets, int64_t rows) {
-  std::vector<int64_t> m(offsets.size(), 0);
-  for (size_t e = 1; e < offsets.size(); ++e) {
-    m[e] = std::max(m[e - 1], std::min<int64_t>(std::max<int64_t>(offsets[e], 0), rows));
-  }
-  return m;
-}
-
 // The first few mismatches, each with its place in the 128 x 128 tile and a hint of its cause.
 void report(const std::vector<double>& got, const std::vector<double>& ref,
             const std::vector<double>& tol, int64_t row0, int64_t rows, int64_t n, int64_t ldy,
@@ -145,7 +137,7 @@ void check_case(const Case& c, uint32_t seed, bool glu = false) {
   std::vector<bf16> a, swiglu_of_y;
   const std::vector<bf16> y =
       run(c, c.offsets, x, w, glu ? &a : nullptr, glu ? &swiglu_of_y : nullptr);
-  const std::vector<int64_t> m = bounds(c.offsets, c.rows);
+  const std::vector<int64_t> m = clamped_bounds(c.offsets, c.rows);
   if (glu) {
     const int64_t inter = c.n / 2;
     int mismatches = 0;
@@ -207,19 +199,6 @@ void check_case(const Case& c, uint32_t seed, bool glu = false) {
       }
     }
   }
-}
-
-std::vector<int32_t> random_offsets(int64_t num_experts, int64_t rows, uint32_t seed,
-                                    int64_t dropped) {
-  std::mt19937 gen(seed);
-  std::uniform_int_distribution<int64_t> pick(0, rows - dropped);
-  std::vector<int32_t> cuts(num_experts - 1);
-  for (auto& v : cuts) v = static_cast<int32_t>(pick(gen));
-  std::sort(cuts.begin(), cuts.end());
-  std::vector<int32_t> offsets(1, 0);
-  offsets.insert(offsets.end(), cuts.begin(), cuts.end());
-  offsets.push_back(static_cast<int32_t>(rows - dropped));
-  return offsets;
 }
 
 TEST(GroupedGemmSm90, OneTileOneKBlock) {

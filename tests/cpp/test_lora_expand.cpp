@@ -51,15 +51,6 @@ std::vector<T> random_elems(int64_t count, uint32_t seed, double lo = -1.0, doub
   return v;
 }
 
-// m(0..E): the offsets clamped into [0, rows] and made non-decreasing, m(0) = 0.
-std::vector<int64_t> bounds(const std::vector<int32_t>& offsets, int64_t rows) {
-  std::vector<int64_t> m(offsets.size(), 0);
-  for (size_t e = 1; e < offsets.size(); ++e) {
-    m[e] = std::max(m[e - 1], std::min<int64_t>(std::max<int64_t>(offsets[e], 0), rows));
-  }
-  return m;
-}
-
 template <typename T>
 void run_case(const Case& c, uint32_t seed) {
   using acc_t = acc_type_t<T>;
@@ -71,7 +62,7 @@ void run_case(const Case& c, uint32_t seed) {
   const std::vector<T> out0 = random_elems<T>(c.rows * ld_out, seed);
   const std::vector<T> u = random_elems<T>(c.rows * c.rank, seed + 1);
   const std::vector<T> m = random_elems<T>(E * m_stride_e, seed + 2, -0.5, 0.5);
-  const std::vector<int64_t> bound = bounds(c.offsets, c.rows);
+  const std::vector<int64_t> bound = clamped_bounds(c.offsets, c.rows);
 
   DeviceBuffer<T> d_out(out0), d_u(u), d_m(m);
   DeviceBuffer<int32_t> d_offsets(c.offsets);

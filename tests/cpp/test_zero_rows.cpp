@@ -53,28 +53,10 @@ bool same_bytes(const T& a, const T& b) {
   return std::memcmp(&a, &b, sizeof(T)) == 0;
 }
 
-// ends[e] = min(rows, max(0, offsets[1], ..., offsets[e + 1])).
+// ends[e] = min(rows, max(0, offsets[1], ..., offsets[e + 1])) = m(e + 1).
 std::vector<int32_t> expected_ends(const std::vector<int32_t>& offsets, int64_t rows) {
-  std::vector<int32_t> ends(offsets.size() - 1);
-  int64_t run = 0;
-  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
-    run = std::max(run, std::min<int64_t>(std::max<int64_t>(offsets[e + 1], 0), rows));
-    ends[e] = static_cast<int32_t>(run);
-  }
-  return ends;
-}
-
-// Random offsets [E + 1] over `rows` rows (non-decreasing from 0, last <= rows), some experts
-// empty.
-std::vector<int32_t> random_offsets(int64_t num_experts, int64_t rows, uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::vector<int32_t> cuts(num_experts);
-  std::uniform_int_distribution<int64_t> pick(0, rows);
-  for (auto& c : cuts) c = static_cast<int32_t>(pick(gen));
-  std::sort(cuts.begin(), cuts.end());
-  std::vector<int32_t> offsets(1, 0);
-  offsets.insert(offsets.end(), cuts.begin(), cuts.end());
-  return offsets;
+  const std::vector<int64_t> m = clamped_bounds(offsets, rows);
+  return std::vector<int32_t>(m.begin() + 1, m.end());
 }
 
 void check_row_ends(const std::vector<int32_t>& offsets, int64_t rows, const std::string& what) {
