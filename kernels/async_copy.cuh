@@ -29,6 +29,27 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* global_s
 #endif
 }
 
+// Copies src_bytes (0 or 16) bytes and zero-fills the rest of the 16 (cp.async's src-size): the
+// rows or columns past an operand's edge, without a branch around the copy. global_src must be a
+// valid address even when src_bytes is 0. Completes like cp_async_16.
+__device__ __forceinline__ void cp_async_16_zfill(void* smem_dst, const void* global_src,
+                                                  int src_bytes) {
+#if defined(MOEFORGE_KERNEL_EMULATION)
+  alignas(16) static const unsigned char kZeros[16] = {};
+  if (src_bytes != 0 && src_bytes != 16) ::moeforge::emu::trap("cp_async_16_zfill: 0 or 16 bytes");
+  ::moeforge::emu::async_copy(smem_dst, src_bytes == 16 ? global_src : kZeros, 16);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  const auto src = __cvta_generic_to_global(global_src);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+#elif defined(__CUDA_ARCH__)
+  *static_cast<uint4*>(smem_dst) =
+      src_bytes == 16 ? *static_cast<const uint4*>(global_src) : uint4{0, 0, 0, 0};
+#endif
+}
+
 // Closes the current group of copies (possibly empty).
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(MOEFORGE_KERNEL_EMULATION)

@@ -50,7 +50,7 @@ constexpr size_t kBoundsBytes = 4 * (2 * (kGroupedGemmSm90MaxExperts + 1) + kBou
 constexpr size_t kSmemBytes = kBoundsBytes + 1024 + size_t{kStages} * kStageBytes;
 static_assert(kBM == kBN, "one chunk mapping serves A and B");
 
-// Shared-window address of a pointer into shared memory (what cp.async and the wgmma descriptors
+// Shared-window address of a pointer into shared memory (what the wgmma descriptors
 // take). On the host kernel emulator: the offset into the block's dynamic shared memory, which the
 // emulated wgmma below resolves back.
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
@@ -59,21 +59,6 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
                                dynamic_shared_memory<unsigned char>());
 #else
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-#endif
-}
-
-// 16 bytes global -> shared, the last 16 - src_bytes of them zero (src_bytes 0 or 16 here);
-// committed and waited for with async_copy.cuh's cp_async_commit / cp_async_wait.
-__device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src, int src_bytes) {
-#if defined(MOEFORGE_KERNEL_EMULATION)
-  alignas(16) static const unsigned char kZeros[16] = {};
-  if (src_bytes != 0 && src_bytes != 16) ::moeforge::emu::trap("cp_async_16_zfill: 0 or 16 bytes");
-  ::moeforge::emu::async_copy(dynamic_shared_memory<unsigned char>() + dst,
-                              src_bytes == 16 ? src : kZeros, 16);
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
-               "l"(__cvta_generic_to_global(src)), "r"(src_bytes)
-               : "memory");
 #endif
 }
 
@@ -191,7 +176,7 @@ __device__ __forceinline__ int64_t a_source_row(const GroupedGemmSm90Args& args,
 
 // Loads one stage: the A tile (this thread's rows a_rows[i] of x, resolved once per tile) and the
 // B tile (rows n0.. of W_e), k block k0.
-__device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args, uint32_t stage,
+__device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args, unsigned char* stage,
                                            const int64_t (&a_rows)[kChunksPerThread], int64_t n0,
                                            const __nv_bfloat16* w_e, int64_t k0) {
   const int tid = static_cast<int>(threadIdx.x);
@@ -229,6 +214,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   int32_t* warp_max = tile_start + kGroupedGemmSm90MaxExperts + 1;
   const uint32_t smem_base = shared_address(smem);
   const uint32_t stages = (smem_base + static_cast<uint32_t>(kBoundsBytes) + 1023u) & ~1023u;
+  unsigned char* const stage_ptr = smem + (stages - smem_base);  // the same bytes, as a pointer
   const int64_t E = args.num_experts;
 
   build_expert_bounds(args.expert_offsets, E, args.num_rows, bound, warp_max);
@@ -264,7 +250,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-      if (s < k_blocks) load_stage(args, stages + s * kStageBytes, a_rows, n0, w_e, s * kBK);
+      if (s < k_blocks) load_stage(args, stage_ptr + s * kStageBytes, a_rows, n0, w_e, s * kBK);
       cp_async_commit();
     }
     for (int64_t kb = 0; kb < k_blocks; ++kb) {
@@ -273,8 +259,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();  // everyone's copies of stage kb are in; stage kb - 1 is no longer read
       const int64_t next = kb + kStages - 1;
       if (next < k_blocks) {
-        load_stage(args, stages + static_cast<uint32_t>(next % kStages) * kStageBytes, a_rows, n0,
-                   w_e, next * kBK);
+        load_stage(args, stage_ptr + (next % kStages) * kStageBytes, a_rows, n0, w_e, next * kBK);
       }
       cp_async_commit();
       const uint32_t stage = stages + static_cast<uint32_t>(kb % kStages) * kStageBytes;
