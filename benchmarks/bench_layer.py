@@ -19,8 +19,10 @@ fused layer, to measure what the fusion buys in time and peak memory.
 csrc/cuda/grouped_mm.cpp): ``auto`` (the default: torch's ``at::_grouped_mm`` where it applies,
 bfloat16 on sm90 / sm100, our engine elsewhere; LoRA's GEMMs too), ``moeforge``
 (our kernels only: WMMA tensor cores for fp16 / bf16 on sm80+, SIMT for the rest) and ``simt``
-(our SIMT kernels only), labelled "moeforge", "moeforge (own gemm)" and "moeforge (simt gemm)";
-the speedup column is relative to the first engine listed.
+(our SIMT kernels only) and ``sm90`` (experimental: our sm_90a wgmma kernel for the bfloat16
+GEMMs with a K-major weight - HF's forward, with the gather fused - torch's for the rest), labelled
+"moeforge", "moeforge (own gemm)", "moeforge (simt gemm)" and "moeforge (sm90 gemm)"; the
+speedup column is relative to the first engine listed.
 """
 
 from __future__ import annotations
@@ -246,7 +248,7 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--eager-max-tokens", type=int, default=4096)
     p.add_argument(
-        "--engines", nargs="+", default=["auto"], choices=["auto", "moeforge", "simt"],
+        "--engines", nargs="+", default=["auto"], choices=["auto", "moeforge", "simt", "sm90"],
         help="grouped GEMM engines to run the moeforge path with (MOEFORGE_GROUPED_GEMM)",
     )  # fmt: skip
     p.add_argument("--unfused", action="store_true", help="also run the op-by-op composition")

@@ -25,7 +25,7 @@ LOGS=$ROOT/build/gpu_check_logs
 mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-STEPS=${GPU_CHECK_STEPS:-build pytest_cuda ctest bench_layer bench_permute bench_lora_expand bench_router_loss bench_e2e_lora pytest sanitizer}
+STEPS=${GPU_CHECK_STEPS:-build pytest_cuda ctest bench_grouped_mm bench_layer bench_permute bench_lora_expand bench_router_loss bench_e2e_lora pytest sanitizer}
 MODELS=${MOEFORGE_BENCH_MODELS:-qwen3-30b-a3b}
 summary=()
 
@@ -60,6 +60,9 @@ wants pytest_cuda && step pytest_cuda 240 python -m pytest tests/test_cuda.py -q
 wants ctest && step ctest 240 ctest --test-dir build/gpu --output-on-failure --timeout 120 -j 4 \
   ${CTEST_REGEX:+-R "$CTEST_REGEX"}
 cd benchmarks
+# Our sm_90a kernel (MOEFORGE_GROUPED_GEMM=sm90) against at::_grouped_mm, GEMM by GEMM.
+wants bench_grouped_mm && step bench_grouped_mm 240 python bench_grouped_mm.py --models $MODELS \
+  --tokens ${BENCH_TOKENS:-4096 16384} --json "$LOGS/bench_grouped_mm.json"
 wants bench_layer && step bench_layer "${BENCH_LAYER_TIMEOUT:-420}" python bench_layer.py --models $MODELS \
   --tokens ${BENCH_TOKENS:-4096 16384} --engines ${BENCH_ENGINES:-auto moeforge} ${BENCH_UNFUSED---unfused} \
   ${BENCH_GPU_TIME---gpu-time} --json "$LOGS/bench_layer.json"
@@ -89,7 +92,7 @@ if wants sanitizer && command -v compute-sanitizer >/dev/null 2>&1; then
   done
 fi
 echo; echo "== summary =="; printf '%s\n' "${summary[@]}"
-for b in bench_permute bench_lora_expand bench_router_loss bench_layer bench_e2e_lora; do
+for b in bench_grouped_mm bench_permute bench_lora_expand bench_router_loss bench_layer bench_e2e_lora; do
   [ -f "$LOGS/$b.log" ] || continue
   echo; echo "== $b =="; grep -v "^ *$" "$LOGS/$b.log" | tail -25
 done

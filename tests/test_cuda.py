@@ -4,7 +4,8 @@ backward captured and replayed in a CUDA graph (no host synchronisation anywhere
 checks run under every engine of MOEFORGE_GROUPED_GEMM ("auto", the default: at::_grouped_mm where
 it applies, bfloat16 on sm90 / sm100, else our engine; "moeforge": our engine only, the tensor-core
 path for the float16 / bfloat16 forward, grad_x and weight-gradient GEMMs on sm80+, else SIMT;
-"simt": our SIMT kernels only)."""
+"simt": our SIMT kernels only; "sm90", on compute capability 9.0: our sm_90a wgmma kernel for the
+bfloat16 row-grouped GEMMs with a K-major weight, "auto" for the rest)."""
 
 import pytest
 import torch
@@ -16,9 +17,17 @@ from moeforge import ops, reference
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(params=["auto", "moeforge", "simt"])
+def sm90_engine_applies() -> bool:
+    """Whether MOEFORGE_GROUPED_GEMM=sm90 can run here (our sm_90a kernel: compute capability 9.0;
+    gpu_check.sh builds for it)."""
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.fixture(params=["auto", "moeforge", "simt", "sm90"])
 def engine(request, monkeypatch):
     """Runs the test under each grouped GEMM engine (the CUDA ops read the variable per call)."""
+    if request.param == "sm90" and not sm90_engine_applies():
+        pytest.skip("the sm90 engine needs a compute capability 9.0 GPU")
     monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", request.param)
     return request.param
 
@@ -149,8 +158,8 @@ def test_expert_ffn_ops_match_cpu(dtype, layout, engine):
     def lora_backward(d, x, u, A, B, o):
         return torch.ops.moeforge.expert_lora_backward(d, x, u, A, B, o, 0.5, [True, True, True])
 
-    if engine == "auto" and torch_engine_applies(dtype):
-        # torch's engine rounds du = s dy B_e to bf16 between the GEMMs (as PEFT's bf16 matmuls
+    if engine in ("auto", "sm90") and torch_engine_applies(dtype):
+        # torch's engine (which serves LoRA's GEMMs under "sm90" too) rounds du = s dy B_e to bf16 between the GEMMs (as PEFT's bf16 matmuls
         # do); the CPU keeps it in fp32. grad_A sums ~175 of those products: on an H100 2.8% of
         # its entries (the small ones) missed the elementwise 2e-2, and a float64 emulation of the
         # same rounding on CPU gives that count and 2.4e-3 normwise.
@@ -227,7 +236,8 @@ def test_grouped_mm_forward_backward_match_cpu(engine, transposed, n_in, n_out, 
             dy, x, w, offs, transposed, [True, True, True]
         )
     )
-    expect = engine == "auto" and eligible and torch_engine_applies(dt)
+    # "sm90" leaves the weight gradient to torch's engine.
+    expect = engine in ("auto", "sm90") and eligible and torch_engine_applies(dt)
     assert ("aten::_grouped_mm" in called) == expect, sorted(called)
 
 
@@ -648,3 +658,114 @@ def test_moe_layer_forward_backward_in_a_cuda_graph(engine):
     torch.testing.assert_close(graph_loss, eager_loss)
     for n, p in moe.named_parameters():
         torch.testing.assert_close(graph_grads[n], p.grad, msg=n)
+
+
+def sm90_kernel_launched(fn) -> bool:
+    return any("grouped_gemm_sm90_kernel" in name for name in cuda_kernels_called(fn))
+
+
+@pytest.mark.parametrize(
+    "T,K,E,H,n_out,drop",
+    [
+        (700, 4, 16, 128, 320, 0.02),  # several k blocks, n tail of a 128-column tile
+        (37, 2, 8, 64, 24, 0.1),  # rows < one tile, n < one tile, many empty experts
+        (300, 4, 128, 2048, 192, 0.0),  # Qwen3's H and E: 1200 rows over 128 experts
+        (96, 4, 32, 2880, 5760, 0.05),  # gpt-oss's H and 2I: k and n tails
+    ],
+)
+def test_sm90_engine_forward_matches_float64(monkeypatch, T, K, E, H, n_out, drop):
+    """MOEFORGE_GROUPED_GEMM=sm90 runs our wgmma kernel (not at::_grouped_mm) for grouped_mm's
+    bfloat16 forward in HF's layout, reading token-major x through the plan or x in expert order:
+    both agree with a float64 reference from the same bf16 inputs (fp32 accumulation: a few bf16
+    ulps), bitwise with each other, with bias added and dropped rows zero."""
+    if not sm90_engine_applies():
+        pytest.skip("the sm90 engine needs a compute capability 9.0 GPU")
+    monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    ids = random_topk_ids(T, K, E, device="cuda", drop_fraction=drop, skip_experts=(1,))
+    plan = ops.routing(ids, E)
+    offs = plan.expert_offsets
+    x = torch.randn(T, H, device="cuda", dtype=dt)
+    xs = ops.permute(x, plan)
+    w = torch.randn(E, n_out, H, device="cuda", dtype=dt) / H**0.5
+    b = torch.randn(E, n_out, device="cuda", dtype=dt)
+    for bias in (None, b):
+        want = reference.grouped_mm(xs.double(), w.double(), offs, None if bias is None else
+                                    bias.double())  # fmt: skip
+        poison_allocator()
+        assert sm90_kernel_launched(lambda bias=bias: ops.grouped_mm(x, w, offs, bias, plan=plan))
+        called = aten_ops_called(lambda bias=bias: ops.grouped_mm(x, w, offs, bias, plan=plan))
+        assert "aten::_grouped_mm" not in called, sorted(called)
+        poison_allocator()
+        got = ops.grouped_mm(x, w, offs, bias, plan=plan)
+        assert torch.isfinite(got).all(), "unwritten (NaN-poisoned) output"
+        assert torch.equal(got, ops.grouped_mm(xs, w, offs, bias))
+        assert_normwise_close(got, want, 4e-3)
+        torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=1.6e-2, atol=1e-2)
+        dropped = int(offs[-1])
+        assert (got[dropped:] == 0).all()
+
+
+def test_sm90_engine_grad_x_of_transposed_weights(monkeypatch):
+    """Under "sm90" grouped_mm_backward's grad_x for gpt-oss's [E, in, out] weights (K-major as
+    the kernel reads it) runs our kernel, the weight gradient torch's: both as "auto" computes
+    them (normwise; only the accumulation order differs)."""
+    if not sm90_engine_applies():
+        pytest.skip("the sm90 engine needs a compute capability 9.0 GPU")
+    torch.manual_seed(1)
+    offs, rows = make_offsets([0, 150, 3, 0, 400, 77], 9)
+    dt = torch.bfloat16
+    x = torch.randn(rows, 136, device="cuda", dtype=dt)
+    w = torch.randn(6, 136, 264, device="cuda", dtype=dt) / 12
+    dy = torch.randn(rows, 264, device="cuda", dtype=dt)
+
+    def backward():
+        return torch.ops.moeforge.grouped_mm_backward(dy, x, w, offs, True, [True, True, True])
+
+    monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "auto")
+    want = backward()
+    monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
+    assert sm90_kernel_launched(backward)
+    poison_allocator()
+    got = backward()
+    for name, g, r in zip(("grad_x", "grad_w", "grad_b"), got, want, strict=True):
+        assert torch.isfinite(g).all(), name
+        assert_normwise_close(g, r, 4e-3, name)
+    assert (got[0][int(offs[-1]) :] == 0).all()
+
+
+def test_sm90_engine_past_131072_rows(monkeypatch):
+    """147456 routed rows of 8192 features: the routed rows span 2.4 GB, so the kernel's row
+    offsets into x in expert order pass 2^31 bytes; through the plan and in expert order, as
+    "auto" computes them (normwise)."""
+    if not sm90_engine_applies():
+        pytest.skip("the sm90 engine needs a compute capability 9.0 GPU")
+    torch.manual_seed(2)
+    T, K, E, H, O = 36864, 4, 64, 8192, 64
+    ids = random_topk_ids(T, K, E, device="cuda", drop_fraction=0.01)
+    plan = ops.routing(ids, E)
+    offs = plan.expert_offsets
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    xs = ops.permute(x, plan)
+    w = torch.randn(E, O, H, device="cuda", dtype=torch.bfloat16) / H**0.5
+    monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "auto")
+    want = ops.grouped_mm(xs, w, offs)
+    monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
+    got = ops.grouped_mm(xs, w, offs)
+    assert got.shape == (T * K, O)
+    assert_normwise_close(got, want, 4e-3)
+    assert torch.equal(ops.grouped_mm(x, w, offs, plan=plan), got)
+
+
+def test_sm90_engine_is_refused_where_it_cannot_run(monkeypatch):
+    """Asked for on a device that is not compute capability 9.0, "sm90" raises a named error
+    instead of silently measuring another engine."""
+    if sm90_engine_applies():
+        pytest.skip("this device runs the sm90 engine")
+    monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
+    offs, rows = make_offsets([2, 3], 0)
+    x = torch.randn(rows, 8, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2, 8, 8, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="MOEFORGE_GROUPED_GEMM=sm90"):
+        ops.grouped_mm(x, w, offs)

@@ -75,6 +75,28 @@ std::optional<at::Tensor> torch_grouped_wgrad(const at::Tensor& first, const at:
                                               const at::Tensor& offsets, int64_t num_experts,
                                               std::string_view op, cudaStream_t stream);
 
+// expert_offsets[1:] clamped into [0, num_rows] and made non-decreasing: int32 [E] on the device,
+// the row ends as torch's grouped GEMM and zero_rows.h take them (one launch, no sync; E <= 1024).
+at::Tensor expert_row_ends(const at::Tensor& offsets, int64_t num_rows, std::string_view op,
+                           cudaStream_t stream);
+// For a bfloat16 out [S, n] whose GEMM wrote only the experts' rows: rows past ends[E - 1] set to
+// zero and, when bias [E, n] is defined, bias[e] added to the rows of expert e (one pass).
+void finish_grouped_rows(at::Tensor& out, const at::Tensor& ends, const at::Tensor& bias,
+                         std::string_view op, cudaStream_t stream);
+
+// Whether MOEFORGE_GROUPED_GEMM is "sm90" (grouped_mm.cpp).
+bool sm90_engine_requested();
+// out [S, n] = x's rows (in expert order, or through source's plan) times w_nk[e]^T per expert,
+// bias[e] added when defined, rows past the experts' end zero, by our sm_90a kernel
+// (grouped_mm_sm90.cpp): under MOEFORGE_GROUPED_GEMM=sm90, for the GEMMs it covers (bfloat16,
+// w_nk [E, n, k] with unit stride along k, sizes / strides multiples of 8, 16-byte aligned,
+// E <= 1024); std::nullopt for the rest (the caller falls back). Raises when "sm90" is asked for
+// on a device or build without the kernel.
+std::optional<at::Tensor> sm90_grouped_gemm(const at::Tensor& x, const RowSource& source,
+                                            const at::Tensor& w_nk, const at::Tensor& offsets,
+                                            const at::Tensor& bias, std::string_view op,
+                                            cudaStream_t stream);
+
 // A 2-D operand as the GEMM kernels read it: rows at a row stride, unit stride along the
 // columns. t itself when it already is one, else a contiguous copy.
 inline at::Tensor as_rows(const at::Tensor& t) {

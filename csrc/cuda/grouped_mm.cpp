@@ -28,6 +28,12 @@
 //   "simt"                   our SIMT kernels for every case (the reference engine)
 //   "torch"                  same as "auto" (kept as the name the benchmarks and tests use for
 //                            torch's engine)
+//   "sm90"                   experimental, not yet the default: our sm_90a wgmma kernel
+//                            (kernels/sm90, grouped_mm_sm90.cpp) for the row-grouped GEMMs it
+//                            covers - bfloat16 with the weight K-major (HF's layout in the
+//                            forward, gathered rows read through the routing plan; gpt-oss's in
+//                            grad_x) - and "auto" for the rest. Raises on a device or build
+//                            without it (compute capability 9.0, TORCH_CUDA_ARCH_LIST with 9.0)
 //   anything else            raises (a misspelt engine must not be measured as ours)
 // torch's engine is used when all of these hold (torch 2.15, aten/src/ATen/native/cuda/
 // GroupedBlas.cpp, GroupMM.cu, GroupMMCommon.cuh, native/GroupedMMUtils.h): bfloat16 (float16 and
@@ -81,7 +87,7 @@ std::array<int64_t, 3> weight_operand(const at::Tensor& weight, bool weight_tran
 
 // --- engine selection (see the top of this file) -----------------------------------------------
 
-enum class GemmEngine { kMoeforge, kSimt, kTorch };  // kTorch: "auto" / "torch"
+enum class GemmEngine { kMoeforge, kSimt, kTorch, kSm90 };  // kTorch: "auto" / "torch"
 
 GemmEngine requested_engine() {
   const char* env = std::getenv("MOEFORGE_GROUPED_GEMM");
@@ -89,14 +95,19 @@ GemmEngine requested_engine() {
   if (name.empty() || name == "auto" || name == "torch") return GemmEngine::kTorch;
   if (name == "moeforge") return GemmEngine::kMoeforge;
   if (name == "simt") return GemmEngine::kSimt;
+  if (name == "sm90") return GemmEngine::kSm90;
   TORCH_CHECK_VALUE(false,
-                    "moeforge: MOEFORGE_GROUPED_GEMM must be \"auto\", \"moeforge\", \"simt\" or "
-                    "\"torch\", got \"",
+                    "moeforge: MOEFORGE_GROUPED_GEMM must be \"auto\", \"moeforge\", \"simt\", "
+                    "\"torch\" or \"sm90\", got \"",
                     name, "\"");
   return GemmEngine::kMoeforge;
 }
 
 }  // namespace
+
+bool sm90_engine_requested() {
+  return requested_engine() == GemmEngine::kSm90;
+}
 
 kernels::GroupedGemmEngine grouped_gemm_engine() {
   return requested_engine() == GemmEngine::kSimt ? kernels::GroupedGemmEngine::kSimt
@@ -156,9 +167,14 @@ at::Tensor grouped_gemm(const at::Tensor& x_in, const RowSource& source, const a
 
 // --- the at::_grouped_mm engine (see the top of this file) ------------------------------------
 
-// torch takes its CUTLASS path (no host sync) for bfloat16 on sm90 / sm100 only.
+// torch takes its CUTLASS path (no host sync) for bfloat16 on sm90 / sm100 only. Under "sm90"
+// it serves the GEMMs our sm_90a kernel does not cover.
 bool torch_engine_applies(const at::Tensor& x, int64_t num_experts) {
-  if (requested_engine() != GemmEngine::kTorch || x.scalar_type() != at::kBFloat16) return false;
+  const GemmEngine engine = requested_engine();
+  if ((engine != GemmEngine::kTorch && engine != GemmEngine::kSm90) ||
+      x.scalar_type() != at::kBFloat16) {
+    return false;
+  }
   if (num_experts < 1 || num_experts > 1023) return false;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   return prop != nullptr && (prop->major == 9 || prop->major == 10);
@@ -180,14 +196,12 @@ bool torch_operand_ok(const at::Tensor& t) {
   return false;
 }
 
-namespace {
-
 // expert_offsets[1:] as torch reads them (cumulative row ends), clamped into [0, num_rows] and
 // made non-decreasing like our engine reads them: one small launch per GEMM call (a clamp and
 // a cummax through ATen were two launches and five ops of host work, 12 times per LoRA step).
-// No sync. offsets: int32 [E + 1] (validated), E <= 1023 where torch's engine applies.
-at::Tensor torch_offsets(const at::Tensor& offsets, int64_t num_rows, std::string_view op,
-                         cudaStream_t stream) {
+// No sync. offsets: int32 [E + 1] (validated), E <= 1024.
+at::Tensor expert_row_ends(const at::Tensor& offsets, int64_t num_rows, std::string_view op,
+                           cudaStream_t stream) {
   const int64_t num_experts = offsets.size(0) - 1;
   const at::Tensor offs = offsets.contiguous();
   at::Tensor ends = at::empty({num_experts}, offs.options().dtype(at::kInt));
@@ -196,6 +210,25 @@ at::Tensor torch_offsets(const at::Tensor& offsets, int64_t num_rows, std::strin
              op);
   return ends;
 }
+
+void finish_grouped_rows(at::Tensor& out, const at::Tensor& ends, const at::Tensor& bias,
+                         std::string_view op, cudaStream_t stream) {
+  using T = __nv_bfloat16;
+  const int64_t num_rows = out.size(0), n = out.size(1), num_experts = ends.size(0);
+  const int32_t* ends_ptr = ends.const_data_ptr<int32_t>();
+  if (bias.defined()) {
+    check_cuda(kernels::launch_add_grouped_bias<T>(
+                   cuda_mutable_ptr<at::BFloat16>(out), out.stride(0), num_rows, n,
+                   cuda_ptr<at::BFloat16>(bias), bias.stride(0), ends_ptr, num_experts, stream),
+               op);
+  } else {
+    check_cuda(kernels::launch_zero_rows_from<T>(cuda_mutable_ptr<at::BFloat16>(out), out.stride(0),
+                                                 num_rows, n, ends_ptr + (num_experts - 1), stream),
+               op);
+  }
+}
+
+namespace {
 
 // torch pads its output's last dimension to 16 bytes; the widths we let through are multiples of
 // 8, so this is a no-op kept as a guard.
@@ -217,20 +250,9 @@ std::optional<at::Tensor> torch_grouped_gemm(const at::Tensor& a_in, const at::T
       !torch_operand_ok(b)) {
     return std::nullopt;
   }
-  const at::Tensor ends = torch_offsets(offsets, num_rows, op, stream);
+  const at::Tensor ends = expert_row_ends(offsets, num_rows, op, stream);
   at::Tensor out = dense(at::_grouped_mm(a, b, ends));
-  using T = __nv_bfloat16;
-  const int32_t* ends_ptr = ends.const_data_ptr<int32_t>();
-  if (bias.defined()) {
-    check_cuda(kernels::launch_add_grouped_bias<T>(
-                   cuda_mutable_ptr<at::BFloat16>(out), out.stride(0), num_rows, n,
-                   cuda_ptr<at::BFloat16>(bias), bias.stride(0), ends_ptr, num_experts, stream),
-               op);
-  } else {
-    check_cuda(kernels::launch_zero_rows_from<T>(cuda_mutable_ptr<at::BFloat16>(out), out.stride(0),
-                                                 num_rows, n, ends_ptr + (num_experts - 1), stream),
-               op);
-  }
+  finish_grouped_rows(out, ends, bias, op, stream);
   return out;
 }
 
@@ -251,7 +273,7 @@ std::optional<at::Tensor> torch_grouped_wgrad(const at::Tensor& first, const at:
       !torch_operand_ok(second)) {
     return std::nullopt;
   }
-  const at::Tensor ends = torch_offsets(offsets, num_rows, op, stream);
+  const at::Tensor ends = expert_row_ends(offsets, num_rows, op, stream);
   at::Tensor g = dense(at::_grouped_mm(a, second, ends));
   check_cuda(kernels::launch_zero_empty_groups<__nv_bfloat16>(
                  cuda_mutable_ptr<at::BFloat16>(g), g.stride(0), p * q,
@@ -279,14 +301,21 @@ at::Tensor grouped_mm_cuda(const at::Tensor& x_in, const at::Tensor& weight,
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor offsets = expert_offsets.contiguous();
+  const at::Tensor bias_rows = bias.has_value() ? bias->contiguous() : at::Tensor();
+  // "sm90": y = x W_e^T with W_e as [out, in], the rows gathered in the kernel's loads.
+  if (std::optional<at::Tensor> out =
+          sm90_grouped_gemm(x_in, source, weight_transposed ? weight.transpose(1, 2) : weight,
+                            offsets, bias_rows, "grouped_mm", stream)) {
+    return *out;
+  }
   const bool copy_x = gather_first(source, x_in, weight.size(0));
   const at::Tensor x = copy_x ? source.rows(x_in) : x_in;
   if (copy_x) source = RowSource{};
   // torch's engine: y = x @ W_e with W_e as [in, out].
   if (!source.gathered()) {
-    if (std::optional<at::Tensor> out = torch_grouped_gemm(
-            x, weight_transposed ? weight : weight.transpose(1, 2), offsets,
-            bias.has_value() ? bias->contiguous() : at::Tensor(), "grouped_mm", stream)) {
+    if (std::optional<at::Tensor> out =
+            torch_grouped_gemm(x, weight_transposed ? weight : weight.transpose(1, 2), offsets,
+                               bias_rows, "grouped_mm", stream)) {
       return *out;
     }
   }
@@ -356,12 +385,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
   // grad_x = grad_out @ W_e read as [out, in]: the row-grouped GEMM again, dropped rows zero.
   at::Tensor grad_x = empty();
   if (output_mask[0]) {
-    std::optional<at::Tensor> torch_grad_x =
-        torch_grouped_gemm(grad_out, weight_transposed ? weight.transpose(1, 2) : weight, offsets,
-                           at::Tensor(), op, stream);
-    grad_x = torch_grad_x ? *torch_grad_x
-                          : grouped_gemm(grad_out, RowSource{}, weight, offsets, std::nullopt,
-                                         weight_transposed, /*forward=*/false, op, stream);
+    // sm90's w_nk is W_e as [in, out] (K-major in the transposed layout only); torch's b [out, in].
+    std::optional<at::Tensor> fast_grad_x = sm90_grouped_gemm(
+        grad_out, RowSource{}, weight_transposed ? weight : weight.transpose(1, 2), offsets,
+        at::Tensor(), op, stream);
+    if (!fast_grad_x) {
+      fast_grad_x =
+          torch_grouped_gemm(grad_out, weight_transposed ? weight.transpose(1, 2) : weight, offsets,
+                             at::Tensor(), op, stream);
+    }
+    grad_x = fast_grad_x ? *fast_grad_x
+                         : grouped_gemm(grad_out, RowSource{}, weight, offsets, std::nullopt,
+                                        weight_transposed, /*forward=*/false, op, stream);
   }
   at::Tensor grad_b =
       output_mask[2] ? at::empty({num_experts, out_features}, x_arg.options()) : empty();

@@ -23,6 +23,7 @@
 //   columns rounded to bf16 and stored 4 bytes at a time, rows past the expert's segment skipped.
 // Not tuned: no TMA, no warp specialisation, no overlap of epilogue and loads.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "../async_copy.cuh"
@@ -320,15 +321,44 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+// Per device, what a launch needs from the runtime, looked up once (an op calls the launcher 2-6
+// times per layer step): whether the device is compute capability 9.0 and, once the kernel's
+// shared-memory limit is raised there (a per-device setting), its SM count.
+constexpr int kMaxCachedDevices = 64;
+std::atomic<int> g_device_state[kMaxCachedDevices];  // 0 unknown, -1 unsupported, 1 supported
+std::atomic<int> g_device_sms[kMaxCachedDevices];    // 0 until prepared
+
+// The SM count of `device` after raising the kernel's dynamic shared-memory limit on it.
+cudaError_t prepare_device(int device, int* sms) {
+  const bool cached = device >= 0 && device < kMaxCachedDevices;
+  if (cached && (*sms = g_device_sms[device].load(std::memory_order_acquire)) > 0) {
+    return cudaSuccess;
+  }
+  MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_sm90_kernel,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(kSmemBytes)));
+  MOEFORGE_CUDA_CHECK(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device));
+  if (cached) g_device_sms[device].store(*sms, std::memory_order_release);
+  return cudaSuccess;
+}
+
 }  // namespace
 
 cudaError_t grouped_gemm_sm90_supported(bool* supported) {
   *supported = false;
-  int device = 0, major = 0, minor = 0;
+  int device = 0;
   MOEFORGE_CUDA_CHECK(cudaGetDevice(&device));
+  const bool cached = device >= 0 && device < kMaxCachedDevices;
+  const int state = cached ? g_device_state[device].load(std::memory_order_acquire) : 0;
+  if (state != 0) {
+    *supported = state > 0;
+    return cudaSuccess;
+  }
+  int major = 0, minor = 0;
   MOEFORGE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   MOEFORGE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
   *supported = major == 9 && minor == 0;
+  if (cached) g_device_state[device].store(*supported ? 1 : -1, std::memory_order_release);
   return cudaSuccess;
 }
 
@@ -339,12 +369,9 @@ cudaError_t launch_grouped_gemm_sm90(const GroupedGemmSm90Args& args, cudaStream
   bool supported = false;
   MOEFORGE_CUDA_CHECK(grouped_gemm_sm90_supported(&supported));
   if (!supported) return cudaErrorNotSupported;
-  MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_sm90_kernel,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(kSmemBytes)));
   int device = 0, sms = 0;
   MOEFORGE_CUDA_CHECK(cudaGetDevice(&device));
-  MOEFORGE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  MOEFORGE_CUDA_CHECK(prepare_device(device, &sms));
   MOEFORGE_CUDA_CHECK(launch_kernel(grouped_gemm_sm90_kernel, dim3(static_cast<unsigned>(sms)),
                                     dim3(kThreads), kSmemBytes, stream, args));
   return cudaSuccess;

@@ -1,0 +1,122 @@
+"""grouped_mm under each grouped GEMM engine, GEMM by GEMM, over MoE model shapes: our sm_90a
+wgmma kernel (MOEFORGE_GROUPED_GEMM=sm90, experimental) against torch's at::_grouped_mm ("auto",
+the default) and our WMMA kernels ("moeforge"), in the same run. This is the measurement that
+decides whether the sm90 engine becomes the default (docs/hopper-gemm-plan.md).
+
+Each row times the op as the fused layer calls it (CUDA events, median), so the engines pay for
+what they need around the GEMM: "auto" copies the gathered rows first (torch's GEMM has no
+gather) and zeroes the rows of no expert; "sm90" reads the rows through the plan. Rows:
+
+    gate_up (gathered)  h [S, 2I] = x[token of row] W_gu^T, x token-major [T, H] (the forward)
+    gate_up (dense)     the same from x already in expert order [S, H] (the GEMM alone)
+    down                y [S, H] = a W_dn^T, a [S, I]
+    grad_x (transposed) grad_a [S, I] = dy W_e for weights stored [E, I, H] (gpt-oss's layout,
+                        where the backward's grad_x reads the weight K-major)
+
+TFLOP/s count 2 * S * n * k. "max rel err" is |engine - auto| / |auto| (normwise) of the same
+call: a wrong kernel shows up here before it shows up in a speed.
+
+    python benchmarks/bench_grouped_mm.py [--models qwen3-30b-a3b ...] [--tokens 4096 16384]
+        [--engines auto sm90 moeforge] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from common import MODEL_SHAPES, environment, print_table, routed_ids, time_ms, write_json
+
+from moeforge import ops
+
+_ops = torch.ops.moeforge
+
+
+def gemm_cases(T: int, H: int, I: int, E: int, K: int, device: str):
+    """(name, call, flops) of the GEMMs above for one model shape; call() runs the op."""
+    dt = torch.bfloat16
+    plan = ops.routing(routed_ids(T, K, E, device), E)
+    offs = plan.expert_offsets
+    S = T * K
+    x = torch.randn(T, H, device=device, dtype=dt)
+    xs = ops.permute(x, plan)
+    w_gu = torch.randn(E, 2 * I, H, device=device, dtype=dt) / H**0.5
+    a = torch.randn(S, I, device=device, dtype=dt)
+    w_dn = torch.randn(E, H, I, device=device, dtype=dt) / I**0.5
+    dy = torch.randn(S, H, device=device, dtype=dt)
+    w_dn_t = torch.randn(E, I, H, device=device, dtype=dt) / H**0.5  # [E, in, out]
+    grad_x_mask = [True, False, False]
+    return [
+        ("gate_up (gathered)", lambda: ops.grouped_mm(x, w_gu, offs, plan=plan), 2 * S * 2 * I * H),
+        ("gate_up (dense)", lambda: ops.grouped_mm(xs, w_gu, offs), 2 * S * 2 * I * H),
+        ("down", lambda: ops.grouped_mm(a, w_dn, offs), 2 * S * H * I),
+        (
+            "grad_x (transposed)",
+            lambda: _ops.grouped_mm_backward(dy, a, w_dn_t, offs, True, grad_x_mask)[0],
+            2 * S * I * H,
+        ),
+    ]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--models", nargs="+", default=["qwen3-30b-a3b"], choices=sorted(MODEL_SHAPES))
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--engines", nargs="+", default=["auto", "sm90", "moeforge"])
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_grouped_mm.py compares CUDA engines: it needs a GPU")
+    print(environment(args.device))
+    saved_engine = os.environ.get("MOEFORGE_GROUPED_GEMM")
+    rows = []
+    for model in args.models:
+        H, I, E, K = MODEL_SHAPES[model]
+        for T in args.tokens:
+            for name, call, flops in gemm_cases(T, H, I, E, K, args.device):
+                row = {"model": model, "T": T, "gemm": name}
+                reference = None
+                for engine in args.engines:
+                    os.environ["MOEFORGE_GROUPED_GEMM"] = engine
+                    try:
+                        out = call()
+                        ms = time_ms(call, args.device)
+                    except (RuntimeError, torch.OutOfMemoryError) as exc:
+                        row[f"{engine} ms"] = f"error: {str(exc).splitlines()[0][:60]}"
+                        continue
+                    row[f"{engine} ms"] = f"{ms:.3f}"
+                    row[f"{engine} TFLOP/s"] = f"{flops / ms / 1e9:.0f}"
+                    if reference is None:
+                        reference, row["first ms"] = out, ms
+                    else:
+                        row[f"{engine} vs {args.engines[0]}"] = f"{row['first ms'] / ms:.2f}x"
+                        rel = relative_error(out, reference)
+                        row["max rel err"] = f"{max(rel, float(row.get('max rel err', 0))):.1e}"
+                    del out
+                del reference
+                row.pop("first ms", None)
+                rows.append(row)
+                print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)  # progress
+            torch.cuda.empty_cache()
+    if saved_engine is None:
+        os.environ.pop("MOEFORGE_GROUPED_GEMM", None)
+    else:
+        os.environ["MOEFORGE_GROUPED_GEMM"] = saved_engine
+    print()
+    columns = ["model", "T", "gemm"]
+    for i, engine in enumerate(args.engines):
+        columns += [f"{engine} ms", f"{engine} TFLOP/s"]
+        if i:
+            columns.append(f"{engine} vs {args.engines[0]}")
+    print_table(rows, [*columns, "max rel err"])
+    write_json(args.json, rows, args.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+// The glue of MOEFORGE_GROUPED_GEMM=sm90 (grouped_mm.cpp lists the engines): grouped_mm's
+// row-grouped GEMMs through our sm_90a wgmma kernel (kernels/sm90, moeforge/kernels/
+// grouped_gemm_sm90.h) where it covers them, with the gather fused into its A loads. Experimental:
+// an engine to test and time against at::_grouped_mm before it becomes the default.
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+#include "cuda_utils.h"
+#include "moeforge/kernels/grouped_gemm_sm90.h"
+
+namespace moeforge {
+namespace {
+
+// A row stride as the kernel takes it: for one row (or none) any stride reads the same bytes, so
+// the row's extent stands in for whatever stride the tensor reports.
+int64_t leading_dim(const at::Tensor& t, int64_t dim, int64_t extent) {
+  return t.size(dim) > 1 ? t.stride(dim) : extent;
+}
+
+}  // namespace
+
+std::optional<at::Tensor> sm90_grouped_gemm(const at::Tensor& x_in, const RowSource& source,
+                                            const at::Tensor& w_nk, const at::Tensor& offsets,
+                                            const at::Tensor& bias, std::string_view op,
+                                            cudaStream_t stream) {
+  if (!sm90_engine_requested()) return std::nullopt;
+  bool supported = false;
+  check_cuda(kernels::grouped_gemm_sm90_supported(&supported), op);
+  TORCH_CHECK(supported, "moeforge.", op,
+              ": MOEFORGE_GROUPED_GEMM=sm90 needs a compute capability 9.0 GPU and a build for "
+              "CUDA architecture 9.0 (TORCH_CUDA_ARCH_LIST=9.0); this device or build has no "
+              "sm_90a kernel: unset the variable or set it to \"auto\"");
+  const int64_t num_experts = w_nk.size(0), n = w_nk.size(1), k = w_nk.size(2);
+  if (x_in.scalar_type() != at::kBFloat16 || (k > 1 && w_nk.stride(2) != 1) ||
+      num_experts > kernels::kGroupedGemmSm90MaxExperts) {
+    return std::nullopt;
+  }
+  const at::Tensor x = as_rows(x_in);
+  const int64_t num_rows = source.num_rows(x);
+  kernels::GroupedGemmSm90Args args;
+  args.x = cuda_ptr<at::BFloat16>(x);
+  args.ldx = leading_dim(x, 0, k);
+  args.w = cuda_ptr<at::BFloat16>(w_nk);
+  args.ldw = leading_dim(w_nk, 1, k);
+  args.w_stride_e = leading_dim(w_nk, 0, n * args.ldw);
+  args.num_rows = num_rows;
+  args.k = k;
+  args.n = n;
+  args.num_experts = num_experts;
+  if (source.gathered()) {
+    args.sorted_pairs = source.sorted_pairs.const_data_ptr<int32_t>();
+    args.num_tokens = x.size(0);
+    args.top_k = source.top_k;
+  }
+  at::Tensor out = at::empty({num_rows, n}, x.options());
+  args.y = cuda_mutable_ptr<at::BFloat16>(out);
+  args.ldy = n;
+  args.expert_offsets = offsets.const_data_ptr<int32_t>();
+  // Alignment and multiples of 8 (the kernel's 16-byte copies): checked on the real pointers.
+  if (!kernels::grouped_gemm_sm90_args_valid(args)) return std::nullopt;
+  const at::Tensor ends = expert_row_ends(offsets, num_rows, op, stream);
+  check_cuda(kernels::launch_grouped_gemm_sm90(args, stream), op);
+  finish_grouped_rows(out, ends, bias, op, stream);
+  return out;
+}
+
+}  // namespace moeforge
