@@ -106,7 +106,7 @@ def test_torch_engine_lora_path_matches_eager_loop(monkeypatch, layout, bias, ga
     from moeforge import fused
 
     monkeypatch.setattr(fused, "_torch_engine", lambda x, num_experts: True)
-    monkeypatch.setattr(fused, "_gathers_to_a_copy", lambda x, num_experts: gather_once)
+    monkeypatch.setattr(fused, "_gathers_to_a_copy", lambda *_, **__: gather_once)
     ids, leaves = make_inputs("cpu", layout, lora=True, bias=bias, rank=8)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         check_every_gradient_subset(ids, leaves, layout)

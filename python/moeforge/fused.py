@@ -52,19 +52,24 @@ _ops = torch.ops.moeforge
 
 def _torch_engine(x: Tensor, num_experts: int) -> bool:
     """Whether the grouped GEMMs take torch's engine here (``MOEFORGE_GROUPED_GEMM`` auto/torch,
-    bfloat16 on sm90/sm100: ``torch_engine_applies`` in csrc/cuda/grouped_mm.cpp)."""
+    bfloat16 on sm90/sm100: ``torch_engine_applies`` in csrc/cuda/grouped_mm.cpp). Also under
+    the experimental "sm90", where torch's engine runs every GEMM that our sm_90a kernel does not
+    (the weight gradients, and the GEMMs whose weight is not K-major)."""
     if not x.is_cuda or x.dtype != torch.bfloat16 or not 1 <= num_experts <= 1023:
         return False
-    if os.environ.get("MOEFORGE_GROUPED_GEMM", "") not in ("", "auto", "torch"):
+    if os.environ.get("MOEFORGE_GROUPED_GEMM", "") not in ("", "auto", "torch", "sm90"):
         return False
     return torch.cuda.get_device_capability(x.device)[0] in (9, 10)
 
 
-def _gathers_to_a_copy(x: Tensor, num_experts: int) -> bool:
+def _gathers_to_a_copy(x: Tensor, num_experts: int, k_major_weights: bool = False) -> bool:
     """Whether an op given the routing plan would gather its own dense copy of x: under torch's
-    engine, whose kernels read dense rows. The layer then gathers once and hands the rows to
-    every op that reads them. Only speed depends on the answer: an op computes the same values
-    from the plan or from the gathered rows."""
+    engine, whose kernels read dense rows (except, under "sm90", the GEMMs whose weights are all
+    K-major - ``k_major_weights``: our kernel gathers in its loads). The layer then gathers once
+    and hands the rows to every op that reads them. Only speed depends on the answer: an op
+    computes the same values from the plan or from the gathered rows."""
+    if k_major_weights and os.environ.get("MOEFORGE_GROUPED_GEMM") == "sm90":
+        return False
     return _torch_engine(x, num_experts)
 
 
@@ -252,7 +257,8 @@ class FusedMoEExperts(torch.autograd.Function):
         plan = (sorted_pairs, pair_to_row)  # x is read through it: no permuted copy
         x_in, x_plan = x, plan
         torch_engine = _torch_engine(x, num_experts)
-        if gate_up_lora_A is not None and _gathers_to_a_copy(x, num_experts):
+        # The forward's readers of x: gate_up_proj and lora_A, K-major in HF's layout.
+        if gate_up_lora_A is not None and _gathers_to_a_copy(x, num_experts, not transposed):
             x_in, x_plan = _ops.permute(x, *plan, None), ()  # one copy for both GEMMs
         h = _ops.grouped_mm(x_in, gate_up_proj, offsets, gate_up_bias, transposed, *x_plan)
         gate_up_u = None
