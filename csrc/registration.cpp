@@ -76,6 +76,13 @@ TORCH_LIBRARY(moeforge, m) {
       "str variant=\"silu\", float alpha=1.702, float limit=7.0, bool weighted_act=True) -> "
       "(Tensor grad_h, Tensor weighted_act, Tensor grad_row_weights)");
 
+  // The same, with grad_h written over h (each element read before it is overwritten): the fused
+  // layer's backward, where h is read for the last time, needs no second [rows, 2I] buffer. h
+  // must be contiguous and share no memory with grad_aw or row_weights.
+  m.def(
+      "weighted_swiglu_backward_(Tensor(a!) h, Tensor grad_aw, Tensor row_weights, "
+      "str variant=\"silu\", float alpha=1.702, float limit=7.0, bool weighted_act=True) -> "
+      "(Tensor weighted_act, Tensor grad_row_weights)");
   // Split LoRA on routed rows, PEFT layout: lora_A [E*r, in] expert-major, lora_B [out, r*E]
   // rank-major. lora_u = x A_e^T [rows, r]; delta = scaling * lora_u B_e^T [rows, out].
   // Never forms B_e A_e. With the routing plan, x is token-major as for grouped_mm (and

@@ -1,5 +1,7 @@
 #include "validation.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include <limits>
 
 #include "checks.h"
@@ -166,14 +168,29 @@ void check_swiglu_backward_inputs(const at::Tensor& grad_a, const at::Tensor& h,
 
 void check_weighted_swiglu_backward_inputs(const at::Tensor& grad_aw, const at::Tensor& h,
                                            const at::Tensor& row_weights, std::string_view variant,
-                                           double alpha, double limit) {
-  constexpr std::string_view op = "weighted_swiglu_backward";
+                                           double alpha, double limit, std::string_view op) {
   check_swiglu_inputs(h, variant, alpha, limit, op);
   check_activation_grad(op, "grad_aw", grad_aw, h);
   check_dim(op, "row_weights", row_weights, 1, "[num_rows]");
   check_floating(op, "row_weights", row_weights);
   check_same_device(op, "row_weights", row_weights, "h", h);
   check_size(op, "row_weights", row_weights, 0, h.size(0), "num_rows of h");
+}
+
+void check_weighted_swiglu_backward_inplace_inputs(const at::Tensor& h, const at::Tensor& grad_aw,
+                                                   const at::Tensor& row_weights,
+                                                   std::string_view variant, double alpha,
+                                                   double limit) {
+  constexpr std::string_view op = "weighted_swiglu_backward_";
+  check_weighted_swiglu_backward_inputs(grad_aw, h, row_weights, variant, alpha, limit, op);
+  MOEFORGE_CHECK_VALUE(h.is_contiguous(), op,
+                       "h is overwritten with grad_h and must be contiguous, got shape ", h.sizes(),
+                       " and strides ", h.strides());
+  for (const auto& [name, t] : {std::pair<std::string_view, const at::Tensor&>{"grad_aw", grad_aw},
+                                {"row_weights", row_weights}}) {
+    MOEFORGE_CHECK_VALUE(at::get_overlap_status(h, t) == at::MemOverlapStatus::No, op,
+                         "h is overwritten with grad_h and must not share memory with ", name);
+  }
 }
 
 int64_t check_expert_lora_inputs(std::string_view op, const at::Tensor& x, const at::Tensor& lora_A,

@@ -47,7 +47,14 @@ void check_swiglu_backward_inputs(const at::Tensor& grad_a, const at::Tensor& h,
 // row_weights [num_rows], floating, on h's device.
 void check_weighted_swiglu_backward_inputs(const at::Tensor& grad_aw, const at::Tensor& h,
                                            const at::Tensor& row_weights, std::string_view variant,
-                                           double alpha, double limit);
+                                           double alpha, double limit,
+                                           std::string_view op = "weighted_swiglu_backward");
+// weighted_swiglu_backward_ (grad_h written over h): the rules above, and h contiguous, sharing
+// no memory with grad_aw or row_weights.
+void check_weighted_swiglu_backward_inplace_inputs(const at::Tensor& h, const at::Tensor& grad_aw,
+                                                   const at::Tensor& row_weights,
+                                                   std::string_view variant, double alpha,
+                                                   double limit);
 
 // Returns the LoRA rank r (lora_A is [num_experts * r, in]).
 int64_t check_expert_lora_inputs(std::string_view op, const at::Tensor& x, const at::Tensor& lora_A,

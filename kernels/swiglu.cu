@@ -63,7 +63,7 @@ struct alignas(16) Vec16 {
 // The gate and up values of output columns j0 .. j0 + kV of a row of h (16-byte loads): two
 // vectors of the halves (silu) or two vectors of interleaved pairs, split (gpt-oss).
 template <typename T>
-__device__ __forceinline__ void load_gate_up(const T* __restrict__ row, int64_t j0, int64_t inter,
+__device__ __forceinline__ void load_gate_up(const T* row, int64_t j0, int64_t inter,
                                              GluVariant variant, Vec16<T>* gate, Vec16<T>* up) {
   using V = Vec16<T>;
   constexpr int kV = V::kSize;
@@ -158,12 +158,15 @@ __device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* partial) {
   return total;
 }
 
+// h and grad_h may be the same array (weighted_swiglu_backward_): each thread reads the gate and
+// up values it overwrites before it writes them, and no thread reads another's, so neither
+// pointer is __restrict__ (the same holds for the vector kernel below).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     weighted_swiglu_backward_kernel(const T* __restrict__ grad_aw,  // [rows, I]
-                                    const T* __restrict__ h,        // [rows, 2I]
+                                    const T* h,                     // [rows, 2I]
                                     const acc_type_t<T>* __restrict__ row_weights,
-                                    T* __restrict__ grad_h,        // [rows, 2I]
+                                    T* grad_h,                     // [rows, 2I]
                                     T* __restrict__ weighted_act,  // [rows, I] or nullptr
                                     acc_type_t<T>* __restrict__ grad_row_weights, int64_t rows,
                                     int64_t inter, GluVariant variant, acc_type_t<T> alpha,
@@ -202,9 +205,9 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     weighted_swiglu_backward_vec_kernel(const T* __restrict__ grad_aw,  // [rows, I]
-                                        const T* __restrict__ h,        // [rows, 2I]
+                                        const T* h,                     // [rows, 2I]
                                         const acc_type_t<T>* __restrict__ row_weights,
-                                        T* __restrict__ grad_h,        // [rows, 2I]
+                                        T* grad_h,                     // [rows, 2I]
                                         T* __restrict__ weighted_act,  // [rows, I] or nullptr
                                         acc_type_t<T>* __restrict__ grad_row_weights, int64_t rows,
                                         int64_t inter, GluVariant variant, acc_type_t<T> alpha,

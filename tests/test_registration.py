@@ -17,6 +17,7 @@ OTHER_OPS = [
     "grouped_mm_backward",
     "swiglu_backward",
     "weighted_swiglu_backward",
+    "weighted_swiglu_backward_",
     "expert_lora_backward",
     "lora_expand_add_",
     "router_loss_backward",

@@ -228,3 +228,67 @@ def test_weighted_backward_bad_input_errors():
         ValueError, match=r"moeforge\.weighted_swiglu_backward: variant must be \"silu\" or"
     ):
         op(torch.randn(3, 2), torch.randn(3, 4), torch.randn(3), "relu")
+
+
+# ---- weighted_swiglu_backward_: the same, grad_h written over h ----
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *LOW_PRECISION])
+@pytest.mark.parametrize("shape", [(0, 4), (1, 1), (17, 33), (40, 304)])
+def test_weighted_backward_in_place_equals_out_of_place(device, variant, dtype, shape):
+    """grad_h written over h is bitwise the out-of-place op's grad_h (each element is read before
+    it is overwritten), in h's memory; a_w and the row dot products are the same too."""
+    rows, inter = shape
+    h = off_the_kinks(make_h(rows, inter, device, dtype))
+    g = torch.randn(rows, inter, device=device, dtype=dtype)
+    w = make_row_weights(rows, device)
+    want = ops.weighted_swiglu_backward(g, h, w, variant)
+    g_before, w_before = g.clone(), w.clone()
+    for weighted_act in (True, False):
+        h_work = h.clone()
+        address = h_work.data_ptr()
+        a_w, grad_w = ops.weighted_swiglu_backward_(
+            h_work, g, w, variant, weighted_act=weighted_act
+        )
+        assert h_work.data_ptr() == address
+        assert torch.equal(h_work, want[0])
+        assert torch.equal(a_w, want[1]) if weighted_act else a_w.numel() == 0
+        assert torch.equal(grad_w, want[2])
+    assert torch.equal(g, g_before) and torch.equal(w, w_before)
+
+
+def test_weighted_backward_in_place_opcheck(device):
+    h = make_h(7, 6, device, torch.float32)
+    g = torch.randn(7, 6, device=device)
+    w = make_row_weights(7, device)
+    for variant in VARIANTS:
+        torch.library.opcheck(
+            torch.ops.moeforge.weighted_swiglu_backward_.default,
+            (h.clone(), g, w, variant, 1.702, 7.0, True),
+        )
+
+
+def test_weighted_backward_in_place_bad_input_errors():
+    op = torch.ops.moeforge.weighted_swiglu_backward_
+    h = torch.randn(3, 8)
+    before = h.clone()
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.weighted_swiglu_backward_: h is overwritten with grad_h and must be "
+        r"contiguous, got shape \[3, 4\] and strides \[8, 1\]",
+    ):
+        op(h[:, :4], torch.randn(3, 2), torch.randn(3))
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.weighted_swiglu_backward_: h is overwritten with grad_h and must not "
+        r"share memory with grad_aw",
+    ):
+        op(h, h[:, :4], torch.randn(3))
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.weighted_swiglu_backward_: row_weights\.size\(0\) must equal num_rows "
+        r"of h \(3\), got shape \[4\]",
+    ):
+        op(h, torch.randn(3, 4), torch.randn(4))
+    assert torch.equal(h, before)  # refused before anything was written

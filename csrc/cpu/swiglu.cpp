@@ -35,7 +35,7 @@ at::Tensor swiglu_cpu(const at::Tensor& h_in, c10::string_view variant, double a
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, h.scalar_type(), "moeforge.swiglu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const scalar_t* in = h.data_ptr<scalar_t>();
+        const scalar_t* in = h.const_data_ptr<scalar_t>();
         scalar_t* o = out.data_ptr<scalar_t>();
         const acc_t a = static_cast<acc_t>(alpha), lim = static_cast<acc_t>(limit);
         at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
@@ -92,18 +92,16 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_a_in, const at::Tensor& h_
 
 // See the schema in csrc/registration.cpp: grad_h, the recomputed weighted activation and the
 // per-row dot products <grad_aw[r], a(h[r])>, summed in acc_t in column order.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_swiglu_backward_cpu(
-    const at::Tensor& grad_aw_in, const at::Tensor& h_in, const at::Tensor& row_weights_in,
-    c10::string_view variant, double alpha, double limit, bool want_weighted_act) {
-  check_weighted_swiglu_backward_inputs(grad_aw_in, h_in, row_weights_in, variant, alpha, limit);
-  const SwigluVariant v = parse_swiglu_variant("weighted_swiglu_backward", variant);
-  const at::Tensor h = h_in.contiguous();
+// grad_h may be h itself: each element pair is read before it is overwritten, by the same
+// iteration (weighted_swiglu_backward_).
+std::tuple<at::Tensor, at::Tensor> weighted_swiglu_backward_into(
+    const at::Tensor& grad_aw_in, const at::Tensor& h, const at::Tensor& row_weights_in,
+    SwigluVariant v, double alpha, double limit, bool want_weighted_act, at::Tensor& grad_h) {
   const at::Tensor grad_aw = grad_aw_in.contiguous();
   const int64_t rows = h.size(0), inter = h.size(1) / 2;
   const GateUpColumns cols{v == SwigluVariant::kGptOss, inter};
   const at::ScalarType acc_dtype = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor row_weights = row_weights_in.to(acc_dtype).contiguous();
-  at::Tensor grad_h = at::empty_like(h);
   at::Tensor weighted_act =
       want_weighted_act ? at::empty({rows, inter}, h.options()) : at::empty({0}, h.options());
   at::Tensor grad_row_weights = at::empty({rows}, h.options().dtype(acc_dtype));
@@ -136,7 +134,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_swiglu_backward_cpu(
           }
         });
       });
+  return {weighted_act, grad_row_weights};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_swiglu_backward_cpu(
+    const at::Tensor& grad_aw, const at::Tensor& h_in, const at::Tensor& row_weights,
+    c10::string_view variant, double alpha, double limit, bool want_weighted_act) {
+  check_weighted_swiglu_backward_inputs(grad_aw, h_in, row_weights, variant, alpha, limit);
+  const SwigluVariant v = parse_swiglu_variant("weighted_swiglu_backward", variant);
+  const at::Tensor h = h_in.contiguous();
+  at::Tensor grad_h = at::empty_like(h);
+  auto [weighted_act, grad_row_weights] = weighted_swiglu_backward_into(
+      grad_aw, h, row_weights, v, alpha, limit, want_weighted_act, grad_h);
   return {grad_h, weighted_act, grad_row_weights};
+}
+
+std::tuple<at::Tensor, at::Tensor> weighted_swiglu_backward_inplace_cpu(
+    at::Tensor& h, const at::Tensor& grad_aw, const at::Tensor& row_weights,
+    c10::string_view variant, double alpha, double limit, bool want_weighted_act) {
+  check_weighted_swiglu_backward_inplace_inputs(h, grad_aw, row_weights, variant, alpha, limit);
+  const SwigluVariant v = parse_swiglu_variant("weighted_swiglu_backward_", variant);
+  return weighted_swiglu_backward_into(grad_aw, h, row_weights, v, alpha, limit, want_weighted_act,
+                                       h);
 }
 
 }  // namespace
@@ -145,6 +164,7 @@ TORCH_LIBRARY_IMPL(moeforge, CPU, m) {
   m.impl("swiglu", &swiglu_cpu);
   m.impl("swiglu_backward", &swiglu_backward_cpu);
   m.impl("weighted_swiglu_backward", &weighted_swiglu_backward_cpu);
+  m.impl("weighted_swiglu_backward_", &weighted_swiglu_backward_inplace_cpu);
 }
 
 }  // namespace moeforge

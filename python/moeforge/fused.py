@@ -20,9 +20,9 @@ plan and weights, LoRA's rank-r intermediates ``[S, r]`` (and the parameters, wh
 anyway). Not saved: the activation ``[S, I]`` (recomputed from ``h``) and the expert outputs
 ``[S, H]`` (never needed). At Qwen3-30B-A3B's shapes (T=16384, K=8, H=2048, I=768, bf16) a
 layer keeps 0.47 GB (``h`` and ``x``) instead of the 1.7 GB that op-by-op autograd keeps
-(``x_rows``, ``h``, ``a``, ``y``). The backward releases ``h`` as soon as the activation's
-backward has read it (unless the graph is retained), before it allocates the input's rows and
-the weight gradients, where the layer's peak is (:func:`_release_dead_saved`).
+(``x_rows``, ``h``, ``a``, ``y``). The activation's backward, ``h``'s last reader, writes
+``grad_h`` over ``h`` (unless the graph is retained): the backward never holds two ``[S, 2I]``
+buffers (:func:`_read_for_the_last_time`).
 
 The routing-weight gradient without the expert outputs: read each row's weight as a factor of its
 activation, ``a_w = w a``, so that ``out[t] = sum_k (a_w W_d^T + w b_d)[row(t,k)]``. Then, with
@@ -30,7 +30,7 @@ activation, ``a_w = w a``, so that ``out[t] = sum_k (a_w W_d^T + w b_d)[row(t,k)
 
 * ``g = dO_rows W_d`` (+ LoRA's ``s (dO_rows B) A``) is the gradient of ``a_w``;
 * ``grad_h = swiglu'(h)^T (w g)``, ``dw = <g, a>`` (+ ``<dO, b_d>``) and ``a_w`` itself come
-  from one pass over ``h`` (:func:`moeforge.ops.weighted_swiglu_backward`);
+  from one pass over ``h`` (:func:`moeforge.ops.weighted_swiglu_backward_`, in place);
 * ``dW_d = dO_rows^T a_w`` and the down adapter's gradients read ``a_w`` and ``w u``.
 
 ``dO_rows`` is read through the plan too (by the GEMMs for ``g``, ``dW_d`` and the down
@@ -73,31 +73,24 @@ def _gathers_to_a_copy(x: Tensor, num_experts: int, k_major_weights: bool = Fals
     return _torch_engine(x, num_experts)
 
 
-def _release_dead_saved(t: Tensor, saved: weakref.ref) -> None:
-    """Frees a saved tensor's memory in the middle of the backward that reads it for the last time.
+def _read_for_the_last_time(t: Tensor, saved: weakref.ref) -> bool:
+    """Whether the backward may overwrite a saved tensor that it is reading for the last time.
 
-    Autograd holds a node's saved tensors until its backward returns; the fused backward is done
-    with ``h [S, 2I]`` after the activation's backward, before it allocates ``grad_x``'s rows and
-    the weight gradients (where the layer's peak is). Freed only when nothing can read it again:
-    ``t`` must be the very tensor the forward saved (``saved``, a weak reference to it; a
-    saved-tensor hook that offloads, copies or recomputes hands back another tensor, whose memory
-    its owner manages, and is left alone), the graph must not be kept for another backward
+    Autograd holds a node's saved tensors until its backward returns. The fused backward is done
+    with ``h [S, 2I]`` once the activation's backward has read it, so that op writes ``grad_h``
+    over ``h`` (:func:`moeforge.ops.weighted_swiglu_backward_`) instead of allocating a second
+    ``[S, 2I]`` buffer beside ``grad_aw``, where the layer's backward peaks. Only when nothing can
+    read ``h`` again: ``t`` must be the very tensor the forward saved (``saved``, a weak reference
+    to it; a saved-tensor hook that offloads, copies or recomputes hands back another tensor,
+    which its owner may still read), the graph must not be kept for another backward
     (``retain_graph``, which ``create_graph`` implies by default), torch.compile must not be
-    tracing the backward (its graph frees buffers itself), and ``t`` must own its whole storage.
-    On CUDA the current stream is recorded first, so that the allocator reuses the memory only
-    after the work queued on it (the activation's backward) has read ``t``."""
+    tracing the backward (its graphs own their buffers), and ``t`` must be contiguous."""
     if torch.compiler.is_compiling() or saved() is not t:
-        return
+        return False
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     if keep_graph is None or keep_graph():
-        return
-    storage = t.untyped_storage()
-    whole = t.storage_offset() == 0 and storage.nbytes() == t.numel() * t.element_size()
-    if not (storage.resizable() and whole and t.is_contiguous()):
-        return
-    if t.is_cuda:
-        t.record_stream(torch.cuda.current_stream(t.device))
-    storage.resize_(0)
+        return False
+    return t.is_contiguous()
 
 
 def _shape_only(rows: int, cols: int, like: Tensor) -> Tensor:
@@ -278,7 +271,7 @@ class FusedMoEExperts(torch.autograd.Function):
         del a
         out = _ops.combine(y, sorted_pairs, pair_to_row, top_k_weights)
 
-        ctx.saved_h = weakref.ref(h)  # see _release_dead_saved
+        ctx.saved_h = weakref.ref(h)  # see _read_for_the_last_time
         ctx.layout, ctx.alpha, ctx.limit = layout, alpha, limit
         ctx.torch_engine = torch_engine
         ctx.gate_up_scaling, ctx.down_scaling = gate_up_scaling, down_scaling
@@ -376,12 +369,17 @@ class FusedMoEExperts(torch.autograd.Function):
             )
             grad_aw.add_(lora_grad)
         want_act_w = need_dn or need_dn_A or need_dn_B
-        grad_h, act_w, grad_row_weights = _ops.weighted_swiglu_backward(
-            grad_aw, h, row_weights, variant, ctx.alpha, ctx.limit, want_act_w
-        )
-        del grad_aw
-        _release_dead_saved(h, ctx.saved_h)  # its last reader was the activation's backward
-        del h
+        act_args = (variant, ctx.alpha, ctx.limit, want_act_w)
+        if _read_for_the_last_time(h, ctx.saved_h):  # grad_h takes h's memory
+            act_w, grad_row_weights = _ops.weighted_swiglu_backward_(
+                h, grad_aw, row_weights, *act_args
+            )
+            grad_h = h
+        else:
+            grad_h, act_w, grad_row_weights = _ops.weighted_swiglu_backward(
+                grad_aw, h, row_weights, *act_args
+            )
+        del grad_aw, h
         row_weights = row_weights.to(grad_row_weights.dtype)
 
         grad_dn = grad_dn_bias = grad_dn_A = grad_dn_B = None

@@ -33,6 +33,7 @@ __all__ = [
     "routing",
     "swiglu",
     "weighted_swiglu_backward",
+    "weighted_swiglu_backward_",
 ]
 
 
@@ -356,10 +357,48 @@ def _weighted_swiglu_backward_fake(
     limit=GPT_OSS_LIMIT,
     weighted_act=True,
 ):
+    return (
+        h.new_empty(h.shape),
+        *_weighted_swiglu_backward_inplace_fake(h, weighted_act=weighted_act),
+    )
+
+
+def weighted_swiglu_backward_(
+    h: Tensor,
+    grad_aw: Tensor,
+    row_weights: Tensor,
+    variant: str = "silu",
+    alpha: float = GPT_OSS_ALPHA,
+    limit: float = GPT_OSS_LIMIT,
+    weighted_act: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """:func:`weighted_swiglu_backward` with ``grad_h`` written over ``h`` (in place).
+
+    For a backward that reads the pre-activation for the last time (the fused MoE layer's): no
+    second ``[S, 2I]`` buffer. ``h`` must be contiguous and share no memory with ``grad_aw`` or
+    ``row_weights``; after the call it holds ``grad_h``, bitwise what the out-of-place op returns.
+
+    Returns:
+        ``(a_w [S, I] or empty, grad_row_weights [S])`` as :func:`weighted_swiglu_backward`.
+    """
+    return _ops.weighted_swiglu_backward_(
+        h, grad_aw, row_weights, variant, alpha, limit, weighted_act
+    )
+
+
+@torch.library.register_fake("moeforge::weighted_swiglu_backward_")
+def _weighted_swiglu_backward_inplace_fake(
+    h,
+    grad_aw=None,
+    row_weights=None,
+    variant="silu",
+    alpha=GPT_OSS_ALPHA,
+    limit=GPT_OSS_LIMIT,
+    weighted_act=True,
+):
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     rows, inter = h.shape[0], h.shape[1] // 2
     return (
-        h.new_empty(h.shape),
         h.new_empty(rows, inter) if weighted_act else h.new_empty(0),
         h.new_empty(rows, dtype=acc),
     )

@@ -471,10 +471,11 @@ std::vector<T> shifted(const std::vector<T>& values, int64_t shift) {
 }
 
 // Launches on fresh buffers, every output poisoned (0xFF, NaN) first. shift = 1 moves the
-// element buffers one element off 16-byte alignment (the kernel's scalar path).
+// element buffers one element off 16-byte alignment (the kernel's scalar path). in_place: grad_h
+// written over h (the same pointer), as weighted_swiglu_backward_ launches it.
 template <typename T>
 void run_weighted(const WeightedInputs<T>& in, const Shape& s, GluVariant v, bool want_act,
-                  WeightedOutputs<T>* out, int64_t shift = 0) {
+                  WeightedOutputs<T>* out, int64_t shift = 0, bool in_place = false) {
   using acc_t = acc_type_t<T>;
   const int64_t n_act = want_act ? s.rows * s.inter : 0;
   DeviceBuffer<T> grad_aw(shifted(in.grad_aw, shift)), h(shifted(in.h, shift)),
@@ -483,12 +484,13 @@ void run_weighted(const WeightedInputs<T>& in, const Shape& s, GluVariant v, boo
   grad_h.poison(0xFF);
   act.poison(0xFF);
   grad_row_weights.poison(0xFF);
+  T* const grad_h_out = in_place ? h.data() + shift : grad_h.data() + shift;
   MOEFORGE_ASSERT_CUDA(kernels::launch_weighted_swiglu_backward<T>(
-      grad_aw.data() + shift, h.data() + shift, row_weights.data(), grad_h.data() + shift,
+      grad_aw.data() + shift, h.data() + shift, row_weights.data(), grad_h_out,
       want_act ? act.data() + shift : nullptr, grad_row_weights.data(), s.rows, s.inter, v, kAlpha,
       kLimit, nullptr));
   MOEFORGE_ASSERT_CUDA(cudaDeviceSynchronize());
-  const std::vector<T> gh = grad_h.download(), a = act.download();
+  const std::vector<T> gh = in_place ? h.download() : grad_h.download(), a = act.download();
   out->grad_h.assign(gh.begin() + shift, gh.end());
   out->weighted_act = want_act ? std::vector<T>(a.begin() + shift, a.end()) : std::vector<T>{};
   out->grad_row_weights = grad_row_weights.download();
@@ -585,6 +587,29 @@ TYPED_TEST(SwigluTest, WeightedBackwardVectorAndScalarPathsAgree) {
       expect_weighted_matches_reference(in, s, v, scalar);
       EXPECT_TRUE(same_bytes(vec.grad_h, scalar.grad_h));
       EXPECT_TRUE(same_bytes(vec.weighted_act, scalar.weighted_act));
+    }
+  }
+}
+
+// grad_h written over h (the launcher's contract allows grad_h == h): bitwise the out-of-place
+// results on both paths and both variants, since every element is read before it is overwritten.
+TYPED_TEST(SwigluTest, WeightedBackwardInPlaceEqualsOutOfPlace) {
+  using T = TypeParam;
+  uint32_t seed = 370;
+  for (const GluVariant v : variants()) {
+    for (const Shape& s : {Shape{33, 768}, Shape{5, 2880}, Shape{13, 129}, Shape{517, 6}}) {
+      for (const int64_t shift : {0, 1}) {
+        SCOPED_TRACE(name(s, v) + (shift ? " (scalar path)" : ""));
+        const WeightedInputs<T> in = weighted_inputs<T>(s, seed++);
+        WeightedOutputs<T> separate, in_place;
+        ASSERT_NO_FATAL_FAILURE(run_weighted(in, s, v, /*want_act=*/true, &separate, shift));
+        ASSERT_NO_FATAL_FAILURE(
+            run_weighted(in, s, v, /*want_act=*/true, &in_place, shift, /*in_place=*/true));
+        EXPECT_TRUE(same_bytes(separate.grad_h, in_place.grad_h));
+        EXPECT_TRUE(same_bytes(separate.weighted_act, in_place.weighted_act));
+        EXPECT_TRUE(same_bytes(separate.grad_row_weights, in_place.grad_row_weights));
+        expect_weighted_matches_reference(in, s, v, in_place);
+      }
     }
   }
 }

@@ -31,9 +31,10 @@ cudaError_t launch_swiglu(const scalar_t* h,  // [rows, 2I]
 //   grad_h[r, :]             = w[r] * (da/dh)^T grad_aw[r, :]       (T, like h)
 //   grad_row_weights[r]      = <grad_aw[r, :], a(h[r, :])>           (acc_type_t<T>, fixed order)
 //   weighted_act[r, :]       = w[r] * a(h[r, :])                      (T; skipped when nullptr)
-// weighted_act is the recomputed a_w that the down projection's weight gradient reads. One CTA per
-// row (grid-stride): deterministic, no atomics. row_weights and grad_row_weights are
-// acc_type_t<T> (float; double for double).
+// weighted_act is the recomputed a_w that the down projection's weight gradient reads. grad_h may
+// be h itself (grad_h written over h: each element is read before it is overwritten); no other
+// overlap. One CTA per row (grid-stride): deterministic, no atomics. row_weights and
+// grad_row_weights are acc_type_t<T> (float; double for double).
 template <typename scalar_t>
 cudaError_t launch_weighted_swiglu_backward(const scalar_t* grad_aw,                  // [rows, I]
                                             const scalar_t* h,                        // [rows, 2I]
