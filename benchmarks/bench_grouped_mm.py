@@ -14,10 +14,11 @@ gather) and zeroes the rows of no expert; "sm90" reads the rows through the plan
                         where the backward's grad_x reads the weight K-major)
 
 TFLOP/s count 2 * S * n * k. "max rel err" is |engine - auto| / |auto| (normwise) of the same
-call: a wrong kernel shows up here before it shows up in a speed.
+call: a wrong kernel shows up here before it shows up in a speed. An engine "sm90:<pipeline>"
+runs the sm90 engine with MOEFORGE_SM90_PIPELINE=<pipeline> (serial, overlapped).
 
     python benchmarks/bench_grouped_mm.py [--models qwen3-30b-a3b ...] [--tokens 4096 16384]
-        [--engines auto sm90 moeforge] [--json out.json]
+        [--engines auto sm90:serial sm90:overlapped moeforge] [--json out.json]
 """
 
 from __future__ import annotations
@@ -68,13 +69,15 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--models", nargs="+", default=["qwen3-30b-a3b"], choices=sorted(MODEL_SHAPES))
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
-    p.add_argument("--engines", nargs="+", default=["auto", "sm90", "moeforge"])
+    p.add_argument(
+        "--engines", nargs="+", default=["auto", "sm90:serial", "sm90:overlapped", "moeforge"]
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_grouped_mm.py compares CUDA engines: it needs a GPU")
     print(environment(args.device))
-    saved_engine = os.environ.get("MOEFORGE_GROUPED_GEMM")
+    saved = {v: os.environ.get(v) for v in ("MOEFORGE_GROUPED_GEMM", "MOEFORGE_SM90_PIPELINE")}
     rows = []
     for model in args.models:
         H, I, E, K = MODEL_SHAPES[model]
@@ -83,7 +86,9 @@ def main() -> None:
                 row = {"model": model, "T": T, "gemm": name}
                 reference = None
                 for engine in args.engines:
-                    os.environ["MOEFORGE_GROUPED_GEMM"] = engine
+                    engine_name, _, pipeline = engine.partition(":")
+                    os.environ["MOEFORGE_GROUPED_GEMM"] = engine_name
+                    os.environ["MOEFORGE_SM90_PIPELINE"] = pipeline
                     try:
                         out = call()
                         ms = time_ms(call, args.device)
@@ -104,10 +109,11 @@ def main() -> None:
                 rows.append(row)
                 print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)  # progress
             torch.cuda.empty_cache()
-    if saved_engine is None:
-        os.environ.pop("MOEFORGE_GROUPED_GEMM", None)
-    else:
-        os.environ["MOEFORGE_GROUPED_GEMM"] = saved_engine
+    for variable, value in saved.items():
+        if value is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = value
     print()
     columns = ["model", "T", "gemm"]
     for i, engine in enumerate(args.engines):

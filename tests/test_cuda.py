@@ -673,14 +673,17 @@ def sm90_kernel_launched(fn) -> bool:
         (96, 4, 32, 2880, 5760, 0.05),  # gpt-oss's H and 2I: k and n tails
     ],
 )
-def test_sm90_engine_forward_matches_float64(monkeypatch, T, K, E, H, n_out, drop):
+@pytest.mark.parametrize("pipeline", ["serial", "overlapped"])
+def test_sm90_engine_forward_matches_float64(monkeypatch, pipeline, T, K, E, H, n_out, drop):
     """MOEFORGE_GROUPED_GEMM=sm90 runs our wgmma kernel (not at::_grouped_mm) for grouped_mm's
     bfloat16 forward in HF's layout, reading token-major x through the plan or x in expert order:
     both agree with a float64 reference from the same bf16 inputs (fp32 accumulation: a few bf16
-    ulps), bitwise with each other, with bias added and dropped rows zero."""
+    ulps), bitwise with each other and across the kernel's two main-loop pipelines, with bias
+    added and dropped rows zero."""
     if not sm90_engine_applies():
         pytest.skip("the sm90 engine needs a compute capability 9.0 GPU")
     monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
+    monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", pipeline)
     torch.manual_seed(0)
     dt = torch.bfloat16
     ids = random_topk_ids(T, K, E, device="cuda", drop_fraction=drop, skip_experts=(1,))
@@ -705,6 +708,10 @@ def test_sm90_engine_forward_matches_float64(monkeypatch, T, K, E, H, n_out, dro
         torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=1.6e-2, atol=1e-2)
         dropped = int(offs[-1])
         assert (got[dropped:] == 0).all()
+        other = "serial" if pipeline == "overlapped" else "overlapped"
+        monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", other)
+        assert torch.equal(ops.grouped_mm(x, w, offs, bias, plan=plan), got)
+        monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", pipeline)
 
 
 def test_sm90_engine_grad_x_of_transposed_weights(monkeypatch):
@@ -756,6 +763,18 @@ def test_sm90_engine_past_131072_rows(monkeypatch):
     assert got.shape == (T * K, O)
     assert_normwise_close(got, want, 4e-3)
     assert torch.equal(ops.grouped_mm(x, w, offs, plan=plan), got)
+
+
+def test_sm90_pipeline_must_be_known(monkeypatch):
+    if not sm90_engine_applies():
+        pytest.skip("the sm90 engine needs a compute capability 9.0 GPU")
+    monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
+    monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", "pingpong")
+    offs, rows = make_offsets([20, 30], 0)
+    x = torch.randn(rows, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2, 64, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="MOEFORGE_SM90_PIPELINE"):
+        ops.grouped_mm(x, w, offs)
 
 
 def test_sm90_engine_is_refused_where_it_cannot_run(monkeypatch):

@@ -2,9 +2,15 @@
 // row-grouped GEMMs through our sm_90a wgmma kernel (kernels/sm90, moeforge/kernels/
 // grouped_gemm_sm90.h) where it covers them, with the gather fused into its A loads. Experimental:
 // an engine to test and time against at::_grouped_mm before it becomes the default.
+//
+// MOEFORGE_SM90_PIPELINE picks the kernel's main-loop pipeline (read on every call, so that one
+// benchmark run times both): unset, "" or "serial" (each k block's MMAs retire before the loop
+// goes on), "overlapped" (one k block's MMAs stay in flight); anything else raises. Both give
+// bitwise the same results.
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <string_view>
 
@@ -18,6 +24,17 @@ namespace {
 // the row's extent stands in for whatever stride the tensor reports.
 int64_t leading_dim(const at::Tensor& t, int64_t dim, int64_t extent) {
   return t.size(dim) > 1 ? t.stride(dim) : extent;
+}
+
+kernels::Sm90Pipeline requested_pipeline() {
+  const char* env = std::getenv("MOEFORGE_SM90_PIPELINE");
+  const std::string_view name = env == nullptr ? std::string_view() : std::string_view(env);
+  if (name.empty() || name == "serial") return kernels::Sm90Pipeline::kSerial;
+  if (name == "overlapped") return kernels::Sm90Pipeline::kOverlapped;
+  TORCH_CHECK_VALUE(false,
+                    "moeforge: MOEFORGE_SM90_PIPELINE must be \"serial\" or \"overlapped\", got \"",
+                    name, "\"");
+  return kernels::Sm90Pipeline::kSerial;
 }
 
 }  // namespace
@@ -50,6 +67,7 @@ std::optional<at::Tensor> sm90_grouped_gemm(const at::Tensor& x_in, const RowSou
   args.k = k;
   args.n = n;
   args.num_experts = num_experts;
+  args.pipeline = requested_pipeline();
   if (source.gathered()) {
     args.sorted_pairs = source.sorted_pairs.const_data_ptr<int32_t>();
     args.num_tokens = x.size(0);

@@ -39,16 +39,28 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kBM = 128, kBN = 128, kBK = 64;  // kBK bf16 = one 128-byte swizzled row
-constexpr int kStages = 3;
-constexpr int kTileBytes = kBM * kBK * 2;  // 16 KB, A and B alike (kBN == kBM)
+constexpr int kTileBytes = kBM * kBK * 2;      // 16 KB, A and B alike (kBN == kBM)
 constexpr int kStageBytes = 2 * kTileBytes;
 constexpr int kChunksPerRow = kBK * 2 / 16;                       // 8
 constexpr int kChunksPerThread = kBM * kChunksPerRow / kThreads;  // 4 of A, 4 of B
 constexpr int kAcc = kBN / 2;      // fp32 accumulators per thread of an m64n128 result
 constexpr int kGluHalf = kBN / 2;  // with SwiGLU: gate columns, then as many up columns
 constexpr size_t kBoundsBytes = 4 * (2 * (kGroupedGemmSm90MaxExperts + 1) + kBoundsMaxWarps);
-// Dynamic shared memory: bounds and tile prefix, then 1024-byte aligned stages (+ alignment slack).
-constexpr size_t kSmemBytes = kBoundsBytes + 1024 + size_t{kStages} * kStageBytes;
+
+// The main loop's pipeline (Sm90Pipeline): stages of shared memory, and the k blocks whose MMAs
+// may still be in flight when the next k block's loads are issued. The loads run kAhead k blocks
+// ahead of the MMAs; a stage is refilled only once the MMAs that read it have retired, since
+// kAhead + kMmaInFlight = kStages - 1.
+template <int Stages, int MmaInFlight>
+struct PipelineShape {
+  static constexpr int kStages = Stages, kMmaInFlight = MmaInFlight;
+  static constexpr int kAhead = kStages - 1 - kMmaInFlight;
+  static_assert(kAhead >= 1, "at least one k block loaded ahead");
+  // Dynamic shared memory: bounds and tile prefix, then 1024-byte aligned stages (+ slack).
+  static constexpr size_t kSmemBytes = kBoundsBytes + 1024 + size_t{kStages} * kStageBytes;
+};
+using SerialPipeline = PipelineShape<3, 0>;      // Sm90Pipeline::kSerial
+using OverlappedPipeline = PipelineShape<4, 1>;  // Sm90Pipeline::kOverlapped
 static_assert(kBM == kBN, "one chunk mapping serves A and B");
 
 // Shared-window address of a pointer into shared memory (what the wgmma descriptors
@@ -80,12 +92,18 @@ __device__ __forceinline__ void wgmma_fence() {
 __device__ __forceinline__ void wgmma_commit_group() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#elif defined(MOEFORGE_KERNEL_EMULATION)
+  ::moeforge::emu::async_mma_commit();
 #endif
 }
 
-__device__ __forceinline__ void wgmma_wait_all() {
+// Waits until at most `InFlight` committed groups of this warpgroup's MMAs are pending.
+template <int InFlight>
+__device__ __forceinline__ void wgmma_wait() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(InFlight) : "memory");
+#elif defined(MOEFORGE_KERNEL_EMULATION)
+  ::moeforge::emu::async_mma_wait(InFlight);
 #endif
 }
 
@@ -121,9 +139,11 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kAcc], uint64_t desc
   // through their descriptors as the hardware is documented to: K-major rows of 128 bytes in
   // 8-row atoms SBO bytes apart, the 128-byte swizzle applied to the address (sm90_layout.h).
   // This checks that the kernel's writers, descriptors and epilogue agree with one reading of
-  // the layout; only a GPU confirms the reading.
+  // the layout; only a GPU confirms the reading. Like the hardware's, the MMA is asynchronous:
+  // the products are added when a wgmma_wait retires its group, and its operands, read at issue
+  // and again then, must not have changed in between (a stage refilled under an in-flight MMA).
   const unsigned char* smem = dynamic_shared_memory<unsigned char>();
-  const auto element = [&](uint64_t desc, int row, int kk) {
+  const auto element = [smem](uint64_t desc, int row, int kk) {
     if ((desc >> 62) != static_cast<uint64_t>(sm90::GmmaLayout::kSwizzle128B)) {
       ::moeforge::emu::trap("emulated wgmma: only the 128-byte swizzle is modelled");
     }
@@ -135,19 +155,42 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kAcc], uint64_t desc
     std::memcpy(&v, smem + swizzled, sizeof(v));
     return __bfloat162float(v);
   };
+  // This thread's operands: its two rows of A (lane / 4 and + 8 within its warp's 16) and the
+  // columns of B its accumulators take (col = 8 (i / 4) + 2 (lane % 4) + i % 2: 32 of them).
+  struct Operands {
+    float a[2][16];
+    float b[kAcc / 2][16];
+  };
   const int lane = static_cast<int>(threadIdx.x) % 32,
             warp = (static_cast<int>(threadIdx.x) / 32) % 4;
-  float a[2][16];  // this thread's two rows of A (lane / 4 and + 8 within its warp's 16)
-  for (int h = 0; h < 2; ++h) {
-    for (int kk = 0; kk < 16; ++kk) a[h][kk] = element(desc_a, 16 * warp + lane / 4 + 8 * h, kk);
-  }
-  for (int i = 0; i < kAcc; ++i) {
-    const sm90::FragCoord c = sm90::accumulator_coord(warp, lane, i);
-    const float* row = a[(c.row % 16) / 8];
-    float acc = d[i];
-    for (int kk = 0; kk < 16; ++kk) acc += row[kk] * element(desc_b, c.col, kk);
-    d[i] = acc;
-  }
+  const auto b_slot = [](int i) { return (i / 4) * 2 + i % 2; };
+  const auto read = [=]() {
+    Operands o;
+    for (int h = 0; h < 2; ++h) {
+      for (int kk = 0; kk < 16; ++kk)
+        o.a[h][kk] = element(desc_a, 16 * warp + lane / 4 + 8 * h, kk);
+    }
+    for (int i = 0; i < kAcc; ++i) {
+      const sm90::FragCoord c = sm90::accumulator_coord(warp, lane, i);
+      for (int kk = 0; kk < 16; ++kk) o.b[b_slot(i)][kk] = element(desc_b, c.col, kk);
+    }
+    return o;
+  };
+  const Operands at_issue = read();
+  ::moeforge::emu::async_mma([=, &d]() {
+    const Operands o = read();
+    if (std::memcmp(&o, &at_issue, sizeof(o)) != 0) {
+      ::moeforge::emu::trap(
+          "emulated wgmma: shared memory read by an MMA changed before wait_group retired it");
+    }
+    for (int i = 0; i < kAcc; ++i) {
+      const sm90::FragCoord c = sm90::accumulator_coord(warp, lane, i);
+      const float* row = o.a[(c.row % 16) / 8];
+      float acc = d[i];
+      for (int kk = 0; kk < 16; ++kk) acc += row[kk] * o.b[b_slot(i)][kk];
+      d[i] = acc;
+    }
+  });
 #else
   (void)d, (void)desc_a, (void)desc_b;
 #endif
@@ -206,8 +249,10 @@ __device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args, unsi
   }
 }
 
+template <typename Pipeline>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_sm90_kernel(const GroupedGemmSm90Args args) {
+  constexpr int kStages = Pipeline::kStages, kAhead = Pipeline::kAhead;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(MOEFORGE_KERNEL_EMULATION)
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
   int32_t* bound = reinterpret_cast<int32_t*>(smem);             // [E + 1]
@@ -250,15 +295,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < kAcc; ++i) d[i] = 0.0f;
 
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
+    for (int s = 0; s < kAhead; ++s) {
       if (s < k_blocks) load_stage(args, stage_ptr + s * kStageBytes, a_rows, n0, w_e, s * kBK);
       cp_async_commit();
     }
     for (int64_t kb = 0; kb < k_blocks; ++kb) {
-      cp_async_wait<kStages - 2>();  // this thread's copies of stage kb have landed
+      cp_async_wait<kAhead - 1>();  // this thread's copies of stage kb have landed
       fence_proxy_async_shared();
-      __syncthreads();  // everyone's copies of stage kb are in; stage kb - 1 is no longer read
-      const int64_t next = kb + kStages - 1;
+      // Everyone's copies of stage kb are in, and every warpgroup's MMAs of k block
+      // kb - 1 - kMmaInFlight have retired: the stage the loads below refill is free.
+      __syncthreads();
+      const int64_t next = kb + kAhead;
       if (next < k_blocks) {
         load_stage(args, stage_ptr + (next % kStages) * kStageBytes, a_rows, n0, w_e, next * kBK);
       }
@@ -277,9 +324,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_m64n128k16(d, desc_a, desc_b);
       }
       wgmma_commit_group();
-      wgmma_wait_all();
+      wgmma_wait<Pipeline::kMmaInFlight>();
       fence_accumulators(d);
     }
+    wgmma_wait<0>();
+    fence_accumulators(d);
     cp_async_wait<0>();
     __syncthreads();  // the next tile's prologue refills stages this tile's last steps read
 
@@ -328,17 +377,32 @@ constexpr int kMaxCachedDevices = 64;
 std::atomic<int> g_device_state[kMaxCachedDevices];  // 0 unknown, -1 unsupported, 1 supported
 std::atomic<int> g_device_sms[kMaxCachedDevices];    // 0 until prepared
 
-// The SM count of `device` after raising the kernel's dynamic shared-memory limit on it.
+template <typename Pipeline>
+cudaError_t raise_smem_limit() {
+  MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_sm90_kernel<Pipeline>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(Pipeline::kSmemBytes)));
+  return cudaSuccess;
+}
+
+// The SM count of `device` after raising every variant's dynamic shared-memory limit on it.
 cudaError_t prepare_device(int device, int* sms) {
   const bool cached = device >= 0 && device < kMaxCachedDevices;
   if (cached && (*sms = g_device_sms[device].load(std::memory_order_acquire)) > 0) {
     return cudaSuccess;
   }
-  MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_sm90_kernel,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(kSmemBytes)));
+  MOEFORGE_CUDA_CHECK(raise_smem_limit<SerialPipeline>());
+  MOEFORGE_CUDA_CHECK(raise_smem_limit<OverlappedPipeline>());
   MOEFORGE_CUDA_CHECK(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device));
   if (cached) g_device_sms[device].store(*sms, std::memory_order_release);
+  return cudaSuccess;
+}
+
+template <typename Pipeline>
+cudaError_t launch_pipeline(const GroupedGemmSm90Args& args, int sms, cudaStream_t stream) {
+  MOEFORGE_CUDA_CHECK(launch_kernel(grouped_gemm_sm90_kernel<Pipeline>,
+                                    dim3(static_cast<unsigned>(sms)), dim3(kThreads),
+                                    Pipeline::kSmemBytes, stream, args));
   return cudaSuccess;
 }
 
@@ -372,9 +436,9 @@ cudaError_t launch_grouped_gemm_sm90(const GroupedGemmSm90Args& args, cudaStream
   int device = 0, sms = 0;
   MOEFORGE_CUDA_CHECK(cudaGetDevice(&device));
   MOEFORGE_CUDA_CHECK(prepare_device(device, &sms));
-  MOEFORGE_CUDA_CHECK(launch_kernel(grouped_gemm_sm90_kernel, dim3(static_cast<unsigned>(sms)),
-                                    dim3(kThreads), kSmemBytes, stream, args));
-  return cudaSuccess;
+  return args.pipeline == Sm90Pipeline::kOverlapped
+             ? launch_pipeline<OverlappedPipeline>(args, sms, stream)
+             : launch_pipeline<SerialPipeline>(args, sms, stream);
 }
 
 }  // namespace moeforge::kernels

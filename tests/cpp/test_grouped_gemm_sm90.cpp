@@ -31,6 +31,10 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
+// The main-loop pipeline every launch of the suite uses: each case runs once per variant
+// (GroupedGemmSm90 is parameterised by it, below).
+kernels::Sm90Pipeline g_pipeline = kernels::Sm90Pipeline::kSerial;
+
 #define MOEFORGE_SKIP_WITHOUT_SM90()                                                       \
   do {                                                                                     \
     MOEFORGE_SKIP_WITHOUT_GPU();                                                           \
@@ -112,6 +116,7 @@ std::vector<bf16> run(const Case& c, const std::vector<int32_t>& offsets,
     args.a = d_a.data();
     args.lda = c.n / 2;
   }
+  args.pipeline = g_pipeline;
   EXPECT_EQ(kernels::launch_grouped_gemm_sm90(args, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   if (glu != nullptr) {
@@ -201,18 +206,32 @@ void check_case(const Case& c, uint32_t seed, bool glu = false) {
   }
 }
 
-TEST(GroupedGemmSm90, OneTileOneKBlock) {
+class GroupedGemmSm90 : public ::testing::TestWithParam<kernels::Sm90Pipeline> {
+ protected:
+  void SetUp() override { g_pipeline = GetParam(); }
+  void TearDown() override { g_pipeline = kernels::Sm90Pipeline::kSerial; }
+};
+
+INSTANTIATE_TEST_SUITE_P(Pipelines, GroupedGemmSm90,
+                         ::testing::Values(kernels::Sm90Pipeline::kSerial,
+                                           kernels::Sm90Pipeline::kOverlapped),
+                         [](const auto& info) {
+                           return info.param == kernels::Sm90Pipeline::kSerial ? "Serial"
+                                                                               : "Overlapped";
+                         });
+
+TEST_P(GroupedGemmSm90, OneTileOneKBlock) {
   MOEFORGE_SKIP_WITHOUT_SM90();
   check_case({"128 x 128, k = 64", {0, 128}, 128, 64, 128}, 1);
 }
 
-TEST(GroupedGemmSm90, LongKLoop) {
+TEST_P(GroupedGemmSm90, LongKLoop) {
   MOEFORGE_SKIP_WITHOUT_SM90();
   check_case({"k = 1024", {0, 128}, 128, 1024, 128}, 2);
   check_case({"k = 128 (two blocks, one stage ahead)", {0, 128}, 128, 128, 128}, 3);
 }
 
-TEST(GroupedGemmSm90, ManyTilesOneExpert) {
+TEST_P(GroupedGemmSm90, ManyTilesOneExpert) {
   MOEFORGE_SKIP_WITHOUT_SM90();
   check_case({"1000 rows, n = 384", {0, 1000}, 1000, 256, 384}, 4);
   // 32 x 8 = 256 tiles: more than the persistent grid (one CTA per SM, <= 132), so CTAs run a
@@ -220,18 +239,18 @@ TEST(GroupedGemmSm90, ManyTilesOneExpert) {
   check_case({"256 tiles, CTAs run several", {0, 4096}, 4096, 64, 1024}, 14);
 }
 
-TEST(GroupedGemmSm90, EmptyKGivesZeros) {
+TEST_P(GroupedGemmSm90, EmptyKGivesZeros) {
   MOEFORGE_SKIP_WITHOUT_SM90();
   check_case({"k = 0", {0, 50, 90}, 100, 0, 64}, 15);
 }
 
-TEST(GroupedGemmSm90, ManyExperts) {
+TEST_P(GroupedGemmSm90, ManyExperts) {
   MOEFORGE_SKIP_WITHOUT_SM90();
   check_case({"E = 1023", random_offsets(1023, 6000, 16, 9), 6000, 64, 128}, 16);
   check_case({"E = 1024", random_offsets(1024, 3000, 17, 0), 3000, 64, 64}, 17);
 }
 
-TEST(GroupedGemmSm90, UnpaddedExpertsAndTails) {
+TEST_P(GroupedGemmSm90, UnpaddedExpertsAndTails) {
   MOEFORGE_SKIP_WITHOUT_SM90();
   check_case({"empty experts, tails", {0, 0, 1, 129, 129, 300, 427, 427}, 440, 128, 256}, 5);
   check_case({"k and n tails, padded strides", {0, 37, 37, 200}, 210, 72, 136, 8, 16, 24}, 6);
@@ -239,23 +258,30 @@ TEST(GroupedGemmSm90, UnpaddedExpertsAndTails) {
   check_case({"E = 1", {0, 5}, 5, 64, 8}, 8);
 }
 
-TEST(GroupedGemmSm90, CorruptOffsetsReadClamped) {
+TEST_P(GroupedGemmSm90, CorruptOffsetsReadClamped) {
   MOEFORGE_SKIP_WITHOUT_SM90();
   check_case({"negative, decreasing, past the rows", {9, 40, -3, 90, 20, 500}, 100, 64, 128}, 9);
 }
 
-TEST(GroupedGemmSm90, QwenLikeShapes) {
+TEST_P(GroupedGemmSm90, QwenLikeShapes) {
   MOEFORGE_SKIP_WITHOUT_SM90();
   check_case({"E = 16, k = 2048, n = 256", random_offsets(16, 2048, 10, 0), 2048, 2048, 256}, 10);
 }
 
-TEST(GroupedGemmSm90, Deterministic) {
+TEST_P(GroupedGemmSm90, Deterministic) {
   MOEFORGE_SKIP_WITHOUT_SM90();
   const Case c{"determinism", random_offsets(8, 1500, 11, 5), 1500, 320, 256};
   const std::vector<bf16> x = random_bf16(c.rows * c.k, 12, 1.0);
   const std::vector<bf16> w = random_bf16(8 * c.n * c.k, 13, 0.05);
   const std::vector<bf16> a = run(c, c.offsets, x, w), b = run(c, c.offsets, x, w);
   EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(bf16)), 0);
+  // The pipelines differ in when MMAs retire, not in what they add: bitwise the same results.
+  const kernels::Sm90Pipeline mine = g_pipeline;
+  g_pipeline = mine == kernels::Sm90Pipeline::kSerial ? kernels::Sm90Pipeline::kOverlapped
+                                                      : kernels::Sm90Pipeline::kSerial;
+  const std::vector<bf16> other = run(c, c.offsets, x, w);
+  g_pipeline = mine;
+  EXPECT_EQ(std::memcmp(a.data(), other.data(), a.size() * sizeof(bf16)), 0);
 }
 
 // y from x [x_rows, k] (token-major through sorted_pairs when given), NaN-poisoned first.
@@ -283,12 +309,13 @@ std::vector<bf16> run_rows(const std::vector<bf16>& x, int64_t x_rows, const std
     args.num_tokens = x_rows;
     args.top_k = top_k;
   }
+  args.pipeline = g_pipeline;
   EXPECT_EQ(kernels::launch_grouped_gemm_sm90(args, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   return d_y.download();
 }
 
-TEST(GroupedGemmSm90, GatherEqualsDenseOnGatheredRows) {
+TEST_P(GroupedGemmSm90, GatherEqualsDenseOnGatheredRows) {
   // The permute fused into the A load: the same tiles and k order as the dense kernel on the
   // rows permute would write (zero for a corrupt pair), so the results are bitwise equal.
   MOEFORGE_SKIP_WITHOUT_SM90();
@@ -313,7 +340,7 @@ TEST(GroupedGemmSm90, GatherEqualsDenseOnGatheredRows) {
   check_case({"the gather test's shapes, dense", offsets, S, k, n}, 25);
 }
 
-TEST(GroupedGemmSm90, SwigluEpilogue) {
+TEST_P(GroupedGemmSm90, SwigluEpilogue) {
   // h = x W_gu^T over gate and up rows, and a = silu(h_gate) h_up from the rounded h: the same
   // h as the plain kernel (float64 check) and bitwise swiglu(h).
   MOEFORGE_SKIP_WITHOUT_SM90();
@@ -349,6 +376,7 @@ TEST(GroupedGemmSm90Arguments, RejectsBadArguments) {
   bad([](auto& a) { a.x = reinterpret_cast<const bf16*>(uintptr_t{258}); });
   bad([](auto& a) { a.expert_offsets = nullptr; });
   bad([](auto& a) { a.num_rows = -1; });
+  bad([](auto& a) { a.pipeline = static_cast<kernels::Sm90Pipeline>(2); });
   bad([](auto& a) {  // SwiGLU needs n / 2 a multiple of 8
     a.a = reinterpret_cast<bf16*>(uintptr_t{256});
     a.n = a.ldy = 72;

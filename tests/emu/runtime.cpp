@@ -71,9 +71,11 @@ struct Fiber {
   bool done = false;
   uint64_t warp_epoch = 0;
   const char* waiting = nullptr;
-  std::array<unsigned char, 16> slot{};               // warp exchange
-  std::vector<PendingCopy> open_copies;               // cp.async not yet committed
-  std::vector<std::vector<PendingCopy>> copy_groups;  // committed, oldest first
+  std::array<unsigned char, 16> slot{};                        // warp exchange
+  std::vector<PendingCopy> open_copies;                        // cp.async not yet committed
+  std::vector<std::vector<PendingCopy>> copy_groups;           // committed, oldest first
+  std::vector<std::function<void()>> open_mmas;                // wgmma not yet committed
+  std::vector<std::vector<std::function<void()>>> mma_groups;  // committed, oldest first
 };
 
 struct Block {
@@ -164,6 +166,9 @@ void fiber_entry() {
 #endif
   (*g_block->body)();
   Block& b = *g_block;
+  if ((!g_current->open_mmas.empty() || !g_current->mma_groups.empty()) && b.error.empty()) {
+    b.error = describe(g_current->thread) + " returned with wgmma not retired by wait_group";
+  }
   g_current->done = true;
   ++b.exited;
   ++b.progress;
@@ -189,6 +194,8 @@ bool run_block(Block& b) {
     f.started = false;
     f.open_copies.clear();
     f.copy_groups.clear();
+    f.open_mmas.clear();
+    f.mma_groups.clear();
     f.warp_epoch = 0;
     f.waiting = nullptr;
     getcontext(&f.context);
@@ -357,6 +364,23 @@ void async_wait(int groups_left_in_flight) {
   auto& groups = g_current->copy_groups;
   while (static_cast<int>(groups.size()) > groups_left_in_flight) {
     for (const PendingCopy& c : groups.front()) std::memcpy(c.dst, c.data.data(), c.bytes);
+    groups.erase(groups.begin());
+  }
+}
+
+void async_mma(std::function<void()> retire) {
+  g_current->open_mmas.push_back(std::move(retire));
+}
+
+void async_mma_commit() {
+  g_current->mma_groups.push_back(std::move(g_current->open_mmas));
+  g_current->open_mmas.clear();
+}
+
+void async_mma_wait(int groups_left_in_flight) {
+  auto& groups = g_current->mma_groups;
+  while (static_cast<int>(groups.size()) > groups_left_in_flight) {
+    for (const auto& retire : groups.front()) retire();
     groups.erase(groups.begin());
   }
 }

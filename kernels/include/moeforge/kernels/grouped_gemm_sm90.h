@@ -40,6 +40,11 @@ namespace moeforge::kernels {
 
 inline constexpr int64_t kGroupedGemmSm90MaxExperts = 1024;
 
+// The main loop's pipeline, a tuning choice (both give bitwise the same results): kSerial (3
+// shared-memory stages) waits for each k block's MMAs before the loop goes on; kOverlapped (4
+// stages) keeps one k block's MMAs in flight while it waits for and loads the next ones.
+enum class Sm90Pipeline : int { kSerial = 0, kOverlapped = 1 };
+
 struct GroupedGemmSm90Args {
   const __nv_bfloat16* x = nullptr;
   int64_t ldx = 0;
@@ -54,6 +59,7 @@ struct GroupedGemmSm90Args {
   int64_t lda = 0;
   const int32_t* sorted_pairs = nullptr;  // [>= num_rows] device, or nullptr (x in expert order)
   int64_t num_tokens = 0, top_k = 1;      // with sorted_pairs: x is [num_tokens, k]
+  Sm90Pipeline pipeline = Sm90Pipeline::kSerial;
 };
 
 // The requirements above (sizes, multiples of 8, alignment, expert count).
@@ -66,6 +72,7 @@ inline bool grouped_gemm_sm90_args_valid(const GroupedGemmSm90Args& a) {
          a.expert_offsets != nullptr && aligned(a.x) && aligned(a.y) && aligned(a.w) &&
          (a.a == nullptr || (a.n % 16 == 0 && a.lda % 8 == 0 && a.lda >= a.n / 2 &&
                              reinterpret_cast<uintptr_t>(a.a) % 16 == 0)) &&
+         (a.pipeline == Sm90Pipeline::kSerial || a.pipeline == Sm90Pipeline::kOverlapped) &&
          (a.sorted_pairs == nullptr ||
           (a.top_k >= 1 && a.num_tokens >= 0 && a.num_tokens <= INT32_MAX / a.top_k));
 }

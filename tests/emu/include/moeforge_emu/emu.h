@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <type_traits>
 
 namespace moeforge::emu {
@@ -63,6 +64,13 @@ void async_commit();
 void async_wait(
     int groups_left_in_flight);  // kWarpScratchBytes shared by the lanes of the current warp
 constexpr size_t kWarpScratchBytes = 64 * 64 * sizeof(double);
+// wgmma (the warpgroup MMA): an emulated MMA retires at the wait_group that retires its group,
+// running `retire` (which adds its products into the accumulators) then, in issue order. The
+// kernel side (kernels/sm90) also reads its operands at issue and checks at retirement that
+// they did not change: shared memory overwritten under an in-flight MMA traps.
+void async_mma(std::function<void()> retire);
+void async_mma_commit();
+void async_mma_wait(int groups_left_in_flight);
 
 // Exchange v among the lanes in mask; returns src_lane's value (own value when src_lane < 0).
 template <typename T>
