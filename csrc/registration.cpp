@@ -57,6 +57,12 @@ TORCH_LIBRARY(moeforge, m) {
       "bool weight_transposed, bool[3] output_mask, Tensor? sorted_pairs=None, "
       "Tensor? pair_to_row=None) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 
+  // The forward's gate_up GEMM and its SwiGLU in one op (HF layout, SiLU, no bias): h =
+  // grouped_mm(x, gate_up_proj, expert_offsets, plan) [S, 2I] and a = swiglu(h, "silu") [S, I],
+  // exactly; under MOEFORGE_GROUPED_GEMM=sm90 (bfloat16) one kernel writes both.
+  m.def(
+      "grouped_mm_swiglu(Tensor x, Tensor gate_up_proj, Tensor expert_offsets, "
+      "Tensor? sorted_pairs=None, Tensor? pair_to_row=None) -> (Tensor h, Tensor a)");
   // Gated activation h [rows, 2I] -> a [rows, I]. variant "silu": HF layout, gate = h[:, :I],
   // up = h[:, I:], a = silu(gate) * up. "gpt_oss": gate = h[:, 0::2], up = h[:, 1::2],
   // gate = min(gate, limit), up = clamp(up, -limit, limit), a = (up + 1) * gate *

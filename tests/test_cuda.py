@@ -788,3 +788,38 @@ def test_sm90_engine_is_refused_where_it_cannot_run(monkeypatch):
     w = torch.randn(2, 8, 8, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="MOEFORGE_GROUPED_GEMM=sm90"):
         ops.grouped_mm(x, w, offs)
+
+
+@pytest.mark.parametrize("through_plan", [False, True])
+def test_grouped_mm_swiglu_is_grouped_mm_then_swiglu(engine, through_plan):
+    """h and a of grouped_mm_swiglu on every engine: a is bitwise swiglu(h); h is bitwise
+    grouped_mm's on the engines that run the two ops, and under "sm90" (one launch of our kernel,
+    the activation in its epilogue, no swiglu kernel) within bf16 rounding of it and of float64
+    (its B tiles pair 64 gate with 64 up rows; the per-element k order is the same); dropped rows
+    zero in both."""
+    torch.manual_seed(4)
+    T, K, E, H, I = 700, 4, 16, 256, 200
+    dt = torch.bfloat16
+    ids = random_topk_ids(T, K, E, device="cuda", drop_fraction=0.03, skip_experts=(2,))
+    plan = ops.routing(ids, E)
+    offs = plan.expert_offsets
+    x = torch.randn(T, H, device="cuda", dtype=dt)
+    rows = x if through_plan else ops.permute(x, plan)
+    use_plan = plan if through_plan else None
+    w = torch.randn(E, 2 * I, H, device="cuda", dtype=dt) / H**0.5
+    poison_allocator()
+    h, a = ops.grouped_mm_swiglu(rows, w, offs, use_plan)
+    assert torch.isfinite(h).all() and torch.isfinite(a).all(), "unwritten (NaN-poisoned) rows"
+    assert torch.equal(a, ops.swiglu(h))
+    want_h = ops.grouped_mm(rows, w, offs, plan=use_plan)
+    kept = int(offs[-1])
+    assert (h[kept:] == 0).all() and (a[kept:] == 0).all()
+    if engine != "sm90":
+        assert torch.equal(h, want_h)
+        return
+    assert_normwise_close(h, want_h, 2e-3, "h vs grouped_mm")
+    ref = reference.grouped_mm(ops.permute(x, plan).double(), w.double(), offs)
+    assert_normwise_close(h, ref, 4e-3, "h vs float64")
+    names = cuda_kernels_called(lambda: ops.grouped_mm_swiglu(rows, w, offs, use_plan))
+    assert any("grouped_gemm_sm90_kernel" in n for n in names), sorted(names)
+    assert not any("swiglu" in n for n in names), sorted(names)

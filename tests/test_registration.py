@@ -8,7 +8,15 @@ import torch
 
 import moeforge
 
-FORWARD_OPS = ["permute", "combine", "grouped_mm", "swiglu", "expert_lora", "router_loss"]
+FORWARD_OPS = [
+    "permute",
+    "combine",
+    "grouped_mm",
+    "grouped_mm_swiglu",
+    "swiglu",
+    "expert_lora",
+    "router_loss",
+]
 # Backward helpers (called by the registered backward formulas; no double backward), routing
 # (integer in, integer out) and the fused layer's helpers (called inside its autograd node).
 OTHER_OPS = [

@@ -13,6 +13,7 @@
 
 #include <optional>
 #include <string_view>
+#include <tuple>
 
 #include "moeforge/kernels/grouped_gemm.h"
 #include "row_source.h"
@@ -96,6 +97,13 @@ std::optional<at::Tensor> sm90_grouped_gemm(const at::Tensor& x, const RowSource
                                             const at::Tensor& w_nk, const at::Tensor& offsets,
                                             const at::Tensor& bias, std::string_view op,
                                             cudaStream_t stream);
+
+// (h, a) of grouped_mm_swiglu in one launch of our sm_90a kernel (the SwiGLU in its epilogue):
+// h = x's rows times gate_up_proj[e]^T [S, 2I], a = swiglu(h) [S, I], rows of no expert zero in
+// both. Same conditions as sm90_grouped_gemm, and I a multiple of 8; std::nullopt otherwise.
+std::optional<std::tuple<at::Tensor, at::Tensor>> sm90_grouped_gemm_swiglu(
+    const at::Tensor& x, const RowSource& source, const at::Tensor& gate_up_proj,
+    const at::Tensor& offsets, std::string_view op, cudaStream_t stream);
 
 // A 2-D operand as the GEMM kernels read it: rows at a row stride, unit stride along the
 // columns. t itself when it already is one, else a contiguous copy.

@@ -13,9 +13,11 @@
 #include <cstdlib>
 #include <optional>
 #include <string_view>
+#include <tuple>
 
 #include "cuda_utils.h"
 #include "moeforge/kernels/grouped_gemm_sm90.h"
+#include "moeforge/kernels/zero_rows.h"
 
 namespace moeforge {
 namespace {
@@ -39,10 +41,16 @@ kernels::Sm90Pipeline requested_pipeline() {
 
 }  // namespace
 
-std::optional<at::Tensor> sm90_grouped_gemm(const at::Tensor& x_in, const RowSource& source,
-                                            const at::Tensor& w_nk, const at::Tensor& offsets,
-                                            const at::Tensor& bias, std::string_view op,
-                                            cudaStream_t stream) {
+namespace {
+
+// The kernel's arguments for x's rows (through source) times w_nk[e]^T, output pointers unset;
+// std::nullopt where "sm90" is not the engine or the GEMM is not one the kernel covers (dtype,
+// layout, expert count; the alignment rules are checked once the outputs are set). Raises where
+// "sm90" is asked for on a device or build without the kernel.
+std::optional<kernels::GroupedGemmSm90Args> sm90_args(const at::Tensor& x, const RowSource& source,
+                                                      const at::Tensor& w_nk,
+                                                      const at::Tensor& offsets,
+                                                      std::string_view op) {
   if (!sm90_engine_requested()) return std::nullopt;
   bool supported = false;
   check_cuda(kernels::grouped_gemm_sm90_supported(&supported), op);
@@ -51,38 +59,73 @@ std::optional<at::Tensor> sm90_grouped_gemm(const at::Tensor& x_in, const RowSou
               "CUDA architecture 9.0 (TORCH_CUDA_ARCH_LIST=9.0); this device or build has no "
               "sm_90a kernel: unset the variable or set it to \"auto\"");
   const int64_t num_experts = w_nk.size(0), n = w_nk.size(1), k = w_nk.size(2);
-  if (x_in.scalar_type() != at::kBFloat16 || (k > 1 && w_nk.stride(2) != 1) ||
-      num_experts > kernels::kGroupedGemmSm90MaxExperts) {
+  if (x.scalar_type() != at::kBFloat16 || (x.size(1) > 1 && x.stride(1) != 1) ||
+      (k > 1 && w_nk.stride(2) != 1) || num_experts > kernels::kGroupedGemmSm90MaxExperts) {
     return std::nullopt;
   }
-  const at::Tensor x = as_rows(x_in);
-  const int64_t num_rows = source.num_rows(x);
   kernels::GroupedGemmSm90Args args;
   args.x = cuda_ptr<at::BFloat16>(x);
   args.ldx = leading_dim(x, 0, k);
   args.w = cuda_ptr<at::BFloat16>(w_nk);
   args.ldw = leading_dim(w_nk, 1, k);
   args.w_stride_e = leading_dim(w_nk, 0, n * args.ldw);
-  args.num_rows = num_rows;
+  args.num_rows = source.num_rows(x);
   args.k = k;
   args.n = n;
   args.num_experts = num_experts;
+  args.expert_offsets = offsets.const_data_ptr<int32_t>();
   args.pipeline = requested_pipeline();
   if (source.gathered()) {
     args.sorted_pairs = source.sorted_pairs.const_data_ptr<int32_t>();
     args.num_tokens = x.size(0);
     args.top_k = source.top_k;
   }
-  at::Tensor out = at::empty({num_rows, n}, x.options());
-  args.y = cuda_mutable_ptr<at::BFloat16>(out);
-  args.ldy = n;
-  args.expert_offsets = offsets.const_data_ptr<int32_t>();
+  return args;
+}
+
+}  // namespace
+
+std::optional<at::Tensor> sm90_grouped_gemm(const at::Tensor& x_in, const RowSource& source,
+                                            const at::Tensor& w_nk, const at::Tensor& offsets,
+                                            const at::Tensor& bias, std::string_view op,
+                                            cudaStream_t stream) {
+  const at::Tensor x = as_rows(x_in);
+  std::optional<kernels::GroupedGemmSm90Args> args = sm90_args(x, source, w_nk, offsets, op);
+  if (!args) return std::nullopt;
+  at::Tensor out = at::empty({args->num_rows, args->n}, x.options());
+  args->y = cuda_mutable_ptr<at::BFloat16>(out);
+  args->ldy = args->n;
   // Alignment and multiples of 8 (the kernel's 16-byte copies): checked on the real pointers.
-  if (!kernels::grouped_gemm_sm90_args_valid(args)) return std::nullopt;
-  const at::Tensor ends = expert_row_ends(offsets, num_rows, op, stream);
-  check_cuda(kernels::launch_grouped_gemm_sm90(args, stream), op);
+  if (!kernels::grouped_gemm_sm90_args_valid(*args)) return std::nullopt;
+  const at::Tensor ends = expert_row_ends(offsets, args->num_rows, op, stream);
+  check_cuda(kernels::launch_grouped_gemm_sm90(*args, stream), op);
   finish_grouped_rows(out, ends, bias, op, stream);
   return out;
+}
+
+std::optional<std::tuple<at::Tensor, at::Tensor>> sm90_grouped_gemm_swiglu(
+    const at::Tensor& x_in, const RowSource& source, const at::Tensor& gate_up_proj,
+    const at::Tensor& offsets, std::string_view op, cudaStream_t stream) {
+  const at::Tensor x = as_rows(x_in);
+  std::optional<kernels::GroupedGemmSm90Args> args =
+      sm90_args(x, source, gate_up_proj, offsets, op);
+  if (!args) return std::nullopt;
+  const int64_t rows = args->num_rows, inter = args->n / 2;
+  at::Tensor h = at::empty({rows, args->n}, x.options());
+  at::Tensor a = at::empty({rows, inter}, x.options());
+  args->y = cuda_mutable_ptr<at::BFloat16>(h);
+  args->ldy = args->n;
+  args->a = cuda_mutable_ptr<at::BFloat16>(a);
+  args->lda = inter;
+  if (!kernels::grouped_gemm_sm90_args_valid(*args)) return std::nullopt;  // e.g. I % 8 != 0
+  const at::Tensor ends = expert_row_ends(offsets, rows, op, stream);
+  check_cuda(kernels::launch_grouped_gemm_sm90(*args, stream), op);
+  finish_grouped_rows(h, ends, at::Tensor(), op, stream);    // rows of no expert: zero, as
+  check_cuda(kernels::launch_zero_rows_from<__nv_bfloat16>(  // swiglu gives for zero h
+                 cuda_mutable_ptr<at::BFloat16>(a), inter, rows, inter,
+                 ends.const_data_ptr<int32_t>() + (ends.size(0) - 1), stream),
+             op);
+  return std::make_tuple(h, a);
 }
 
 }  // namespace moeforge

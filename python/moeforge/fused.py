@@ -2,7 +2,11 @@
 
 Forward (same values and rounding as composing the ops one by one): routing ->
 ``h = x_rows W_gu^T`` (+ split LoRA) -> ``a = swiglu(h)`` -> ``y = a W_d^T`` (+ split LoRA) ->
-``out[t] = sum_k w[t,k] y[row(t,k)]``, with ``x_rows`` the tokens in expert order.
+``out[t] = sum_k w[t,k] y[row(t,k)]``, with ``x_rows`` the tokens in expert order. Without a
+gate_up adapter or bias (HF's layout), ``h`` and ``a`` come from one op,
+:func:`moeforge.ops.grouped_mm_swiglu`: one kernel under the experimental
+``MOEFORGE_GROUPED_GEMM=sm90`` (the activation in the GEMM's epilogue, the rows gathered in its
+loads), else the two ops.
 
 The permute is fused into the gate_up GEMMs: they read the token-major ``x`` through the routing
 plan (``grouped_mm`` / ``expert_lora`` with ``sorted_pairs``), in the forward and in the weight
@@ -253,15 +257,18 @@ class FusedMoEExperts(torch.autograd.Function):
         # The forward's readers of x: gate_up_proj and lora_A, K-major in HF's layout.
         if gate_up_lora_A is not None and _gathers_to_a_copy(x, num_experts, not transposed):
             x_in, x_plan = _ops.permute(x, *plan, None), ()  # one copy for both GEMMs
-        h = _ops.grouped_mm(x_in, gate_up_proj, offsets, gate_up_bias, transposed, *x_plan)
         gate_up_u = None
-        if gate_up_lora_A is not None:
-            gate_up_u = _add_lora(
-                h, x_in, x_plan, gate_up_lora_A, gate_up_lora_B, offsets, gate_up_scaling,
-                torch_engine,
-            )  # fmt: skip
+        if transposed or gate_up_bias is not None or gate_up_lora_A is not None:
+            h = _ops.grouped_mm(x_in, gate_up_proj, offsets, gate_up_bias, transposed, *x_plan)
+            if gate_up_lora_A is not None:
+                gate_up_u = _add_lora(
+                    h, x_in, x_plan, gate_up_lora_A, gate_up_lora_B, offsets, gate_up_scaling,
+                    torch_engine,
+                )  # fmt: skip
+            a = _ops.swiglu(h, variant, alpha, limit)
+        else:  # the same h and a from one op (one kernel under MOEFORGE_GROUPED_GEMM=sm90)
+            h, a = _ops.grouped_mm_swiglu(x_in, gate_up_proj, offsets, *x_plan)
         del x_in
-        a = _ops.swiglu(h, variant, alpha, limit)
         y = _ops.grouped_mm(a, down_proj, offsets, down_bias, transposed)
         down_u = None
         if down_lora_A is not None:

@@ -28,6 +28,7 @@ __all__ = [
     "combine",
     "expert_lora",
     "grouped_mm",
+    "grouped_mm_swiglu",
     "permute",
     "router_loss",
     "routing",
@@ -269,6 +270,69 @@ def _grouped_mm_backward(ctx, grad):
 
 torch.library.register_autograd(
     "moeforge::grouped_mm", _grouped_mm_backward, setup_context=_grouped_mm_setup
+)
+
+
+# ------------------------------------------------------------------------------------------
+# grouped_mm_swiglu
+# ------------------------------------------------------------------------------------------
+
+
+def grouped_mm_swiglu(
+    x: Tensor, gate_up_proj: Tensor, expert_offsets: Tensor, plan: RoutingPlan | None = None
+) -> tuple[Tensor, Tensor]:
+    """The expert FFN's gate_up GEMM and its SwiGLU in one op (HF layout, SiLU, no bias).
+
+    Exactly ``h = grouped_mm(x, gate_up_proj, expert_offsets, plan=plan)`` and
+    ``a = swiglu(h, "silu")``; under ``MOEFORGE_GROUPED_GEMM=sm90`` (bfloat16, compute capability
+    9.0) one kernel writes both, the activation computed in the GEMM's epilogue from the rounded
+    ``h`` (so ``a`` is bitwise ``swiglu(h)``), with the rows gathered through ``plan`` in its loads.
+
+    Args:
+        x: ``[S, H]`` rows in expert order or, with ``plan``, token-major ``[T, H]``.
+        gate_up_proj: ``[E, 2I, H]``: gate rows ``[0, I)``, then up rows ``[I, 2I)``.
+        expert_offsets: ``[E + 1]`` int32 from :func:`routing`.
+        plan: optional routing plan (as for :func:`grouped_mm`).
+
+    Returns:
+        ``(h [S, 2I], a [S, I])``; rows past ``expert_offsets[E]`` are zero in both.
+    """
+    pairs, rows = (plan.sorted_pairs, plan.pair_to_row) if plan is not None else (None, None)
+    return _ops.grouped_mm_swiglu(x, gate_up_proj, expert_offsets, pairs, rows)
+
+
+@torch.library.register_fake("moeforge::grouped_mm_swiglu")
+def _grouped_mm_swiglu_fake(x, gate_up_proj, expert_offsets, sorted_pairs=None, pair_to_row=None):
+    num_rows = sorted_pairs.shape[0] if sorted_pairs is not None else x.shape[0]
+    two_inter = gate_up_proj.shape[1]
+    return x.new_empty(num_rows, two_inter), x.new_empty(num_rows, two_inter // 2)
+
+
+def _grouped_mm_swiglu_setup(ctx, inputs, output):
+    x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row = inputs
+    ctx.save_for_backward(x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row, output[0])
+
+
+def _grouped_mm_swiglu_backward(ctx, grad_h, grad_a):
+    x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row, h = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False]
+    if not any(mask) or (grad_h is None and grad_a is None):
+        return None, None, None, None, None
+    grad = None if grad_a is None else _ops.swiglu_backward(grad_a, h, "silu", 1.702, 7.0)
+    if grad_h is not None:
+        grad = grad_h if grad is None else grad + grad_h
+    grad_x, grad_w, _ = _ops.grouped_mm_backward(
+        grad, x, gate_up_proj, expert_offsets, False, mask, sorted_pairs, pair_to_row
+    )
+    if mask[0] and sorted_pairs is not None:  # per routed row -> per token
+        grad_x = _ops.combine(grad_x, sorted_pairs, pair_to_row, None)
+    return (grad_x if mask[0] else None, grad_w if mask[1] else None, None, None, None)
+
+
+torch.library.register_autograd(
+    "moeforge::grouped_mm_swiglu",
+    _grouped_mm_swiglu_backward,
+    setup_context=_grouped_mm_swiglu_setup,
 )
 
 

@@ -1,0 +1,36 @@
+// CUDA grouped_mm_swiglu (csrc/grouped_mm_swiglu.h): one launch of the sm_90a kernel with the
+// SwiGLU epilogue where MOEFORGE_GROUPED_GEMM=sm90 covers the call, else grouped_mm then swiglu.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "cuda_utils.h"
+#include "grouped_mm_swiglu.h"
+
+namespace moeforge {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> grouped_mm_swiglu_cuda(
+    const at::Tensor& x, const at::Tensor& gate_up_proj, const at::Tensor& expert_offsets,
+    const std::optional<at::Tensor>& sorted_pairs, const std::optional<at::Tensor>& pair_to_row) {
+  const RowSource source =
+      check_grouped_mm_swiglu_inputs(x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (auto fused = sm90_grouped_gemm_swiglu(x, source, gate_up_proj, expert_offsets.contiguous(),
+                                            kGroupedMmSwigluOp, at::cuda::getCurrentCUDAStream())) {
+    return *fused;
+  }
+  return grouped_mm_swiglu_composed(x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moeforge, CUDA, m) {
+  m.impl("grouped_mm_swiglu", &grouped_mm_swiglu_cuda);
+}
+
+}  // namespace moeforge

@@ -1,0 +1,121 @@
+"""grouped_mm_swiglu: exactly grouped_mm then swiglu (values, rounding, dropped rows), with and
+without the routing plan, its gradients, opcheck and its errors. (The one-kernel form under
+MOEFORGE_GROUPED_GEMM=sm90 is checked on an H100 by tests/test_cuda.py.)"""
+
+import pytest
+import torch
+
+from conftest import LOW_PRECISION, random_topk_ids
+from moeforge import ops, reference
+
+T, K, E, H, I = 37, 3, 6, 24, 10
+
+
+def make_inputs(device, dtype, drop_fraction=0.1):
+    ids = random_topk_ids(T, K, E, device=device, drop_fraction=drop_fraction, skip_experts=(2,))
+    plan = ops.routing(ids, E)
+    x = torch.randn(T, H, device=device, dtype=dtype)
+    w = torch.randn(E, 2 * I, H, device=device, dtype=dtype) / H**0.5
+    return plan, x, w
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *LOW_PRECISION])
+@pytest.mark.parametrize("through_plan", [False, True])
+def test_equals_grouped_mm_then_swiglu(device, dtype, through_plan):
+    plan, x, w = make_inputs(device, dtype)
+    offs = plan.expert_offsets
+    rows = x if through_plan else ops.permute(x, plan)
+    h, a = ops.grouped_mm_swiglu(rows, w, offs, plan if through_plan else None)
+    want_h = ops.grouped_mm(rows, w, offs, plan=plan if through_plan else None)
+    assert torch.equal(h, want_h)
+    assert torch.equal(a, ops.swiglu(want_h))
+    kept = int(offs[-1])
+    assert kept < T * K and (h[kept:] == 0).all() and (a[kept:] == 0).all()
+    if dtype == torch.float64:
+        xs = ops.permute(x, plan)
+        ref_h = reference.grouped_mm(xs, w, offs)
+        torch.testing.assert_close(h, ref_h)
+        torch.testing.assert_close(a, reference.swiglu(ref_h))
+
+
+@pytest.mark.parametrize("through_plan", [False, True])
+def test_gradcheck(through_plan):
+    """Gradients of x and the weight through both outputs (h feeds the loss directly and through
+    the activation), float64."""
+    plan, x, w = make_inputs("cpu", torch.float64)
+    rows = x if through_plan else ops.permute(x, plan)
+    rows.requires_grad_()
+    w.requires_grad_()
+    use_plan = plan if through_plan else None
+
+    def both(rows, w):
+        h, a = ops.grouped_mm_swiglu(rows, w, plan.expert_offsets, use_plan)
+        return h, a
+
+    torch.autograd.gradcheck(both, (rows, w))
+
+    def only_a(rows, w):
+        return ops.grouped_mm_swiglu(rows, w, plan.expert_offsets, use_plan)[1]
+
+    torch.autograd.gradcheck(only_a, (rows, w))
+
+
+def test_gradients_match_the_two_ops(device):
+    """float32: the op's backward gives the gradients of grouped_mm then swiglu."""
+    plan, x, w = make_inputs(device, torch.float32)
+    g_h = torch.randn(T * K, 2 * I, device=device)
+    g_a = torch.randn(T * K, I, device=device)
+    grads = []
+    for fused in (True, False):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        if fused:
+            h, a = ops.grouped_mm_swiglu(xr, wr, plan.expert_offsets, plan)
+        else:
+            h = ops.grouped_mm(xr, wr, plan.expert_offsets, plan=plan)
+            a = ops.swiglu(h)
+        grads.append(torch.autograd.grad((h, a), (xr, wr), (g_h, g_a)))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_frozen_weight_and_input(device):
+    """Only the input's gradient (frozen weight), or only the weight's."""
+    plan, x, w = make_inputs(device, torch.float32)
+    xr = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(
+        ops.grouped_mm_swiglu(xr, w, plan.expert_offsets, plan)[1].sum(), xr
+    )
+    wr = w.clone().requires_grad_()
+    (gw,) = torch.autograd.grad(
+        ops.grouped_mm_swiglu(x, wr, plan.expert_offsets, plan)[1].sum(), wr
+    )
+    assert gx.shape == x.shape and gw.shape == w.shape
+    assert gx.abs().sum() > 0 and gw.abs().sum() > 0
+
+
+def test_opcheck(device):
+    plan, x, w = make_inputs(device, torch.float32)
+    offs = plan.expert_offsets
+    xs = ops.permute(x, plan)
+    torch.library.opcheck(torch.ops.moeforge.grouped_mm_swiglu.default, (xs, w, offs))
+    torch.library.opcheck(
+        torch.ops.moeforge.grouped_mm_swiglu.default,
+        (x, w, offs, plan.sorted_pairs, plan.pair_to_row),
+    )
+
+
+def test_bad_input_errors():
+    op = torch.ops.moeforge.grouped_mm_swiglu
+    offs = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.grouped_mm_swiglu: gate_up_proj must be \[num_experts, 2 \* intermediate, "
+        r"in_features\] \(gate rows, then up rows\), got an odd size\(1\): shape \[2, 7, 4\]",
+    ):
+        op(torch.randn(5, 4), torch.randn(2, 7, 4), offs)
+    with pytest.raises(ValueError, match=r"moeforge\.grouped_mm_swiglu: .*weight"):
+        op(torch.randn(5, 4), torch.randn(2, 8, 3), offs)
+    with pytest.raises(
+        ValueError, match=r"moeforge\.grouped_mm_swiglu: sorted_pairs and pair_to_row"
+    ):
+        op(torch.randn(5, 4), torch.randn(2, 8, 4), offs, torch.zeros(5, dtype=torch.int32))
