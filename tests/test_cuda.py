@@ -7,6 +7,9 @@ path for the float16 / bfloat16 forward, grad_x and weight-gradient GEMMs on sm8
 "simt": our SIMT kernels only; "sm90", on compute capability 9.0: our sm_90a wgmma kernel for the
 bfloat16 row-grouped GEMMs with a K-major weight, "auto" for the rest)."""
 
+import functools
+import os
+
 import pytest
 import torch
 
@@ -17,10 +20,29 @@ from moeforge import ops, reference
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@functools.cache
 def sm90_engine_applies() -> bool:
-    """Whether MOEFORGE_GROUPED_GEMM=sm90 can run here (our sm_90a kernel: compute capability 9.0;
-    gpu_check.sh builds for it)."""
-    return torch.cuda.get_device_capability() == (9, 0)
+    """Whether MOEFORGE_GROUPED_GEMM=sm90 can run here: a compute capability 9.0 GPU and a build
+    that holds our sm_90a kernel (gpu_check.sh builds for 9.0), probed with one small call (a
+    device or build without it raises the engine's named error)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        return False
+    old = os.environ.get("MOEFORGE_GROUPED_GEMM")
+    os.environ["MOEFORGE_GROUPED_GEMM"] = "sm90"
+    try:
+        x = torch.ones(8, 16, device="cuda", dtype=torch.bfloat16)
+        w = torch.ones(1, 16, 16, device="cuda", dtype=torch.bfloat16)
+        ops.grouped_mm(x, w, torch.tensor([0, 8], dtype=torch.int32, device="cuda"))
+        return True
+    except RuntimeError as err:
+        if "MOEFORGE_GROUPED_GEMM=sm90" not in str(err):
+            raise
+        return False
+    finally:
+        if old is None:
+            os.environ.pop("MOEFORGE_GROUPED_GEMM")
+        else:
+            os.environ["MOEFORGE_GROUPED_GEMM"] = old
 
 
 @pytest.fixture(params=["auto", "moeforge", "simt", "sm90"])
@@ -670,16 +692,22 @@ def sm90_kernel_launched(fn) -> bool:
         (700, 4, 16, 128, 320, 0.02),  # several k blocks, n tail of a 128-column tile
         (37, 2, 8, 64, 24, 0.1),  # rows < one tile, n < one tile, many empty experts
         (300, 4, 128, 2048, 192, 0.0),  # Qwen3's H and E: 1200 rows over 128 experts
-        (96, 4, 32, 2880, 5760, 0.05),  # gpt-oss's H and 2I: k and n tails
+        (96, 4, 32, 2880, 5760, 0.05),  # gpt-oss's H and 2I: an n tail (5760 = 45 x 128)
+        (200, 2, 8, 136, 200, 0.05),  # k tail (136 = 2 x 64 + 8), n tail
     ],
 )
 @pytest.mark.parametrize("pipeline", ["serial", "overlapped"])
-def test_sm90_engine_forward_matches_float64(monkeypatch, pipeline, T, K, E, H, n_out, drop):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_sm90_engine_forward_matches_float64(
+    monkeypatch, pipeline, transposed, T, K, E, H, n_out, drop
+):
     """MOEFORGE_GROUPED_GEMM=sm90 runs our wgmma kernel (not at::_grouped_mm) for grouped_mm's
-    bfloat16 forward in HF's layout, reading token-major x through the plan or x in expert order:
-    both agree with a float64 reference from the same bf16 inputs (fp32 accumulation: a few bf16
-    ulps), bitwise with each other and across the kernel's two main-loop pipelines, with bias
-    added and dropped rows zero."""
+    bfloat16 forward in both weight layouts (HF's [E, out, in] read K-major; [E, in, out] read
+    MN-major: gpt-oss's forward, and the backward's grad_aw, whose dO is read through the plan
+    too), reading token-major x through the plan or x in expert order: both agree with a float64
+    reference from the same bf16 inputs (fp32 accumulation: a few bf16 ulps), bitwise with each
+    other and across the kernel's two main-loop pipelines, with bias added and dropped rows
+    zero."""
     if not sm90_engine_applies():
         pytest.skip("the sm90 engine needs a compute capability 9.0 GPU")
     monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
@@ -691,48 +719,59 @@ def test_sm90_engine_forward_matches_float64(monkeypatch, pipeline, T, K, E, H, 
     offs = plan.expert_offsets
     x = torch.randn(T, H, device="cuda", dtype=dt)
     xs = ops.permute(x, plan)
-    w = torch.randn(E, n_out, H, device="cuda", dtype=dt) / H**0.5
+    shape = (E, H, n_out) if transposed else (E, n_out, H)
+    w = torch.randn(shape, device="cuda", dtype=dt) / H**0.5
     b = torch.randn(E, n_out, device="cuda", dtype=dt)
     for bias in (None, b):
-        want = reference.grouped_mm(xs.double(), w.double(), offs, None if bias is None else
-                                    bias.double())  # fmt: skip
+        want = reference.grouped_mm(
+            xs.double(), w.double(), offs, None if bias is None else bias.double(), transposed
+        )
+
+        def forward(rows=x, bias=bias, plan=plan):
+            return ops.grouped_mm(rows, w, offs, bias, transposed, plan=plan)
+
         poison_allocator()
-        assert sm90_kernel_launched(lambda bias=bias: ops.grouped_mm(x, w, offs, bias, plan=plan))
-        called = aten_ops_called(lambda bias=bias: ops.grouped_mm(x, w, offs, bias, plan=plan))
+        assert sm90_kernel_launched(forward)
+        called = aten_ops_called(forward)
         assert "aten::_grouped_mm" not in called, sorted(called)
         poison_allocator()
-        got = ops.grouped_mm(x, w, offs, bias, plan=plan)
+        got = forward()
         assert torch.isfinite(got).all(), "unwritten (NaN-poisoned) output"
-        assert torch.equal(got, ops.grouped_mm(xs, w, offs, bias))
+        assert torch.equal(got, forward(xs, plan=None))
         assert_normwise_close(got, want, 4e-3)
         torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=1.6e-2, atol=1e-2)
         dropped = int(offs[-1])
         assert (got[dropped:] == 0).all()
         other = "serial" if pipeline == "overlapped" else "overlapped"
         monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", other)
-        assert torch.equal(ops.grouped_mm(x, w, offs, bias, plan=plan), got)
+        assert torch.equal(forward(), got)
         monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", pipeline)
 
 
-def test_sm90_engine_grad_x_of_transposed_weights(monkeypatch):
-    """Under "sm90" grouped_mm_backward's grad_x for gpt-oss's [E, in, out] weights (K-major as
-    the kernel reads it) runs our kernel, the weight gradient torch's: both as "auto" computes
-    them (normwise; only the accumulation order differs)."""
+@pytest.mark.parametrize("pipeline", ["serial", "overlapped"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_sm90_engine_grad_x(monkeypatch, pipeline, transposed):
+    """Under "sm90" grouped_mm_backward's grad_x runs our kernel in both weight layouts ([E, out,
+    in] read MN-major, [E, in, out] read K-major), the weight gradient torch's: all three as
+    "auto" computes them (normwise; only the accumulation order differs), dropped rows zero."""
     if not sm90_engine_applies():
         pytest.skip("the sm90 engine needs a compute capability 9.0 GPU")
     torch.manual_seed(1)
     offs, rows = make_offsets([0, 150, 3, 0, 400, 77], 9)
     dt = torch.bfloat16
     x = torch.randn(rows, 136, device="cuda", dtype=dt)
-    w = torch.randn(6, 136, 264, device="cuda", dtype=dt) / 12
+    shape = (6, 136, 264) if transposed else (6, 264, 136)
+    w = torch.randn(shape, device="cuda", dtype=dt) / 12
     dy = torch.randn(rows, 264, device="cuda", dtype=dt)
 
     def backward():
-        return torch.ops.moeforge.grouped_mm_backward(dy, x, w, offs, True, [True, True, True])
+        mask = [True, True, True]
+        return torch.ops.moeforge.grouped_mm_backward(dy, x, w, offs, transposed, mask)
 
     monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "auto")
     want = backward()
     monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
+    monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", pipeline)
     assert sm90_kernel_launched(backward)
     poison_allocator()
     got = backward()
@@ -759,10 +798,12 @@ def test_sm90_engine_past_131072_rows(monkeypatch):
     monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "auto")
     want = ops.grouped_mm(xs, w, offs)
     monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
-    got = ops.grouped_mm(xs, w, offs)
-    assert got.shape == (T * K, O)
-    assert_normwise_close(got, want, 4e-3)
-    assert torch.equal(ops.grouped_mm(x, w, offs, plan=plan), got)
+    for pipeline in ("serial", "overlapped"):
+        monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", pipeline)
+        got = ops.grouped_mm(xs, w, offs)
+        assert got.shape == (T * K, O)
+        assert_normwise_close(got, want, 4e-3, pipeline)
+        assert torch.equal(ops.grouped_mm(x, w, offs, plan=plan), got)
 
 
 def test_sm90_pipeline_must_be_known(monkeypatch):
@@ -791,7 +832,7 @@ def test_sm90_engine_is_refused_where_it_cannot_run(monkeypatch):
 
 
 @pytest.mark.parametrize("through_plan", [False, True])
-def test_grouped_mm_swiglu_is_grouped_mm_then_swiglu(engine, through_plan):
+def test_grouped_mm_swiglu_is_grouped_mm_then_swiglu(monkeypatch, engine, through_plan):
     """h and a of grouped_mm_swiglu on every engine: a is bitwise swiglu(h); h is bitwise
     grouped_mm's on the engines that run the two ops, and under "sm90" (one launch of our kernel,
     the activation in its epilogue, no swiglu kernel) within bf16 rounding of it and of float64
@@ -818,6 +859,10 @@ def test_grouped_mm_swiglu_is_grouped_mm_then_swiglu(engine, through_plan):
         assert torch.equal(h, want_h)
         return
     assert_normwise_close(h, want_h, 2e-3, "h vs grouped_mm")
+    monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", "overlapped")
+    assert all(
+        torch.equal(o, f) for o, f in zip(ops.grouped_mm_swiglu(rows, w, offs, use_plan), (h, a))
+    )
     ref = reference.grouped_mm(ops.permute(x, plan).double(), w.double(), offs)
     assert_normwise_close(h, ref, 4e-3, "h vs float64")
     names = cuda_kernels_called(lambda: ops.grouped_mm_swiglu(rows, w, offs, use_plan))

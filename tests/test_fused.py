@@ -195,11 +195,28 @@ def _run_saving(ids, p):
     return out, saved
 
 
-def _saved_preactivation(ids, p):
-    """The layer's output and the saved pre-activation h [S, 2I]."""
-    out, saved = _run_saving(ids, p)
-    (h,) = [t for t in saved if tuple(t.shape) == (T * K, 2 * I)]
-    return out, h
+class _FirstOutputOfShape(torch.utils._python_dispatch.TorchDispatchMode):
+    """Keeps the first tensor of the given shape that an op in the block returns (the tensor
+    object the caller receives)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.tensor = tuple(shape), None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if self.tensor is None and isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape:
+                self.tensor = t
+        return out
+
+
+def _run_keeping_preactivation(ids, p):
+    """The layer's output and its pre-activation h [S, 2I] (the tensor its forward saves), caught
+    without a saved-tensor hook (with one active the backward leaves h alone)."""
+    with _FirstOutputOfShape((T * K, 2 * I)) as caught:
+        out = run_fused(ids, p, "hf")
+    return out, caught.tensor
 
 
 class _BackwardBuffers(torch.utils._python_dispatch.TorchDispatchMode):
@@ -229,7 +246,7 @@ def test_backward_writes_grad_h_over_the_preactivation(device, lora):
     ids, leaves = make_inputs(device, "hf", lora, bias=False)
     p = {n: t.clone().requires_grad_() for n, t in leaves.items()}
     q = {n: t.clone().requires_grad_() for n, t in leaves.items()}
-    out, h = _saved_preactivation(ids, p)
+    out, h = _run_keeping_preactivation(ids, p)
     g = torch.randn_like(out)
     with _BackwardBuffers(h.shape) as seen:
         out.backward(g)
@@ -265,12 +282,30 @@ def test_preactivation_handed_back_by_a_hook_is_left_alone():
         torch.testing.assert_close(p[name].grad, q[name].grad, msg=f"grad of {name}")
 
 
+def test_preactivation_kept_by_a_hook_is_left_alone():
+    """A saved-tensor hook that stores the very tensor it is given and hands it back unchanged
+    (a stash read after the backward): with any hook active, the backward does not write over h."""
+    ids, leaves = make_inputs("cpu", "hf", lora=False, bias=False)
+    p = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+    stash = []
+
+    def pack(t):
+        stash.append((t, t.clone()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run_fused(ids, p, "hf")
+        out.backward(torch.randn_like(out))
+    ((h, value),) = [pair for pair in stash if tuple(pair[0].shape) == (T * K, 2 * I)]
+    assert torch.equal(h, value)
+
+
 def test_retained_graph_keeps_the_preactivation():
     """With retain_graph the graph may run again: h is kept as it was and a second backward gives
     the same gradients as the first (and, being the last, writes grad_h over h)."""
     ids, leaves = make_inputs("cpu", "hf", lora=True, bias=False)
     p = {n: t.clone().requires_grad_() for n, t in leaves.items()}
-    out, h = _saved_preactivation(ids, p)
+    out, h = _run_keeping_preactivation(ids, p)
     value = h.clone()
     g = torch.randn_like(out)
     first = torch.autograd.grad(out, list(p.values()), g, retain_graph=True)

@@ -292,3 +292,13 @@ def test_weighted_backward_in_place_bad_input_errors():
     ):
         op(h, torch.randn(3, 4), torch.randn(4))
     assert torch.equal(h, before)  # refused before anything was written
+
+
+def test_weighted_backward_in_place_takes_strided_inputs_of_their_own():
+    """grad_aw and row_weights may be strided views, as long as they are not h's memory."""
+    h = make_h(4, 4, "cpu", torch.float32)
+    g = torch.randn(4, 8)[:, ::2]
+    w = torch.randn(4, 2)[:, 0]
+    want = ops.weighted_swiglu_backward(g, h, w)
+    a_w, grad_w = ops.weighted_swiglu_backward_(h, g, w)
+    assert torch.equal(h, want[0]) and torch.equal(a_w, want[1]) and torch.equal(grad_w, want[2])

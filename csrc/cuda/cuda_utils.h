@@ -90,9 +90,9 @@ bool sm90_engine_requested();
 // out [S, n] = x's rows (in expert order, or through source's plan) times w_nk[e]^T per expert,
 // bias[e] added when defined, rows past the experts' end zero, by our sm_90a kernel
 // (grouped_mm_sm90.cpp): under MOEFORGE_GROUPED_GEMM=sm90, for the GEMMs it covers (bfloat16,
-// w_nk [E, n, k] with unit stride along k, sizes / strides multiples of 8, 16-byte aligned,
-// E <= 1024); std::nullopt for the rest (the caller falls back). Raises when "sm90" is asked for
-// on a device or build without the kernel.
+// w_nk [E, n, k] with unit stride along k or along n, sizes / strides multiples of 8, 16-byte
+// aligned, E <= 1024); std::nullopt for the rest (the caller falls back). Raises when "sm90" is
+// asked for on a device or build without the kernel.
 std::optional<at::Tensor> sm90_grouped_gemm(const at::Tensor& x, const RowSource& source,
                                             const at::Tensor& w_nk, const at::Tensor& offsets,
                                             const at::Tensor& bias, std::string_view op,

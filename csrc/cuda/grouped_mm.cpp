@@ -29,11 +29,12 @@
 //   "torch"                  same as "auto" (kept as the name the benchmarks and tests use for
 //                            torch's engine)
 //   "sm90"                   experimental, not yet the default: our sm_90a wgmma kernel
-//                            (kernels/sm90, grouped_mm_sm90.cpp) for the row-grouped GEMMs it
-//                            covers - bfloat16 with the weight K-major (HF's layout in the
-//                            forward, gathered rows read through the routing plan; gpt-oss's in
-//                            grad_x) - and "auto" for the rest. Raises on a device or build
-//                            without it (compute capability 9.0, TORCH_CUDA_ARCH_LIST with 9.0)
+//                            (kernels/sm90, grouped_mm_sm90.cpp) for the bfloat16 row-grouped
+//                            GEMMs (the forward, gathered rows read through the routing plan, and
+//                            grad_x, in both weight layouts: the weight read K-major or
+//                            MN-major), "auto" for the rest (the weight gradients). Raises on a
+//                            device or build without it (compute capability 9.0,
+//                            TORCH_CUDA_ARCH_LIST with 9.0)
 //   anything else            raises (a misspelt engine must not be measured as ours)
 // torch's engine is used when all of these hold (torch 2.15, aten/src/ATen/native/cuda/
 // GroupedBlas.cpp, GroupMM.cu, GroupMMCommon.cuh, native/GroupedMMUtils.h): bfloat16 (float16 and
@@ -385,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
   // grad_x = grad_out @ W_e read as [out, in]: the row-grouped GEMM again, dropped rows zero.
   at::Tensor grad_x = empty();
   if (output_mask[0]) {
-    // sm90's w_nk is W_e as [in, out] (K-major in the transposed layout only); torch's b [out, in].
+    // sm90's w_nk is W_e as [in, out] (either layout's strides); torch's b is [out, in].
     std::optional<at::Tensor> fast_grad_x = sm90_grouped_gemm(
         grad_out, RowSource{}, weight_transposed ? weight : weight.transpose(1, 2), offsets,
         at::Tensor(), op, stream);

@@ -45,7 +45,7 @@ namespace {
 
 // The kernel's arguments for x's rows (through source) times w_nk[e]^T, output pointers unset;
 // std::nullopt where "sm90" is not the engine or the GEMM is not one the kernel covers (dtype,
-// layout, expert count; the alignment rules are checked once the outputs are set). Raises where
+// strides, expert count; the alignment rules are checked once the outputs are set). Raises where
 // "sm90" is asked for on a device or build without the kernel.
 std::optional<kernels::GroupedGemmSm90Args> sm90_args(const at::Tensor& x, const RowSource& source,
                                                       const at::Tensor& w_nk,
@@ -60,15 +60,20 @@ std::optional<kernels::GroupedGemmSm90Args> sm90_args(const at::Tensor& x, const
               "sm_90a kernel: unset the variable or set it to \"auto\"");
   const int64_t num_experts = w_nk.size(0), n = w_nk.size(1), k = w_nk.size(2);
   if (x.scalar_type() != at::kBFloat16 || (x.size(1) > 1 && x.stride(1) != 1) ||
-      (k > 1 && w_nk.stride(2) != 1) || num_experts > kernels::kGroupedGemmSm90MaxExperts) {
+      num_experts > kernels::kGroupedGemmSm90MaxExperts) {
     return std::nullopt;
   }
+  // W_e K-major (unit stride along k: w_nk [E, n, k] row-major) or MN-major (unit stride along n:
+  // its transpose [E, k, n] row-major); any other strides take another engine.
+  const bool k_major = k <= 1 || w_nk.stride(2) == 1;
+  if (!k_major && n > 1 && w_nk.stride(1) != 1) return std::nullopt;
   kernels::GroupedGemmSm90Args args;
   args.x = cuda_ptr<at::BFloat16>(x);
   args.ldx = leading_dim(x, 0, k);
   args.w = cuda_ptr<at::BFloat16>(w_nk);
-  args.ldw = leading_dim(w_nk, 1, k);
-  args.w_stride_e = leading_dim(w_nk, 0, n * args.ldw);
+  args.w_mn_major = !k_major;
+  args.ldw = k_major ? leading_dim(w_nk, 1, k) : leading_dim(w_nk, 2, n);
+  args.w_stride_e = leading_dim(w_nk, 0, (k_major ? n : k) * args.ldw);
   args.num_rows = source.num_rows(x);
   args.k = k;
   args.n = n;
@@ -89,6 +94,7 @@ std::optional<at::Tensor> sm90_grouped_gemm(const at::Tensor& x_in, const RowSou
                                             const at::Tensor& w_nk, const at::Tensor& offsets,
                                             const at::Tensor& bias, std::string_view op,
                                             cudaStream_t stream) {
+  if (!sm90_engine_requested()) return std::nullopt;  // before as_rows' copy
   const at::Tensor x = as_rows(x_in);
   std::optional<kernels::GroupedGemmSm90Args> args = sm90_args(x, source, w_nk, offsets, op);
   if (!args) return std::nullopt;
@@ -106,6 +112,7 @@ std::optional<at::Tensor> sm90_grouped_gemm(const at::Tensor& x_in, const RowSou
 std::optional<std::tuple<at::Tensor, at::Tensor>> sm90_grouped_gemm_swiglu(
     const at::Tensor& x_in, const RowSource& source, const at::Tensor& gate_up_proj,
     const at::Tensor& offsets, std::string_view op, cudaStream_t stream) {
+  if (!sm90_engine_requested()) return std::nullopt;  // before as_rows' copy
   const at::Tensor x = as_rows(x_in);
   std::optional<kernels::GroupedGemmSm90Args> args =
       sm90_args(x, source, gate_up_proj, offsets, op);

@@ -45,6 +45,8 @@ constexpr int kChunksPerRow = kBK * 2 / 16;                       // 8
 constexpr int kChunksPerThread = kBM * kChunksPerRow / kThreads;  // 4 of A, 4 of B
 constexpr int kAcc = kBN / 2;      // fp32 accumulators per thread of an m64n128 result
 constexpr int kGluHalf = kBN / 2;  // with SwiGLU: gate columns, then as many up columns
+// An MN-major B tile: two blocks of 64 columns (128-byte k rows), each kBK rows deep.
+constexpr uint32_t kMnBlockBytes = kBK * 128;
 constexpr size_t kBoundsBytes = 4 * (2 * (kGroupedGemmSm90MaxExperts + 1) + kBoundsMaxWarps);
 
 // The main loop's pipeline (Sm90Pipeline): stages of shared memory, and the k blocks whose MMAs
@@ -107,8 +109,10 @@ __device__ __forceinline__ void wgmma_wait() {
 #endif
 }
 
-// d[64 x 128] += A[64 x 16] B^T, A rows and B rows (the n index) both K-major bf16 in shared
-// memory through their descriptors; fp32 accumulators (scale-d = 1: add to d).
+// d[64 x 128] += A[64 x 16] B, both bf16 in shared memory through their descriptors: A K-major;
+// B K-major (its 128 n rows of 16 k values, TransB false) or MN-major (16 k rows of 128 n
+// values, TransB true: the instruction's transpose-B immediate); fp32 accumulators (scale-d = 1).
+template <bool TransB>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kAcc], uint64_t desc_a,
                                                  uint64_t desc_b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -121,7 +125,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kAcc], uint64_t desc
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
       "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "
       "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "
-      "%56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n"
+      "%56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, %67;\n"
       "}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
         "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
@@ -133,7 +137,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kAcc], uint64_t desc
         "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
         "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TransB ? 1 : 0));
 #elif defined(MOEFORGE_KERNEL_EMULATION)
   // Each thread adds its own accumulators' products (accumulator_coord), reading both operands
   // through their descriptors as the hardware is documented to: K-major rows of 128 bytes in
@@ -142,14 +146,20 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kAcc], uint64_t desc
   // the layout; only a GPU confirms the reading. Like the hardware's, the MMA is asynchronous:
   // the products are added when a wgmma_wait retires its group, and its operands, read at issue
   // and again then, must not have changed in between (a stage refilled under an in-flight MMA).
+  // MN-major (B with TransB): 128-byte rows of 64 MN values, one per k, 8 k rows per atom and
+  // SBO bytes between atoms along k, 64-value blocks of MN LBO bytes apart (the canonical
+  // ((8,8,m),(8,k)) : ((1,8,LBO),(64,SBO)) element layout, swizzled).
   const unsigned char* smem = dynamic_shared_memory<unsigned char>();
-  const auto element = [smem](uint64_t desc, int row, int kk) {
+  const auto element = [smem](uint64_t desc, int row, int kk, bool mn_major) {
     if ((desc >> 62) != static_cast<uint64_t>(sm90::GmmaLayout::kSwizzle128B)) {
       ::moeforge::emu::trap("emulated wgmma: only the 128-byte swizzle is modelled");
     }
     const uint32_t start = static_cast<uint32_t>(desc & 0x3FFFu) << 4;
+    const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFFu) << 4;
     const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFFu) << 4;
-    const uint32_t address = start + (row / 8) * sbo + (row % 8) * 128u + kk * 2u;
+    const uint32_t address =
+        mn_major ? start + (row / 64) * lbo + (kk / 8) * sbo + (kk % 8) * 128u + (row % 64) * 2u
+                 : start + (row / 8) * sbo + (row % 8) * 128u + kk * 2u;
     const uint32_t swizzled = address ^ (((address >> 7) & 7u) << 4);
     __nv_bfloat16 v;
     std::memcpy(&v, smem + swizzled, sizeof(v));
@@ -168,11 +178,11 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kAcc], uint64_t desc
     Operands o;
     for (int h = 0; h < 2; ++h) {
       for (int kk = 0; kk < 16; ++kk)
-        o.a[h][kk] = element(desc_a, 16 * warp + lane / 4 + 8 * h, kk);
+        o.a[h][kk] = element(desc_a, 16 * warp + lane / 4 + 8 * h, kk, false);
     }
     for (int i = 0; i < kAcc; ++i) {
       const sm90::FragCoord c = sm90::accumulator_coord(warp, lane, i);
-      for (int kk = 0; kk < 16; ++kk) o.b[b_slot(i)][kk] = element(desc_b, c.col, kk);
+      for (int kk = 0; kk < 16; ++kk) o.b[b_slot(i)][kk] = element(desc_b, c.col, kk, TransB);
     }
     return o;
   };
@@ -219,7 +229,9 @@ __device__ __forceinline__ int64_t a_source_row(const GroupedGemmSm90Args& args,
 }
 
 // Loads one stage: the A tile (this thread's rows a_rows[i] of x, resolved once per tile) and the
-// B tile (rows n0.. of W_e), k block k0.
+// B tile (columns n0.. of the output from W_e, K-major or MN-major: BMnMajor = args.w_mn_major),
+// k block k0.
+template <bool BMnMajor>
 __device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args, unsigned char* stage,
                                            const int64_t (&a_rows)[kChunksPerThread], int64_t n0,
                                            const __nv_bfloat16* w_e, int64_t k0) {
@@ -234,22 +246,40 @@ __device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args, unsi
     const bool a_ok = a_rows[i] >= 0 && k_bytes > 0;
     const __nv_bfloat16* a_src = a_ok ? args.x + a_rows[i] * args.ldx + k : args.x;
     cp_async_16_zfill(stage + offset, a_src, a_ok ? k_bytes : 0);
-    // B: row n0 + r of W_e (zero past n); with SwiGLU (n0 then counts intermediate columns) the
-    // tile's first 64 rows are gate rows n0.., the next 64 the matching up rows I + n0...
-    int64_t b_row = n0 + r;
-    bool b_ok = b_row < args.n;
-    if (args.a != nullptr) {
-      const int64_t inter = args.n / 2, j = n0 + (r % kGluHalf);
-      b_row = (r < kGluHalf ? 0 : inter) + j;
-      b_ok = j < inter;
+    if constexpr (!BMnMajor) {
+      // B: row n0 + r of W_e (zero past n); with SwiGLU (n0 then counts intermediate columns) the
+      // tile's first 64 rows are gate rows n0.., the next 64 the matching up rows I + n0...
+      int64_t b_row = n0 + r;
+      bool b_ok = b_row < args.n;
+      if (args.a != nullptr) {
+        const int64_t inter = args.n / 2, j = n0 + (r % kGluHalf);
+        b_row = (r < kGluHalf ? 0 : inter) + j;
+        b_ok = j < inter;
+      }
+      b_ok = b_ok && k_bytes > 0;
+      const __nv_bfloat16* b_src = b_ok ? w_e + b_row * args.ldw + k : args.w;
+      cp_async_16_zfill(stage + kTileBytes + offset, b_src, b_ok ? k_bytes : 0);
+    } else {
+      // B MN-major: k row k0 + kr of W_e, 16 chunks of 8 columns; chunks 0-7 (columns n0..)
+      // fill the first 64-column block, chunks 8-15 the second (with SwiGLU: the up columns
+      // I + n0.. instead of n0 + 64..), zero past n and past k.
+      const int kr = id / (2 * kChunksPerRow), chunk = id % (2 * kChunksPerRow);
+      const int64_t kb = k0 + kr, half = chunk / kChunksPerRow;
+      const int64_t j = (args.a != nullptr ? n0 : n0 + half * 64) + (chunk % kChunksPerRow) * 8;
+      const int64_t limit = args.a != nullptr ? args.n / 2 : args.n;
+      const int64_t col = (args.a != nullptr && half == 1 ? args.n / 2 : 0) + j;
+      const bool b_ok = kb < args.k && j < limit;
+      const int n_bytes = b_ok ? static_cast<int>(std::min<int64_t>(8, limit - j)) * 2 : 0;
+      const __nv_bfloat16* b_src = b_ok ? w_e + kb * args.ldw + col : args.w;
+      cp_async_16_zfill(stage + kTileBytes +
+                            sm90::sw128_mn_offset(static_cast<uint32_t>(kr),
+                                                  static_cast<uint32_t>(chunk), kMnBlockBytes),
+                        b_src, n_bytes);
     }
-    b_ok = b_ok && k_bytes > 0;
-    const __nv_bfloat16* b_src = b_ok ? w_e + b_row * args.ldw + k : args.w;
-    cp_async_16_zfill(stage + kTileBytes + offset, b_src, b_ok ? k_bytes : 0);
   }
 }
 
-template <typename Pipeline>
+template <typename Pipeline, bool BMnMajor>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_sm90_kernel(const GroupedGemmSm90Args args) {
   constexpr int kStages = Pipeline::kStages, kAhead = Pipeline::kAhead;
@@ -296,7 +326,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 #pragma unroll
     for (int s = 0; s < kAhead; ++s) {
-      if (s < k_blocks) load_stage(args, stage_ptr + s * kStageBytes, a_rows, n0, w_e, s * kBK);
+      if (s < k_blocks)
+        load_stage<BMnMajor>(args, stage_ptr + s * kStageBytes, a_rows, n0, w_e, s * kBK);
       cp_async_commit();
     }
     for (int64_t kb = 0; kb < k_blocks; ++kb) {
@@ -307,7 +338,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();
       const int64_t next = kb + kAhead;
       if (next < k_blocks) {
-        load_stage(args, stage_ptr + (next % kStages) * kStageBytes, a_rows, n0, w_e, next * kBK);
+        load_stage<BMnMajor>(args, stage_ptr + (next % kStages) * kStageBytes, a_rows, n0, w_e,
+                             next * kBK);
       }
       cp_async_commit();
       const uint32_t stage = stages + static_cast<uint32_t>(kb % kStages) * kStageBytes;
@@ -319,9 +351,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int j = 0; j < kBK / 16; ++j) {  // k16 steps: 32 bytes along the swizzled rows
         const uint64_t desc_a =
             sm90::gmma_descriptor(a_tile + 32u * j, 16, 1024, sm90::GmmaLayout::kSwizzle128B);
+        // B: K-major like A, or MN-major (two 64-column blocks, 8-row k atoms: 2 per k16 step).
         const uint64_t desc_b =
-            sm90::gmma_descriptor(b_tile + 32u * j, 16, 1024, sm90::GmmaLayout::kSwizzle128B);
-        wgmma_m64n128k16(d, desc_a, desc_b);
+            BMnMajor
+                ? sm90::gmma_descriptor(b_tile + 2048u * j, kMnBlockBytes, 1024,
+                                        sm90::GmmaLayout::kSwizzle128B)
+                : sm90::gmma_descriptor(b_tile + 32u * j, 16, 1024, sm90::GmmaLayout::kSwizzle128B);
+        wgmma_m64n128k16<BMnMajor>(d, desc_a, desc_b);
       }
       wgmma_commit_group();
       wgmma_wait<Pipeline::kMmaInFlight>();
@@ -379,9 +415,11 @@ std::atomic<int> g_device_sms[kMaxCachedDevices];    // 0 until prepared
 
 template <typename Pipeline>
 cudaError_t raise_smem_limit() {
-  MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_sm90_kernel<Pipeline>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(Pipeline::kSmemBytes)));
+  for (auto* kernel :
+       {grouped_gemm_sm90_kernel<Pipeline, false>, grouped_gemm_sm90_kernel<Pipeline, true>}) {
+    MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(Pipeline::kSmemBytes)));
+  }
   return cudaSuccess;
 }
 
@@ -400,8 +438,9 @@ cudaError_t prepare_device(int device, int* sms) {
 
 template <typename Pipeline>
 cudaError_t launch_pipeline(const GroupedGemmSm90Args& args, int sms, cudaStream_t stream) {
-  MOEFORGE_CUDA_CHECK(launch_kernel(grouped_gemm_sm90_kernel<Pipeline>,
-                                    dim3(static_cast<unsigned>(sms)), dim3(kThreads),
+  auto* kernel = args.w_mn_major ? grouped_gemm_sm90_kernel<Pipeline, true>
+                                 : grouped_gemm_sm90_kernel<Pipeline, false>;
+  MOEFORGE_CUDA_CHECK(launch_kernel(kernel, dim3(static_cast<unsigned>(sms)), dim3(kThreads),
                                     Pipeline::kSmemBytes, stream, args));
   return cudaSuccess;
 }

@@ -58,7 +58,7 @@ def _torch_engine(x: Tensor, num_experts: int) -> bool:
     """Whether the grouped GEMMs take torch's engine here (``MOEFORGE_GROUPED_GEMM`` auto/torch,
     bfloat16 on sm90/sm100: ``torch_engine_applies`` in csrc/cuda/grouped_mm.cpp). Also under
     the experimental "sm90", where torch's engine runs every GEMM that our sm_90a kernel does not
-    (the weight gradients, and the GEMMs whose weight is not K-major)."""
+    (the weight gradients)."""
     if not x.is_cuda or x.dtype != torch.bfloat16 or not 1 <= num_experts <= 1023:
         return False
     if os.environ.get("MOEFORGE_GROUPED_GEMM", "") not in ("", "auto", "torch", "sm90"):
@@ -66,30 +66,40 @@ def _torch_engine(x: Tensor, num_experts: int) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] in (9, 10)
 
 
-def _gathers_to_a_copy(x: Tensor, num_experts: int, k_major_weights: bool = False) -> bool:
+def _gathers_to_a_copy(x: Tensor, num_experts: int, row_grouped_only: bool = False) -> bool:
     """Whether an op given the routing plan would gather its own dense copy of x: under torch's
-    engine, whose kernels read dense rows (except, under "sm90", the GEMMs whose weights are all
-    K-major - ``k_major_weights``: our kernel gathers in its loads). The layer then gathers once
-    and hands the rows to every op that reads them. Only speed depends on the answer: an op
-    computes the same values from the plan or from the gathered rows."""
-    if k_major_weights and os.environ.get("MOEFORGE_GROUPED_GEMM") == "sm90":
+    engine, whose kernels read dense rows (except, under "sm90", where every reader of x is a
+    row-grouped GEMM - ``row_grouped_only``: our kernel gathers in its loads). The layer then
+    gathers once and hands the rows to every op that reads them. Only speed depends on the
+    answer: an op computes the same values from the plan or from the gathered rows."""
+    if row_grouped_only and os.environ.get("MOEFORGE_GROUPED_GEMM") == "sm90":
         return False
     return _torch_engine(x, num_experts)
 
 
-def _read_for_the_last_time(t: Tensor, saved: weakref.ref) -> bool:
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are active (``torch.autograd.graph.saved_tensors_hooks``:
+    offloading, checkpointing, user stashes). A hook may keep the very tensor the forward saves
+    and read it after the backward, so such a tensor is never written over. True where torch
+    does not say (the private query is missing)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+def _read_for_the_last_time(t: Tensor, saved: weakref.ref | None) -> bool:
     """Whether the backward may overwrite a saved tensor that it is reading for the last time.
 
     Autograd holds a node's saved tensors until its backward returns. The fused backward is done
     with ``h [S, 2I]`` once the activation's backward has read it, so that op writes ``grad_h``
     over ``h`` (:func:`moeforge.ops.weighted_swiglu_backward_`) instead of allocating a second
     ``[S, 2I]`` buffer beside ``grad_aw``, where the layer's backward peaks. Only when nothing can
-    read ``h`` again: ``t`` must be the very tensor the forward saved (``saved``, a weak reference
-    to it; a saved-tensor hook that offloads, copies or recomputes hands back another tensor,
-    which its owner may still read), the graph must not be kept for another backward
+    read ``h`` again: no saved-tensor hook was active in the forward (``saved`` is None then: a
+    hook may keep the tensor it was given, or hand back another one that its owner still reads),
+    ``t`` must be the very tensor the forward saved (``saved``, a weak reference to it), the graph
+    must not be kept for another backward
     (``retain_graph``, which ``create_graph`` implies by default), torch.compile must not be
     tracing the backward (its graphs own their buffers), and ``t`` must be contiguous."""
-    if torch.compiler.is_compiling() or saved() is not t:
+    if torch.compiler.is_compiling() or saved is None or saved() is not t:
         return False
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     if keep_graph is None or keep_graph():
@@ -254,8 +264,8 @@ class FusedMoEExperts(torch.autograd.Function):
         plan = (sorted_pairs, pair_to_row)  # x is read through it: no permuted copy
         x_in, x_plan = x, plan
         torch_engine = _torch_engine(x, num_experts)
-        # The forward's readers of x: gate_up_proj and lora_A, K-major in HF's layout.
-        if gate_up_lora_A is not None and _gathers_to_a_copy(x, num_experts, not transposed):
+        # The forward's readers of x are row-grouped GEMMs (gate_up_proj's and lora_A's).
+        if gate_up_lora_A is not None and _gathers_to_a_copy(x, num_experts, True):
             x_in, x_plan = _ops.permute(x, *plan, None), ()  # one copy for both GEMMs
         gate_up_u = None
         if transposed or gate_up_bias is not None or gate_up_lora_A is not None:
@@ -278,7 +288,8 @@ class FusedMoEExperts(torch.autograd.Function):
         del a
         out = _ops.combine(y, sorted_pairs, pair_to_row, top_k_weights)
 
-        ctx.saved_h = weakref.ref(h)  # see _read_for_the_last_time
+        # see _read_for_the_last_time
+        ctx.saved_h = None if _saved_tensor_hooks_active() else weakref.ref(h)
         ctx.layout, ctx.alpha, ctx.limit = layout, alpha, limit
         ctx.torch_engine = torch_engine
         ctx.gate_up_scaling, ctx.down_scaling = gate_up_scaling, down_scaling

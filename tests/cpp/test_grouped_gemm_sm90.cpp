@@ -60,6 +60,14 @@ struct Case {
   std::vector<int32_t> offsets;  // [E + 1], taken as given
   int64_t rows, k, n;
   int64_t pad_x = 0, pad_w = 0, pad_y = 0;
+  bool w_mn_major = false;  // w stored [E, k, n + pad_w] instead of [E, n, k + pad_w]
+
+  int64_t ldw() const { return (w_mn_major ? n : k) + pad_w; }
+  int64_t w_stride_e() const { return (w_mn_major ? k : n) * ldw(); }
+  // Element (j, q) of W_e (output column j, reduction index q) in the stored weight.
+  int64_t w_index(int64_t e, int64_t j, int64_t q) const {
+    return e * w_stride_e() + (w_mn_major ? q * ldw() + j : j * ldw() + q);
+  }
 };
 
 // The first few mismatches, each with its place in the 128 x 128 tile and a hint of its cause.
@@ -93,7 +101,7 @@ std::vector<bf16> run(const Case& c, const std::vector<int32_t>& offsets,
                       const std::vector<bf16>& x, const std::vector<bf16>& w,
                       std::vector<bf16>* glu = nullptr, std::vector<bf16>* swiglu_of_y = nullptr) {
   const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
-  const int64_t ldx = c.k + c.pad_x, ldw = c.k + c.pad_w, ldy = c.n + c.pad_y;
+  const int64_t ldx = c.k + c.pad_x, ldy = c.n + c.pad_y;
   DeviceBuffer<bf16> d_x(x), d_w(w), d_y(c.rows * ldy);
   DeviceBuffer<bf16> d_a(glu ? c.rows * c.n / 2 : 1), d_swiglu(glu ? c.rows * c.n / 2 : 1);
   DeviceBuffer<int32_t> d_off(offsets);
@@ -103,8 +111,9 @@ std::vector<bf16> run(const Case& c, const std::vector<int32_t>& offsets,
   args.x = d_x.data();
   args.ldx = ldx;
   args.w = d_w.data();
-  args.ldw = ldw;
-  args.w_stride_e = c.n * ldw;
+  args.ldw = c.ldw();
+  args.w_stride_e = c.w_stride_e();
+  args.w_mn_major = c.w_mn_major;
   args.y = d_y.data();
   args.ldy = ldy;
   args.expert_offsets = d_off.data();
@@ -136,9 +145,9 @@ std::vector<bf16> run(const Case& c, const std::vector<int32_t>& offsets,
 void check_case(const Case& c, uint32_t seed, bool glu = false) {
   SCOPED_TRACE(c.what);
   const int64_t E = static_cast<int64_t>(c.offsets.size()) - 1;
-  const int64_t ldx = c.k + c.pad_x, ldw = c.k + c.pad_w, ldy = c.n + c.pad_y;
+  const int64_t ldx = c.k + c.pad_x, ldy = c.n + c.pad_y;
   const std::vector<bf16> x = random_bf16(c.rows * ldx, seed, 1.0);
-  const std::vector<bf16> w = random_bf16(E * c.n * ldw, seed + 1, 1.0 / std::sqrt(c.k + 1.0));
+  const std::vector<bf16> w = random_bf16(E * c.w_stride_e(), seed + 1, 1.0 / std::sqrt(c.k + 1.0));
   std::vector<bf16> a, swiglu_of_y;
   const std::vector<bf16> y =
       run(c, c.offsets, x, w, glu ? &a : nullptr, glu ? &swiglu_of_y : nullptr);
@@ -166,7 +175,7 @@ void check_case(const Case& c, uint32_t seed, bool glu = false) {
         double acc = 0, mag = 0;
         for (int64_t q = 0; q < c.k; ++q) {
           const double p = static_cast<double>(__bfloat162float(x[r * ldx + q])) *
-                           __bfloat162float(w[(e * c.n + j) * ldw + q]);
+                           __bfloat162float(w[c.w_index(e, j, q)]);
           acc += p;
           mag += std::abs(p);
         }
@@ -350,6 +359,37 @@ TEST_P(GroupedGemmSm90, SwigluEpilogue) {
              true);
 }
 
+// The weight stored [E, k, n] (W_e^T row-major: gpt-oss's [E, in, out] in the forward, HF's
+// [E, out, in] in grad_x), read through the MN-major B layout (two 64-column blocks per tile) and
+// the instruction's transpose-B; a value from another 64-column block or k atom points at the
+// descriptor's leading / stride offsets.
+Case mn_major(Case c) {
+  c.w_mn_major = true;
+  return c;
+}
+
+TEST_P(GroupedGemmSm90, MnMajorWeights) {
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  check_case(mn_major({"MN-major, one tile", {0, 128}, 128, 64, 128}), 40);
+  check_case(mn_major({"MN-major, k = 1024", {0, 128}, 128, 1024, 128}), 41);
+  check_case(
+      mn_major({"MN-major, tails, padded strides", {0, 37, 37, 200}, 210, 72, 136, 8, 16, 24}), 42);
+  check_case(mn_major({"MN-major, E = 32 random", random_offsets(32, 3000, 7, 13), 3000, 512, 256}),
+             43);
+  check_case(mn_major({"MN-major, corrupt offsets", {9, 40, -3, 90, 20, 500}, 100, 64, 128}), 44);
+  // Qwen3's grad_x of gate_up: k = 2I = 1536, n = H = 2048.
+  check_case(
+      mn_major({"MN-major, Qwen3 grad_x", random_offsets(16, 1024, 10, 0), 1024, 1536, 2048}), 45);
+}
+
+TEST_P(GroupedGemmSm90, MnMajorSwigluEpilogue) {
+  // With SwiGLU, the MN-major tile's first block holds gate columns n0.., the second the matching
+  // up columns I + n0..
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  check_case(mn_major({"MN-major, I = 64, one tile", {0, 128}, 128, 64, 128}), 46, true);
+  check_case(mn_major({"MN-major, I = 200", {0, 50, 50, 300}, 310, 128, 400}), 47, true);
+}
+
 TEST(GroupedGemmSm90Arguments, RejectsBadArguments) {
   kernels::GroupedGemmSm90Args ok;
   ok.x = reinterpret_cast<const bf16*>(uintptr_t{256});
@@ -377,6 +417,10 @@ TEST(GroupedGemmSm90Arguments, RejectsBadArguments) {
   bad([](auto& a) { a.expert_offsets = nullptr; });
   bad([](auto& a) { a.num_rows = -1; });
   bad([](auto& a) { a.pipeline = static_cast<kernels::Sm90Pipeline>(2); });
+  bad([](auto& a) {  // MN-major: a row of W_e^T holds n values
+    a.w_mn_major = true;
+    a.n = a.ldy = 128;
+  });
   bad([](auto& a) {  // SwiGLU needs n / 2 a multiple of 8
     a.a = reinterpret_cast<bf16*>(uintptr_t{256});
     a.n = a.ldy = 72;

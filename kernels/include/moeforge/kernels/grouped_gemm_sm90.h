@@ -11,11 +11,12 @@
 // a pair outside [0, num_tokens * top_k) reads a zero row (permute's rule for a corrupt plan).
 //
 // x [num_rows, k] and y [num_rows, n] row-major with leading dimensions ldx / ldy; w [E, n, k]
-// (HF's K-major layout: w + e * w_stride_e + j * ldw is row j of W_e); bfloat16 in and out,
-// fp32 accumulation. m(0..E): the offsets clamped into [0, num_rows] and made non-decreasing
-// (expert_bounds.cuh), read on the device — no host synchronisation, CUDA-graph capturable. Rows
-// of no expert (r >= m(E)) are not written. Deterministic: each element comes from one CTA's
-// fixed sequence of wgmma steps.
+// (HF's K-major layout: w + e * w_stride_e + j * ldw is row j of W_e) or, with w_mn_major,
+// [E, k, n] (w + e * w_stride_e + q * ldw is column q of W_e, i.e. W_e^T row-major); bfloat16 in
+// and out, fp32 accumulation. m(0..E): the offsets clamped into [0, num_rows] and made
+// non-decreasing (expert_bounds.cuh), read on the device — no host synchronisation, CUDA-graph
+// capturable. Rows of no expert (r >= m(E)) are not written. Deterministic: each element comes from
+// one CTA's fixed sequence of wgmma steps.
 //
 // SwiGLU in the epilogue (stage S2, when `a` is given): W_e is HF's gate_up_proj [2I, k] (gate
 // rows [0, I), up rows [I, 2I), n = 2I), y receives h [num_rows, 2I] and a [num_rows, I] gets
@@ -60,6 +61,9 @@ struct GroupedGemmSm90Args {
   const int32_t* sorted_pairs = nullptr;  // [>= num_rows] device, or nullptr (x in expert order)
   int64_t num_tokens = 0, top_k = 1;      // with sorted_pairs: x is [num_tokens, k]
   Sm90Pipeline pipeline = Sm90Pipeline::kSerial;
+  // The weight MN-major: w [E, k, n] (row q of W_e^T at w + e * w_stride_e + q * ldw, the n
+  // values contiguous), e.g. gpt-oss's [E, in, out] in the forward or HF's [E, out, in] in grad_x.
+  bool w_mn_major = false;
 };
 
 // The requirements above (sizes, multiples of 8, alignment, expert count).
@@ -68,7 +72,7 @@ inline bool grouped_gemm_sm90_args_valid(const GroupedGemmSm90Args& a) {
   return a.num_rows >= 0 && a.num_rows <= INT32_MAX && a.k >= 0 && a.n >= 0 && a.num_experts >= 1 &&
          a.num_experts <= kGroupedGemmSm90MaxExperts && a.k % 8 == 0 && a.n % 8 == 0 &&
          a.ldx % 8 == 0 && a.ldy % 8 == 0 && a.ldw % 8 == 0 && a.w_stride_e % 8 == 0 &&
-         a.ldx >= a.k && a.ldw >= a.k && a.ldy >= a.n && a.w_stride_e >= 0 &&
+         a.ldx >= a.k && a.ldw >= (a.w_mn_major ? a.n : a.k) && a.ldy >= a.n && a.w_stride_e >= 0 &&
          a.expert_offsets != nullptr && aligned(a.x) && aligned(a.y) && aligned(a.w) &&
          (a.a == nullptr || (a.n % 16 == 0 && a.lda % 8 == 0 && a.lda >= a.n / 2 &&
                              reinterpret_cast<uintptr_t>(a.a) % 16 == 0)) &&

@@ -5,7 +5,8 @@
 //   tile schedule  M tiles of block_m rows over unpadded expert segments (the bounds m(0..E) of
 //                  expert_bounds.cuh), N tiles fastest; the tail tile of an expert is partial
 //   sw128_offset   where 16-byte chunk c of row r of a K-major tile with 128-byte rows lives
-//                  under the 128-byte swizzle (TMA's SWIZZLE_128B, wgmma's B128 layout)
+//                  under the 128-byte swizzle (TMA's SWIZZLE_128B, wgmma's B128 layout);
+//                  sw128_mn_offset the same for an MN-major tile of 64-value blocks
 //   accumulator    which (row, column) of an m64nNk16 fp32 wgmma result a thread's value i is
 //   gmma_descriptor  the 64-bit shared-memory matrix descriptor wgmma reads its operands through
 //
@@ -69,6 +70,13 @@ MOEFORGE_HOST_DEVICE uint32_t sw128_offset(uint32_t row, uint32_t chunk) {
   return row * 128u + ((chunk ^ (row & 7u)) << 4);
 }
 
+// The same for an MN-major tile (k rows of MN values): chunk c (0..15) of k row `row` holds MN
+// values 8c .. 8c + 7 of a 128-wide tile, stored as two blocks of 64 (one 128-byte row per k, 8 k
+// rows per swizzle atom), the second `block_bytes` after the first (wgmma's leading byte offset).
+MOEFORGE_HOST_DEVICE uint32_t sw128_mn_offset(uint32_t row, uint32_t chunk, uint32_t block_bytes) {
+  return (chunk / 8u) * block_bytes + sw128_offset(row, chunk % 8u);
+}
+
 // ---- wgmma accumulators ---------------------------------------------------------------------
 
 struct FragCoord {
@@ -97,7 +105,9 @@ enum class GmmaLayout : uint32_t {
 // wgmma's 64-bit shared-memory descriptor: start address, leading and stride byte offsets (each
 // in 16-byte units, 14 bits), base offset 0 (operand tiles 1024-byte aligned), layout type in
 // bits 62-63. For a K-major bf16 operand under the 128-byte swizzle: stride offset 1024 bytes
-// (one 8-row atom), leading offset unused, and each k16 step advances the start by 32 bytes.
+// (one 8-row atom), leading offset unused, and each k16 step advances the start by 32 bytes. For
+// an MN-major one (sw128_mn_offset): stride offset 1024 bytes (8 k rows), leading offset the
+// distance between 64-value MN blocks, and each k16 step advances the start by 2048 bytes.
 MOEFORGE_HOST_DEVICE uint64_t gmma_descriptor(uint32_t smem_address, uint32_t leading_byte_offset,
                                               uint32_t stride_byte_offset, GmmaLayout layout) {
   const uint64_t start = (smem_address >> 4) & 0x3FFFu;
