@@ -112,6 +112,27 @@ TEST(Sm90Layout, Sw128MatchesTheAddressBitFormAndIsAPermutation) {
   }
 }
 
+TEST(Sm90Layout, Sw128MnMajorTileIsTwoSwizzledBlocks) {
+  // A 64-deep k block of an MN-major 128-column tile: chunk c of k row r holds columns 8c..8c+7;
+  // chunks 0-7 fill the first 64-column block, 8-15 the second, block_bytes later, each block the
+  // K-major swizzled layout with k rows in place of rows. Every 16-byte slot of the two blocks
+  // is used once, and a 128-column row of MN values spans both blocks in their own row.
+  constexpr uint32_t kBlock = 64 * 128;
+  std::set<uint32_t> seen;
+  for (uint32_t row = 0; row < 64; ++row) {
+    for (uint32_t chunk = 0; chunk < 16; ++chunk) {
+      const uint32_t offset = sm90::sw128_mn_offset(row, chunk, kBlock);
+      EXPECT_EQ(offset / kBlock, chunk / 8) << row << " " << chunk;
+      EXPECT_EQ(offset % kBlock, sm90::sw128_offset(row, chunk % 8)) << row << " " << chunk;
+      EXPECT_EQ((offset % kBlock) / 128, row);
+      EXPECT_EQ(offset % 16, 0u);
+      seen.insert(offset);
+    }
+  }
+  EXPECT_EQ(seen.size(), 64u * 16u);
+  EXPECT_EQ(*seen.rbegin(), 2 * kBlock - 16);
+}
+
 TEST(Sm90Layout, AccumulatorMapIsABijectionOntoTheTile) {
   for (const int n : {8, 16, 128, 256}) {
     std::set<std::pair<int, int>> seen;
@@ -167,6 +188,11 @@ TEST(Sm90Layout, DescriptorFields) {
   const uint64_t next =
       sm90::gmma_descriptor(address + 32, 16, 1024, sm90::GmmaLayout::kSwizzle128B);
   EXPECT_EQ(next - d, 2u);
+  // MN-major: leading offset = the 64-column block distance (8 KB), one k16 step = 2048 bytes.
+  const uint64_t mn = sm90::gmma_descriptor(address, 8192, 1024, sm90::GmmaLayout::kSwizzle128B);
+  EXPECT_EQ((mn >> 16) & 0x3FFFu, 512u);
+  EXPECT_EQ(sm90::gmma_descriptor(address + 2048, 8192, 1024, sm90::GmmaLayout::kSwizzle128B) - mn,
+            128u);
 }
 
 }  // namespace
