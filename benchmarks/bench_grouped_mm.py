@@ -14,6 +14,8 @@ layout; "sm90" reads the weight K-major in the forward GEMMs, MN-major in the ba
     down                y [S, H] = a W_dn^T, a [S, I]
     grad_aw (gathered)  [S, I] = dO[token of row] W_dn, dO token-major [T, H] (the backward)
     grad_x (gate_up)    [S, H] = grad_h W_gu, grad_h [S, 2I]
+    dW gate_up          [E, 2I, H] = grad_h_e^T x_e, x read through the plan (the weight gradient;
+                        "sm90": the K-grouped kernel)
 
 TFLOP/s count 2 * S * n * k. "max rel err" is |engine - first| / |first| (normwise) of the
 same call against the first engine that ran it: a wrong kernel shows up here before it shows up
@@ -50,7 +52,8 @@ def gemm_cases(T: int, H: int, I: int, E: int, K: int, device: str):
     w_dn = torch.randn(E, H, I, device=device, dtype=dt) / I**0.5
     d_out = torch.randn(T, H, device=device, dtype=dt)
     grad_h = torch.randn(S, 2 * I, device=device, dtype=dt)
-    grad_x_mask = [True, False, False]
+    grad_x_mask, grad_w_mask = [True, False, False], [False, True, False]
+    pairs = (plan.sorted_pairs, plan.pair_to_row)
     gate_up = 2 * S * 2 * I * H
     return [
         ("gate_up (gathered)", lambda: ops.grouped_mm(x, w_gu, offs, plan=plan), gate_up),
@@ -65,6 +68,11 @@ def gemm_cases(T: int, H: int, I: int, E: int, K: int, device: str):
         (
             "grad_x (gate_up)",
             lambda: _ops.grouped_mm_backward(grad_h, xs, w_gu, offs, False, grad_x_mask)[0],
+            gate_up,
+        ),
+        (
+            "dW gate_up",
+            lambda: _ops.grouped_mm_backward(grad_h, x, w_gu, offs, False, grad_w_mask, *pairs)[1],
             gate_up,
         ),
     ]

@@ -258,8 +258,8 @@ def test_grouped_mm_forward_backward_match_cpu(engine, transposed, n_in, n_out, 
             dy, x, w, offs, transposed, [True, True, True]
         )
     )
-    # "sm90" leaves the weight gradient to torch's engine.
-    expect = engine in ("auto", "sm90") and eligible and torch_engine_applies(dt)
+    # "sm90" runs every GEMM of the backward on its own kernels.
+    expect = engine == "auto" and eligible and torch_engine_applies(dt)
     assert ("aten::_grouped_mm" in called) == expect, sorted(called)
 
 
@@ -750,35 +750,47 @@ def test_sm90_engine_forward_matches_float64(
 
 @pytest.mark.parametrize("pipeline", ["serial", "overlapped"])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_sm90_engine_grad_x(monkeypatch, pipeline, transposed):
-    """Under "sm90" grouped_mm_backward's grad_x runs our kernel in both weight layouts ([E, out,
-    in] read MN-major, [E, in, out] read K-major), the weight gradient torch's: all three as
-    "auto" computes them (normwise; only the accumulation order differs), dropped rows zero."""
+@pytest.mark.parametrize("through_plan", [False, True])
+def test_sm90_engine_backward(monkeypatch, pipeline, transposed, through_plan):
+    """Under "sm90" grouped_mm_backward runs only our kernels: grad_x in both weight layouts ([E,
+    out, in] read MN-major, [E, in, out] K-major) and the K-grouped weight gradient (x read
+    through the plan or in expert order; experts without rows zero), no at::_grouped_mm; all
+    outputs as "auto" computes them (normwise; only the accumulation order differs), dropped
+    rows of grad_x zero."""
     if not sm90_engine_applies():
         pytest.skip("the sm90 engine needs a compute capability 9.0 GPU")
     torch.manual_seed(1)
-    offs, rows = make_offsets([0, 150, 3, 0, 400, 77], 9)
+    T, K, E, n_in, n_out = 300, 4, 12, 136, 264
     dt = torch.bfloat16
-    x = torch.randn(rows, 136, device="cuda", dtype=dt)
-    shape = (6, 136, 264) if transposed else (6, 264, 136)
+    ids = random_topk_ids(T, K, E, device="cuda", drop_fraction=0.03, skip_experts=(4,))
+    plan = ops.routing(ids, E)
+    offs = plan.expert_offsets
+    x = torch.randn(T, n_in, device="cuda", dtype=dt)
+    rows = x if through_plan else ops.permute(x, plan)
+    pairs = (plan.sorted_pairs, plan.pair_to_row) if through_plan else ()
+    shape = (E, n_in, n_out) if transposed else (E, n_out, n_in)
     w = torch.randn(shape, device="cuda", dtype=dt) / 12
-    dy = torch.randn(rows, 264, device="cuda", dtype=dt)
+    dy = torch.randn(T * K, n_out, device="cuda", dtype=dt)
 
     def backward():
         mask = [True, True, True]
-        return torch.ops.moeforge.grouped_mm_backward(dy, x, w, offs, transposed, mask)
+        return torch.ops.moeforge.grouped_mm_backward(dy, rows, w, offs, transposed, mask, *pairs)
 
     monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "auto")
     want = backward()
     monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
     monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", pipeline)
-    assert sm90_kernel_launched(backward)
+    names = cuda_kernels_called(backward)
+    assert any("grouped_gemm_sm90_kernel" in n for n in names), sorted(names)
+    assert any("grouped_wgrad_sm90_kernel" in n for n in names), sorted(names)
+    assert "aten::_grouped_mm" not in aten_ops_called(backward)
     poison_allocator()
     got = backward()
     for name, g, r in zip(("grad_x", "grad_w", "grad_b"), got, want, strict=True):
         assert torch.isfinite(g).all(), name
         assert_normwise_close(g, r, 4e-3, name)
     assert (got[0][int(offs[-1]) :] == 0).all()
+    assert (got[1][4] == 0).all()  # expert 4 has no rows
 
 
 def test_sm90_engine_past_131072_rows(monkeypatch):

@@ -105,6 +105,16 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> sm90_grouped_gemm_swiglu(
     const at::Tensor& x, const RowSource& source, const at::Tensor& gate_up_proj,
     const at::Tensor& offsets, std::string_view op, cudaStream_t stream);
 
+// G [E, p, q], G_e = first_e^T second_e over the rows of expert e (first [S, p], second [S, q];
+// with source's plan the operand named by gather_first - first if true, else second - is
+// token-major and read through it), experts without rows zero, by our sm_90a kernel under
+// MOEFORGE_GROUPED_GEMM=sm90 (bfloat16, p and q multiples of 8, 16-byte aligned, E <= 1024);
+// std::nullopt otherwise. Raises as sm90_grouped_gemm does.
+std::optional<at::Tensor> sm90_grouped_wgrad(const at::Tensor& first, const at::Tensor& second,
+                                             const RowSource& source, bool gather_first,
+                                             const at::Tensor& offsets, int64_t num_experts,
+                                             std::string_view op, cudaStream_t stream);
+
 // A 2-D operand as the GEMM kernels read it: rows at a row stride, unit stride along the
 // columns. t itself when it already is one, else a contiguous copy.
 inline at::Tensor as_rows(const at::Tensor& t) {

@@ -28,13 +28,13 @@
 //   "simt"                   our SIMT kernels for every case (the reference engine)
 //   "torch"                  same as "auto" (kept as the name the benchmarks and tests use for
 //                            torch's engine)
-//   "sm90"                   experimental, not yet the default: our sm_90a wgmma kernel
-//                            (kernels/sm90, grouped_mm_sm90.cpp) for the bfloat16 row-grouped
-//                            GEMMs (the forward, gathered rows read through the routing plan, and
-//                            grad_x, in both weight layouts: the weight read K-major or
-//                            MN-major), "auto" for the rest (the weight gradients). Raises on a
-//                            device or build without it (compute capability 9.0,
-//                            TORCH_CUDA_ARCH_LIST with 9.0)
+//   "sm90"                   experimental, not yet the default: our sm_90a wgmma kernels
+//                            (kernels/sm90, grouped_mm_sm90.cpp) for the bfloat16 GEMMs - the
+//                            forward (gathered rows read through the routing plan) and grad_x in
+//                            both weight layouts (the weight read K-major or MN-major), and the
+//                            K-grouped weight gradient (x read through the plan) - "auto" for
+//                            what they do not take. Raises on a device or build without them
+//                            (compute capability 9.0, TORCH_CUDA_ARCH_LIST with 9.0)
 //   anything else            raises (a misspelt engine must not be measured as ours)
 // torch's engine is used when all of these hold (torch 2.15, aten/src/ATen/native/cuda/
 // GroupedBlas.cpp, GroupMM.cu, GroupMMCommon.cuh, native/GroupedMMUtils.h): bfloat16 (float16 and
@@ -344,7 +344,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
   const int64_t out_features = grad_out.size(1);
   const auto empty = [&] { return at::empty({0}, x_arg.options()); };
   at::Tensor grad_w = empty();
+  // "sm90": our K-grouped kernel, x read through the plan (no copy).
+  std::optional<at::Tensor> sm90_grad_w;
   if (output_mask[1]) {
+    sm90_grad_w = sm90_grouped_wgrad(
+        weight_transposed ? x_arg : grad_out, weight_transposed ? grad_out : x_arg, source,
+        /*gather_first=*/weight_transposed, offsets, num_experts, op, stream);
+  }
+  if (sm90_grad_w) {
+    grad_w = *sm90_grad_w;
+  } else if (output_mask[1]) {
     const bool copy_x = gather_first(source, x_arg, num_experts);
     const at::Tensor x = as_rows(copy_x ? source.rows(x_arg) : x_arg);
     if (copy_x) source = RowSource{};

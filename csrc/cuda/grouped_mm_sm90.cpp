@@ -28,6 +28,16 @@ int64_t leading_dim(const at::Tensor& t, int64_t dim, int64_t extent) {
   return t.size(dim) > 1 ? t.stride(dim) : extent;
 }
 
+// "sm90" was asked for: raise unless this device and build have the kernel.
+void require_sm90_kernel(std::string_view op) {
+  bool supported = false;
+  check_cuda(kernels::grouped_gemm_sm90_supported(&supported), op);
+  TORCH_CHECK(supported, "moeforge.", op,
+              ": MOEFORGE_GROUPED_GEMM=sm90 needs a compute capability 9.0 GPU and a build for "
+              "CUDA architecture 9.0 (TORCH_CUDA_ARCH_LIST=9.0); this device or build has no "
+              "sm_90a kernel: unset the variable or set it to \"auto\"");
+}
+
 kernels::Sm90Pipeline requested_pipeline() {
   const char* env = std::getenv("MOEFORGE_SM90_PIPELINE");
   const std::string_view name = env == nullptr ? std::string_view() : std::string_view(env);
@@ -52,12 +62,7 @@ std::optional<kernels::GroupedGemmSm90Args> sm90_args(const at::Tensor& x, const
                                                       const at::Tensor& offsets,
                                                       std::string_view op) {
   if (!sm90_engine_requested()) return std::nullopt;
-  bool supported = false;
-  check_cuda(kernels::grouped_gemm_sm90_supported(&supported), op);
-  TORCH_CHECK(supported, "moeforge.", op,
-              ": MOEFORGE_GROUPED_GEMM=sm90 needs a compute capability 9.0 GPU and a build for "
-              "CUDA architecture 9.0 (TORCH_CUDA_ARCH_LIST=9.0); this device or build has no "
-              "sm_90a kernel: unset the variable or set it to \"auto\"");
+  require_sm90_kernel(op);
   const int64_t num_experts = w_nk.size(0), n = w_nk.size(1), k = w_nk.size(2);
   if (x.scalar_type() != at::kBFloat16 || (x.size(1) > 1 && x.stride(1) != 1) ||
       num_experts > kernels::kGroupedGemmSm90MaxExperts) {
@@ -133,6 +138,46 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> sm90_grouped_gemm_swiglu(
                  ends.const_data_ptr<int32_t>() + (ends.size(0) - 1), stream),
              op);
   return std::make_tuple(h, a);
+}
+
+std::optional<at::Tensor> sm90_grouped_wgrad(const at::Tensor& first_in,
+                                             const at::Tensor& second_in, const RowSource& source,
+                                             bool gather_first, const at::Tensor& offsets,
+                                             int64_t num_experts, std::string_view op,
+                                             cudaStream_t stream) {
+  if (!sm90_engine_requested()) return std::nullopt;
+  require_sm90_kernel(op);
+  if (first_in.scalar_type() != at::kBFloat16 ||
+      num_experts > kernels::kGroupedGemmSm90MaxExperts) {
+    return std::nullopt;
+  }
+  const at::Tensor first = as_rows(first_in), second = as_rows(second_in);
+  const int64_t p = first.size(1), q = second.size(1);
+  kernels::GroupedWgradSm90Args args;
+  args.a = cuda_ptr<at::BFloat16>(first);
+  args.lda = leading_dim(first, 0, p);
+  args.b = cuda_ptr<at::BFloat16>(second);
+  args.ldb = leading_dim(second, 0, q);
+  args.num_rows =
+      source.gathered() ? source.sorted_pairs.size(0) : (gather_first ? second : first).size(0);
+  args.p = p;
+  args.q = q;
+  args.num_experts = num_experts;
+  args.expert_offsets = offsets.const_data_ptr<int32_t>();
+  args.pipeline = requested_pipeline();
+  if (source.gathered()) {
+    args.sorted_pairs = source.sorted_pairs.const_data_ptr<int32_t>();
+    args.num_tokens = (gather_first ? first : second).size(0);
+    args.top_k = source.top_k;
+    (gather_first ? args.gather_a : args.gather_b) = true;
+  }
+  at::Tensor g = at::empty({num_experts, p, q}, first.options());
+  args.g = cuda_mutable_ptr<at::BFloat16>(g);
+  args.ldg = q;
+  args.g_stride_e = p * q;
+  if (!kernels::grouped_wgrad_sm90_args_valid(args)) return std::nullopt;
+  check_cuda(kernels::launch_grouped_wgrad_sm90(args, stream), op);
+  return g;
 }
 
 }  // namespace moeforge

@@ -13,4 +13,8 @@ cudaError_t launch_grouped_gemm_sm90(const GroupedGemmSm90Args& args, cudaStream
   return grouped_gemm_sm90_args_valid(args) ? cudaErrorNotSupported : cudaErrorInvalidValue;
 }
 
+cudaError_t launch_grouped_wgrad_sm90(const GroupedWgradSm90Args& args, cudaStream_t) {
+  return grouped_wgrad_sm90_args_valid(args) ? cudaErrorNotSupported : cudaErrorInvalidValue;
+}
+
 }  // namespace moeforge::kernels

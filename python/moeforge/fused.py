@@ -69,7 +69,7 @@ def _torch_engine(x: Tensor, num_experts: int) -> bool:
 def _gathers_to_a_copy(x: Tensor, num_experts: int, row_grouped_only: bool = False) -> bool:
     """Whether an op given the routing plan would gather its own dense copy of x: under torch's
     engine, whose kernels read dense rows (except, under "sm90", where every reader of x is a
-    row-grouped GEMM - ``row_grouped_only``: our kernel gathers in its loads). The layer then
+    grouped GEMM - ``row_grouped_only``: our kernels gather in their loads). The layer then
     gathers once and hands the rows to every op that reads them. Only speed depends on the
     answer: an op computes the same values from the plan or from the gathered rows."""
     if row_grouped_only and os.environ.get("MOEFORGE_GROUPED_GEMM") == "sm90":
@@ -81,7 +81,9 @@ def _saved_tensor_hooks_active() -> bool:
     """Whether saved-tensor hooks are active (``torch.autograd.graph.saved_tensors_hooks``:
     offloading, checkpointing, user stashes). A hook may keep the very tensor the forward saves
     and read it after the backward, so such a tensor is never written over. True where torch
-    does not say (the private query is missing)."""
+    does not say (the private query is missing) and under torch.compile."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace the query; no in-place use there
+        return True
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return top is None or top(False) is not None
 
@@ -362,7 +364,9 @@ class FusedMoEExperts(torch.autograd.Function):
         dO, dO_plan, dO_lora_plan = grad_out, plan, (*plan, False, True)
         dO_readers = 1 + (down_lora_A is not None) + need_dn + (need_dn_A or need_dn_B)
         dO_readers += need_dn_bias
-        if dO_readers > 1 and _gathers_to_a_copy(grad_out, gate_up_proj.shape[0]):
+        # Under "sm90" every GEMM reader but the down adapter's gathers in its own loads.
+        gemms_only = down_lora_A is None
+        if dO_readers > 1 and _gathers_to_a_copy(grad_out, gate_up_proj.shape[0], gemms_only):
             dO, dO_plan, dO_lora_plan = _ops.permute(grad_out, *plan, None), (), ()
         grad_aw = _ops.grouped_mm(dO, down_proj, offsets, None, not transposed, *dO_plan)
         num_experts = offsets.shape[0] - 1

@@ -90,4 +90,53 @@ cudaError_t grouped_gemm_sm90_supported(bool* supported);
 // CUDA error.
 cudaError_t launch_grouped_gemm_sm90(const GroupedGemmSm90Args& args, cudaStream_t stream);
 
+// ---- the K-grouped weight gradient (kernels/sm90/grouped_wgrad_sm90.cu) ----------------------
+//
+//   g[e, i, j] = sum over the rows r of expert e (m(e) <= r < m(e + 1)) of a[src(r), i] b[src(r), j]
+//
+// i.e. G_e = A_e^T B_e, the weight gradient of a row-grouped GEMM (A = its output gradient and B
+// its input for a weight [E, out, in]; the other way round for [E, in, out]). a [num_rows, p]
+// and b [num_rows, q] row-major (lda, ldb); one of them may be read through the routing plan
+// (gather_a / gather_b: row r is token sorted_pairs[r] / top_k of a token-major [num_tokens, .]
+// operand; a pair outside [0, num_tokens * top_k) reads a zero row). g [E, p, q] (g_stride_e,
+// ldg), bfloat16; fp32 accumulation over the expert's rows in row order, 64 at a time; an
+// expert without rows gets G_e = 0. Offsets as above (clamped, non-decreasing, on the device).
+// Deterministic: each G_e tile comes from one CTA's fixed sequence of wgmma steps. Requirements
+// (else cudaErrorInvalidValue): p, q, lda, ldb, ldg, g_stride_e multiples of 8, lda >= p,
+// ldb >= q, ldg >= q, g_stride_e >= p ldg; a, b, g 16-byte aligned; 1 <= num_experts <=
+// kGroupedGemmSm90MaxExperts; at most one of gather_a / gather_b. Not checked: g must not overlap
+// a or b.
+struct GroupedWgradSm90Args {
+  const __nv_bfloat16* a = nullptr;
+  int64_t lda = 0;
+  const __nv_bfloat16* b = nullptr;
+  int64_t ldb = 0;
+  __nv_bfloat16* g = nullptr;
+  int64_t g_stride_e = 0, ldg = 0;
+  const int32_t* expert_offsets = nullptr;  // [num_experts + 1], device
+  int64_t num_rows = 0, p = 0, q = 0, num_experts = 0;
+  const int32_t* sorted_pairs = nullptr;  // [>= num_rows] device, with gather_a or gather_b
+  int64_t num_tokens = 0, top_k = 1;
+  bool gather_a = false, gather_b = false;
+  Sm90Pipeline pipeline = Sm90Pipeline::kSerial;
+};
+
+inline bool grouped_wgrad_sm90_args_valid(const GroupedWgradSm90Args& a) {
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  return a.num_rows >= 0 && a.num_rows <= INT32_MAX && a.p >= 0 && a.q >= 0 &&
+         a.num_experts >= 1 && a.num_experts <= kGroupedGemmSm90MaxExperts && a.p % 8 == 0 &&
+         a.q % 8 == 0 && a.lda % 8 == 0 && a.ldb % 8 == 0 && a.ldg % 8 == 0 &&
+         a.g_stride_e % 8 == 0 && a.lda >= a.p && a.ldb >= a.q && a.ldg >= a.q &&
+         a.g_stride_e >= a.p * a.ldg && a.expert_offsets != nullptr && aligned(a.a) &&
+         aligned(a.b) && aligned(a.g) && !(a.gather_a && a.gather_b) &&
+         (a.pipeline == Sm90Pipeline::kSerial || a.pipeline == Sm90Pipeline::kOverlapped) &&
+         (!(a.gather_a || a.gather_b) ||
+          (a.sorted_pairs != nullptr && a.top_k >= 1 && a.num_tokens >= 0 &&
+           a.num_tokens <= INT32_MAX / a.top_k));
+}
+
+// Launches it on `stream`: cudaErrorInvalidValue for arguments that break the requirements,
+// cudaErrorNotSupported where grouped_gemm_sm90_supported is false, else the first CUDA error.
+cudaError_t launch_grouped_wgrad_sm90(const GroupedWgradSm90Args& args, cudaStream_t stream);
+
 }  // namespace moeforge::kernels

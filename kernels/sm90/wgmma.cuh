@@ -1,0 +1,203 @@
+// The warpgroup-MMA (wgmma) primitives of the sm_90a kernels in kernels/sm90, and their model on
+// the host kernel emulator (tests/emu): shared-window addresses, the async-proxy fence, wgmma's
+// fence / commit / wait, and one m64n128k16 bf16 MMA with fp32 accumulators whose operands come
+// from shared memory through descriptors (sm90_layout.h), each K-major or MN-major.
+//
+// On the emulator the MMA is asynchronous like the hardware's: its products are added when a
+// wgmma_wait retires its group, and its operands, read at issue and again then, must not have
+// changed in between (a stage refilled under an in-flight MMA traps). The operand layouts are
+// our reading of the PTX ISA and public code (docs/hopper-gemm-plan.md); only a GPU confirms it.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "../expert_bounds.cuh"
+#include "../launch.cuh"
+#include "moeforge/kernels/grouped_gemm_sm90.h"
+#include "moeforge/kernels/sm90_layout.h"
+
+namespace moeforge::kernels::sm90 {
+
+inline constexpr int kWgmmaAcc = 64;  // fp32 accumulators per thread of an m64n128 result
+
+// The tiles of the kernels: 256 threads (two warpgroups, 64 rows of the 128-row tile each), 128 x
+// 64 bf16 operand tiles (a K-major row or an MN-major 64-value block row is 128 bytes) for A and
+// B alike, and the experts' row bounds and tile prefix in front of the stages.
+inline constexpr int kThreads = 256;
+inline constexpr int kTileMn = 128, kBK = 64;
+inline constexpr int kTileBytes = kTileMn * kBK * 2;  // 16 KB
+inline constexpr int kStageBytes = 2 * kTileBytes;
+// An MN-major tile: two blocks of 64 values (128-byte k rows), each kBK rows deep.
+inline constexpr uint32_t kMnBlockBytes = kBK * 128;
+inline constexpr size_t kBoundsBytes = 4 * (2 * (kGroupedGemmSm90MaxExperts + 1) + kBoundsMaxWarps);
+
+// The main loop's pipeline (Sm90Pipeline): stages of shared memory, and the k blocks whose MMAs
+// may still be in flight when the next k block's loads are issued. The loads run kAhead k blocks
+// ahead of the MMAs; a stage is refilled only once the MMAs that read it have retired, since
+// kAhead + kMmaInFlight = kStages - 1.
+template <int Stages, int MmaInFlight>
+struct PipelineShape {
+  static constexpr int kStages = Stages, kMmaInFlight = MmaInFlight;
+  static constexpr int kAhead = kStages - 1 - kMmaInFlight;
+  static_assert(kAhead >= 1, "at least one k block loaded ahead");
+  // Dynamic shared memory: bounds and tile prefix, then 1024-byte aligned stages (+ slack).
+  static constexpr size_t kSmemBytes = kBoundsBytes + 1024 + size_t{kStages} * kStageBytes;
+};
+using SerialPipeline = PipelineShape<3, 0>;      // Sm90Pipeline::kSerial
+using OverlappedPipeline = PipelineShape<4, 1>;  // Sm90Pipeline::kOverlapped
+
+// Shared-window address of a pointer into shared memory (what the wgmma descriptors
+// take). On the host kernel emulator: the offset into the block's dynamic shared memory, which the
+// emulated wgmma below resolves back.
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+#if defined(MOEFORGE_KERNEL_EMULATION)
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) -
+                               dynamic_shared_memory<unsigned char>());
+#else
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#endif
+}
+
+// Shared memory written through the generic proxy (cp.async) becomes visible to wgmma, which
+// reads through the async proxy.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wgmma_commit_group() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#elif defined(MOEFORGE_KERNEL_EMULATION)
+  ::moeforge::emu::async_mma_commit();
+#endif
+}
+
+// Waits until at most `InFlight` committed groups of this warpgroup's MMAs are pending.
+template <int InFlight>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(InFlight) : "memory");
+#elif defined(MOEFORGE_KERNEL_EMULATION)
+  ::moeforge::emu::async_mma_wait(InFlight);
+#endif
+}
+
+// d[64 x 128] += A[64 x 16] B, both bf16 in shared memory through their descriptors, each
+// K-major (A: 64 m rows of 16 k values; B: 128 n rows of 16 k values) or MN-major (16 k rows of
+// 64 m / 128 n values; TransA / TransB: the instruction's transpose immediates); fp32
+// accumulators (scale-d = 1: added to d).
+template <bool TransA, bool TransB>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kWgmmaAcc], uint64_t desc_a,
+                                                 uint64_t desc_b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  const int scale_d = 1;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "
+      "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "
+      "%56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, %67, %68;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TransA ? 1 : 0), "n"(TransB ? 1 : 0));
+#elif defined(MOEFORGE_KERNEL_EMULATION)
+  // Each thread adds its own accumulators' products (accumulator_coord), reading both operands
+  // through their descriptors as the hardware is documented to: K-major rows of 128 bytes in
+  // 8-row atoms SBO bytes apart, the 128-byte swizzle applied to the address (sm90_layout.h).
+  // This checks that the kernel's writers, descriptors and epilogue agree with one reading of
+  // the layout; only a GPU confirms the reading. Like the hardware's, the MMA is asynchronous:
+  // the products are added when a wgmma_wait retires its group, and its operands, read at issue
+  // and again then, must not have changed in between (a stage refilled under an in-flight MMA).
+  // MN-major (TransA / TransB): 128-byte rows of 64 MN values, one per k, 8 k rows per atom and
+  // SBO bytes between atoms along k, 64-value blocks of MN LBO bytes apart (the canonical
+  // ((8,8,m),(8,k)) : ((1,8,LBO),(64,SBO)) element layout, swizzled).
+  const unsigned char* smem = dynamic_shared_memory<unsigned char>();
+  const auto element = [smem](uint64_t desc, int row, int kk, bool mn_major) {
+    if ((desc >> 62) != static_cast<uint64_t>(sm90::GmmaLayout::kSwizzle128B)) {
+      ::moeforge::emu::trap("emulated wgmma: only the 128-byte swizzle is modelled");
+    }
+    const uint32_t start = static_cast<uint32_t>(desc & 0x3FFFu) << 4;
+    const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFFu) << 4;
+    const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFFu) << 4;
+    const uint32_t address =
+        mn_major ? start + (row / 64) * lbo + (kk / 8) * sbo + (kk % 8) * 128u + (row % 64) * 2u
+                 : start + (row / 8) * sbo + (row % 8) * 128u + kk * 2u;
+    const uint32_t swizzled = address ^ (((address >> 7) & 7u) << 4);
+    __nv_bfloat16 v;
+    std::memcpy(&v, smem + swizzled, sizeof(v));
+    return __bfloat162float(v);
+  };
+  // This thread's operands: its two rows of A (lane / 4 and + 8 within its warp's 16) and the
+  // columns of B its accumulators take (col = 8 (i / 4) + 2 (lane % 4) + i % 2: 32 of them).
+  struct Operands {
+    float a[2][16];
+    float b[kWgmmaAcc / 2][16];
+  };
+  const int lane = static_cast<int>(threadIdx.x) % 32,
+            warp = (static_cast<int>(threadIdx.x) / 32) % 4;
+  const auto b_slot = [](int i) { return (i / 4) * 2 + i % 2; };
+  const auto read = [=]() {
+    Operands o;
+    for (int h = 0; h < 2; ++h) {
+      for (int kk = 0; kk < 16; ++kk)
+        o.a[h][kk] = element(desc_a, 16 * warp + lane / 4 + 8 * h, kk, TransA);
+    }
+    for (int i = 0; i < kWgmmaAcc; ++i) {
+      const sm90::FragCoord c = sm90::accumulator_coord(warp, lane, i);
+      for (int kk = 0; kk < 16; ++kk) o.b[b_slot(i)][kk] = element(desc_b, c.col, kk, TransB);
+    }
+    return o;
+  };
+  const Operands at_issue = read();
+  ::moeforge::emu::async_mma([=, &d]() {
+    const Operands o = read();
+    if (std::memcmp(&o, &at_issue, sizeof(o)) != 0) {
+      ::moeforge::emu::trap(
+          "emulated wgmma: shared memory read by an MMA changed before wait_group retired it");
+    }
+    for (int i = 0; i < kWgmmaAcc; ++i) {
+      const sm90::FragCoord c = sm90::accumulator_coord(warp, lane, i);
+      const float* row = o.a[(c.row % 16) / 8];
+      float acc = d[i];
+      for (int kk = 0; kk < 16; ++kk) acc += row[kk] * o.b[b_slot(i)][kk];
+      d[i] = acc;
+    }
+  });
+#else
+  (void)d, (void)desc_a, (void)desc_b;
+#endif
+}
+
+// Makes every later use of d depend on the asm statements before it: the compiler may not move
+// the epilogue's reads of the accumulators above the wgmma wait, which names no registers.
+__device__ __forceinline__ void fence_accumulators(float (&d)[kWgmmaAcc]) {
+#if defined(MOEFORGE_KERNEL_EMULATION)
+  (void)d;  // the emulated wgmma is an ordinary call
+#else
+#pragma unroll
+  for (int i = 0; i < kWgmmaAcc; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#endif
+}
+
+}  // namespace moeforge::kernels::sm90
