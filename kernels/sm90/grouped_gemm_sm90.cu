@@ -38,14 +38,7 @@
 namespace moeforge::kernels {
 namespace {
 
-using sm90::kBK;
-using sm90::kBoundsBytes;
-using sm90::kMnBlockBytes;
-using sm90::kStageBytes;
-using sm90::kThreads;
-using sm90::kTileBytes;
-using sm90::OverlappedPipeline;
-using sm90::SerialPipeline;
+using namespace sm90;  // the shared tile constants and pipelines (wgmma.cuh)
 constexpr int kBM = sm90::kTileMn, kBN = sm90::kTileMn;
 constexpr int kChunksPerRow = kBK * 2 / 16;                       // 8
 constexpr int kChunksPerThread = kBM * kChunksPerRow / kThreads;  // 4 of A, 4 of B
@@ -118,7 +111,6 @@ __device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args, unsi
 template <typename Pipeline, bool BMnMajor>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_sm90_kernel(const GroupedGemmSm90Args args) {
-  constexpr int kStages = Pipeline::kStages, kAhead = Pipeline::kAhead;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(MOEFORGE_KERNEL_EMULATION)
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
   int32_t* bound = reinterpret_cast<int32_t*>(smem);             // [E + 1]
@@ -160,49 +152,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) d[i] = 0.0f;
 
-#pragma unroll
-    for (int s = 0; s < kAhead; ++s) {
-      if (s < k_blocks)
-        load_stage<BMnMajor>(args, stage_ptr + s * kStageBytes, a_rows, n0, w_e, s * kBK);
-      cp_async_commit();
-    }
-    for (int64_t kb = 0; kb < k_blocks; ++kb) {
-      cp_async_wait<kAhead - 1>();  // this thread's copies of stage kb have landed
-      sm90::fence_proxy_async_shared();
-      // Everyone's copies of stage kb are in, and every warpgroup's MMAs of k block
-      // kb - 1 - kMmaInFlight have retired: the stage the loads below refill is free.
-      __syncthreads();
-      const int64_t next = kb + kAhead;
-      if (next < k_blocks) {
-        load_stage<BMnMajor>(args, stage_ptr + (next % kStages) * kStageBytes, a_rows, n0, w_e,
-                             next * kBK);
-      }
-      cp_async_commit();
-      const uint32_t stage = stages + static_cast<uint32_t>(kb % kStages) * kStageBytes;
-      const uint32_t a_tile = stage + static_cast<uint32_t>(group) * (64 * 128);
-      const uint32_t b_tile = stage + kTileBytes;
-      sm90::fence_accumulators(d);
-      sm90::wgmma_fence();
-#pragma unroll
-      for (int j = 0; j < kBK / 16; ++j) {  // k16 steps: 32 bytes along the swizzled rows
-        const uint64_t desc_a =
-            sm90::gmma_descriptor(a_tile + 32u * j, 16, 1024, sm90::GmmaLayout::kSwizzle128B);
-        // B: K-major like A, or MN-major (two 64-column blocks, 8-row k atoms: 2 per k16 step).
-        const uint64_t desc_b =
-            BMnMajor
-                ? sm90::gmma_descriptor(b_tile + 2048u * j, kMnBlockBytes, 1024,
-                                        sm90::GmmaLayout::kSwizzle128B)
-                : sm90::gmma_descriptor(b_tile + 32u * j, 16, 1024, sm90::GmmaLayout::kSwizzle128B);
-        sm90::wgmma_m64n128k16<false, BMnMajor>(d, desc_a, desc_b);
-      }
-      sm90::wgmma_commit_group();
-      sm90::wgmma_wait<Pipeline::kMmaInFlight>();
-      sm90::fence_accumulators(d);
-    }
-    sm90::wgmma_wait<0>();
-    sm90::fence_accumulators(d);
-    cp_async_wait<0>();
-    __syncthreads();  // the next tile's prologue refills stages this tile's last steps read
+    sm90::mma_k_loop<Pipeline, false, BMnMajor>(
+        k_blocks, stage_ptr, stages, static_cast<uint32_t>(group) * (64 * 128), d,
+        [&](unsigned char* stage, int64_t kb) {
+          load_stage<BMnMajor>(args, stage, a_rows, n0, w_e, kb * kBK);
+        });
 
     // Epilogue: value pairs (i, i + 1) are columns (c, c + 1) of one row.
     if (!glu) {

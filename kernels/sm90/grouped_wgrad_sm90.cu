@@ -11,7 +11,7 @@
 //   tile covers its expert's rows (none for an empty expert: its tile is stored as zeros).
 // - Warpgroup g computes rows p0 + 64g .. + 63 of the tile (the A block g), 128 columns.
 // - Gather: the operand read through the routing plan resolves each row's token per k block.
-// - The main loop and its pipelines are those of grouped_gemm_sm90.cu (wgmma.cuh).
+// - The k loop and its pipelines are those of grouped_gemm_sm90.cu (wgmma.cuh mma_k_loop).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -27,15 +27,7 @@
 namespace moeforge::kernels {
 namespace {
 
-using sm90::kBK;
-using sm90::kBoundsBytes;
-using sm90::kMnBlockBytes;
-using sm90::kStageBytes;
-using sm90::kThreads;
-using sm90::kTileBytes;
-using sm90::kTileMn;
-using sm90::OverlappedPipeline;
-using sm90::SerialPipeline;
+using namespace sm90;  // the shared tile constants and pipelines (wgmma.cuh)
 constexpr int kAcc = sm90::kWgmmaAcc;
 constexpr int kChunksPerKRow = kTileMn * 2 / 16;                   // 16 per operand row
 constexpr int kChunksPerThread = kBK * kChunksPerKRow / kThreads;  // 4 of A, 4 of B
@@ -77,7 +69,6 @@ __device__ __forceinline__ void load_stage(const GroupedWgradSm90Args& args, uns
 template <typename Pipeline>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_wgrad_sm90_kernel(const GroupedWgradSm90Args args) {
-  constexpr int kStages = Pipeline::kStages, kAhead = Pipeline::kAhead;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(MOEFORGE_KERNEL_EMULATION)
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
   int32_t* bound = reinterpret_cast<int32_t*>(smem);  // [E + 1]
@@ -103,46 +94,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) d[i] = 0.0f;
 
-#pragma unroll
-    for (int s = 0; s < kAhead; ++s) {
-      if (s < k_blocks) {
-        load_stage(args, stage_ptr + s * kStageBytes, row_begin + s * kBK, row_end, p0, q0);
-      }
-      cp_async_commit();
-    }
-    for (int64_t kb = 0; kb < k_blocks; ++kb) {
-      cp_async_wait<kAhead - 1>();  // this thread's copies of stage kb have landed
-      sm90::fence_proxy_async_shared();
-      // Everyone's copies of stage kb are in, and every warpgroup's MMAs of k block
-      // kb - 1 - kMmaInFlight have retired: the stage the loads below refill is free.
-      __syncthreads();
-      const int64_t next = kb + kAhead;
-      if (next < k_blocks) {
-        load_stage(args, stage_ptr + (next % kStages) * kStageBytes, row_begin + next * kBK,
-                   row_end, p0, q0);
-      }
-      cp_async_commit();
-      const uint32_t stage = stages + static_cast<uint32_t>(kb % kStages) * kStageBytes;
-      const uint32_t a_block = stage + static_cast<uint32_t>(group) * kMnBlockBytes;
-      const uint32_t b_tile = stage + kTileBytes;
-      sm90::fence_accumulators(d);
-      sm90::wgmma_fence();
-#pragma unroll
-      for (int j = 0; j < kBK / 16; ++j) {  // k16 steps: two 8-row atoms each
-        const uint64_t desc_a = sm90::gmma_descriptor(a_block + 2048u * j, kMnBlockBytes, 1024,
-                                                      sm90::GmmaLayout::kSwizzle128B);
-        const uint64_t desc_b = sm90::gmma_descriptor(b_tile + 2048u * j, kMnBlockBytes, 1024,
-                                                      sm90::GmmaLayout::kSwizzle128B);
-        sm90::wgmma_m64n128k16<true, true>(d, desc_a, desc_b);
-      }
-      sm90::wgmma_commit_group();
-      sm90::wgmma_wait<Pipeline::kMmaInFlight>();
-      sm90::fence_accumulators(d);
-    }
-    sm90::wgmma_wait<0>();
-    sm90::fence_accumulators(d);
-    cp_async_wait<0>();
-    __syncthreads();  // the next tile's prologue refills stages this tile's last steps read
+    sm90::mma_k_loop<Pipeline, true, true>(
+        k_blocks, stage_ptr, stages, static_cast<uint32_t>(group) * kMnBlockBytes, d,
+        [&](unsigned char* stage, int64_t kb) {
+          load_stage(args, stage, row_begin + kb * kBK, row_end, p0, q0);
+        });
 
     __nv_bfloat16* g_e = args.g + e * args.g_stride_e;
 #pragma unroll

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../async_copy.cuh"
 #include "../expert_bounds.cuh"
 #include "../launch.cuh"
 #include "moeforge/kernels/grouped_gemm_sm90.h"
@@ -198,6 +199,62 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[kWgmmaAcc]) {
 #pragma unroll
   for (int i = 0; i < kWgmmaAcc; ++i) asm volatile("" : "+f"(d[i])::"memory");
 #endif
+}
+
+// Operand descriptors of k16 step j (0..3) of a 64-deep k block whose 128-row tile starts at
+// `tile` (shared-window address): K-major (128-byte rows, 32 bytes per k16 step) or MN-major (two
+// 64-value blocks kMnBlockBytes apart, two 8-row k atoms per k16 step).
+template <bool MnMajor>
+__device__ __forceinline__ uint64_t operand_descriptor(uint32_t tile, int j) {
+  return MnMajor ? gmma_descriptor(tile + 2048u * static_cast<uint32_t>(j), kMnBlockBytes, 1024,
+                                   GmmaLayout::kSwizzle128B)
+                 : gmma_descriptor(tile + 32u * static_cast<uint32_t>(j), 16, 1024,
+                                   GmmaLayout::kSwizzle128B);
+}
+
+// The k loop of one output tile, shared by the kernels: d (zeroed by the caller) += the products
+// of k_blocks k blocks. load(stage, kb) issues this thread's cp.async copies of k block kb into
+// the stage at `stage` (a pointer); the stages live at `stages` (a shared-window address; the
+// same bytes as stage_ptr), kStageBytes each, A's 128 x 64 tile first, then B's. Warpgroup
+// `group` multiplies its 64 rows of A (a_group_offset bytes into the A tile) with all of B.
+// Every thread of the block calls it (barriers inside). On return every MMA has retired and every
+// copy has landed and been read, so the caller may start the next tile's loads.
+template <typename Pipeline, bool AMnMajor, bool BMnMajor, typename Load>
+__device__ __forceinline__ void mma_k_loop(int64_t k_blocks, unsigned char* stage_ptr,
+                                           uint32_t stages, uint32_t a_group_offset,
+                                           float (&d)[kWgmmaAcc], Load&& load) {
+  constexpr int kStages = Pipeline::kStages, kAhead = Pipeline::kAhead;
+#pragma unroll
+  for (int s = 0; s < kAhead; ++s) {
+    if (s < k_blocks) load(stage_ptr + s * kStageBytes, int64_t{s});
+    cp_async_commit();
+  }
+  for (int64_t kb = 0; kb < k_blocks; ++kb) {
+    cp_async_wait<kAhead - 1>();  // this thread's copies of stage kb have landed
+    fence_proxy_async_shared();
+    // Everyone's copies of stage kb are in, and every warpgroup's MMAs of k block
+    // kb - 1 - kMmaInFlight have retired: the stage the loads below refill is free.
+    __syncthreads();
+    const int64_t next = kb + kAhead;
+    if (next < k_blocks) load(stage_ptr + (next % kStages) * kStageBytes, next);
+    cp_async_commit();
+    const uint32_t stage = stages + static_cast<uint32_t>(kb % kStages) * kStageBytes;
+    fence_accumulators(d);
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < kBK / 16; ++j) {
+      wgmma_m64n128k16<AMnMajor, BMnMajor>(d,
+                                           operand_descriptor<AMnMajor>(stage + a_group_offset, j),
+                                           operand_descriptor<BMnMajor>(stage + kTileBytes, j));
+    }
+    wgmma_commit_group();
+    wgmma_wait<Pipeline::kMmaInFlight>();
+    fence_accumulators(d);
+  }
+  wgmma_wait<0>();
+  fence_accumulators(d);
+  cp_async_wait<0>();
+  __syncthreads();  // the next tile's loads refill stages this tile's last steps read
 }
 
 }  // namespace moeforge::kernels::sm90

@@ -25,35 +25,12 @@
 #include "cuda_test_utils.h"
 #include "moeforge/kernels/grouped_gemm_sm90.h"
 #include "moeforge/kernels/swiglu.h"
+#include "sm90_test_utils.h"
 
 namespace moeforge::testing {
 namespace {
 
 using bf16 = __nv_bfloat16;
-
-// The main-loop pipeline every launch of the suite uses: each case runs once per variant
-// (GroupedGemmSm90 is parameterised by it, below).
-kernels::Sm90Pipeline g_pipeline = kernels::Sm90Pipeline::kSerial;
-
-#define MOEFORGE_SKIP_WITHOUT_SM90()                                                       \
-  do {                                                                                     \
-    MOEFORGE_SKIP_WITHOUT_GPU();                                                           \
-    bool supported = false;                                                                \
-    MOEFORGE_ASSERT_CUDA(kernels::grouped_gemm_sm90_supported(&supported));                \
-    if (!supported) GTEST_SKIP() << "needs a compute capability 9.0 GPU and sm_90a build"; \
-  } while (0)
-
-std::vector<bf16> random_bf16(int64_t count, uint32_t seed, double scale) {
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<double> dist(-1.0, 1.0);
-  std::vector<bf16> v(count);
-  for (auto& x : v) {
-    do {
-      x = __float2bfloat16(static_cast<float>(scale * dist(gen)));
-    } while (__bfloat162float(x) == 0.0f);
-  }
-  return v;
-}
 
 struct Case {
   std::string what;
@@ -215,19 +192,8 @@ void check_case(const Case& c, uint32_t seed, bool glu = false) {
   }
 }
 
-class GroupedGemmSm90 : public ::testing::TestWithParam<kernels::Sm90Pipeline> {
- protected:
-  void SetUp() override { g_pipeline = GetParam(); }
-  void TearDown() override { g_pipeline = kernels::Sm90Pipeline::kSerial; }
-};
-
-INSTANTIATE_TEST_SUITE_P(Pipelines, GroupedGemmSm90,
-                         ::testing::Values(kernels::Sm90Pipeline::kSerial,
-                                           kernels::Sm90Pipeline::kOverlapped),
-                         [](const auto& info) {
-                           return info.param == kernels::Sm90Pipeline::kSerial ? "Serial"
-                                                                               : "Overlapped";
-                         });
+class GroupedGemmSm90 : public Sm90PipelineTest {};
+MOEFORGE_INSTANTIATE_FOR_PIPELINES(GroupedGemmSm90);
 
 TEST_P(GroupedGemmSm90, OneTileOneKBlock) {
   MOEFORGE_SKIP_WITHOUT_SM90();
@@ -286,8 +252,7 @@ TEST_P(GroupedGemmSm90, Deterministic) {
   EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(bf16)), 0);
   // The pipelines differ in when MMAs retire, not in what they add: bitwise the same results.
   const kernels::Sm90Pipeline mine = g_pipeline;
-  g_pipeline = mine == kernels::Sm90Pipeline::kSerial ? kernels::Sm90Pipeline::kOverlapped
-                                                      : kernels::Sm90Pipeline::kSerial;
+  g_pipeline = other_pipeline(mine);
   const std::vector<bf16> other = run(c, c.offsets, x, w);
   g_pipeline = mine;
   EXPECT_EQ(std::memcmp(a.data(), other.data(), a.size() * sizeof(bf16)), 0);

@@ -20,33 +20,12 @@
 
 #include "cuda_test_utils.h"
 #include "moeforge/kernels/grouped_gemm_sm90.h"
+#include "sm90_test_utils.h"
 
 namespace moeforge::testing {
 namespace {
 
 using bf16 = __nv_bfloat16;
-
-kernels::Sm90Pipeline g_pipeline = kernels::Sm90Pipeline::kSerial;
-
-#define MOEFORGE_SKIP_WITHOUT_SM90()                                                       \
-  do {                                                                                     \
-    MOEFORGE_SKIP_WITHOUT_GPU();                                                           \
-    bool supported = false;                                                                \
-    MOEFORGE_ASSERT_CUDA(kernels::grouped_gemm_sm90_supported(&supported));                \
-    if (!supported) GTEST_SKIP() << "needs a compute capability 9.0 GPU and sm_90a build"; \
-  } while (0)
-
-std::vector<bf16> random_bf16(int64_t count, uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<double> dist(-1.0, 1.0);
-  std::vector<bf16> v(count);
-  for (auto& x : v) {
-    do {
-      x = __float2bfloat16(static_cast<float>(dist(gen)));
-    } while (__bfloat162float(x) == 0.0f);
-  }
-  return v;
-}
 
 struct WgradCase {
   std::string what;
@@ -135,19 +114,8 @@ void check_case(const WgradCase& c, uint32_t seed) {
   }
 }
 
-class GroupedWgradSm90 : public ::testing::TestWithParam<kernels::Sm90Pipeline> {
- protected:
-  void SetUp() override { g_pipeline = GetParam(); }
-  void TearDown() override { g_pipeline = kernels::Sm90Pipeline::kSerial; }
-};
-
-INSTANTIATE_TEST_SUITE_P(Pipelines, GroupedWgradSm90,
-                         ::testing::Values(kernels::Sm90Pipeline::kSerial,
-                                           kernels::Sm90Pipeline::kOverlapped),
-                         [](const auto& info) {
-                           return info.param == kernels::Sm90Pipeline::kSerial ? "Serial"
-                                                                               : "Overlapped";
-                         });
+class GroupedWgradSm90 : public Sm90PipelineTest {};
+MOEFORGE_INSTANTIATE_FOR_PIPELINES(GroupedWgradSm90);
 
 TEST_P(GroupedWgradSm90, OneTileOneKBlock) {
   MOEFORGE_SKIP_WITHOUT_SM90();
@@ -214,8 +182,7 @@ TEST_P(GroupedWgradSm90, DeterministicAndPipelinesAgree) {
   const std::vector<bf16> first = run(c, a, b), second = run(c, a, b);
   EXPECT_EQ(std::memcmp(first.data(), second.data(), first.size() * sizeof(bf16)), 0);
   const kernels::Sm90Pipeline mine = g_pipeline;
-  g_pipeline = mine == kernels::Sm90Pipeline::kSerial ? kernels::Sm90Pipeline::kOverlapped
-                                                      : kernels::Sm90Pipeline::kSerial;
+  g_pipeline = other_pipeline(mine);
   const std::vector<bf16> other = run(c, a, b);
   g_pipeline = mine;
   EXPECT_EQ(std::memcmp(first.data(), other.data(), first.size() * sizeof(bf16)), 0);
