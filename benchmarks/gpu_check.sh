@@ -82,7 +82,7 @@ wants pytest && step pytest 420 python -m pytest tests -q -rf --timeout 300 -p n
   --ignore=tests/test_cuda.py
 if wants sanitizer && command -v compute-sanitizer >/dev/null 2>&1; then
   # The >= 131072-row cases take minutes under the sanitizer; the small cases reach the same code.
-  for name in ${SANITIZER_BINS:-routing permute swiglu moe_pipeline router_loss lora_expand zero_rows grouped_gemm}; do
+  for name in ${SANITIZER_BINS:-routing permute swiglu moe_pipeline router_loss lora_expand zero_rows grouped_gemm grouped_gemm_sm90 grouped_wgrad_sm90}; do
     bin=build/gpu/tests/cpp/test_$name
     [ -x "$bin" ] || continue
     for tool in memcheck racecheck; do
