@@ -141,9 +141,10 @@ TEST_P(GroupedWgradSm90, EmptyExpertsAreZeroAndManyExperts) {
 }
 
 TEST_P(GroupedWgradSm90, QwenLikeShapes) {
-  // dW of Qwen3's gate_up over 8 experts: p = 2I = 1536, q = H = 2048 (many tiles per expert).
+  // dW of Qwen3's gate_up: p = 2I = 1536 (12 p tiles per expert); q = 256 and 300 rows keep the
+  // emulator's run short.
   MOEFORGE_SKIP_WITHOUT_SM90();
-  check_case({"p = 1536, q = 2048", random_offsets(8, 600, 8, 0), 600, 1536, 2048}, 8);
+  check_case({"p = 1536, q = 256", random_offsets(6, 300, 8, 0), 300, 1536, 256}, 8);
 }
 
 TEST_P(GroupedWgradSm90, GatherEqualsDenseOnGatheredRows) {
