@@ -5,7 +5,9 @@
 #   GPU_CHECK_STEPS="build pytest_cuda ctest" bash benchmarks/gpu_check.sh
 #   CTEST_REGEX=Router BENCH_ENGINES=auto BENCH_UNFUSED= ...  (a subset of ctest; bench_layer with
 #   the default engine only, without the op-by-op composition)
-#   SANITIZER_BINS="router_loss grouped_gemm" SANITIZER_GTEST_FILTER=...  (compute-sanitizer subset)
+#   SANITIZER_BINS="router_loss grouped_gemm" SANITIZER_GTEST_FILTER=...  (compute-sanitizer subset;
+#   the sm90 suites: SANITIZER_BINS="grouped_gemm_sm90 grouped_wgrad_sm90"
+#   SANITIZER_GTEST_FILTER="*OneTile*:*Tails*:*Gather*")
 #   GPU_CHECK_STEPS="... profile"  adds profile_layer.py's per-kernel times (train, frozen, lora)
 #   BENCH_GPU_TIME=                bench_layer without its kernel-time column (faster; set it for
 #                                  the five models' rows)
@@ -82,7 +84,7 @@ wants pytest && step pytest 420 python -m pytest tests -q -rf --timeout 300 -p n
   --ignore=tests/test_cuda.py
 if wants sanitizer && command -v compute-sanitizer >/dev/null 2>&1; then
   # The >= 131072-row cases take minutes under the sanitizer; the small cases reach the same code.
-  for name in ${SANITIZER_BINS:-routing permute swiglu moe_pipeline router_loss lora_expand zero_rows grouped_gemm grouped_gemm_sm90 grouped_wgrad_sm90}; do
+  for name in ${SANITIZER_BINS:-routing permute swiglu moe_pipeline router_loss lora_expand zero_rows grouped_gemm}; do
     bin=build/gpu/tests/cpp/test_$name
     [ -x "$bin" ] || continue
     for tool in memcheck racecheck; do

@@ -4,8 +4,8 @@ backward captured and replayed in a CUDA graph (no host synchronisation anywhere
 checks run under every engine of MOEFORGE_GROUPED_GEMM ("auto", the default: at::_grouped_mm where
 it applies, bfloat16 on sm90 / sm100, else our engine; "moeforge": our engine only, the tensor-core
 path for the float16 / bfloat16 forward, grad_x and weight-gradient GEMMs on sm80+, else SIMT;
-"simt": our SIMT kernels only; "sm90", on compute capability 9.0: our sm_90a wgmma kernel for the
-bfloat16 row-grouped GEMMs with a K-major weight, "auto" for the rest)."""
+"simt": our SIMT kernels only; "sm90", on compute capability 9.0: our sm_90a wgmma kernels for the
+bfloat16 GEMMs of grouped_mm / grouped_mm_backward, "auto" for the rest)."""
 
 import functools
 import os

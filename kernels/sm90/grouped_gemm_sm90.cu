@@ -53,8 +53,10 @@ __device__ __forceinline__ int64_t a_source_row(const GroupedGemmSm90Args& args,
   if (r >= rows) return -1;
   const int64_t routed = row0 + r;
   if (args.sorted_pairs == nullptr) return routed;
-  const int64_t pair = args.sorted_pairs[routed];
-  return pair >= 0 && pair < args.num_tokens * args.top_k ? pair / args.top_k : -1;
+  const int32_t pair = args.sorted_pairs[routed];  // < num_tokens * top_k <= INT32_MAX
+  return pair >= 0 && pair < args.num_tokens * args.top_k
+             ? static_cast<int64_t>(pair / static_cast<int32_t>(args.top_k))
+             : -1;
 }
 
 // Loads one stage: the A tile (this thread's rows a_rows[i] of x, resolved once per tile) and the

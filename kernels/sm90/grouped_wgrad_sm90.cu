@@ -37,8 +37,10 @@ constexpr int kChunksPerThread = kBK * kChunksPerKRow / kThreads;  // 4 of A, 4 
 __device__ __forceinline__ int64_t source_row(const GroupedWgradSm90Args& args, bool gathered,
                                               int64_t r) {
   if (!gathered) return r;
-  const int64_t pair = args.sorted_pairs[r];
-  return pair >= 0 && pair < args.num_tokens * args.top_k ? pair / args.top_k : -1;
+  const int32_t pair = args.sorted_pairs[r];  // < num_tokens * top_k <= INT32_MAX
+  return pair >= 0 && pair < args.num_tokens * args.top_k
+             ? static_cast<int64_t>(pair / static_cast<int32_t>(args.top_k))
+             : -1;
 }
 
 // Loads one stage: k rows row0 + kr (kr < 64) of the expert (valid below row_end), columns

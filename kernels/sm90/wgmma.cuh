@@ -235,9 +235,9 @@ __device__ __forceinline__ void mma_k_loop(int64_t k_blocks, unsigned char* stag
     // Everyone's copies of stage kb are in, and every warpgroup's MMAs of k block
     // kb - 1 - kMmaInFlight have retired: the stage the loads below refill is free.
     __syncthreads();
-    const int64_t next = kb + kAhead;
-    if (next < k_blocks) load(stage_ptr + (next % kStages) * kStageBytes, next);
-    cp_async_commit();
+    // The MMAs of k block kb first, so that the loads below (index reads, address arithmetic,
+    // cp.async issue) overlap them: the stage those loads refill is neither kb's nor, with one
+    // MMA group in flight, kb - 1's.
     const uint32_t stage = stages + static_cast<uint32_t>(kb % kStages) * kStageBytes;
     fence_accumulators(d);
     wgmma_fence();
@@ -248,6 +248,9 @@ __device__ __forceinline__ void mma_k_loop(int64_t k_blocks, unsigned char* stag
                                            operand_descriptor<BMnMajor>(stage + kTileBytes, j));
     }
     wgmma_commit_group();
+    const int64_t next = kb + kAhead;
+    if (next < k_blocks) load(stage_ptr + (next % kStages) * kStageBytes, next);
+    cp_async_commit();
     wgmma_wait<Pipeline::kMmaInFlight>();
     fence_accumulators(d);
   }

@@ -57,8 +57,8 @@ _ops = torch.ops.moeforge
 def _torch_engine(x: Tensor, num_experts: int) -> bool:
     """Whether the grouped GEMMs take torch's engine here (``MOEFORGE_GROUPED_GEMM`` auto/torch,
     bfloat16 on sm90/sm100: ``torch_engine_applies`` in csrc/cuda/grouped_mm.cpp). Also under
-    the experimental "sm90", where torch's engine runs every GEMM that our sm_90a kernel does not
-    (the weight gradients)."""
+    the experimental "sm90", whose decisions here (LoRA's in-place adds, gathering once) are
+    torch's: our sm_90a kernels take grouped_mm's GEMMs, torch's engine split LoRA's."""
     if not x.is_cuda or x.dtype != torch.bfloat16 or not 1 <= num_experts <= 1023:
         return False
     if os.environ.get("MOEFORGE_GROUPED_GEMM", "") not in ("", "auto", "torch", "sm90"):

@@ -261,14 +261,17 @@ TEST_P(GroupedGemmSm90, Deterministic) {
 // y from x [x_rows, k] (token-major through sorted_pairs when given), NaN-poisoned first.
 std::vector<bf16> run_rows(const std::vector<bf16>& x, int64_t x_rows, const std::vector<bf16>& w,
                            const std::vector<int32_t>& offsets, int64_t num_rows, int64_t k,
-                           int64_t n, const std::vector<int32_t>* sorted_pairs, int64_t top_k) {
+                           int64_t n, const std::vector<int32_t>* sorted_pairs, int64_t top_k,
+                           bool w_mn_major = false) {
   DeviceBuffer<bf16> d_x(x), d_w(w), d_y(num_rows * n);
   DeviceBuffer<int32_t> d_off(offsets);
   DeviceBuffer<int32_t> d_pairs(sorted_pairs ? *sorted_pairs : std::vector<int32_t>(1, 0));
   d_y.poison(0xFF);
   kernels::GroupedGemmSm90Args args;
   args.x = d_x.data();
-  args.ldx = args.ldw = k;
+  args.ldx = k;
+  args.ldw = w_mn_major ? n : k;  // w is [E, k, n] or [E, n, k], dense either way
+  args.w_mn_major = w_mn_major;
   args.w = d_w.data();
   args.w_stride_e = n * k;
   args.y = d_y.data();
@@ -307,9 +310,12 @@ TEST_P(GroupedGemmSm90, GatherEqualsDenseOnGatheredRows) {
     const int64_t p = pairs[r];
     if (p >= 0 && p < S) std::copy_n(x.begin() + (p / K) * k, k, rows.begin() + r * k);
   }
-  const std::vector<bf16> gathered = run_rows(x, T, w, offsets, S, k, n, &pairs, K);
-  const std::vector<bf16> dense = run_rows(rows, S, w, offsets, S, k, n, nullptr, 1);
-  EXPECT_EQ(std::memcmp(gathered.data(), dense.data(), dense.size() * sizeof(bf16)), 0);
+  for (const bool mn_major : {false, true}) {  // the same w buffer read as [E, n, k] / [E, k, n]
+    SCOPED_TRACE(mn_major ? "MN-major weight" : "K-major weight");
+    const std::vector<bf16> gathered = run_rows(x, T, w, offsets, S, k, n, &pairs, K, mn_major);
+    const std::vector<bf16> dense = run_rows(rows, S, w, offsets, S, k, n, nullptr, 1, mn_major);
+    EXPECT_EQ(std::memcmp(gathered.data(), dense.data(), dense.size() * sizeof(bf16)), 0);
+  }
   // The dense kernel on these shapes against float64 (random rows of its own).
   check_case({"the gather test's shapes, dense", offsets, S, k, n}, 25);
 }
@@ -341,6 +347,9 @@ TEST_P(GroupedGemmSm90, MnMajorWeights) {
       mn_major({"MN-major, tails, padded strides", {0, 37, 37, 200}, 210, 72, 136, 8, 16, 24}), 42);
   check_case(mn_major({"MN-major, E = 32 random", random_offsets(32, 3000, 7, 13), 3000, 512, 256}),
              43);
+  // 16 x 9 = 144 tiles, more than the persistent grid (132 CTAs on an H100): CTAs run a second
+  // MN-major tile.
+  check_case(mn_major({"MN-major, 144 tiles", {0, 2048}, 2048, 64, 1152}), 48);
   check_case(mn_major({"MN-major, corrupt offsets", {9, 40, -3, 90, 20, 500}, 100, 64, 128}), 44);
   // Qwen3's grad_x of gate_up reduces over k = 2I = 1536 (24 k blocks); n = 384 keeps the
   // emulator's run short (a GPU would take H = 2048 as easily).

@@ -4,8 +4,9 @@
 // a long k loop, p / q tails and padded strides, empty experts (G_e = 0), row tails, many
 // experts, corrupt offsets, an operand read through the routing plan (bitwise equal to the dense
 // kernel on the gathered rows), determinism and both pipelines. g starts as NaN bytes; every
-// element of g (padding excepted) must be written. Launching cases skip without an sm_90 GPU and
-// a build that holds the kernel; the host kernel emulator runs them with wgmma emulated.
+// element of g must be written and its padding (row ends, between experts) left alone. Launching
+// cases skip without an sm_90 GPU and a build that holds the kernel; the host kernel emulator runs
+// them with wgmma emulated.
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
@@ -32,6 +33,10 @@ struct WgradCase {
   std::vector<int32_t> offsets;  // [E + 1]
   int64_t rows, p, q;
   int64_t pad_a = 0, pad_b = 0, pad_g = 0;
+  int64_t pad_e = 0;  // g elements between experts (g_stride_e = p ldg + pad_e)
+
+  int64_t ldg() const { return q + pad_g; }
+  int64_t g_stride_e() const { return p * ldg() + pad_e; }
 };
 
 // g [E, p, q + pad_g] from a [rows, p + pad_a] and b [rows, q + pad_b]; when pairs is given, a
@@ -39,8 +44,8 @@ struct WgradCase {
 std::vector<bf16> run(const WgradCase& c, const std::vector<bf16>& a, const std::vector<bf16>& b,
                       int64_t tokens = 0, const std::vector<int32_t>* pairs = nullptr,
                       int64_t top_k = 1, bool gather_a = false) {
-  const int64_t E = static_cast<int64_t>(c.offsets.size()) - 1, ldg = c.q + c.pad_g;
-  DeviceBuffer<bf16> d_a(a), d_b(b), d_g(E * c.p * ldg);
+  const int64_t E = static_cast<int64_t>(c.offsets.size()) - 1, ldg = c.ldg();
+  DeviceBuffer<bf16> d_a(a), d_b(b), d_g(E * c.g_stride_e());
   DeviceBuffer<int32_t> d_off(c.offsets);
   DeviceBuffer<int32_t> d_pairs(pairs ? *pairs : std::vector<int32_t>(1, 0));
   d_g.poison(0xFF);
@@ -51,7 +56,7 @@ std::vector<bf16> run(const WgradCase& c, const std::vector<bf16>& a, const std:
   args.ldb = c.q + c.pad_b;
   args.g = d_g.data();
   args.ldg = ldg;
-  args.g_stride_e = c.p * ldg;
+  args.g_stride_e = c.g_stride_e();
   args.expert_offsets = d_off.data();
   args.num_rows = c.rows;
   args.p = c.p;
@@ -74,7 +79,7 @@ std::vector<bf16> run(const WgradCase& c, const std::vector<bf16>& a, const std:
 void check_case(const WgradCase& c, uint32_t seed) {
   SCOPED_TRACE(c.what);
   const int64_t E = static_cast<int64_t>(c.offsets.size()) - 1;
-  const int64_t lda = c.p + c.pad_a, ldb = c.q + c.pad_b, ldg = c.q + c.pad_g;
+  const int64_t lda = c.p + c.pad_a, ldb = c.q + c.pad_b, ldg = c.ldg();
   const std::vector<bf16> a = random_bf16(c.rows * lda, seed),
                           b = random_bf16(c.rows * ldb, seed + 1);
   const std::vector<bf16> g = run(c, a, b);
@@ -84,7 +89,7 @@ void check_case(const WgradCase& c, uint32_t seed) {
     for (int64_t i = 0; i < c.p && bad < 6; ++i) {
       for (int64_t j = 0; j < ldg && bad < 6; ++j) {
         uint16_t bits;
-        std::memcpy(&bits, &g[(e * c.p + i) * ldg + j], 2);
+        std::memcpy(&bits, &g[e * c.g_stride_e() + i * ldg + j], 2);
         if (j >= c.q) {
           if (bits != 0xFFFF) {
             ADD_FAILURE() << "g[" << e << ", " << i << ", " << j << "]: padding written";
@@ -102,13 +107,21 @@ void check_case(const WgradCase& c, uint32_t seed) {
         const double rows = static_cast<double>(m[e + 1] - m[e]);
         const double tol =
             unit_roundoff<bf16>() * std::abs(acc) + 2.0 * rows * std::ldexp(1.0, -24) * mag + 1e-30;
-        const double got = __bfloat162float(g[(e * c.p + i) * ldg + j]);
+        const double got = __bfloat162float(g[e * c.g_stride_e() + i * ldg + j]);
         if (!(std::abs(got - acc) <= tol)) {
           ADD_FAILURE() << "g[" << e << ", " << i << ", " << j << "] (tile row " << i % 128
                         << ", tile col " << j % 128 << ", expert rows " << rows << "): got " << got
                         << ", want " << acc << " +- " << tol;
           ++bad;
         }
+      }
+    }
+    for (int64_t x = c.p * ldg; x < c.g_stride_e() && bad < 6; ++x) {  // between experts
+      uint16_t bits;
+      std::memcpy(&bits, &g[e * c.g_stride_e() + x], 2);
+      if (bits != 0xFFFF) {
+        ADD_FAILURE() << "g: padding after expert " << e << " written";
+        ++bad;
       }
     }
   }
@@ -131,6 +144,7 @@ TEST_P(GroupedWgradSm90, TailsAndPaddedStrides) {
   MOEFORGE_SKIP_WITHOUT_SM90();
   check_case({"p, q tails, padded strides", {0, 70, 70, 200}, 210, 136, 72, 8, 24, 16}, 3);
   check_case({"p = q = 8", {0, 3, 10}, 12, 8, 8}, 4);
+  check_case({"padding between experts", {0, 40, 90}, 90, 136, 72, 0, 0, 8, 24}, 9);
 }
 
 TEST_P(GroupedWgradSm90, EmptyExpertsAreZeroAndManyExperts) {
@@ -151,7 +165,7 @@ TEST_P(GroupedWgradSm90, GatherEqualsDenseOnGatheredRows) {
   // One operand read through the plan: bitwise the kernel on the rows permute would write
   // (corrupt pairs give zero rows), for either operand.
   MOEFORGE_SKIP_WITHOUT_SM90();
-  const int64_t T = 150, K = 4, S = T * K, p = 64, q = 136;
+  const int64_t T = 150, K = 4, S = T * K, p = 200, q = 136;  // p, q tails past one tile
   const WgradCase c{"gather", random_offsets(7, S, 9, 30), S, p, q};
   std::vector<int32_t> pairs(S);
   for (int64_t i = 0; i < S; ++i) pairs[i] = static_cast<int32_t>(i);
