@@ -79,18 +79,25 @@ def test_gradients_match_the_two_ops(device):
 
 
 def test_frozen_weight_and_input(device):
-    """Only the input's gradient (frozen weight), or only the weight's."""
+    """Only the input's gradient (frozen weight), or only the weight's: each equals the same
+    gradient of the two ops."""
     plan, x, w = make_inputs(device, torch.float32)
-    xr = x.clone().requires_grad_()
-    (gx,) = torch.autograd.grad(
-        ops.grouped_mm_swiglu(xr, w, plan.expert_offsets, plan)[1].sum(), xr
-    )
-    wr = w.clone().requires_grad_()
-    (gw,) = torch.autograd.grad(
-        ops.grouped_mm_swiglu(x, wr, plan.expert_offsets, plan)[1].sum(), wr
-    )
-    assert gx.shape == x.shape and gw.shape == w.shape
-    assert gx.abs().sum() > 0 and gw.abs().sum() > 0
+    offs = plan.expert_offsets
+
+    def grad(fused, wrt_x):
+        xr = x.clone().requires_grad_(wrt_x)
+        wr = w.clone().requires_grad_(not wrt_x)
+        if fused:
+            a = ops.grouped_mm_swiglu(xr, wr, offs, plan)[1]
+        else:
+            a = ops.swiglu(ops.grouped_mm(xr, wr, offs, plan=plan))
+        (g,) = torch.autograd.grad(a.square().sum(), xr if wrt_x else wr)
+        return g
+
+    for wrt_x in (True, False):
+        got, want = grad(True, wrt_x), grad(False, wrt_x)
+        assert got.abs().sum() > 0
+        torch.testing.assert_close(got, want)
 
 
 def test_opcheck(device):

@@ -49,10 +49,6 @@ kernels::Sm90Pipeline requested_pipeline() {
   return kernels::Sm90Pipeline::kSerial;
 }
 
-}  // namespace
-
-namespace {
-
 // The kernel's arguments for x's rows (through source) times w_nk[e]^T, output pointers unset;
 // std::nullopt where "sm90" is not the engine or the GEMM is not one the kernel covers (dtype,
 // strides, expert count; the alignment rules are checked once the outputs are set). Raises where

@@ -198,12 +198,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// Per device, what a launch needs from the runtime, looked up once (an op calls the launcher 2-6
-// times per layer step): whether the device is compute capability 9.0 and, once the kernel's
-// shared-memory limit is raised there (a per-device setting), its SM count.
-constexpr int kMaxCachedDevices = 64;
-std::atomic<int> g_device_state[kMaxCachedDevices];  // 0 unknown, -1 unsupported, 1 supported
-std::atomic<int> g_device_sms[kMaxCachedDevices];    // 0 until prepared
+// Per device, looked up once (an op calls the launchers 2-6 times per layer step): whether it is
+// compute capability 9.0 (0 unknown, -1 no, 1 yes), and the launch setup (wgmma.cuh).
+std::atomic<int> g_device_state[kMaxCachedDevices];
+DeviceSmCache g_launch_cache;
 
 template <typename Pipeline>
 cudaError_t raise_smem_limit() {
@@ -212,19 +210,6 @@ cudaError_t raise_smem_limit() {
     MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(Pipeline::kSmemBytes)));
   }
-  return cudaSuccess;
-}
-
-// The SM count of `device` after raising every variant's dynamic shared-memory limit on it.
-cudaError_t prepare_device(int device, int* sms) {
-  const bool cached = device >= 0 && device < kMaxCachedDevices;
-  if (cached && (*sms = g_device_sms[device].load(std::memory_order_acquire)) > 0) {
-    return cudaSuccess;
-  }
-  MOEFORGE_CUDA_CHECK(raise_smem_limit<SerialPipeline>());
-  MOEFORGE_CUDA_CHECK(raise_smem_limit<OverlappedPipeline>());
-  MOEFORGE_CUDA_CHECK(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device));
-  if (cached) g_device_sms[device].store(*sms, std::memory_order_release);
   return cudaSuccess;
 }
 
@@ -261,12 +246,14 @@ cudaError_t launch_grouped_gemm_sm90(const GroupedGemmSm90Args& args, cudaStream
   if (!grouped_gemm_sm90_args_valid(args)) return cudaErrorInvalidValue;
   if (args.num_rows == 0 || args.n == 0) return cudaSuccess;
   if (args.x == nullptr || args.y == nullptr || args.w == nullptr) return cudaErrorInvalidValue;
-  bool supported = false;
-  MOEFORGE_CUDA_CHECK(grouped_gemm_sm90_supported(&supported));
-  if (!supported) return cudaErrorNotSupported;
-  int device = 0, sms = 0;
-  MOEFORGE_CUDA_CHECK(cudaGetDevice(&device));
-  MOEFORGE_CUDA_CHECK(prepare_device(device, &sms));
+  int sms = 0;
+  MOEFORGE_CUDA_CHECK(prepare_launch(
+      g_launch_cache,
+      [] {
+        MOEFORGE_CUDA_CHECK(raise_smem_limit<SerialPipeline>());
+        return raise_smem_limit<OverlappedPipeline>();
+      },
+      &sms));
   return args.pipeline == Sm90Pipeline::kOverlapped
              ? launch_pipeline<OverlappedPipeline>(args, sms, stream)
              : launch_pipeline<SerialPipeline>(args, sms, stream);

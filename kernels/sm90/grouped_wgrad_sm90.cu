@@ -118,25 +118,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// The SM count of `device` after raising both pipelines' shared-memory limit there (a
-// per-device setting), looked up once per device.
-constexpr int kMaxCachedDevices = 64;
-std::atomic<int> g_device_sms[kMaxCachedDevices];
+DeviceSmCache g_launch_cache;
 
-cudaError_t prepare_device(int device, int* sms) {
-  const bool cached = device >= 0 && device < kMaxCachedDevices;
-  if (cached && (*sms = g_device_sms[device].load(std::memory_order_acquire)) > 0) {
-    return cudaSuccess;
-  }
-  MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(grouped_wgrad_sm90_kernel<SerialPipeline>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(SerialPipeline::kSmemBytes)));
-  MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(grouped_wgrad_sm90_kernel<OverlappedPipeline>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(OverlappedPipeline::kSmemBytes)));
-  MOEFORGE_CUDA_CHECK(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device));
-  if (cached) g_device_sms[device].store(*sms, std::memory_order_release);
-  return cudaSuccess;
+template <typename Pipeline>
+cudaError_t raise_smem_limit() {
+  return cudaFuncSetAttribute(grouped_wgrad_sm90_kernel<Pipeline>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(Pipeline::kSmemBytes));
 }
 
 }  // namespace
@@ -147,12 +135,14 @@ cudaError_t launch_grouped_wgrad_sm90(const GroupedWgradSm90Args& args, cudaStre
   if (args.g == nullptr || ((args.a == nullptr || args.b == nullptr) && args.num_rows > 0)) {
     return cudaErrorInvalidValue;
   }
-  bool supported = false;
-  MOEFORGE_CUDA_CHECK(grouped_gemm_sm90_supported(&supported));
-  if (!supported) return cudaErrorNotSupported;
-  int device = 0, sms = 0;
-  MOEFORGE_CUDA_CHECK(cudaGetDevice(&device));
-  MOEFORGE_CUDA_CHECK(prepare_device(device, &sms));
+  int sms = 0;
+  MOEFORGE_CUDA_CHECK(prepare_launch(
+      g_launch_cache,
+      [] {
+        MOEFORGE_CUDA_CHECK(raise_smem_limit<SerialPipeline>());
+        return raise_smem_limit<OverlappedPipeline>();
+      },
+      &sms));
   const dim3 grid(static_cast<unsigned>(sms)), block(kThreads);
   if (args.pipeline == Sm90Pipeline::kOverlapped) {
     MOEFORGE_CUDA_CHECK(launch_kernel(grouped_wgrad_sm90_kernel<OverlappedPipeline>, grid, block,

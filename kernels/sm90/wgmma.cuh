@@ -9,12 +9,16 @@
 // our reading of the PTX ISA and public code (docs/hopper-gemm-plan.md); only a GPU confirms it.
 #pragma once
 
+#include <cuda_runtime_api.h>
+
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
 #include "../async_copy.cuh"
 #include "../expert_bounds.cuh"
 #include "../launch.cuh"
+#include "moeforge/kernels/cuda_check.h"
 #include "moeforge/kernels/grouped_gemm_sm90.h"
 #include "moeforge/kernels/sm90_layout.h"
 
@@ -258,6 +262,36 @@ __device__ __forceinline__ void mma_k_loop(int64_t k_blocks, unsigned char* stag
   fence_accumulators(d);
   cp_async_wait<0>();
   __syncthreads();  // the next tile's loads refill stages this tile's last steps read
+}
+
+// ---- launch setup (host) -------------------------------------------------------------------
+
+inline constexpr int kMaxCachedDevices = 64;
+
+// Per device, the SM count once a kernel family's launch setup has run there (0 before).
+struct DeviceSmCache {
+  std::atomic<int> sms[kMaxCachedDevices] = {};
+};
+
+// What a launcher of a family needs before its launch: cudaErrorNotSupported unless
+// grouped_gemm_sm90_supported; else the current device's SM count in *sms (the persistent grid),
+// after raise_limits() - raising the family's dynamic shared-memory limits, a per-device setting
+// - ran once on that device.
+template <typename RaiseLimits>
+cudaError_t prepare_launch(DeviceSmCache& cache, RaiseLimits&& raise_limits, int* sms) {
+  bool supported = false;
+  MOEFORGE_CUDA_CHECK(grouped_gemm_sm90_supported(&supported));
+  if (!supported) return cudaErrorNotSupported;
+  int device = 0;
+  MOEFORGE_CUDA_CHECK(cudaGetDevice(&device));
+  const bool cached = device >= 0 && device < kMaxCachedDevices;
+  if (cached && (*sms = cache.sms[device].load(std::memory_order_acquire)) > 0) {
+    return cudaSuccess;
+  }
+  MOEFORGE_CUDA_CHECK(raise_limits());
+  MOEFORGE_CUDA_CHECK(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device));
+  if (cached) cache.sms[device].store(*sms, std::memory_order_release);
+  return cudaSuccess;
 }
 
 }  // namespace moeforge::kernels::sm90
