@@ -59,6 +59,27 @@ __device__ __forceinline__ int64_t a_source_row(const GroupedGemmSm90Args& args,
              : -1;
 }
 
+// One 16-byte chunk of an MN-major B tile at `tile`: chunk `id` % 16 of k row `id` / 16, i.e.
+// row k0 + id / 16 of a row-major [k_limit, n] matrix at src_e (row stride ld: W_e^T, or LoRA's
+// M_e). Chunks 0-7 (columns n0..) fill the first 64-column block, chunks 8-15 the second (with
+// SwiGLU: the up columns I + n0.. instead of n0 + 64..); zero past n and past k_limit.
+__device__ __forceinline__ void load_b_mn_major_chunk(const GroupedGemmSm90Args& args,
+                                                      unsigned char* tile,
+                                                      const __nv_bfloat16* src_e, int64_t ld,
+                                                      int64_t k_limit, int64_t n0, int64_t k0,
+                                                      int id) {
+  const int kr = id / (2 * kChunksPerRow), chunk = id % (2 * kChunksPerRow);
+  const int64_t kb = k0 + kr, half = chunk / kChunksPerRow;
+  const int64_t j = (args.a != nullptr ? n0 : n0 + half * 64) + (chunk % kChunksPerRow) * 8;
+  const int64_t limit = args.a != nullptr ? args.n / 2 : args.n;
+  const int64_t col = (args.a != nullptr && half == 1 ? args.n / 2 : 0) + j;
+  const bool ok = kb < k_limit && j < limit;
+  const int n_bytes = ok ? static_cast<int>(std::min<int64_t>(8, limit - j)) * 2 : 0;
+  cp_async_16_zfill(tile + sm90::sw128_mn_offset(static_cast<uint32_t>(kr),
+                                                 static_cast<uint32_t>(chunk), kMnBlockBytes),
+                    ok ? src_e + kb * ld + col : src_e, n_bytes);
+}
+
 // Loads one stage: the A tile (this thread's rows a_rows[i] of x, resolved once per tile) and the
 // B tile (columns n0.. of the output from W_e, K-major or MN-major: BMnMajor = args.w_mn_major),
 // k block k0.
@@ -91,23 +112,47 @@ __device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args, unsi
       const __nv_bfloat16* b_src = b_ok ? w_e + b_row * args.ldw + k : args.w;
       cp_async_16_zfill(stage + kTileBytes + offset, b_src, b_ok ? k_bytes : 0);
     } else {
-      // B MN-major: k row k0 + kr of W_e, 16 chunks of 8 columns; chunks 0-7 (columns n0..)
-      // fill the first 64-column block, chunks 8-15 the second (with SwiGLU: the up columns
-      // I + n0.. instead of n0 + 64..), zero past n and past k.
-      const int kr = id / (2 * kChunksPerRow), chunk = id % (2 * kChunksPerRow);
-      const int64_t kb = k0 + kr, half = chunk / kChunksPerRow;
-      const int64_t j = (args.a != nullptr ? n0 : n0 + half * 64) + (chunk % kChunksPerRow) * 8;
-      const int64_t limit = args.a != nullptr ? args.n / 2 : args.n;
-      const int64_t col = (args.a != nullptr && half == 1 ? args.n / 2 : 0) + j;
-      const bool b_ok = kb < args.k && j < limit;
-      const int n_bytes = b_ok ? static_cast<int>(std::min<int64_t>(8, limit - j)) * 2 : 0;
-      const __nv_bfloat16* b_src = b_ok ? w_e + kb * args.ldw + col : args.w;
-      cp_async_16_zfill(stage + kTileBytes +
-                            sm90::sw128_mn_offset(static_cast<uint32_t>(kr),
-                                                  static_cast<uint32_t>(chunk), kMnBlockBytes),
-                        b_src, n_bytes);
+      load_b_mn_major_chunk(args, stage + kTileBytes, w_e, args.ldw, args.k, n0, k0, id);
     }
   }
+}
+
+// The k16 steps of LoRA's rank-r product (r <= kSm90MaxLoraRank = one k block).
+__device__ __forceinline__ int lora_k_steps(const GroupedGemmSm90Args& args) {
+  return static_cast<int>((args.lora_rank + 15) / 16);
+}
+
+// Loads LoRA's operands of a tile into `tiles` (a stage-sized region of its own): the tile's rows
+// of u (in expert order, zero past the segment's tail) as a K-major A tile with k = the rank
+// (zero from the rank to the last k16 step's end), and M_e's rows as an MN-major B tile, columns
+// as the weight's (n0.., or gate and up columns with SwiGLU), zero past the rank.
+__device__ __forceinline__ void load_lora(const GroupedGemmSm90Args& args, unsigned char* tiles,
+                                          const sm90::TileCoord& tile, int64_t n0) {
+  const int tid = static_cast<int>(threadIdx.x), steps = lora_k_steps(args);
+  const __nv_bfloat16* m_e = args.lora_m + tile.expert * args.lora_m_stride_e;
+#pragma unroll
+  for (int i = 0; i < kChunksPerThread; ++i) {
+    const int id = tid + i * kThreads;
+    const int r = id / kChunksPerRow, c = id % kChunksPerRow;
+    if (c < 2 * steps) {  // the chunks the k16 steps read
+      const bool ok = r < tile.rows && c * 8 < args.lora_rank;
+      const __nv_bfloat16* src =
+          ok ? args.lora_u + (tile.row0 + r) * args.ld_lora_u + c * 8 : args.lora_u;
+      cp_async_16_zfill(
+          tiles + sm90::sw128_offset(static_cast<uint32_t>(r), static_cast<uint32_t>(c)), src,
+          ok ? 16 : 0);
+    }
+    if (id / (2 * kChunksPerRow) < 16 * steps) {
+      load_b_mn_major_chunk(args, tiles + kTileBytes, m_e, args.ld_lora_m, args.lora_rank, n0, 0,
+                            id);
+    }
+  }
+}
+
+// Dynamic shared memory of the row-grouped kernel: the pipeline's, then LoRA's tiles.
+template <typename Pipeline>
+constexpr size_t smem_bytes() {
+  return Pipeline::kSmemBytes + kStageBytes;
 }
 
 template <typename Pipeline, bool BMnMajor>
@@ -121,6 +166,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t smem_base = sm90::shared_address(smem);
   const uint32_t stages = (smem_base + static_cast<uint32_t>(kBoundsBytes) + 1023u) & ~1023u;
   unsigned char* const stage_ptr = smem + (stages - smem_base);  // the same bytes, as a pointer
+  const uint32_t lora_tiles = stages + Pipeline::kStages * kStageBytes;  // after the stages
+  unsigned char* const lora_ptr = stage_ptr + Pipeline::kStages * kStageBytes;
   const int64_t E = args.num_experts;
 
   build_expert_bounds(args.expert_offsets, E, args.num_rows, bound, warp_max);
@@ -132,7 +179,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   __syncthreads();
-  const bool glu = args.a != nullptr;
+  const bool glu = args.a != nullptr, lora = args.lora_u != nullptr;
   const int64_t tile_cols = glu ? kGluHalf : kBN;  // output columns (intermediate ones with SwiGLU)
   const int64_t n_tiles = ((glu ? args.n / 2 : args.n) + tile_cols - 1) / tile_cols;
   const int64_t num_tiles = int64_t{tile_start[E]} * n_tiles;
@@ -154,11 +201,47 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) d[i] = 0.0f;
 
+    // LoRA's tiles ride in the first k block's copy group: landed long before the epilogue.
+    if (lora) load_lora(args, lora_ptr, tile, n0);
     sm90::mma_k_loop<Pipeline, false, BMnMajor>(
         k_blocks, stage_ptr, stages, static_cast<uint32_t>(group) * (64 * 128), d,
         [&](unsigned char* stage, int64_t kb) {
           load_stage<BMnMajor>(args, stage, a_rows, n0, w_e, kb * kBK);
         });
+    if (lora) {
+      // lora_expand_add_'s rule on the tile: the GEMM's result rounded as the plain kernel
+      // stores it, u M_e on the tensor cores in the freed accumulators, then the fma.
+      __nv_bfloat162 base[kAcc / 2];
+#pragma unroll
+      for (int i = 0; i < kAcc; i += 2) {
+        base[i / 2] = __floats2bfloat162_rn(d[i], d[i + 1]);
+        d[i] = d[i + 1] = 0.0f;
+      }
+      if (k_blocks == 0) {  // no k block waited for and fenced the copies of LoRA's tiles
+        sm90::fence_proxy_async_shared();
+        __syncthreads();
+      }
+      sm90::fence_accumulators(d);
+      sm90::wgmma_fence();
+      // (ptxas adds a warpgroup.arrive before each of these branchy MMAs: once per tile.)
+#pragma unroll
+      for (int j = 0; j < kBK / 16; ++j) {
+        if (j < lora_k_steps(args)) {  // uniform over the block
+          sm90::wgmma_m64n128k16<false, true>(
+              d, sm90::operand_descriptor<false>(lora_tiles + group * (64 * 128), j),
+              sm90::operand_descriptor<true>(lora_tiles + kTileBytes, j));
+        }
+      }
+      sm90::wgmma_commit_group();
+      sm90::wgmma_wait<0>();
+      sm90::fence_accumulators(d);
+      __syncthreads();  // the next tile's first copies refill the tiles these MMAs read
+#pragma unroll
+      for (int i = 0; i < kAcc; i += 2) {
+        d[i] = __fmaf_rn(args.lora_scale, d[i], __low2float(base[i / 2]));
+        d[i + 1] = __fmaf_rn(args.lora_scale, d[i + 1], __high2float(base[i / 2]));
+      }
+    }
 
     // Epilogue: value pairs (i, i + 1) are columns (c, c + 1) of one row.
     if (!glu) {
@@ -208,7 +291,7 @@ cudaError_t raise_smem_limit() {
   for (auto* kernel :
        {grouped_gemm_sm90_kernel<Pipeline, false>, grouped_gemm_sm90_kernel<Pipeline, true>}) {
     MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(Pipeline::kSmemBytes)));
+                                             static_cast<int>(smem_bytes<Pipeline>())));
   }
   return cudaSuccess;
 }
@@ -218,7 +301,7 @@ cudaError_t launch_pipeline(const GroupedGemmSm90Args& args, int sms, cudaStream
   auto* kernel = args.w_mn_major ? grouped_gemm_sm90_kernel<Pipeline, true>
                                  : grouped_gemm_sm90_kernel<Pipeline, false>;
   MOEFORGE_CUDA_CHECK(launch_kernel(kernel, dim3(static_cast<unsigned>(sms)), dim3(kThreads),
-                                    Pipeline::kSmemBytes, stream, args));
+                                    smem_bytes<Pipeline>(), stream, args));
   return cudaSuccess;
 }
 

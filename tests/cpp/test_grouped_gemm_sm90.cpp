@@ -47,6 +47,26 @@ struct Case {
   }
 };
 
+// LoRA's epilogue operands: u [rows, rank] (row stride ld_u) and M [E, rank, n] (row stride
+// ld_m, expert stride rank ld_m), scaled by `scale`.
+struct Lora {
+  int64_t rank = 0, ld_u = 0, ld_m = 0;
+  float scale = 1.0f;
+  std::vector<bf16> u, m;
+};
+
+// Points args at LoRA's operands, uploaded into u / m.
+void set_lora(kernels::GroupedGemmSm90Args& args, const Lora& lora, DeviceBuffer<bf16>& u,
+              DeviceBuffer<bf16>& m) {
+  args.lora_u = u.data();
+  args.ld_lora_u = lora.ld_u;
+  args.lora_rank = lora.rank;
+  args.lora_m = m.data();
+  args.ld_lora_m = lora.ld_m;
+  args.lora_m_stride_e = lora.rank * lora.ld_m;
+  args.lora_scale = lora.scale;
+}
+
 // The first few mismatches, each with its place in the 128 x 128 tile and a hint of its cause.
 void report(const std::vector<double>& got, const std::vector<double>& ref,
             const std::vector<double>& tol, int64_t row0, int64_t rows, int64_t n, int64_t ldy,
@@ -74,12 +94,16 @@ void report(const std::vector<double>& got, const std::vector<double>& ref,
 
 // y (and, when glu is given, the SwiGLU epilogue's a [rows, n / 2] into *glu, and swiglu's own a
 // from y into *swiglu_of_y), every output NaN-poisoned first.
+// With lora, LoRA's up-projection in the epilogue.
 std::vector<bf16> run(const Case& c, const std::vector<int32_t>& offsets,
                       const std::vector<bf16>& x, const std::vector<bf16>& w,
-                      std::vector<bf16>* glu = nullptr, std::vector<bf16>* swiglu_of_y = nullptr) {
+                      std::vector<bf16>* glu = nullptr, std::vector<bf16>* swiglu_of_y = nullptr,
+                      const Lora* lora = nullptr) {
   const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
   const int64_t ldx = c.k + c.pad_x, ldy = c.n + c.pad_y;
   DeviceBuffer<bf16> d_x(x), d_w(w), d_y(c.rows * ldy);
+  DeviceBuffer<bf16> d_u(lora ? lora->u : std::vector<bf16>(1)),
+      d_m(lora ? lora->m : std::vector<bf16>(1));
   DeviceBuffer<bf16> d_a(glu ? c.rows * c.n / 2 : 1), d_swiglu(glu ? c.rows * c.n / 2 : 1);
   DeviceBuffer<int32_t> d_off(offsets);
   d_y.poison(0xFF);
@@ -102,6 +126,7 @@ std::vector<bf16> run(const Case& c, const std::vector<int32_t>& offsets,
     args.a = d_a.data();
     args.lda = c.n / 2;
   }
+  if (lora != nullptr) set_lora(args, *lora, d_u, d_m);
   args.pipeline = g_pipeline;
   EXPECT_EQ(kernels::launch_grouped_gemm_sm90(args, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -262,8 +287,10 @@ TEST_P(GroupedGemmSm90, Deterministic) {
 std::vector<bf16> run_rows(const std::vector<bf16>& x, int64_t x_rows, const std::vector<bf16>& w,
                            const std::vector<int32_t>& offsets, int64_t num_rows, int64_t k,
                            int64_t n, const std::vector<int32_t>* sorted_pairs, int64_t top_k,
-                           bool w_mn_major = false) {
+                           bool w_mn_major = false, const Lora* lora = nullptr) {
   DeviceBuffer<bf16> d_x(x), d_w(w), d_y(num_rows * n);
+  DeviceBuffer<bf16> d_u(lora ? lora->u : std::vector<bf16>(1)),
+      d_m(lora ? lora->m : std::vector<bf16>(1));
   DeviceBuffer<int32_t> d_off(offsets);
   DeviceBuffer<int32_t> d_pairs(sorted_pairs ? *sorted_pairs : std::vector<int32_t>(1, 0));
   d_y.poison(0xFF);
@@ -286,6 +313,7 @@ std::vector<bf16> run_rows(const std::vector<bf16>& x, int64_t x_rows, const std
     args.num_tokens = x_rows;
     args.top_k = top_k;
   }
+  if (lora != nullptr) set_lora(args, *lora, d_u, d_m);
   args.pipeline = g_pipeline;
   EXPECT_EQ(kernels::launch_grouped_gemm_sm90(args, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -364,6 +392,134 @@ TEST_P(GroupedGemmSm90, MnMajorSwigluEpilogue) {
   check_case(mn_major({"MN-major, I = 200", {0, 50, 50, 300}, 310, 128, 400}), 47, true);
 }
 
+// count bf16 values, nonzero multiples of 1/8 in [-2, 2]: a sum of up to 64 products of two of
+// them is a multiple of 1/64 below 256 in magnitude, exact in fp32 in any order.
+std::vector<bf16> coarse_bf16(int64_t count, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int> dist(-16, 15);
+  std::vector<bf16> v(count);
+  for (auto& x : v) {
+    const int q = dist(gen);
+    x = __float2bfloat16(static_cast<float>(q >= 0 ? q + 1 : q) / 8.0f);
+  }
+  return v;
+}
+
+// LoRA operands for c (u's rows and M's rows padded by 8 and 16 values) with exact rank sums.
+Lora make_lora(const Case& c, int64_t num_experts, int64_t rank, float scale, uint32_t seed) {
+  Lora lora;
+  lora.rank = rank;
+  lora.ld_u = rank + 8;
+  lora.ld_m = c.n + 16;
+  lora.scale = scale;
+  lora.u = coarse_bf16(c.rows * lora.ld_u, seed);
+  lora.m = coarse_bf16(num_experts * rank * lora.ld_m, seed + 1);
+  return lora;
+}
+
+// LoRA's epilogue against its rule, bit for bit: y = round(fma(scale, u_r M_e, y0)) with y0 the
+// kernel's result without LoRA (checked against float64 by the cases above) and the rank sum
+// exact (coarse values); rows of no expert untouched; with SwiGLU, a bitwise swiglu(y).
+void check_lora_case(const Case& c, int64_t rank, float scale, uint32_t seed, bool glu = false) {
+  SCOPED_TRACE(c.what + ", rank " + std::to_string(rank));
+  const int64_t E = static_cast<int64_t>(c.offsets.size()) - 1;
+  const int64_t ldx = c.k + c.pad_x, ldy = c.n + c.pad_y;
+  const std::vector<bf16> x = random_bf16(c.rows * ldx, seed, 1.0);
+  const std::vector<bf16> w = random_bf16(E * c.w_stride_e(), seed + 1, 1.0 / std::sqrt(c.k + 1.0));
+  const Lora lora = make_lora(c, E, rank, scale, seed + 2);
+  std::vector<bf16> a0, a0_ref, a, swiglu_of_y;
+  const std::vector<bf16> y0 =
+      run(c, c.offsets, x, w, glu ? &a0 : nullptr, glu ? &a0_ref : nullptr);
+  const std::vector<bf16> y =
+      run(c, c.offsets, x, w, glu ? &a : nullptr, glu ? &swiglu_of_y : nullptr, &lora);
+  const std::vector<int64_t> m = clamped_bounds(c.offsets, c.rows);
+  const auto bits = [](bf16 v) {
+    uint16_t b;
+    std::memcpy(&b, &v, sizeof(b));
+    return b;
+  };
+  int bad = 0;
+  for (int64_t e = 0; e <= E; ++e) {  // e = E: the rows of no expert
+    for (int64_t r = e == 0 ? 0 : m[e]; r < (e < E ? m[e + 1] : c.rows); ++r) {
+      for (int64_t j = 0; j < ldy; ++j) {
+        uint16_t want = 0xFFFF;  // rows of no expert and padding columns: untouched
+        if (e < E && j < c.n) {
+          double exact = 0;
+          for (int64_t q = 0; q < rank; ++q) {
+            exact += static_cast<double>(__bfloat162float(lora.u[r * lora.ld_u + q])) *
+                     __bfloat162float(lora.m[(e * rank + q) * lora.ld_m + j]);
+          }
+          want = bits(__float2bfloat16_rn(
+              std::fmaf(scale, static_cast<float>(exact), __bfloat162float(y0[r * ldy + j]))));
+        }
+        if (bits(y[r * ldy + j]) != want && bad++ < 6) {
+          ADD_FAILURE() << "y[" << r << ", " << j << "] (tile row " << (r - m[std::min(e, E)]) % 128
+                        << ", tile col " << j % 128 << "): got bits " << bits(y[r * ldy + j])
+                        << ", want " << want << " (y0 " << __bfloat162float(y0[r * ldy + j]) << ")";
+        }
+      }
+    }
+  }
+  if (glu) {
+    const int64_t inter = c.n / 2;
+    for (int64_t r = 0; r < c.rows; ++r) {
+      for (int64_t j = 0; j < inter; ++j) {
+        const uint16_t want = r < m[E] ? bits(swiglu_of_y[r * inter + j]) : 0xFFFF;
+        if (bits(a[r * inter + j]) != want && bad++ < 12) {
+          ADD_FAILURE() << "a[" << r << ", " << j << "]: got bits " << bits(a[r * inter + j])
+                        << ", want " << want << (r < m[E] ? " (swiglu of y)" : " (untouched)");
+        }
+      }
+    }
+  }
+}
+
+TEST_P(GroupedGemmSm90, LoraEpilogue) {
+  // out = round(fma(s, u M_e, round(x W_e^T))): lora_expand_add_'s rule in the epilogue.
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  check_lora_case({"one tile", {0, 128}, 128, 64, 128}, 16, 2.0f, 50);
+  check_lora_case({"empty experts, tails", {0, 0, 1, 129, 129, 300, 427, 427}, 440, 128, 256}, 8,
+                  0.37f, 51);
+  check_lora_case({"k and n tails, padded strides", {0, 37, 37, 200}, 210, 72, 136, 8, 16, 24}, 40,
+                  1.5f, 52);
+  check_lora_case({"corrupt offsets", {9, 40, -3, 90, 20, 500}, 100, 64, 128}, 64, 0.25f, 53);
+  check_lora_case({"k = 0: y = s u M_e", {0, 50, 90}, 100, 0, 64}, 16, 0.5f, 54);
+  // 16 x 9 = 144 tiles, more than the persistent grid: CTAs reload LoRA's tiles for a second
+  // tile once both warpgroups' MMAs of the first have read them.
+  check_lora_case(mn_major({"MN-major, 144 tiles", {0, 2048}, 2048, 64, 1152}), 16, 2.0f, 55);
+  check_lora_case(
+      mn_major({"MN-major, E = 6 random", random_offsets(6, 700, 56, 9), 700, 128, 256}), 24, 0.37f,
+      57);
+}
+
+TEST_P(GroupedGemmSm90, LoraSwigluEpilogue) {
+  // h = round(fma(s, u M_e, round(x W_gu^T))) over gate and up columns, a = swiglu(h) bitwise.
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  check_lora_case({"I = 200: a partial intermediate tile", {0, 50, 50, 300}, 310, 128, 400}, 16,
+                  0.37f, 60, true);
+  check_lora_case(mn_major({"MN-major, I = 64", {0, 128}, 128, 64, 128}), 32, 2.0f, 61, true);
+}
+
+TEST_P(GroupedGemmSm90, LoraWithGatheredRows) {
+  // u is in expert order while x is read through the plan: bitwise the dense kernel on the
+  // gathered rows with the same LoRA operands.
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  const int64_t T = 200, K = 2, S = T * K, k = 128, n = 256;
+  const std::vector<int32_t> offsets = random_offsets(5, S, 62, 20);
+  std::vector<int32_t> pairs(S);
+  for (int64_t i = 0; i < S; ++i) pairs[i] = static_cast<int32_t>(i);
+  std::shuffle(pairs.begin(), pairs.end(), std::mt19937(63));
+  const std::vector<bf16> x = random_bf16(T * k, 64, 1.0);
+  const std::vector<bf16> w = random_bf16(5 * n * k, 65, 0.08);
+  std::vector<bf16> rows(S * k);
+  for (int64_t r = 0; r < S; ++r)
+    std::copy_n(x.begin() + (pairs[r] / K) * k, k, rows.begin() + r * k);
+  const Lora lora = make_lora({"", offsets, S, k, n}, 5, 16, 0.37f, 66);
+  const std::vector<bf16> gathered = run_rows(x, T, w, offsets, S, k, n, &pairs, K, false, &lora);
+  const std::vector<bf16> dense = run_rows(rows, S, w, offsets, S, k, n, nullptr, 1, false, &lora);
+  EXPECT_EQ(std::memcmp(gathered.data(), dense.data(), dense.size() * sizeof(bf16)), 0);
+}
+
 TEST(GroupedGemmSm90Arguments, RejectsBadArguments) {
   kernels::GroupedGemmSm90Args ok;
   ok.x = reinterpret_cast<const bf16*>(uintptr_t{256});
@@ -404,6 +560,27 @@ TEST(GroupedGemmSm90Arguments, RejectsBadArguments) {
     a.sorted_pairs = reinterpret_cast<const int32_t*>(uintptr_t{256});
     a.top_k = 0;
   });
+  kernels::GroupedGemmSm90Args with_lora = ok;
+  with_lora.lora_u = reinterpret_cast<const bf16*>(uintptr_t{256});
+  with_lora.lora_m = reinterpret_cast<const bf16*>(uintptr_t{256});
+  with_lora.lora_rank = with_lora.ld_lora_u = 16;
+  with_lora.ld_lora_m = 64;
+  with_lora.lora_m_stride_e = 16 * 64;
+  EXPECT_TRUE(kernels::grouped_gemm_sm90_args_valid(with_lora));
+  auto bad_lora = [&](auto mutate) {
+    kernels::GroupedGemmSm90Args a = with_lora;
+    mutate(a);
+    EXPECT_FALSE(kernels::grouped_gemm_sm90_args_valid(a));
+    EXPECT_EQ(kernels::launch_grouped_gemm_sm90(a, nullptr), cudaErrorInvalidValue);
+  };
+  bad_lora([](auto& a) { a.lora_rank = a.ld_lora_u = 12; });  // not a multiple of 8
+  bad_lora([](auto& a) { a.lora_rank = a.ld_lora_u = 72; });  // past one k block
+  bad_lora([](auto& a) { a.lora_rank = a.ld_lora_u = 0; });
+  bad_lora([](auto& a) { a.ld_lora_u = 8; });   // rows overlap
+  bad_lora([](auto& a) { a.ld_lora_m = 56; });  // a row of M_e holds n values
+  bad_lora([](auto& a) { a.lora_m_stride_e = 4; });
+  bad_lora([](auto& a) { a.lora_m = nullptr; });
+  bad_lora([](auto& a) { a.lora_u = reinterpret_cast<const bf16*>(uintptr_t{264}); });
 }
 
 }  // namespace

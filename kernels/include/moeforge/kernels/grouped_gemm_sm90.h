@@ -1,8 +1,8 @@
-// Stage S1 of docs/hopper-gemm-plan.md: a dense grouped GEMM on Hopper's warpgroup MMA (wgmma,
-// sm_90a), not yet run on a GPU and not used by any op: the GoogleTest suite
-// tests/cpp/test_grouped_gemm_sm90.cpp is its first user, to check the shared-memory layout,
-// the descriptors and the accumulator map on a GPU before the gather and the fused epilogues are
-// built on them.
+// The row-grouped GEMM of the opt-in MOEFORGE_GROUPED_GEMM=sm90 engine (csrc/cuda/
+// grouped_mm_sm90.cpp) on Hopper's warpgroup MMA (wgmma, sm_90a): stages S1-S4 of
+// docs/hopper-gemm-plan.md. Not yet run on a GPU: tests/cpp/test_grouped_gemm_sm90.cpp checks
+// it on the host kernel emulator, and first on a GPU the shared-memory layout, the descriptors
+// and the accumulator map before the fused epilogues.
 //
 //   y[r, :] = x[src(r), :] W_e^T   for the rows r of expert e, m(e) <= r < m(e + 1)
 //
@@ -25,8 +25,20 @@
 // its B tile is 64 gate rows and the 64 matching up rows, so each thread holds both halves of
 // every pair it writes.
 //
+// LoRA's up-projection in the epilogue (stage S4, when lora_u is given): for each routed row r
+// of expert e the stored result (y, or h with SwiGLU, which a is then computed from) is
+//   round(fma(lora_scale, u[r, :] M_e, round(x[src(r)] W_e^T)))
+// i.e. the GEMM followed by lora_expand_add_ (moeforge/kernels/lora_expand.h: the same rounding
+// rule, the rank sum on the tensor cores in fp32 in an unspecified fixed order), without writing
+// and reading back the GEMM's output. u [num_rows, lora_rank] in expert order (row r of y, also
+// when x is gathered; ld_lora_u), M_e [lora_rank, n] row-major at lora_m + e * lora_m_stride_e
+// with row stride ld_lora_m (LoRA's B_e^T from a [E, r, out] copy of lora_B, or A_e = lora_A's
+// rows e r..); with SwiGLU M_e's columns are h's (gate, then up).
+//
 // Requirements (else cudaErrorInvalidValue): k, n, ldx, ldy, ldw multiples of 8; x, y, w 16-byte
-// aligned; w_stride_e a multiple of 8; 1 <= num_experts <= kGroupedGemmSm90MaxExperts. Not
+// aligned; w_stride_e a multiple of 8; 1 <= num_experts <= kGroupedGemmSm90MaxExperts; with
+// LoRA, lora_rank a multiple of 8 in [8, kSm90MaxLoraRank], ld_lora_u >= lora_rank, ld_lora_m >=
+// n and lora_m_stride_e multiples of 8, lora_u and lora_m 16-byte aligned. Not
 // checked: y must not overlap x or w, and W_e must not overlap W_(e+1) (w_stride_e >= n ldw for
 // distinct weights). Runs on compute capability 9.0 only (grouped_gemm_sm90_supported says
 // whether this build and device can).
@@ -40,6 +52,7 @@
 namespace moeforge::kernels {
 
 inline constexpr int64_t kGroupedGemmSm90MaxExperts = 1024;
+inline constexpr int64_t kSm90MaxLoraRank = 64;  // one k block of the epilogue's MMAs
 
 // The main loop's pipeline, a tuning choice (both give bitwise the same results): kSerial (3
 // shared-memory stages) waits for each k block's MMAs before the loop goes on; kOverlapped (4
@@ -64,6 +77,12 @@ struct GroupedGemmSm90Args {
   // The weight MN-major: w [E, k, n] (row q of W_e^T at w + e * w_stride_e + q * ldw, the n
   // values contiguous), e.g. gpt-oss's [E, in, out] in the forward or HF's [E, out, in] in grad_x.
   bool w_mn_major = false;
+  // LoRA's up-projection in the epilogue (above), or lora_u = nullptr.
+  const __nv_bfloat16* lora_u = nullptr;  // [num_rows, lora_rank], expert order
+  int64_t ld_lora_u = 0, lora_rank = 0;
+  const __nv_bfloat16* lora_m = nullptr;  // M_e [lora_rank, n] at lora_m + e * lora_m_stride_e
+  int64_t lora_m_stride_e = 0, ld_lora_m = 0;
+  float lora_scale = 1.0f;
 };
 
 // The requirements above (sizes, multiples of 8, alignment, expert count).
@@ -78,7 +97,12 @@ inline bool grouped_gemm_sm90_args_valid(const GroupedGemmSm90Args& a) {
                              reinterpret_cast<uintptr_t>(a.a) % 16 == 0)) &&
          (a.pipeline == Sm90Pipeline::kSerial || a.pipeline == Sm90Pipeline::kOverlapped) &&
          (a.sorted_pairs == nullptr ||
-          (a.top_k >= 1 && a.num_tokens >= 0 && a.num_tokens <= INT32_MAX / a.top_k));
+          (a.top_k >= 1 && a.num_tokens >= 0 && a.num_tokens <= INT32_MAX / a.top_k)) &&
+         (a.lora_u == nullptr ||
+          (a.lora_m != nullptr && a.lora_rank >= 8 && a.lora_rank <= kSm90MaxLoraRank &&
+           a.lora_rank % 8 == 0 && a.ld_lora_u % 8 == 0 && a.ld_lora_u >= a.lora_rank &&
+           a.ld_lora_m % 8 == 0 && a.ld_lora_m >= a.n && a.lora_m_stride_e % 8 == 0 &&
+           a.lora_m_stride_e >= 0 && aligned(a.lora_u) && aligned(a.lora_m)));
 }
 
 // Whether this build holds the sm_90a kernel (CUDA architecture 9.0 in the build) and the
@@ -92,7 +116,8 @@ cudaError_t launch_grouped_gemm_sm90(const GroupedGemmSm90Args& args, cudaStream
 
 // ---- the K-grouped weight gradient (kernels/sm90/grouped_wgrad_sm90.cu) ----------------------
 //
-//   g[e, i, j] = sum over the rows r of expert e (m(e) <= r < m(e + 1)) of a[src(r), i] b[src(r), j]
+//   g[e, i, j] = sum over the rows r of expert e (m(e) <= r < m(e + 1)) of a[src(r), i] b[src(r),
+//   j]
 //
 // i.e. G_e = A_e^T B_e, the weight gradient of a row-grouped GEMM (A = its output gradient and B
 // its input for a weight [E, out, in]; the other way round for [E, in, out]). a [num_rows, p]
@@ -123,12 +148,12 @@ struct GroupedWgradSm90Args {
 
 inline bool grouped_wgrad_sm90_args_valid(const GroupedWgradSm90Args& a) {
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  return a.num_rows >= 0 && a.num_rows <= INT32_MAX && a.p >= 0 && a.q >= 0 &&
-         a.num_experts >= 1 && a.num_experts <= kGroupedGemmSm90MaxExperts && a.p % 8 == 0 &&
-         a.q % 8 == 0 && a.lda % 8 == 0 && a.ldb % 8 == 0 && a.ldg % 8 == 0 &&
-         a.g_stride_e % 8 == 0 && a.lda >= a.p && a.ldb >= a.q && a.ldg >= a.q &&
-         a.g_stride_e >= a.p * a.ldg && a.expert_offsets != nullptr && aligned(a.a) &&
-         aligned(a.b) && aligned(a.g) && !(a.gather_a && a.gather_b) &&
+  return a.num_rows >= 0 && a.num_rows <= INT32_MAX && a.p >= 0 && a.q >= 0 && a.num_experts >= 1 &&
+         a.num_experts <= kGroupedGemmSm90MaxExperts && a.p % 8 == 0 && a.q % 8 == 0 &&
+         a.lda % 8 == 0 && a.ldb % 8 == 0 && a.ldg % 8 == 0 && a.g_stride_e % 8 == 0 &&
+         a.lda >= a.p && a.ldb >= a.q && a.ldg >= a.q && a.g_stride_e >= a.p * a.ldg &&
+         a.expert_offsets != nullptr && aligned(a.a) && aligned(a.b) && aligned(a.g) &&
+         !(a.gather_a && a.gather_b) &&
          (a.pipeline == Sm90Pipeline::kSerial || a.pipeline == Sm90Pipeline::kOverlapped) &&
          (!(a.gather_a || a.gather_b) ||
           (a.sorted_pairs != nullptr && a.top_k >= 1 && a.num_tokens >= 0 &&
