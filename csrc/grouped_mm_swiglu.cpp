@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "grouped_mm_lora.h"
 #include "validation.h"
 
 namespace moeforge {
@@ -13,7 +14,9 @@ namespace moeforge {
 RowSource check_grouped_mm_swiglu_inputs(const at::Tensor& x, const at::Tensor& gate_up_proj,
                                          const at::Tensor& expert_offsets,
                                          const std::optional<at::Tensor>& sorted_pairs,
-                                         const std::optional<at::Tensor>& pair_to_row) {
+                                         const std::optional<at::Tensor>& pair_to_row,
+                                         const std::optional<at::Tensor>& lora_u,
+                                         const std::optional<at::Tensor>& lora_B) {
   constexpr std::string_view op = kGroupedMmSwigluOp;
   check_grouped_mm_inputs(x, gate_up_proj, expert_offsets, std::nullopt,
                           /*weight_transposed=*/false, op);
@@ -21,12 +24,27 @@ RowSource check_grouped_mm_swiglu_inputs(const at::Tensor& x, const at::Tensor& 
                        "gate_up_proj must be [num_experts, 2 * intermediate, in_features] (gate "
                        "rows, then up rows), got an odd size(1): shape ",
                        gate_up_proj.sizes());
-  return row_source(op, x, sorted_pairs, pair_to_row);
+  RowSource source = row_source(op, x, sorted_pairs, pair_to_row);
+  MOEFORGE_CHECK_VALUE(lora_u.has_value() == lora_B.has_value(), op,
+                       "lora_u and lora_B must be given together (the gate_up adapter's rank-r "
+                       "intermediate and its lora_B), got lora_u ",
+                       lora_u.has_value() ? "given" : "None", " and lora_B ",
+                       lora_B.has_value() ? "given" : "None");
+  if (lora_u.has_value()) {
+    check_lora_expand_operands(
+        op, "lora_u", *lora_u, "lora_B", *lora_B, /*rank_major=*/true,
+        {source.num_rows(x), "num_rows (of x, or of the routing plan)", gate_up_proj.size(1),
+         "2 * intermediate of gate_up_proj", gate_up_proj.size(0)},
+        "x", x);
+  }
+  return source;
 }
 
 std::tuple<at::Tensor, at::Tensor> grouped_mm_swiglu_composed(
     const at::Tensor& x, const at::Tensor& gate_up_proj, const at::Tensor& expert_offsets,
-    const std::optional<at::Tensor>& sorted_pairs, const std::optional<at::Tensor>& pair_to_row) {
+    const std::optional<at::Tensor>& sorted_pairs, const std::optional<at::Tensor>& pair_to_row,
+    const std::optional<at::Tensor>& lora_u, const std::optional<at::Tensor>& lora_B,
+    double lora_scaling) {
   static const auto grouped_mm =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("moeforge::grouped_mm", "")
@@ -39,6 +57,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_swiglu_composed(
           .typed<at::Tensor(const at::Tensor&, c10::string_view, double, double)>();
   at::Tensor h = grouped_mm.call(x, gate_up_proj, expert_offsets, std::nullopt, false, sorted_pairs,
                                  pair_to_row);
+  if (lora_u.has_value()) {
+    lora_expand_add_call(h, *lora_u, *lora_B, expert_offsets, lora_scaling, /*rank_major=*/true);
+  }
   // alpha and limit are gpt-oss's; the SiLU variant does not read them.
   at::Tensor a = swiglu.call(h, "silu", 1.702, 7.0);
   return {h, a};
@@ -48,9 +69,13 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> grouped_mm_swiglu_cpu(
     const at::Tensor& x, const at::Tensor& gate_up_proj, const at::Tensor& expert_offsets,
-    const std::optional<at::Tensor>& sorted_pairs, const std::optional<at::Tensor>& pair_to_row) {
-  check_grouped_mm_swiglu_inputs(x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row);
-  return grouped_mm_swiglu_composed(x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row);
+    const std::optional<at::Tensor>& sorted_pairs, const std::optional<at::Tensor>& pair_to_row,
+    const std::optional<at::Tensor>& lora_u, const std::optional<at::Tensor>& lora_B,
+    double lora_scaling) {
+  check_grouped_mm_swiglu_inputs(x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row, lora_u,
+                                 lora_B);
+  return grouped_mm_swiglu_composed(x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row,
+                                    lora_u, lora_B, lora_scaling);
 }
 
 }  // namespace

@@ -289,31 +289,46 @@ int64_t check_lora_expand_add_inputs(const at::Tensor& out, const at::Tensor& u,
   MOEFORGE_CHECK_VALUE(out.size(0) <= 1 || out.stride(0) >= out.size(1), op,
                        "out's rows must not overlap (stride(0) >= out_features), got shape ",
                        out.sizes(), " and strides ", out.strides());
-  check_dim(op, "u", u, 2, "[num_rows, rank]");
-  check_same_dtype(op, "u", u, "out", out);
-  check_same_device(op, "u", u, "out", out);
-  check_size(op, "u", u, 0, out.size(0), "num_rows of out");
-  MOEFORGE_CHECK_VALUE(u.size(1) >= 1, op, "u must have rank >= 1 columns, got shape ", u.sizes());
   check_dim(op, "expert_offsets", expert_offsets, 1, "[num_experts + 1]");
   check_dtype(op, "expert_offsets", expert_offsets, at::kInt);
   check_same_device(op, "expert_offsets", expert_offsets, "out", out);
-  const int64_t num_experts = expert_offsets.size(0) - 1, rank = u.size(1), n = out.size(1);
+  const int64_t num_experts = expert_offsets.size(0) - 1;
   MOEFORGE_CHECK_VALUE(num_experts >= 1, op, "expert_offsets must have num_experts + 1 >= 2 ",
                        "entries, got shape ", expert_offsets.sizes());
-  check_same_dtype(op, "lora_weight", lora_weight, "out", out);
-  check_same_device(op, "lora_weight", lora_weight, "out", out);
-  if (rank_major) {
-    check_dim(op, "lora_weight", lora_weight, 2, "[out_features, rank * num_experts] (lora_B)");
-    check_size(op, "lora_weight", lora_weight, 0, n, "out_features of out");
-    check_size(op, "lora_weight", lora_weight, 1, rank * num_experts,
-               "rank of u * num_experts of expert_offsets");
-  } else {
-    check_dim(op, "lora_weight", lora_weight, 2, "[num_experts * rank, out_features] (lora_A)");
-    check_size(op, "lora_weight", lora_weight, 0, rank * num_experts,
-               "num_experts of expert_offsets * rank of u");
-    check_size(op, "lora_weight", lora_weight, 1, n, "out_features of out");
-  }
+  check_lora_expand_operands(
+      op, "u", u, "lora_weight", lora_weight, rank_major,
+      {out.size(0), "num_rows of out", out.size(1), "out_features of out", num_experts}, "out",
+      out);
   return num_experts;
+}
+
+int64_t check_lora_expand_operands(std::string_view op, std::string_view u_name,
+                                   const at::Tensor& u, std::string_view weight_name,
+                                   const at::Tensor& lora_weight, bool rank_major,
+                                   const LoraExpandShape& shape, std::string_view like_name,
+                                   const at::Tensor& like) {
+  check_dim(op, u_name, u, 2, "[num_rows, rank]");
+  check_same_dtype(op, u_name, u, like_name, like);
+  check_same_device(op, u_name, u, like_name, like);
+  check_size(op, u_name, u, 0, shape.num_rows, shape.rows_what);
+  MOEFORGE_CHECK_VALUE(u.size(1) >= 1, op, u_name, " must have rank >= 1 columns, got shape ",
+                       u.sizes());
+  const int64_t rank = u.size(1);
+  check_same_dtype(op, weight_name, lora_weight, like_name, like);
+  check_same_device(op, weight_name, lora_weight, like_name, like);
+  const std::string rank_what = "rank of " + std::string(u_name);
+  if (rank_major) {
+    check_dim(op, weight_name, lora_weight, 2, "[out_features, rank * num_experts] (lora_B)");
+    check_size(op, weight_name, lora_weight, 0, shape.n, shape.n_what);
+    check_size(op, weight_name, lora_weight, 1, rank * shape.num_experts,
+               rank_what + " * num_experts of expert_offsets");
+  } else {
+    check_dim(op, weight_name, lora_weight, 2, "[num_experts * rank, out_features] (lora_A)");
+    check_size(op, weight_name, lora_weight, 0, rank * shape.num_experts,
+               "num_experts of expert_offsets * " + rank_what);
+    check_size(op, weight_name, lora_weight, 1, shape.n, shape.n_what);
+  }
+  return rank;
 }
 
 void check_offsets_values(std::string_view op, const at::Tensor& expert_offsets, int64_t num_rows) {

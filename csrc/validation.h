@@ -78,6 +78,23 @@ int64_t check_lora_expand_add_inputs(const at::Tensor& out, const at::Tensor& u,
                                      const at::Tensor& lora_weight,
                                      const at::Tensor& expert_offsets, bool rank_major);
 
+// LoRA's up-projection operands of an output [num_rows, n] of `like`'s dtype and device (the ops
+// that add it: lora_expand_add_, grouped_mm_lora, grouped_mm_swiglu): u [num_rows, rank >= 1] and
+// lora_weight [n, rank * E] (rank_major, PEFT's lora_B) or [E * rank, n] (lora_A). `rows_what` /
+// `n_what` say where num_rows / n come from in the messages. Returns the rank.
+struct LoraExpandShape {
+  int64_t num_rows;
+  std::string_view rows_what;
+  int64_t n;
+  std::string_view n_what;
+  int64_t num_experts;
+};
+int64_t check_lora_expand_operands(std::string_view op, std::string_view u_name,
+                                   const at::Tensor& u, std::string_view weight_name,
+                                   const at::Tensor& lora_weight, bool rank_major,
+                                   const LoraExpandShape& shape, std::string_view like_name,
+                                   const at::Tensor& like);
+
 void check_router_loss_inputs(std::string_view op, at::TensorList logits,
                               const std::optional<at::Tensor>& row_mask, int64_t top_k);
 

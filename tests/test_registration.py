@@ -13,6 +13,7 @@ FORWARD_OPS = [
     "combine",
     "grouped_mm",
     "grouped_mm_swiglu",
+    "grouped_mm_lora",
     "swiglu",
     "expert_lora",
     "router_loss",

@@ -87,23 +87,36 @@ void finish_grouped_rows(at::Tensor& out, const at::Tensor& ends, const at::Tens
 
 // Whether MOEFORGE_GROUPED_GEMM is "sm90" (grouped_mm.cpp).
 bool sm90_engine_requested();
+// LoRA's up-projection for the sm90 kernel's epilogue (grouped_mm_lora, grouped_mm_swiglu):
+// out += scaling * u M_e as lora_expand_add_ computes it, u [S, r] in expert order, M_e from
+// lora_weight in PEFT's layout (rank_major: lora_B [n, r*E]; else lora_A [E*r, n]).
+struct Sm90LoraExpand {
+  const at::Tensor& u;
+  const at::Tensor& lora_weight;
+  bool rank_major;
+  double scaling;
+};
 // out [S, n] = x's rows (in expert order, or through source's plan) times w_nk[e]^T per expert,
 // bias[e] added when defined, rows past the experts' end zero, by our sm_90a kernel
 // (grouped_mm_sm90.cpp): under MOEFORGE_GROUPED_GEMM=sm90, for the GEMMs it covers (bfloat16,
 // w_nk [E, n, k] with unit stride along k or along n, sizes / strides multiples of 8, 16-byte
-// aligned, E <= 1024); std::nullopt for the rest (the caller falls back). Raises when "sm90" is
-// asked for on a device or build without the kernel.
+// aligned, E <= 1024; with lora, its up-projection added in the epilogue: bfloat16, rank a
+// multiple of 8 up to 64); std::nullopt for the rest (the caller falls back). Raises when "sm90"
+// is asked for on a device or build without the kernel.
 std::optional<at::Tensor> sm90_grouped_gemm(const at::Tensor& x, const RowSource& source,
                                             const at::Tensor& w_nk, const at::Tensor& offsets,
                                             const at::Tensor& bias, std::string_view op,
-                                            cudaStream_t stream);
+                                            cudaStream_t stream,
+                                            const Sm90LoraExpand* lora = nullptr);
 
-// (h, a) of grouped_mm_swiglu in one launch of our sm_90a kernel (the SwiGLU in its epilogue):
-// h = x's rows times gate_up_proj[e]^T [S, 2I], a = swiglu(h) [S, I], rows of no expert zero in
-// both. Same conditions as sm90_grouped_gemm, and I a multiple of 8; std::nullopt otherwise.
+// (h, a) of grouped_mm_swiglu in one launch of our sm_90a kernel (the SwiGLU, and with lora the
+// gate_up adapter's up-projection before it, in its epilogue): h = x's rows times
+// gate_up_proj[e]^T [S, 2I], a = swiglu(h) [S, I], rows of no expert zero in both. Same
+// conditions as sm90_grouped_gemm, and I a multiple of 8; std::nullopt otherwise.
 std::optional<std::tuple<at::Tensor, at::Tensor>> sm90_grouped_gemm_swiglu(
     const at::Tensor& x, const RowSource& source, const at::Tensor& gate_up_proj,
-    const at::Tensor& offsets, std::string_view op, cudaStream_t stream);
+    const at::Tensor& offsets, std::string_view op, cudaStream_t stream,
+    const Sm90LoraExpand* lora = nullptr);
 
 // G [E, p, q], G_e = first_e^T second_e over the rows of expert e (first [S, p], second [S, q];
 // with source's plan the operand named by gather_first - first if true, else second - is

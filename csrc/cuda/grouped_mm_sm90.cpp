@@ -89,16 +89,50 @@ std::optional<kernels::GroupedGemmSm90Args> sm90_args(const at::Tensor& x, const
   return args;
 }
 
+// LoRA's operands as the kernel reads them (kept alive by the caller until the launch is queued):
+// u with unit stride along its rows, M_e [r, n] row-major - lora_A's rows as they are, the
+// rank-major lora_B through an [E, r, n] copy (2 n r E bytes, as lora_expand_add_ makes).
+struct LoraOperands {
+  at::Tensor u, m;
+};
+
+// Points args (n and num_experts set) at LoRA's operands; false where the kernel does not take
+// them (dtype, rank; strides and alignment are checked with the rest by args_valid).
+bool set_lora_args(kernels::GroupedGemmSm90Args& args, const Sm90LoraExpand& lora,
+                   LoraOperands& keep) {
+  const int64_t rank = lora.u.size(1), n = args.n, num_experts = args.num_experts;
+  if (lora.u.scalar_type() != at::kBFloat16 || lora.lora_weight.scalar_type() != at::kBFloat16 ||
+      rank % 8 != 0 || rank > kernels::kSm90MaxLoraRank) {
+    return false;
+  }
+  keep.u = as_rows(lora.u);
+  keep.m = lora.rank_major ? lora.lora_weight.reshape({n, rank, num_experts})
+                                 .permute({2, 1, 0})
+                                 .contiguous()
+                                 .reshape({num_experts * rank, n})
+                           : as_rows(lora.lora_weight);
+  args.lora_u = cuda_ptr<at::BFloat16>(keep.u);
+  args.ld_lora_u = leading_dim(keep.u, 0, rank);
+  args.lora_rank = rank;
+  args.lora_m = cuda_ptr<at::BFloat16>(keep.m);
+  args.ld_lora_m = leading_dim(keep.m, 0, n);
+  args.lora_m_stride_e = rank * args.ld_lora_m;
+  args.lora_scale = static_cast<float>(lora.scaling);
+  return true;
+}
+
 }  // namespace
 
 std::optional<at::Tensor> sm90_grouped_gemm(const at::Tensor& x_in, const RowSource& source,
                                             const at::Tensor& w_nk, const at::Tensor& offsets,
                                             const at::Tensor& bias, std::string_view op,
-                                            cudaStream_t stream) {
+                                            cudaStream_t stream, const Sm90LoraExpand* lora) {
   if (!sm90_engine_requested()) return std::nullopt;  // before as_rows' copy
   const at::Tensor x = as_rows(x_in);
   std::optional<kernels::GroupedGemmSm90Args> args = sm90_args(x, source, w_nk, offsets, op);
   if (!args) return std::nullopt;
+  LoraOperands lora_operands;
+  if (lora != nullptr && !set_lora_args(*args, *lora, lora_operands)) return std::nullopt;
   at::Tensor out = at::empty({args->num_rows, args->n}, x.options());
   args->y = cuda_mutable_ptr<at::BFloat16>(out);
   args->ldy = args->n;
@@ -112,12 +146,15 @@ std::optional<at::Tensor> sm90_grouped_gemm(const at::Tensor& x_in, const RowSou
 
 std::optional<std::tuple<at::Tensor, at::Tensor>> sm90_grouped_gemm_swiglu(
     const at::Tensor& x_in, const RowSource& source, const at::Tensor& gate_up_proj,
-    const at::Tensor& offsets, std::string_view op, cudaStream_t stream) {
+    const at::Tensor& offsets, std::string_view op, cudaStream_t stream,
+    const Sm90LoraExpand* lora) {
   if (!sm90_engine_requested()) return std::nullopt;  // before as_rows' copy
   const at::Tensor x = as_rows(x_in);
   std::optional<kernels::GroupedGemmSm90Args> args =
       sm90_args(x, source, gate_up_proj, offsets, op);
   if (!args) return std::nullopt;
+  LoraOperands lora_operands;
+  if (lora != nullptr && !set_lora_args(*args, *lora, lora_operands)) return std::nullopt;
   const int64_t rows = args->num_rows, inter = args->n / 2;
   at::Tensor h = at::empty({rows, args->n}, x.options());
   at::Tensor a = at::empty({rows, inter}, x.options());

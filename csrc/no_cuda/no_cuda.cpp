@@ -18,9 +18,9 @@ void no_cuda_kernels(const c10::OperatorHandle& op, torch::jit::Stack* /*stack*/
 TORCH_LIBRARY_IMPL(moeforge, CUDA, m) {
   for (const char* name :
        {"routing", "permute", "combine", "routed_dot", "grouped_mm", "grouped_mm_backward",
-        "grouped_mm_swiglu", "swiglu", "swiglu_backward", "weighted_swiglu_backward",
-        "weighted_swiglu_backward_", "expert_lora", "expert_lora_backward", "lora_expand_add_",
-        "router_loss", "router_loss_backward"}) {
+        "grouped_mm_swiglu", "grouped_mm_lora", "swiglu", "swiglu_backward",
+        "weighted_swiglu_backward", "weighted_swiglu_backward_", "expert_lora",
+        "expert_lora_backward", "lora_expand_add_", "router_loss", "router_loss_backward"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_cuda_kernels>());
   }
 }

@@ -28,6 +28,7 @@ __all__ = [
     "combine",
     "expert_lora",
     "grouped_mm",
+    "grouped_mm_lora",
     "grouped_mm_swiglu",
     "permute",
     "router_loss",
@@ -279,60 +280,229 @@ torch.library.register_autograd(
 
 
 def grouped_mm_swiglu(
-    x: Tensor, gate_up_proj: Tensor, expert_offsets: Tensor, plan: RoutingPlan | None = None
+    x: Tensor,
+    gate_up_proj: Tensor,
+    expert_offsets: Tensor,
+    plan: RoutingPlan | None = None,
+    *,
+    lora_u: Tensor | None = None,
+    lora_B: Tensor | None = None,
+    lora_scaling: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """The expert FFN's gate_up GEMM and its SwiGLU in one op (HF layout, SiLU, no bias).
+    """The expert FFN's gate_up GEMM and its SwiGLU in one op (HF layout, SiLU, no bias),
+    optionally with the gate_up adapter's LoRA up-projection added into ``h`` between them.
 
-    Exactly ``h = grouped_mm(x, gate_up_proj, expert_offsets, plan=plan)`` and
+    Exactly ``h = grouped_mm(x, gate_up_proj, expert_offsets, plan=plan)``, then (with
+    ``lora_u``) ``lora_expand_add_(h, lora_u, lora_B, expert_offsets, lora_scaling, True)``, and
     ``a = swiglu(h, "silu")``; under ``MOEFORGE_GROUPED_GEMM=sm90`` (bfloat16, compute capability
-    9.0) one kernel writes both, the activation computed in the GEMM's epilogue from the rounded
-    ``h`` (so ``a`` is bitwise ``swiglu(h)``), with the rows gathered through ``plan`` in its loads.
+    9.0) one kernel writes both, the LoRA add and the activation computed in the GEMM's epilogue
+    from the rounded ``h`` (the same rounding rules; ``a`` is bitwise ``swiglu(h)``), with the
+    rows gathered through ``plan`` in its loads.
 
     Args:
         x: ``[S, H]`` rows in expert order or, with ``plan``, token-major ``[T, H]``.
         gate_up_proj: ``[E, 2I, H]``: gate rows ``[0, I)``, then up rows ``[I, 2I)``.
         expert_offsets: ``[E + 1]`` int32 from :func:`routing`.
         plan: optional routing plan (as for :func:`grouped_mm`).
+        lora_u: optional ``[S, r]`` adapter intermediate ``x A_e^T`` in expert order.
+        lora_B: PEFT's ``[2I, r*E]`` (rank-major), with ``lora_u``.
+        lora_scaling: the adapter's scaling.
 
     Returns:
         ``(h [S, 2I], a [S, I])``; rows past ``expert_offsets[E]`` are zero in both.
     """
     pairs, rows = (plan.sorted_pairs, plan.pair_to_row) if plan is not None else (None, None)
-    return _ops.grouped_mm_swiglu(x, gate_up_proj, expert_offsets, pairs, rows)
+    return _ops.grouped_mm_swiglu(
+        x, gate_up_proj, expert_offsets, pairs, rows, lora_u, lora_B, lora_scaling
+    )
 
 
 @torch.library.register_fake("moeforge::grouped_mm_swiglu")
-def _grouped_mm_swiglu_fake(x, gate_up_proj, expert_offsets, sorted_pairs=None, pair_to_row=None):
+def _grouped_mm_swiglu_fake(
+    x,
+    gate_up_proj,
+    expert_offsets,
+    sorted_pairs=None,
+    pair_to_row=None,
+    lora_u=None,
+    lora_B=None,
+    lora_scaling=1.0,
+):
     num_rows = sorted_pairs.shape[0] if sorted_pairs is not None else x.shape[0]
     two_inter = gate_up_proj.shape[1]
     return x.new_empty(num_rows, two_inter), x.new_empty(num_rows, two_inter // 2)
 
 
 def _grouped_mm_swiglu_setup(ctx, inputs, output):
-    x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row = inputs
-    ctx.save_for_backward(x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row, output[0])
+    x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row, lora_u, lora_B, scaling = inputs
+    ctx.lora_scaling = scaling
+    ctx.save_for_backward(
+        x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row, output[0], lora_u, lora_B
+    )
 
 
 def _grouped_mm_swiglu_backward(ctx, grad_h, grad_a):
-    x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row, h = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False]
-    if not any(mask) or (grad_h is None and grad_a is None):
-        return None, None, None, None, None
+    x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row, h, lora_u, lora_B = (
+        ctx.saved_tensors
+    )
+    nothing = (None,) * 8
+    needs = ctx.needs_input_grad
+    if not (needs[0] or needs[1] or needs[5] or needs[6]) or (grad_h is None and grad_a is None):
+        return nothing
     grad = None if grad_a is None else _ops.swiglu_backward(grad_a, h, "silu", 1.702, 7.0)
     if grad_h is not None:
         grad = grad_h if grad is None else grad + grad_h
-    grad_x, grad_w, _ = _ops.grouped_mm_backward(
-        grad, x, gate_up_proj, expert_offsets, False, mask, sorted_pairs, pair_to_row
+    grad_x, grad_w = _grouped_mm_input_grads(
+        grad, x, gate_up_proj, expert_offsets, False, needs[0], needs[1], sorted_pairs, pair_to_row
     )
-    if mask[0] and sorted_pairs is not None:  # per routed row -> per token
-        grad_x = _ops.combine(grad_x, sorted_pairs, pair_to_row, None)
-    return (grad_x if mask[0] else None, grad_w if mask[1] else None, None, None, None)
+    grad_u = grad_B = None
+    if lora_u is not None and (needs[5] or needs[6]):
+        grad_u, grad_B = _lora_expand_grads(
+            grad, lora_u, lora_B, expert_offsets, ctx.lora_scaling, True, needs[5], needs[6]
+        )
+    return grad_x, grad_w, None, None, None, grad_u, grad_B, None
 
 
 torch.library.register_autograd(
     "moeforge::grouped_mm_swiglu",
     _grouped_mm_swiglu_backward,
     setup_context=_grouped_mm_swiglu_setup,
+)
+
+
+def _grouped_mm_input_grads(
+    grad, x, weight, expert_offsets, weight_transposed, need_x, need_w, sorted_pairs, pair_to_row
+) -> tuple[Tensor | None, Tensor | None]:
+    """(grad_x, grad_weight) of ``grouped_mm(x, weight, ...)`` without bias (None where not
+    needed); grad_x per token where x was read through the plan."""
+    if not (need_x or need_w):
+        return None, None
+    grad_x, grad_w, _ = _ops.grouped_mm_backward(
+        grad, x, weight, expert_offsets, weight_transposed, [need_x, need_w, False],
+        sorted_pairs, pair_to_row,
+    )  # fmt: skip
+    if need_x and sorted_pairs is not None:  # per routed row -> per token
+        grad_x = _ops.combine(grad_x, sorted_pairs, pair_to_row, None)
+    return (grad_x if need_x else None), (grad_w if need_w else None)
+
+
+def _lora_expand_grads(
+    grad: Tensor,
+    u: Tensor,
+    lora_weight: Tensor,
+    expert_offsets: Tensor,
+    scaling: float,
+    rank_major: bool,
+    need_u: bool,
+    need_weight: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of the term ``out += scaling * u M_e`` (``lora_expand_add_``) from the output
+    gradient ``grad [S, n]``: ``grad_u = scaling * grad M_e^T`` ``[S, r]`` and ``grad_M_e =
+    scaling * u_e^T grad_e`` in lora_weight's layout (M_e = B_e^T of a rank-major lora_B
+    ``[n, r*E]``, or A_e of lora_A ``[E*r, n]``)."""
+    num_experts, rank, n = expert_offsets.shape[0] - 1, u.shape[1], grad.shape[1]
+    m = (  # M_e stacked: [E, r, n]
+        lora_weight.reshape(n, rank, num_experts).permute(2, 1, 0)
+        if rank_major
+        else lora_weight.reshape(num_experts, rank, n)
+    )
+    grad_u = grad_weight = None
+    if need_u:  # grad M_e^T: a grouped GEMM with M as the [E, out=r, in=n] weight
+        grad_u = _ops.grouped_mm(grad, m.contiguous(), expert_offsets, None, False) * scaling
+    if need_weight:  # M_e's gradient as the weight gradient of that GEMM, s u in grad's place
+        mask = [False, True, False]
+        _, g, _ = _ops.grouped_mm_backward(u * scaling, grad, m, expert_offsets, False, mask)
+        grad_weight = (
+            g.permute(2, 1, 0).reshape(n, rank * num_experts)
+            if rank_major
+            else g.reshape(num_experts * rank, n)
+        )
+    return grad_u, grad_weight
+
+
+# ------------------------------------------------------------------------------------------
+# grouped_mm_lora
+# ------------------------------------------------------------------------------------------
+
+
+def grouped_mm_lora(
+    x: Tensor,
+    weight: Tensor,
+    expert_offsets: Tensor,
+    lora_u: Tensor,
+    lora_weight: Tensor,
+    lora_scaling: float,
+    *,
+    lora_rank_major: bool = True,
+    weight_transposed: bool = False,
+    plan: RoutingPlan | None = None,
+) -> Tensor:
+    """A grouped GEMM with LoRA's up-projection added into its output, in one op.
+
+    Exactly ``y = grouped_mm(x, weight, expert_offsets, None, weight_transposed, plan)`` then
+    ``lora_expand_add_(y, lora_u, lora_weight, expert_offsets, lora_scaling,
+    lora_rank_major)``: ``y[i] += lora_scaling * lora_u[i] M_e`` on the rows of expert e. Under
+    ``MOEFORGE_GROUPED_GEMM=sm90`` (bfloat16, compute capability 9.0, rank a multiple of 8 up to
+    64) one kernel: the add in the GEMM's epilogue on the rounded output (``lora_expand_add_``'s
+    rounding rule), so ``y`` is written once.
+
+    Args:
+        x: ``[S, in]`` rows in expert order or, with ``plan``, token-major ``[T, in]``.
+        weight: ``[E, out, in]`` or, with ``weight_transposed``, ``[E, in, out]``.
+        expert_offsets: ``[E + 1]`` int32 from :func:`routing`.
+        lora_u: ``[S, r]`` in expert order (also when x is read through ``plan``).
+        lora_weight: ``lora_rank_major``: PEFT's lora_B ``[out, r*E]`` (M_e = B_e^T, the
+            forward); else PEFT's lora_A ``[E*r, out]`` (M_e = A_e, an input's gradient).
+        lora_scaling: the adapter's scaling.
+
+    Returns:
+        ``[S, out]`` in expert order; rows past ``expert_offsets[E]`` are zero.
+    """
+    pairs, rows = (plan.sorted_pairs, plan.pair_to_row) if plan is not None else (None, None)
+    return _ops.grouped_mm_lora(
+        x, weight, expert_offsets, weight_transposed, lora_u, lora_weight, lora_scaling,
+        lora_rank_major, pairs, rows,
+    )  # fmt: skip
+
+
+@torch.library.register_fake("moeforge::grouped_mm_lora")
+def _grouped_mm_lora_fake(
+    x,
+    weight,
+    expert_offsets,
+    weight_transposed,
+    lora_u,
+    lora_weight,
+    lora_scaling,
+    lora_rank_major,
+    sorted_pairs=None,
+    pair_to_row=None,
+):
+    num_rows = sorted_pairs.shape[0] if sorted_pairs is not None else x.shape[0]
+    return x.new_empty(num_rows, weight.shape[2 if weight_transposed else 1])
+
+
+def _grouped_mm_lora_setup(ctx, inputs, output):
+    x, weight, offsets, transposed, lora_u, lora_weight, scaling, rank_major, pairs, rows = inputs
+    ctx.weight_transposed, ctx.lora_scaling, ctx.lora_rank_major = transposed, scaling, rank_major
+    ctx.save_for_backward(x, weight, offsets, lora_u, lora_weight, pairs, rows)
+
+
+def _grouped_mm_lora_backward(ctx, grad):
+    x, weight, offsets, lora_u, lora_weight, pairs, rows = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_x, grad_w = _grouped_mm_input_grads(
+        grad, x, weight, offsets, ctx.weight_transposed, needs[0], needs[1], pairs, rows
+    )
+    grad_u, grad_lora = _lora_expand_grads(
+        grad, lora_u, lora_weight, offsets, ctx.lora_scaling, ctx.lora_rank_major, needs[4],
+        needs[5],
+    )  # fmt: skip
+    return grad_x, grad_w, None, None, grad_u, grad_lora, None, None, None, None
+
+
+torch.library.register_autograd(
+    "moeforge::grouped_mm_lora", _grouped_mm_lora_backward, setup_context=_grouped_mm_lora_setup
 )
 
 
