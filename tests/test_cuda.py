@@ -880,3 +880,114 @@ def test_grouped_mm_swiglu_is_grouped_mm_then_swiglu(monkeypatch, engine, throug
     names = cuda_kernels_called(lambda: ops.grouped_mm_swiglu(rows, w, offs, use_plan))
     assert any("grouped_gemm_sm90_kernel" in n for n in names), sorted(names)
     assert not any("swiglu" in n for n in names), sorted(names)
+
+
+def coarse(shape, scale=1.0, **kw):
+    """Nonzero multiples of 1/8 in [-2, 2] (times a power-of-two scale): LoRA's rank sums of
+    their products are exact in fp32 in any order, so every engine's up-projection add gives
+    bitwise the same result."""
+    q = torch.randint(-16, 16, shape, **kw)
+    return ((q + (q >= 0).to(q.dtype)).double() * (scale / 8)).to(torch.bfloat16)
+
+
+def lora_rule(base, u, lora_weight, offs, scaling, rank_major):
+    """round(base + scaling * u M_e) per expert's rows (lora_expand_add_'s rule with an exact
+    rank sum and a power-of-two scaling: one fp32 rounding, then bf16's); other rows as base."""
+    num_experts, rank, n = offs.numel() - 1, u.shape[1], base.shape[1]
+    m = lora_weight.double()
+    m = (
+        m.view(n, rank, num_experts).permute(2, 1, 0)
+        if rank_major
+        else m.view(num_experts, rank, n)
+    )
+    out = base.clone()
+    o = offs.tolist()
+    for e in range(num_experts):
+        exact = (u[o[e] : o[e + 1]].double() @ m[e]).float()
+        out[o[e] : o[e + 1]] = (base[o[e] : o[e + 1]].float() + scaling * exact).bfloat16()
+    return out
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("rank_major", [True, False])
+@pytest.mark.parametrize("through_plan", [False, True])
+def test_grouped_mm_lora_adds_by_lora_expand_adds_rule(
+    monkeypatch, engine, transposed, rank_major, through_plan
+):
+    """grouped_mm_lora on every engine: bitwise the engine's own grouped_mm with LoRA's
+    up-projection added by lora_expand_add_'s rule (exact rank sums, so bitwise on every engine);
+    under "sm90" one launch of our kernel (the add in its epilogue, no lora_expand_add_ kernel),
+    the same under both pipelines; dropped rows zero; within bf16 rounding of float64."""
+    torch.manual_seed(5)
+    T, K, E, H, N, R = 500, 4, 16, 200, 328, 16
+    ids = random_topk_ids(T, K, E, device="cuda", drop_fraction=0.03, skip_experts=(2,))
+    plan = ops.routing(ids, E)
+    offs = plan.expert_offsets
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    rows = x if through_plan else ops.permute(x, plan)
+    use_plan = plan if through_plan else None
+    shape = (E, H, N) if transposed else (E, N, H)
+    w = torch.randn(shape, device="cuda", dtype=torch.bfloat16) / H**0.5
+    u = coarse((T * K, R), device="cuda")
+    lora_w = coarse((N, R * E) if rank_major else (E * R, N), scale=0.25, device="cuda")
+
+    def run():
+        return ops.grouped_mm_lora(
+            rows, w, offs, u, lora_w, 0.5, lora_rank_major=rank_major,
+            weight_transposed=transposed, plan=use_plan,
+        )  # fmt: skip
+
+    poison_allocator()
+    y = run()
+    assert torch.isfinite(y).all(), "unwritten (NaN-poisoned) rows"
+    kept = int(offs[-1])
+    assert (y[kept:] == 0).all()
+    base = ops.grouped_mm(rows, w, offs, None, transposed, plan=use_plan)
+    assert torch.equal(y, lora_rule(base, u, lora_w, offs, 0.5, rank_major))
+    want = reference.lora_expand_add(
+        reference.grouped_mm(ops.permute(x, plan).double(), w.double(), offs, None, transposed),
+        u, lora_w, offs, 0.5, rank_major,
+    )  # fmt: skip
+    assert_normwise_close(y, want, 4e-3, "y vs float64")
+    if engine == "sm90":
+        names = cuda_kernels_called(run)
+        assert any("grouped_gemm_sm90_kernel" in n for n in names), sorted(names)
+        assert not any("lora_expand" in n for n in names), sorted(names)
+        monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", "overlapped")
+        assert torch.equal(run(), y)
+
+
+@pytest.mark.parametrize("through_plan", [False, True])
+def test_grouped_mm_swiglu_with_lora_adds_by_the_rule(monkeypatch, engine, through_plan):
+    """grouped_mm_swiglu with the gate_up adapter on every engine: h bitwise the op's h without
+    LoRA with the up-projection added by lora_expand_add_'s rule (exact rank sums), a bitwise
+    swiglu(h); under "sm90" one kernel (no lora_expand_add_, no swiglu kernel)."""
+    torch.manual_seed(6)
+    T, K, E, H, I, R = 400, 4, 16, 256, 200, 16
+    ids = random_topk_ids(T, K, E, device="cuda", drop_fraction=0.03, skip_experts=(5,))
+    plan = ops.routing(ids, E)
+    offs = plan.expert_offsets
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    rows = x if through_plan else ops.permute(x, plan)
+    use_plan = plan if through_plan else None
+    w = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / H**0.5
+    u = coarse((T * K, R), device="cuda")
+    lora_B = coarse((2 * I, R * E), scale=0.25, device="cuda")
+
+    def run():
+        return ops.grouped_mm_swiglu(
+            rows, w, offs, use_plan, lora_u=u, lora_B=lora_B, lora_scaling=0.5
+        )
+
+    poison_allocator()
+    h, a = run()
+    assert torch.isfinite(h).all() and torch.isfinite(a).all(), "unwritten (NaN-poisoned) rows"
+    h0, _ = ops.grouped_mm_swiglu(rows, w, offs, use_plan)
+    assert torch.equal(h, lora_rule(h0, u, lora_B, offs, 0.5, True))
+    assert torch.equal(a, ops.swiglu(h))
+    kept = int(offs[-1])
+    assert (h[kept:] == 0).all() and (a[kept:] == 0).all()
+    if engine == "sm90":
+        names = cuda_kernels_called(run)
+        assert any("grouped_gemm_sm90_kernel" in n for n in names), sorted(names)
+        assert not any("lora_expand" in n or "swiglu" in n for n in names), sorted(names)

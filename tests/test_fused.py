@@ -117,6 +117,33 @@ def test_torch_engine_lora_path_matches_eager_loop(monkeypatch, layout, bias, ga
     assert calls.get("moeforge::expert_lora_backward", 0) == 0
 
 
+@pytest.mark.parametrize("layout", ["hf", "gpt_oss"])
+def test_sm90_lora_epilogue_path_matches_eager_loop(monkeypatch, layout):
+    """The path under the experimental MOEFORGE_GROUPED_GEMM=sm90 (where grouped_mm_lora and
+    grouped_mm_swiglu's LoRA arguments are one kernel each: LoRA's up-projections in the base
+    GEMMs' epilogues - h, y, grad_aw, grad_x - instead of lora_expand_add_ after them), forced on
+    CPU in float64 with a rank it applies to (8; no biases, which keep the in-place path): every
+    gradient subset against the eager loop."""
+    from moeforge import fused
+
+    monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
+    monkeypatch.setattr(fused, "_torch_engine", lambda x, num_experts: True)
+    ids, leaves = make_inputs("cpu", layout, lora=True, bias=False, rank=8)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        check_every_gradient_subset(ids, leaves, layout)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    subsets = trainable_subsets(list(leaves))
+    # Per subset: the down projection (and gpt-oss's gate_up) in the forward, grad_aw in the
+    # backward, and grad_x where x is trainable.
+    per_run = 2 if layout == "hf" else 3
+    with_x = sum("x" in s for s in subsets)
+    assert calls.get("moeforge::grouped_mm_lora", 0) == per_run * len(subsets) + with_x
+    if layout == "hf":  # gate_up's adapter in grouped_mm_swiglu
+        assert calls.get("moeforge::grouped_mm_swiglu", 0) == len(subsets)
+    assert calls.get("moeforge::expert_lora_backward", 0) == 0
+    assert calls.get("moeforge::expert_lora", 0) == 0
+
+
 def test_torch_engine_lora_path_beyond_lora_expand_expert_limit(monkeypatch):
     """More experts than lora_expand_add_'s CUDA kernels take: the torch-engine layer keeps
     expert_lora (no in-place adds) and gives the same values and gradients as the default path."""

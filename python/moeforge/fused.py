@@ -138,6 +138,36 @@ def _lora_expand_applies(
     )
 
 
+def _lora_in_epilogue(
+    lora_A: Tensor, num_experts: int, dtype: torch.dtype, torch_engine: bool
+) -> bool:
+    """Where LoRA's up-projection goes into the base GEMM's epilogue (:func:`moeforge.ops.
+    grouped_mm_lora`, :func:`moeforge.ops.grouped_mm_swiglu`'s LoRA arguments) instead of
+    ``lora_expand_add_`` after it: under the experimental ``MOEFORGE_GROUPED_GEMM=sm90``, where
+    those ops are one kernel, for the adapters :func:`_add_lora` adds in place, up to rank 64
+    (one k block of the epilogue's MMAs). The same rounding rule either way; elsewhere the ops
+    would run the same two kernels, so the layer keeps its measured path."""
+    rank = lora_A.shape[0] // num_experts
+    return (
+        os.environ.get("MOEFORGE_GROUPED_GEMM") == "sm90"
+        and rank <= 64
+        and _lora_expand_applies(lora_A, num_experts, dtype, torch_engine)
+    )
+
+
+def _lora_u(x: Tensor, x_plan: tuple, lora_A: Tensor, offsets: Tensor) -> Tensor:
+    """``u = x A_e^T`` [S, r] through the grouped GEMM (x in expert order or read through its
+    plan), in x's dtype."""
+    num_experts = offsets.shape[0] - 1
+    a = lora_A.reshape(num_experts, lora_A.shape[0] // num_experts, lora_A.shape[1])  # [E, r, in]
+    return _ops.grouped_mm(x, a, offsets, None, False, *x_plan)
+
+
+def _plan_args(plan: tuple) -> tuple:
+    """A plan as the ops' (sorted_pairs, pair_to_row) arguments, (None, None) for none."""
+    return plan if plan else (None, None)
+
+
 def _add_lora(
     out: Tensor,
     x: Tensor,
@@ -155,10 +185,8 @@ def _add_lora(
     up-projection into ``out`` in place: the ``[S, out]`` delta is never written and read back
     (at Qwen3's T=16384 that was ~0.5 ms per projection). Elsewhere ``expert_lora`` + an add."""
     num_experts = offsets.shape[0] - 1
-    rank = lora_A.shape[0] // num_experts
     if _lora_expand_applies(lora_A, num_experts, out.dtype, torch_engine):
-        a = lora_A.reshape(num_experts, rank, lora_A.shape[1])  # [E, r, in]: u = x A_e^T
-        u = _ops.grouped_mm(x, a, offsets, None, False, *x_plan)
+        u = _lora_u(x, x_plan, lora_A, offsets)
         _ops.lora_expand_add_(out, u, lora_B, offsets, scaling, True)
         return u
     delta, u = _ops.expert_lora(x, lora_A, lora_B, offsets, scaling, *x_plan)
@@ -270,7 +298,23 @@ class FusedMoEExperts(torch.autograd.Function):
         if gate_up_lora_A is not None and _gathers_to_a_copy(x, num_experts, True):
             x_in, x_plan = _ops.permute(x, *plan, None), ()  # one copy for both GEMMs
         gate_up_u = None
-        if transposed or gate_up_bias is not None or gate_up_lora_A is not None:
+        gu_epilogue = gate_up_lora_A is not None and gate_up_bias is None
+        gu_epilogue = gu_epilogue and _lora_in_epilogue(
+            gate_up_lora_A, num_experts, x.dtype, torch_engine
+        )
+        if gu_epilogue:  # the adapter's up-projection added in the GEMM's epilogue
+            gate_up_u = _lora_u(x_in, x_plan, gate_up_lora_A, offsets)
+            lora = (gate_up_u, gate_up_lora_B, gate_up_scaling)
+            if transposed:
+                h = _ops.grouped_mm_lora(
+                    x_in, gate_up_proj, offsets, True, *lora, True, *_plan_args(x_plan)
+                )
+                a = _ops.swiglu(h, variant, alpha, limit)
+            else:
+                h, a = _ops.grouped_mm_swiglu(
+                    x_in, gate_up_proj, offsets, *_plan_args(x_plan), *lora
+                )
+        elif transposed or gate_up_bias is not None or gate_up_lora_A is not None:
             h = _ops.grouped_mm(x_in, gate_up_proj, offsets, gate_up_bias, transposed, *x_plan)
             if gate_up_lora_A is not None:
                 gate_up_u = _add_lora(
@@ -281,12 +325,22 @@ class FusedMoEExperts(torch.autograd.Function):
         else:  # the same h and a from one op (one kernel under MOEFORGE_GROUPED_GEMM=sm90)
             h, a = _ops.grouped_mm_swiglu(x_in, gate_up_proj, offsets, *x_plan)
         del x_in
-        y = _ops.grouped_mm(a, down_proj, offsets, down_bias, transposed)
         down_u = None
-        if down_lora_A is not None:
-            down_u = _add_lora(
-                y, a, (), down_lora_A, down_lora_B, offsets, down_scaling, torch_engine
+        if (
+            down_lora_A is not None
+            and down_bias is None
+            and _lora_in_epilogue(down_lora_A, num_experts, a.dtype, torch_engine)
+        ):
+            down_u = _lora_u(a, (), down_lora_A, offsets)
+            y = _ops.grouped_mm_lora(
+                a, down_proj, offsets, transposed, down_u, down_lora_B, down_scaling, True
             )
+        else:
+            y = _ops.grouped_mm(a, down_proj, offsets, down_bias, transposed)
+            if down_lora_A is not None:
+                down_u = _add_lora(
+                    y, a, (), down_lora_A, down_lora_B, offsets, down_scaling, torch_engine
+                )
         del a
         out = _ops.combine(y, sorted_pairs, pair_to_row, top_k_weights)
 
@@ -368,28 +422,37 @@ class FusedMoEExperts(torch.autograd.Function):
         gemms_only = down_lora_A is None
         if dO_readers > 1 and _gathers_to_a_copy(grad_out, gate_up_proj.shape[0], gemms_only):
             dO, dO_plan, dO_lora_plan = _ops.permute(grad_out, *plan, None), (), ()
-        grad_aw = _ops.grouped_mm(dO, down_proj, offsets, None, not transposed, *dO_plan)
         num_experts = offsets.shape[0] - 1
         down_du = None  # dO B_e of the down adapter, kept for its weight gradients
-        if down_lora_A is not None and _lora_expand_applies(
+        if down_lora_A is not None and _lora_in_epilogue(
             down_lora_A, num_experts, dO.dtype, ctx.torch_engine
-        ):  # the adapter's share s (dO B_e) A_e added into grad_aw in place
-            down_du = _add_lora_grad_x(
-                grad_aw, dO, down_lora_A, down_lora_B, offsets, ctx.down_scaling, dO_plan
-            )
-        elif down_lora_A is not None:
-            lora_grad, _, _ = _ops.expert_lora_backward(
-                dO,
-                _shape_only(num_rows, inter, h),
-                down_u,
-                down_lora_A,
-                down_lora_B,
-                offsets,
-                ctx.down_scaling,
-                [True, False, False],
-                *dO_lora_plan,
-            )
-            grad_aw.add_(lora_grad)
+        ):  # the adapter's share s (dO B_e) A_e added in the GEMM's epilogue
+            down_du = _lora_du(dO, down_lora_B, offsets, dO_plan)
+            grad_aw = _ops.grouped_mm_lora(
+                dO, down_proj, offsets, not transposed, down_du, down_lora_A, ctx.down_scaling,
+                False, *_plan_args(dO_plan),
+            )  # fmt: skip
+        else:
+            grad_aw = _ops.grouped_mm(dO, down_proj, offsets, None, not transposed, *dO_plan)
+            if down_lora_A is not None and _lora_expand_applies(
+                down_lora_A, num_experts, dO.dtype, ctx.torch_engine
+            ):  # the adapter's share s (dO B_e) A_e added into grad_aw in place
+                down_du = _add_lora_grad_x(
+                    grad_aw, dO, down_lora_A, down_lora_B, offsets, ctx.down_scaling, dO_plan
+                )
+            elif down_lora_A is not None:
+                lora_grad, _, _ = _ops.expert_lora_backward(
+                    dO,
+                    _shape_only(num_rows, inter, h),
+                    down_u,
+                    down_lora_A,
+                    down_lora_B,
+                    offsets,
+                    ctx.down_scaling,
+                    [True, False, False],
+                    *dO_lora_plan,
+                )
+                grad_aw.add_(lora_grad)
         want_act_w = need_dn or need_dn_A or need_dn_B
         act_args = (variant, ctx.alpha, ctx.limit, want_act_w)
         if _read_for_the_last_time(h, ctx.saved_h):  # grad_h takes h's memory
@@ -465,12 +528,29 @@ class FusedMoEExperts(torch.autograd.Function):
         grad_x = grad_gu = grad_gu_bias = grad_gu_A = grad_gu_B = None
         if need_x or need_gu or need_gu_bias or need_gu_A or need_gu_B:
             mask = [need_x, need_gu, need_gu_bias]
-            grad_x_rows = None
+            grad_x_rows = gu_du = None
+            if (
+                need_x
+                and gate_up_lora_A is not None
+                and _lora_in_epilogue(gate_up_lora_A, num_experts, grad_h.dtype, ctx.torch_engine)
+            ):  # grad_x's LoRA share s (grad_h B_e) A_e added in the GEMM's epilogue
+                gu_du = _lora_du(grad_h, gate_up_lora_B, offsets)
+                grad_x_rows = _ops.grouped_mm_lora(
+                    grad_h, gate_up_proj, offsets, not transposed, gu_du, gate_up_lora_A,
+                    ctx.gate_up_scaling, False,
+                )  # fmt: skip
+                mask[0] = False
             if any(mask):
-                grad_x_rows, grad_gu, grad_gu_bias = _ops.grouped_mm_backward(
+                rows_grad, grad_gu, grad_gu_bias = _ops.grouped_mm_backward(
                     grad_h, x, gate_up_proj, offsets, transposed, mask, *plan
                 )
-            if gate_up_lora_A is not None and (need_x or need_gu_A or need_gu_B):
+                grad_x_rows = rows_grad if mask[0] else grad_x_rows
+            if gu_du is not None:  # the adapter's weight gradients from the same du
+                grad_gu_A, grad_gu_B = _lora_weight_grads(
+                    gu_du, grad_h, (), x, plan, gate_up_u, gate_up_lora_A, gate_up_lora_B,
+                    offsets, ctx.gate_up_scaling, need_gu_A, need_gu_B,
+                )  # fmt: skip
+            elif gate_up_lora_A is not None and (need_x or need_gu_A or need_gu_B):
                 lora_mask = [need_x, need_gu_A, need_gu_B]
                 if _lora_expand_applies(
                     gate_up_lora_A, num_experts, grad_h.dtype, ctx.torch_engine
