@@ -16,6 +16,13 @@ layout; "sm90" reads the weight K-major in the forward GEMMs, MN-major in the ba
     grad_x (gate_up)    [S, H] = grad_h W_gu, grad_h [S, 2I]
     dW gate_up          [E, 2I, H] = grad_h_e^T x_e, x read through the plan (the weight gradient;
                         "sm90": the K-grouped kernel)
+    gate_up+swiglu+LoRA grouped_mm_swiglu with the gate_up adapter (r = 16): "sm90" adds
+                        s u B_e^T in the epilogue; the others run grouped_mm, lora_expand_add_
+                        and swiglu (the fused layer's frozen + LoRA forward)
+    down + LoRA         grouped_mm_lora: y = a W_dn^T + s u B_e^T (one kernel under "sm90")
+    grad_aw + LoRA      grouped_mm_lora: dO W_dn + s du A_e, dO gathered (the LoRA backward)
+
+The LoRA rows count the base GEMM's FLOPs only (the rank-16 add is < 2% of them).
 
 TFLOP/s count 2 * S * n * k. "max rel err" is |engine - first| / |first| (normwise) of the
 same call against the first engine that ran it: a wrong kernel shows up here before it shows up
@@ -55,6 +62,11 @@ def gemm_cases(T: int, H: int, I: int, E: int, K: int, device: str):
     grad_x_mask, grad_w_mask = [True, False, False], [False, True, False]
     pairs = (plan.sorted_pairs, plan.pair_to_row)
     gate_up = 2 * S * 2 * I * H
+    r = 16  # LoRA rank
+    u = torch.randn(S, r, device=device, dtype=dt)
+    gu_B = torch.randn(2 * I, r * E, device=device, dtype=dt) / r
+    dn_B = torch.randn(H, r * E, device=device, dtype=dt) / r
+    dn_A = torch.randn(E * r, I, device=device, dtype=dt) / I**0.5
     return [
         ("gate_up (gathered)", lambda: ops.grouped_mm(x, w_gu, offs, plan=plan), gate_up),
         ("gate_up (dense)", lambda: ops.grouped_mm(xs, w_gu, offs), gate_up),
@@ -74,6 +86,29 @@ def gemm_cases(T: int, H: int, I: int, E: int, K: int, device: str):
             "dW gate_up",
             lambda: _ops.grouped_mm_backward(grad_h, x, w_gu, offs, False, grad_w_mask, *pairs)[1],
             gate_up,
+        ),
+        (
+            "gate_up+swiglu+LoRA",
+            lambda: ops.grouped_mm_swiglu(
+                x, w_gu, offs, plan, lora_u=u, lora_B=gu_B, lora_scaling=2.0
+            ),
+            gate_up,
+        ),
+        ("down + LoRA", lambda: ops.grouped_mm_lora(a, w_dn, offs, u, dn_B, 2.0), 2 * S * H * I),
+        (
+            "grad_aw + LoRA",
+            lambda: ops.grouped_mm_lora(
+                d_out,
+                w_dn,
+                offs,
+                u,
+                dn_A,
+                2.0,
+                lora_rank_major=False,
+                weight_transposed=True,
+                plan=plan,
+            ),
+            2 * S * I * H,
         ),
     ]
 

@@ -1,4 +1,4 @@
-// Stage S1 of docs/hopper-gemm-plan.md (contract: moeforge/kernels/grouped_gemm_sm90.h): a dense
+// Stages S1-S4 of docs/hopper-gemm-plan.md (contract: moeforge/kernels/grouped_gemm_sm90.h): a dense
 // grouped GEMM on wgmma, built for sm_90a only (CMakeLists.txt), not yet run on a GPU. The host
 // kernel emulator (tests/emu) runs it with wgmma emulated from the documented layout (below), so
 // its schedule, loads, pipeline and epilogue are tested on machines without a GPU.
@@ -21,6 +21,9 @@
 //   the stage is refilled.
 // - Epilogue straight from the accumulators (sm90_layout.h accumulator_coord): pairs of adjacent
 //   columns rounded to bf16 and stored 4 bytes at a time, rows past the expert's segment skipped.
+// - LoRA's up-projection (stage S4, with lora_u): the rounded result packed into bf16 pairs, u M_e
+//   multiplied into the freed accumulators from LoRA's own tiles (loaded with the first k block),
+//   then round(fma(s, acc, base)) stored (or handed to the SwiGLU) as lora_expand_add_ would.
 // Not tuned: no TMA, no warp specialisation, no overlap of epilogue and loads.
 #include <algorithm>
 #include <atomic>
