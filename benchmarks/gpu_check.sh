@@ -8,7 +8,8 @@
 #   SANITIZER_BINS="router_loss grouped_gemm" SANITIZER_GTEST_FILTER=...  (compute-sanitizer subset;
 #   the sm90 suites: SANITIZER_BINS="grouped_gemm_sm90 grouped_wgrad_sm90"
 #   SANITIZER_GTEST_FILTER="*OneTile*:*Tails*:*Gather*")
-#   GPU_CHECK_STEPS="... profile"  adds profile_layer.py's per-kernel times (train, frozen, lora)
+#   GPU_CHECK_STEPS="... profile"  adds profile_layer.py's per-kernel times (train, frozen, lora);
+#                                  PROFILE_ENGINE=sm90 profiles under that grouped GEMM engine
 #   BENCH_GPU_TIME=                bench_layer without its kernel-time column (faster; set it for
 #                                  the five models' rows)
 #   GPU_CHECK_STEPS="build bench_layer" MOEFORGE_BENCH_MODELS="mixtral-8x7b olmoe deepseek-v3
@@ -77,8 +78,9 @@ wants bench_router_loss && step bench_router_loss 240 python bench_router_loss.p
   --json "$LOGS/bench_router_loss.json"
 wants bench_e2e_lora && step bench_e2e_lora 300 python bench_e2e_lora.py
 # Optional (not in the default steps): where one layer step's GPU time goes, per kernel.
-wants profile && step profile 240 bash -c 'for m in train frozen lora; do
-  python profile_layer.py --mode $m --top 14; done; python profile_layer.py --mode train --forward --top 10'
+wants profile && step profile 240 bash -c 'e=${PROFILE_ENGINE:+--engine $PROFILE_ENGINE}
+  for m in train frozen lora; do python profile_layer.py --mode $m --top 14 $e; done
+  python profile_layer.py --mode train --forward --top 10 $e'
 cd ..
 wants pytest && step pytest 420 python -m pytest tests -q -rf --timeout 300 -p no:cacheprovider \
   --ignore=tests/test_cuda.py
