@@ -1,7 +1,7 @@
-// Stages S1-S4 of docs/hopper-gemm-plan.md (contract: moeforge/kernels/grouped_gemm_sm90.h): a dense
-// grouped GEMM on wgmma, built for sm_90a only (CMakeLists.txt), not yet run on a GPU. The host
-// kernel emulator (tests/emu) runs it with wgmma emulated from the documented layout (below), so
-// its schedule, loads, pipeline and epilogue are tested on machines without a GPU.
+// Stages S1-S4 of docs/hopper-gemm-plan.md (contract: moeforge/kernels/grouped_gemm_sm90.h): a
+// dense grouped GEMM on wgmma, built for sm_90a only (CMakeLists.txt), not yet run on a GPU. The
+// host kernel emulator (tests/emu) runs it with wgmma emulated from the documented layout (below),
+// so its schedule, loads, pipeline and epilogue are tested on machines without a GPU.
 //
 // Design, the simplest that exercises the pieces the fused kernels will build on (with stage S2's
 // row gather — A rows read through the routing plan, resolved once per tile — and SwiGLU
@@ -62,6 +62,22 @@ __device__ __forceinline__ int64_t a_source_row(const GroupedGemmSm90Args& args,
              : -1;
 }
 
+// Whether the B tile pairs HF's SwiGLU halves: 64 gate columns n0.. then the 64 up columns
+// I + n0.. (gpt-oss's interleaved pairs are adjacent columns of an ordinary tile).
+__device__ __forceinline__ bool glu_halves(const GroupedGemmSm90Args& args) {
+  return args.a != nullptr && args.glu == GluVariant::kSilu;
+}
+
+// The output column that tile column c (of a tile whose first column is n0, an intermediate
+// column with SwiGLU halves) stands for, or -1 past the output: n0 + c, or with SwiGLU halves
+// the gate column n0 + c (c < 64) or the up column I + n0 + c - 64.
+__device__ __forceinline__ int64_t output_column(const GroupedGemmSm90Args& args, int64_t n0,
+                                                 int c) {
+  if (!glu_halves(args)) return n0 + c < args.n ? n0 + c : -1;
+  const int64_t inter = args.n / 2, j = n0 + c % kGluHalf;
+  return j < inter ? (c < kGluHalf ? 0 : inter) + j : -1;
+}
+
 // One 16-byte chunk of an MN-major B tile at `tile`: chunk `id` % 16 of k row `id` / 16, i.e.
 // row k0 + id / 16 of a row-major [k_limit, n] matrix at src_e (row stride ld: W_e^T, or LoRA's
 // M_e). Chunks 0-7 (columns n0..) fill the first 64-column block, chunks 8-15 the second (with
@@ -73,9 +89,10 @@ __device__ __forceinline__ void load_b_mn_major_chunk(const GroupedGemmSm90Args&
                                                       int id) {
   const int kr = id / (2 * kChunksPerRow), chunk = id % (2 * kChunksPerRow);
   const int64_t kb = k0 + kr, half = chunk / kChunksPerRow;
-  const int64_t j = (args.a != nullptr ? n0 : n0 + half * 64) + (chunk % kChunksPerRow) * 8;
-  const int64_t limit = args.a != nullptr ? args.n / 2 : args.n;
-  const int64_t col = (args.a != nullptr && half == 1 ? args.n / 2 : 0) + j;
+  const bool halves = glu_halves(args);
+  const int64_t j = (halves ? n0 : n0 + half * 64) + (chunk % kChunksPerRow) * 8;
+  const int64_t limit = halves ? args.n / 2 : args.n;
+  const int64_t col = (halves && half == 1 ? args.n / 2 : 0) + j;
   const bool ok = kb < k_limit && j < limit;
   const int n_bytes = ok ? static_cast<int>(std::min<int64_t>(8, limit - j)) * 2 : 0;
   cp_async_16_zfill(tile + sm90::sw128_mn_offset(static_cast<uint32_t>(kr),
@@ -106,7 +123,7 @@ __device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args, unsi
       // tile's first 64 rows are gate rows n0.., the next 64 the matching up rows I + n0...
       int64_t b_row = n0 + r;
       bool b_ok = b_row < args.n;
-      if (args.a != nullptr) {
+      if (glu_halves(args)) {
         const int64_t inter = args.n / 2, j = n0 + (r % kGluHalf);
         b_row = (r < kGluHalf ? 0 : inter) + j;
         b_ok = j < inter;
@@ -182,9 +199,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   __syncthreads();
-  const bool glu = args.a != nullptr, lora = args.lora_u != nullptr;
-  const int64_t tile_cols = glu ? kGluHalf : kBN;  // output columns (intermediate ones with SwiGLU)
-  const int64_t n_tiles = ((glu ? args.n / 2 : args.n) + tile_cols - 1) / tile_cols;
+  const bool glu = args.a != nullptr, halves = glu_halves(args);
+  const bool lora = args.lora_u != nullptr, bias = args.bias != nullptr;
+  const int64_t tile_cols =
+      halves ? kGluHalf : kBN;  // output columns (intermediate ones with halves)
+  const int64_t n_tiles = ((halves ? args.n / 2 : args.n) + tile_cols - 1) / tile_cols;
   const int64_t num_tiles = int64_t{tile_start[E]} * n_tiles;
   const int64_t k_blocks = (args.k + kBK - 1) / kBK;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
@@ -211,43 +230,61 @@ __global__ void __launch_bounds__(kThreads, 1)
         [&](unsigned char* stage, int64_t kb) {
           load_stage<BMnMajor>(args, stage, a_rows, n0, w_e, kb * kBK);
         });
-    if (lora) {
-      // lora_expand_add_'s rule on the tile: the GEMM's result rounded as the plain kernel
-      // stores it, u M_e on the tensor cores in the freed accumulators, then the fma.
+    if (bias || lora) {
+      // grouped_mm's bias pass and lora_expand_add_'s rule on the tile, in that order: the GEMM's
+      // result rounded as the plain kernel stores it, the bias added and rounded, then u M_e on
+      // the tensor cores in the freed accumulators and the fma.
       __nv_bfloat162 base[kAcc / 2];
 #pragma unroll
       for (int i = 0; i < kAcc; i += 2) {
         base[i / 2] = __floats2bfloat162_rn(d[i], d[i + 1]);
-        d[i] = d[i + 1] = 0.0f;
+        // LoRA's MMAs add to +0; without them fma(0, -0, v) below is v, -0 included.
+        d[i] = d[i + 1] = lora ? 0.0f : -0.0f;
       }
-      if (k_blocks == 0) {  // no k block waited for and fenced the copies of LoRA's tiles
-        sm90::fence_proxy_async_shared();
-        __syncthreads();
-      }
-      sm90::fence_accumulators(d);
-      sm90::wgmma_fence();
-      // (ptxas adds a warpgroup.arrive before each of these branchy MMAs: once per tile.)
+      if (bias) {
+        const __nv_bfloat16* b_e = args.bias + tile.expert * args.bias_stride_e;
 #pragma unroll
-      for (int j = 0; j < kBK / 16; ++j) {
-        if (j < lora_k_steps(args)) {  // uniform over the block
-          sm90::wgmma_m64n128k16<false, true>(
-              d, sm90::operand_descriptor<false>(lora_tiles + group * (64 * 128), j),
-              sm90::operand_descriptor<true>(lora_tiles + kTileBytes, j));
+        for (int i = 0; i < kAcc; i += 2) {  // columns (col, col + 1): col even, same half
+          const int64_t col =
+              output_column(args, n0, sm90::accumulator_coord(warp % 4, lane, i).col);
+          if (col >= 0) {
+            const __nv_bfloat162 b = *reinterpret_cast<const __nv_bfloat162*>(b_e + col);
+            base[i / 2] = __floats2bfloat162_rn(__low2float(base[i / 2]) + __low2float(b),
+                                                __high2float(base[i / 2]) + __high2float(b));
+          }
         }
       }
-      sm90::wgmma_commit_group();
-      sm90::wgmma_wait<0>();
-      sm90::fence_accumulators(d);
-      __syncthreads();  // the next tile's first copies refill the tiles these MMAs read
+      if (lora) {
+        if (k_blocks == 0) {  // no k block waited for and fenced the copies of LoRA's tiles
+          sm90::fence_proxy_async_shared();
+          __syncthreads();
+        }
+        sm90::fence_accumulators(d);
+        sm90::wgmma_fence();
+        // (ptxas adds a warpgroup.arrive before each of these branchy MMAs: once per tile.)
+#pragma unroll
+        for (int j = 0; j < kBK / 16; ++j) {
+          if (j < lora_k_steps(args)) {  // uniform over the block
+            sm90::wgmma_m64n128k16<false, true>(
+                d, sm90::operand_descriptor<false>(lora_tiles + group * (64 * 128), j),
+                sm90::operand_descriptor<true>(lora_tiles + kTileBytes, j));
+          }
+        }
+        sm90::wgmma_commit_group();
+        sm90::wgmma_wait<0>();
+        sm90::fence_accumulators(d);
+        __syncthreads();  // the next tile's first copies refill the tiles these MMAs read
+      }
 #pragma unroll
       for (int i = 0; i < kAcc; i += 2) {
-        d[i] = __fmaf_rn(args.lora_scale, d[i], __low2float(base[i / 2]));
-        d[i + 1] = __fmaf_rn(args.lora_scale, d[i + 1], __high2float(base[i / 2]));
+        const float scale = lora ? args.lora_scale : 0.0f;
+        d[i] = __fmaf_rn(scale, d[i], __low2float(base[i / 2]));
+        d[i + 1] = __fmaf_rn(scale, d[i + 1], __high2float(base[i / 2]));
       }
     }
 
     // Epilogue: value pairs (i, i + 1) are columns (c, c + 1) of one row.
-    if (!glu) {
+    if (!halves) {  // y (or gpt-oss's h and, from its interleaved pairs, a)
 #pragma unroll
       for (int i = 0; i < kAcc; i += 2) {
         const sm90::FragCoord c = sm90::accumulator_coord(warp % 4, lane, i);
@@ -255,6 +292,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (r < tile.rows && col < args.n) {
           const __nv_bfloat162 pair = __floats2bfloat162_rn(d[i], d[i + 1]);
           *reinterpret_cast<__nv_bfloat162*>(args.y + (tile.row0 + r) * args.ldy + col) = pair;
+          if (glu) {  // gpt-oss: gate column col, up column col + 1 (col even), as swiglu pairs
+                      // them
+            args.a[(tile.row0 + r) * args.lda + col / 2] = __float2bfloat16_rn(
+                gpt_oss_glu(__low2float(pair), __high2float(pair), args.glu_alpha, args.glu_limit));
+          }
         }
       }
     } else {

@@ -38,6 +38,7 @@ struct Case {
   int64_t rows, k, n;
   int64_t pad_x = 0, pad_w = 0, pad_y = 0;
   bool w_mn_major = false;  // w stored [E, k, n + pad_w] instead of [E, n, k + pad_w]
+  bool gpt_oss = false;     // with SwiGLU: gpt-oss's interleaved, clamped variant
 
   int64_t ldw() const { return (w_mn_major ? n : k) + pad_w; }
   int64_t w_stride_e() const { return (w_mn_major ? k : n) * ldw(); }
@@ -94,17 +95,18 @@ void report(const std::vector<double>& got, const std::vector<double>& ref,
 
 // y (and, when glu is given, the SwiGLU epilogue's a [rows, n / 2] into *glu, and swiglu's own a
 // from y into *swiglu_of_y), every output NaN-poisoned first.
-// With lora, LoRA's up-projection in the epilogue.
+// With bias ([E, n + 8]: rows padded), the bias in the epilogue; with lora, LoRA's up-projection.
 std::vector<bf16> run(const Case& c, const std::vector<int32_t>& offsets,
                       const std::vector<bf16>& x, const std::vector<bf16>& w,
                       std::vector<bf16>* glu = nullptr, std::vector<bf16>* swiglu_of_y = nullptr,
-                      const Lora* lora = nullptr) {
+                      const Lora* lora = nullptr, const std::vector<bf16>* bias = nullptr) {
   const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
   const int64_t ldx = c.k + c.pad_x, ldy = c.n + c.pad_y;
   DeviceBuffer<bf16> d_x(x), d_w(w), d_y(c.rows * ldy);
   DeviceBuffer<bf16> d_u(lora ? lora->u : std::vector<bf16>(1)),
       d_m(lora ? lora->m : std::vector<bf16>(1));
   DeviceBuffer<bf16> d_a(glu ? c.rows * c.n / 2 : 1), d_swiglu(glu ? c.rows * c.n / 2 : 1);
+  DeviceBuffer<bf16> d_bias(bias ? *bias : std::vector<bf16>(1));
   DeviceBuffer<int32_t> d_off(offsets);
   d_y.poison(0xFF);
   d_a.poison(0xFF);
@@ -125,16 +127,21 @@ std::vector<bf16> run(const Case& c, const std::vector<int32_t>& offsets,
   if (glu != nullptr) {
     args.a = d_a.data();
     args.lda = c.n / 2;
+    args.glu = c.gpt_oss ? kernels::GluVariant::kGptOss : kernels::GluVariant::kSilu;
   }
   if (lora != nullptr) set_lora(args, *lora, d_u, d_m);
+  if (bias != nullptr) {
+    args.bias = d_bias.data();
+    args.bias_stride_e = c.n + 8;
+  }
   args.pipeline = g_pipeline;
   EXPECT_EQ(kernels::launch_grouped_gemm_sm90(args, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   if (glu != nullptr) {
     *glu = d_a.download();
     EXPECT_EQ(ldy, c.n) << "swiglu reads h with rows of 2I";
-    EXPECT_EQ(kernels::launch_swiglu<bf16>(d_y.data(), d_swiglu.data(), c.rows, c.n / 2,
-                                           kernels::GluVariant::kSilu, 0.0, 0.0, nullptr),
+    EXPECT_EQ(kernels::launch_swiglu<bf16>(d_y.data(), d_swiglu.data(), c.rows, c.n / 2, args.glu,
+                                           args.glu_alpha, args.glu_limit, nullptr),
               cudaSuccess);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     *swiglu_of_y = d_swiglu.download();
@@ -417,21 +424,25 @@ Lora make_lora(const Case& c, int64_t num_experts, int64_t rank, float scale, ui
   return lora;
 }
 
-// LoRA's epilogue against its rule, bit for bit: y = round(fma(scale, u_r M_e, y0)) with y0 the
-// kernel's result without LoRA (checked against float64 by the cases above) and the rank sum
-// exact (coarse values); rows of no expert untouched; with SwiGLU, a bitwise swiglu(y).
-void check_lora_case(const Case& c, int64_t rank, float scale, uint32_t seed, bool glu = false) {
-  SCOPED_TRACE(c.what + ", rank " + std::to_string(rank));
+// The epilogue's bias and LoRA against their rules, bit for bit: y = round(fma(scale, u_r M_e,
+// round(y0 + b_e))) with y0 the kernel's result without them (checked against float64 by the
+// cases above), b_e the bias (0 without one; with_bias) and the rank sum exact (coarse values;
+// none for rank 0); rows of no expert untouched; with SwiGLU, a bitwise swiglu(y).
+void check_epilogue_case(const Case& c, int64_t rank, float scale, uint32_t seed, bool glu = false,
+                         bool with_bias = false) {
+  SCOPED_TRACE(c.what + ", rank " + std::to_string(rank) + (with_bias ? ", bias" : ""));
   const int64_t E = static_cast<int64_t>(c.offsets.size()) - 1;
   const int64_t ldx = c.k + c.pad_x, ldy = c.n + c.pad_y;
   const std::vector<bf16> x = random_bf16(c.rows * ldx, seed, 1.0);
   const std::vector<bf16> w = random_bf16(E * c.w_stride_e(), seed + 1, 1.0 / std::sqrt(c.k + 1.0));
   const Lora lora = make_lora(c, E, rank, scale, seed + 2);
+  const std::vector<bf16> bias = random_bf16(E * (c.n + 8), seed + 3, 1.0);
   std::vector<bf16> a0, a0_ref, a, swiglu_of_y;
   const std::vector<bf16> y0 =
       run(c, c.offsets, x, w, glu ? &a0 : nullptr, glu ? &a0_ref : nullptr);
   const std::vector<bf16> y =
-      run(c, c.offsets, x, w, glu ? &a : nullptr, glu ? &swiglu_of_y : nullptr, &lora);
+      run(c, c.offsets, x, w, glu ? &a : nullptr, glu ? &swiglu_of_y : nullptr,
+          rank > 0 ? &lora : nullptr, with_bias ? &bias : nullptr);
   const std::vector<int64_t> m = clamped_bounds(c.offsets, c.rows);
   const auto bits = [](bf16 v) {
     uint16_t b;
@@ -449,8 +460,14 @@ void check_lora_case(const Case& c, int64_t rank, float scale, uint32_t seed, bo
             exact += static_cast<double>(__bfloat162float(lora.u[r * lora.ld_u + q])) *
                      __bfloat162float(lora.m[(e * rank + q) * lora.ld_m + j]);
           }
-          want = bits(__float2bfloat16_rn(
-              std::fmaf(scale, static_cast<float>(exact), __bfloat162float(y0[r * ldy + j]))));
+          float base = __bfloat162float(y0[r * ldy + j]);
+          if (with_bias) {
+            base = __bfloat162float(
+                __float2bfloat16_rn(base + __bfloat162float(bias[e * (c.n + 8) + j])));
+          }
+          want =
+              bits(rank > 0 ? __float2bfloat16_rn(std::fmaf(scale, static_cast<float>(exact), base))
+                            : __float2bfloat16_rn(base));
         }
         if (bits(y[r * ldy + j]) != want && bad++ < 6) {
           ADD_FAILURE() << "y[" << r << ", " << j << "] (tile row " << (r - m[std::min(e, E)]) % 128
@@ -477,17 +494,17 @@ void check_lora_case(const Case& c, int64_t rank, float scale, uint32_t seed, bo
 TEST_P(GroupedGemmSm90, LoraEpilogue) {
   // out = round(fma(s, u M_e, round(x W_e^T))): lora_expand_add_'s rule in the epilogue.
   MOEFORGE_SKIP_WITHOUT_SM90();
-  check_lora_case({"one tile", {0, 128}, 128, 64, 128}, 16, 2.0f, 50);
-  check_lora_case({"empty experts, tails", {0, 0, 1, 129, 129, 300, 427, 427}, 440, 128, 256}, 8,
-                  0.37f, 51);
-  check_lora_case({"k and n tails, padded strides", {0, 37, 37, 200}, 210, 72, 136, 8, 16, 24}, 40,
-                  1.5f, 52);
-  check_lora_case({"corrupt offsets", {9, 40, -3, 90, 20, 500}, 100, 64, 128}, 64, 0.25f, 53);
-  check_lora_case({"k = 0: y = s u M_e", {0, 50, 90}, 100, 0, 64}, 16, 0.5f, 54);
+  check_epilogue_case({"one tile", {0, 128}, 128, 64, 128}, 16, 2.0f, 50);
+  check_epilogue_case({"empty experts, tails", {0, 0, 1, 129, 129, 300, 427, 427}, 440, 128, 256},
+                      8, 0.37f, 51);
+  check_epilogue_case({"k and n tails, padded strides", {0, 37, 37, 200}, 210, 72, 136, 8, 16, 24},
+                      40, 1.5f, 52);
+  check_epilogue_case({"corrupt offsets", {9, 40, -3, 90, 20, 500}, 100, 64, 128}, 64, 0.25f, 53);
+  check_epilogue_case({"k = 0: y = s u M_e", {0, 50, 90}, 100, 0, 64}, 16, 0.5f, 54);
   // 16 x 9 = 144 tiles, more than the persistent grid: CTAs reload LoRA's tiles for a second
   // tile once both warpgroups' MMAs of the first have read them.
-  check_lora_case(mn_major({"MN-major, 144 tiles", {0, 2048}, 2048, 64, 1152}), 16, 2.0f, 55);
-  check_lora_case(
+  check_epilogue_case(mn_major({"MN-major, 144 tiles", {0, 2048}, 2048, 64, 1152}), 16, 2.0f, 55);
+  check_epilogue_case(
       mn_major({"MN-major, E = 6 random", random_offsets(6, 700, 56, 9), 700, 128, 256}), 24, 0.37f,
       57);
 }
@@ -495,9 +512,46 @@ TEST_P(GroupedGemmSm90, LoraEpilogue) {
 TEST_P(GroupedGemmSm90, LoraSwigluEpilogue) {
   // h = round(fma(s, u M_e, round(x W_gu^T))) over gate and up columns, a = swiglu(h) bitwise.
   MOEFORGE_SKIP_WITHOUT_SM90();
-  check_lora_case({"I = 200: a partial intermediate tile", {0, 50, 50, 300}, 310, 128, 400}, 16,
-                  0.37f, 60, true);
-  check_lora_case(mn_major({"MN-major, I = 64", {0, 128}, 128, 64, 128}), 32, 2.0f, 61, true);
+  check_epilogue_case({"I = 200: a partial intermediate tile", {0, 50, 50, 300}, 310, 128, 400}, 16,
+                      0.37f, 60, true);
+  check_epilogue_case(mn_major({"MN-major, I = 64", {0, 128}, 128, 64, 128}), 32, 2.0f, 61, true);
+  // 16 x 9 = 144 tiles of 3 k blocks: K-major CTAs reload LoRA's tiles for a second tile.
+  check_epilogue_case({"K-major, 144 tiles, I = 576", {0, 2048}, 2048, 192, 1152}, 56, 0.37f, 62,
+                      true);
+}
+
+TEST_P(GroupedGemmSm90, BiasEpilogue) {
+  // y = round(round(x W_e^T) + b_e): grouped_mm's bias pass, in the epilogue; then LoRA's add.
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  check_epilogue_case({"tails, empty experts", {0, 0, 1, 129, 129, 300, 427, 427}, 440, 128, 136},
+                      0, 1.0f, 70, false, true);
+  check_epilogue_case(
+      mn_major({"MN-major, corrupt offsets", {9, 40, -3, 90, 20, 500}, 100, 64, 128}), 0, 1.0f, 71,
+      false, true);
+  check_epilogue_case({"with LoRA", {0, 37, 37, 200}, 210, 72, 136, 8, 16, 24}, 16, 0.37f, 72,
+                      false, true);
+  check_epilogue_case({"SwiGLU halves, I = 200", {0, 50, 50, 300}, 310, 128, 400}, 0, 1.0f, 73,
+                      true, true);
+}
+
+// gpt-oss's gate_up: [E, H, 2I] read MN-major, h's columns (2j, 2j + 1) the pair (gate, up) of a's
+// column j, clamped (limit 7) with sigmoid(1.702 gate).
+Case gpt_oss(Case c) {
+  c.w_mn_major = true;
+  c.gpt_oss = true;
+  return c;
+}
+
+TEST_P(GroupedGemmSm90, GptOssSwigluEpilogue) {
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  check_case(gpt_oss({"gpt-oss, one tile", {0, 128}, 128, 64, 128}), 80, true);
+  check_case(gpt_oss({"gpt-oss, I = 200, tails", {0, 50, 50, 300}, 310, 128, 400}), 81, true);
+  // gpt-oss-20b's 2I = 5760 is 45 tiles of 128 columns; 2I = 720 keeps the emulator short.
+  check_case(gpt_oss({"gpt-oss, E = 8 random", random_offsets(8, 600, 82, 9), 600, 192, 720}), 83,
+             true);
+  // gpt-oss's gate_up has a bias and may carry an adapter: both before the activation.
+  check_epilogue_case(gpt_oss({"gpt-oss, bias and LoRA", {0, 37, 37, 200}, 210, 64, 400}), 16, 0.5f,
+                      84, true, true);
 }
 
 TEST_P(GroupedGemmSm90, LoraWithGatheredRows) {
@@ -581,6 +635,12 @@ TEST(GroupedGemmSm90Arguments, RejectsBadArguments) {
   bad_lora([](auto& a) { a.lora_m_stride_e = 4; });
   bad_lora([](auto& a) { a.lora_m = nullptr; });
   bad_lora([](auto& a) { a.lora_u = reinterpret_cast<const bf16*>(uintptr_t{264}); });
+  bad([](auto& a) { a.glu = static_cast<kernels::GluVariant>(2); });
+  bad([](auto& a) {  // a bias is read as pairs of 8-aligned rows
+    a.bias = reinterpret_cast<const bf16*>(uintptr_t{256});
+    a.bias_stride_e = 60;
+  });
+  bad([](auto& a) { a.bias = reinterpret_cast<const bf16*>(uintptr_t{258}); });
 }
 
 }  // namespace

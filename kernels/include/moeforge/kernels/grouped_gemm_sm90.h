@@ -49,6 +49,8 @@
 
 #include <cstdint>
 
+#include "moeforge/kernels/swiglu.h"
+
 namespace moeforge::kernels {
 
 inline constexpr int64_t kGroupedGemmSm90MaxExperts = 1024;
@@ -77,6 +79,15 @@ struct GroupedGemmSm90Args {
   // The weight MN-major: w [E, k, n] (row q of W_e^T at w + e * w_stride_e + q * ldw, the n
   // values contiguous), e.g. gpt-oss's [E, in, out] in the forward or HF's [E, out, in] in grad_x.
   bool w_mn_major = false;
+  // With `a`: the gated activation, kSilu (HF's halves, above) or kGptOss (gpt-oss's
+  // interleaved pairs: gate column 2j, up column 2j + 1 of h; clamped at glu_limit, sigmoid of
+  // glu_alpha * gate), as launch_swiglu computes it (moeforge/kernels/swiglu.h).
+  GluVariant glu = GluVariant::kSilu;
+  float glu_alpha = 1.702f, glu_limit = 7.0f;
+  // A bias [E, n] (bias + e * bias_stride_e) added to the rounded result as grouped_mm's bias pass
+  // adds it, round(round(x W_e^T) + b_e), before LoRA's up-projection and the activation.
+  const __nv_bfloat16* bias = nullptr;
+  int64_t bias_stride_e = 0;
   // LoRA's up-projection in the epilogue (above), or lora_u = nullptr.
   const __nv_bfloat16* lora_u = nullptr;  // [num_rows, lora_rank], expert order
   int64_t ld_lora_u = 0, lora_rank = 0;
@@ -98,6 +109,9 @@ inline bool grouped_gemm_sm90_args_valid(const GroupedGemmSm90Args& a) {
          (a.pipeline == Sm90Pipeline::kSerial || a.pipeline == Sm90Pipeline::kOverlapped) &&
          (a.sorted_pairs == nullptr ||
           (a.top_k >= 1 && a.num_tokens >= 0 && a.num_tokens <= INT32_MAX / a.top_k)) &&
+         (a.glu == GluVariant::kSilu || a.glu == GluVariant::kGptOss) &&
+         (a.bias == nullptr ||
+          (aligned(a.bias) && a.bias_stride_e % 8 == 0 && a.bias_stride_e >= 0)) &&
          (a.lora_u == nullptr ||
           (a.lora_m != nullptr && a.lora_rank >= 8 && a.lora_rank <= kSm90MaxLoraRank &&
            a.lora_rank % 8 == 0 && a.ld_lora_u % 8 == 0 && a.ld_lora_u >= a.lora_rank &&
