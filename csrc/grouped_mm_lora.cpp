@@ -14,9 +14,10 @@ RowSource check_grouped_mm_lora_inputs(const at::Tensor& x, const at::Tensor& we
                                        const at::Tensor& lora_u, const at::Tensor& lora_weight,
                                        bool lora_rank_major,
                                        const std::optional<at::Tensor>& sorted_pairs,
-                                       const std::optional<at::Tensor>& pair_to_row) {
+                                       const std::optional<at::Tensor>& pair_to_row,
+                                       const std::optional<at::Tensor>& bias) {
   constexpr std::string_view op = kGroupedMmLoraOp;
-  check_grouped_mm_inputs(x, weight, expert_offsets, std::nullopt, weight_transposed, op);
+  check_grouped_mm_inputs(x, weight, expert_offsets, bias, weight_transposed, op);
   RowSource source = row_source(op, x, sorted_pairs, pair_to_row);
   check_lora_expand_operands(
       op, "lora_u", lora_u, "lora_weight", lora_weight, lora_rank_major,
@@ -40,15 +41,16 @@ at::Tensor grouped_mm_lora_composed(const at::Tensor& x, const at::Tensor& weigh
                                     const at::Tensor& lora_u, const at::Tensor& lora_weight,
                                     double lora_scaling, bool lora_rank_major,
                                     const std::optional<at::Tensor>& sorted_pairs,
-                                    const std::optional<at::Tensor>& pair_to_row) {
+                                    const std::optional<at::Tensor>& pair_to_row,
+                                    const std::optional<at::Tensor>& bias) {
   static const auto grouped_mm =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("moeforge::grouped_mm", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const std::optional<at::Tensor>&, bool,
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
-  at::Tensor y = grouped_mm.call(x, weight, expert_offsets, std::nullopt, weight_transposed,
-                                 sorted_pairs, pair_to_row);
+  at::Tensor y = grouped_mm.call(x, weight, expert_offsets, bias, weight_transposed, sorted_pairs,
+                                 pair_to_row);
   lora_expand_add_call(y, lora_u, lora_weight, expert_offsets, lora_scaling, lora_rank_major);
   return y;
 }
@@ -60,11 +62,12 @@ at::Tensor grouped_mm_lora_cpu(const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& lora_u, const at::Tensor& lora_weight,
                                double lora_scaling, bool lora_rank_major,
                                const std::optional<at::Tensor>& sorted_pairs,
-                               const std::optional<at::Tensor>& pair_to_row) {
+                               const std::optional<at::Tensor>& pair_to_row,
+                               const std::optional<at::Tensor>& bias) {
   check_grouped_mm_lora_inputs(x, weight, expert_offsets, weight_transposed, lora_u, lora_weight,
-                               lora_rank_major, sorted_pairs, pair_to_row);
+                               lora_rank_major, sorted_pairs, pair_to_row, bias);
   return grouped_mm_lora_composed(x, weight, expert_offsets, weight_transposed, lora_u, lora_weight,
-                                  lora_scaling, lora_rank_major, sorted_pairs, pair_to_row);
+                                  lora_scaling, lora_rank_major, sorted_pairs, pair_to_row, bias);
 }
 
 }  // namespace

@@ -57,24 +57,26 @@ TORCH_LIBRARY(moeforge, m) {
       "bool weight_transposed, bool[3] output_mask, Tensor? sorted_pairs=None, "
       "Tensor? pair_to_row=None) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 
-  // The forward's gate_up GEMM and its SwiGLU in one op (HF layout, SiLU, no bias): h =
-  // grouped_mm(x, gate_up_proj, expert_offsets, plan) [S, 2I], with lora_u [S, r] and lora_B
-  // [2I, r*E] then lora_expand_add_(h, lora_u, lora_B, expert_offsets, lora_scaling, True), and
-  // a = swiglu(h, "silu") [S, I], exactly; under MOEFORGE_GROUPED_GEMM=sm90 (bfloat16) one kernel
-  // writes both.
+  // An expert FFN's gate_up GEMM and its gated activation in one op: h = grouped_mm(x,
+  // gate_up_proj, expert_offsets, bias, weight_transposed, plan) [S, 2I], with lora_u [S, r] and
+  // lora_B [2I, r*E] then lora_expand_add_(h, lora_u, lora_B, expert_offsets, lora_scaling, True),
+  // and a = swiglu(h, variant, alpha, limit) [S, I], exactly; under MOEFORGE_GROUPED_GEMM=sm90
+  // (bfloat16) one kernel writes both.
   m.def(
       "grouped_mm_swiglu(Tensor x, Tensor gate_up_proj, Tensor expert_offsets, "
       "Tensor? sorted_pairs=None, Tensor? pair_to_row=None, Tensor? lora_u=None, "
-      "Tensor? lora_B=None, float lora_scaling=1.0) -> (Tensor h, Tensor a)");
+      "Tensor? lora_B=None, float lora_scaling=1.0, Tensor? bias=None, "
+      "bool weight_transposed=False, str variant=\"silu\", float alpha=1.702, float limit=7.0) "
+      "-> (Tensor h, Tensor a)");
   // A grouped GEMM with LoRA's up-projection added into its output: y = grouped_mm(x, weight,
-  // expert_offsets, None, weight_transposed, plan), then lora_expand_add_(y, lora_u, lora_weight,
+  // expert_offsets, bias, weight_transposed, plan), then lora_expand_add_(y, lora_u, lora_weight,
   // expert_offsets, lora_scaling, lora_rank_major), exactly; under MOEFORGE_GROUPED_GEMM=sm90
-  // (bfloat16) one kernel, the add in the GEMM's epilogue. lora_u [S, r] is in expert order
-  // (row i of y) also when x is read through the plan.
+  // (bfloat16) one kernel, the bias and the add in the GEMM's epilogue. lora_u [S, r] is in
+  // expert order (row i of y) also when x is read through the plan.
   m.def(
       "grouped_mm_lora(Tensor x, Tensor weight, Tensor expert_offsets, bool weight_transposed, "
       "Tensor lora_u, Tensor lora_weight, float lora_scaling, bool lora_rank_major, "
-      "Tensor? sorted_pairs=None, Tensor? pair_to_row=None) -> Tensor");
+      "Tensor? sorted_pairs=None, Tensor? pair_to_row=None, Tensor? bias=None) -> Tensor");
   // Gated activation h [rows, 2I] -> a [rows, I]. variant "silu": HF layout, gate = h[:, :I],
   // up = h[:, I:], a = silu(gate) * up. "gpt_oss": gate = h[:, 0::2], up = h[:, 1::2],
   // gate = min(gate, limit), up = clamp(up, -limit, limit), a = (up + 1) * gate *

@@ -159,6 +159,46 @@ def test_swiglu_with_lora_equals_the_three_ops(device, dtype, through_plan):
     assert (h[kept:] == 0).all() and (a[kept:] == 0).all()
 
 
+def test_swiglu_with_lora_and_bias_against_float64(device):
+    """gpt-oss's layout with its bias and the adapter: h = x W_e + b_e + s u B_e^T and a its
+    clamped interleaved activation, against float64 references of each step."""
+    plan, x, w, u, lora_B = make_inputs(device, torch.float64, transposed=True, n_out=2 * N)
+    offs = plan.expert_offsets
+    bias = torch.randn(E, 2 * N, device=device, dtype=torch.float64)
+    h, a = ops.grouped_mm_swiglu(
+        x, w, offs, plan, bias=bias, weight_transposed=True, variant="gpt_oss", limit=1.5,
+        lora_u=u, lora_B=lora_B, lora_scaling=SCALING,
+    )  # fmt: skip
+    want_h = reference.grouped_mm(ops.permute(x, plan), w, offs, bias, True)
+    want_h = reference.lora_expand_add(want_h, u, lora_B, offs, SCALING, True)
+    torch.testing.assert_close(h, want_h.to(h.device))
+    torch.testing.assert_close(a, reference.swiglu(want_h, "gpt_oss", limit=1.5).to(a.device))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_bias_equals_the_composition_and_has_gradients(device, transposed):
+    """grouped_mm_lora's bias is grouped_mm's, added before the LoRA term."""
+    plan, x, w, u, lora_w = make_inputs(device, torch.float64, transposed)
+    offs = plan.expert_offsets
+    bias = torch.randn(E, N, device=device, dtype=torch.float64)
+    y = ops.grouped_mm_lora(
+        x, w, offs, u, lora_w, SCALING, weight_transposed=transposed, bias=bias, plan=plan
+    )
+    want = ops.grouped_mm(x, w, offs, bias, transposed, plan=plan)
+    torch.ops.moeforge.lora_expand_add_(want, u, lora_w, offs, SCALING, True)
+    assert torch.equal(y, want)
+    if device == "cpu":
+        args = [t.requires_grad_() for t in (x, w, u, lora_w, bias)]
+
+        def fn(x, w, u, lora_w, bias):
+            return ops.grouped_mm_lora(
+                x, w, offs, u, lora_w, SCALING, weight_transposed=transposed, bias=bias,
+                plan=plan,
+            )  # fmt: skip
+
+        torch.autograd.gradcheck(fn, args)
+
+
 @pytest.mark.parametrize("through_plan", [False, True])
 def test_swiglu_with_lora_gradcheck(through_plan):
     plan, x, w, u, lora_B = make_inputs("cpu", torch.float64, n_out=2 * N)

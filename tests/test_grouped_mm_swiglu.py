@@ -116,13 +116,72 @@ def test_bad_input_errors():
     offs = torch.tensor([0, 2, 5], dtype=torch.int32)
     with pytest.raises(
         ValueError,
-        match=r"moeforge\.grouped_mm_swiglu: gate_up_proj must be \[num_experts, 2 \* intermediate, "
-        r"in_features\] \(gate rows, then up rows\), got an odd size\(1\): shape \[2, 7, 4\]",
+        match=r"moeforge\.grouped_mm_swiglu: gate_up_proj must have an even number of output "
+        r"columns \(gate and up halves, or interleaved pairs\), got shape \[2, 7, 4\]",
     ):
         op(torch.randn(5, 4), torch.randn(2, 7, 4), offs)
+    with pytest.raises(
+        ValueError,
+        match=r"moeforge\.grouped_mm_swiglu: .*\[2, 4, 7\] "
+        r"\(weight_transposed\)",
+    ):
+        op(torch.randn(5, 4), torch.randn(2, 4, 7), offs, weight_transposed=True)
+    with pytest.raises(ValueError, match=r"moeforge\.grouped_mm_swiglu: variant must be"):
+        op(torch.randn(5, 4), torch.randn(2, 8, 4), offs, variant="relu")
     with pytest.raises(ValueError, match=r"moeforge\.grouped_mm_swiglu: .*weight"):
         op(torch.randn(5, 4), torch.randn(2, 8, 3), offs)
     with pytest.raises(
         ValueError, match=r"moeforge\.grouped_mm_swiglu: sorted_pairs and pair_to_row"
     ):
         op(torch.randn(5, 4), torch.randn(2, 8, 4), offs, torch.zeros(5, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *LOW_PRECISION])
+@pytest.mark.parametrize("through_plan", [False, True])
+def test_gpt_oss_layout_with_bias_equals_the_two_ops(device, dtype, through_plan):
+    """gpt-oss's gate_up ([E, H, 2I], bias, interleaved clamped activation): exactly grouped_mm
+    with the bias, then swiglu's gpt_oss variant."""
+    plan, x, _ = make_inputs(device, dtype)
+    offs = plan.expert_offsets
+    w = torch.randn(E, H, 2 * I, device=device, dtype=dtype) / H**0.5
+    bias = torch.randn(E, 2 * I, device=device, dtype=dtype)
+    rows = x if through_plan else ops.permute(x, plan)
+    use_plan = plan if through_plan else None
+    kw = {"variant": "gpt_oss", "alpha": 1.5, "limit": 1.25}  # a tight limit clamps some values
+    h, a = ops.grouped_mm_swiglu(rows, w, offs, use_plan, bias=bias, weight_transposed=True, **kw)
+    want_h = ops.grouped_mm(rows, w, offs, bias, True, plan=use_plan)
+    assert torch.equal(h, want_h)
+    assert torch.equal(a, ops.swiglu(want_h, **kw))
+    kept = int(offs[-1])
+    assert (h[kept:] == 0).all() and (a[kept:] == 0).all()
+    if dtype == torch.float64:
+        ref_h = reference.grouped_mm(ops.permute(x, plan), w, offs, bias, True)
+        torch.testing.assert_close(h, ref_h)
+        torch.testing.assert_close(a, reference.swiglu(ref_h, **kw))
+
+
+@pytest.mark.parametrize("through_plan", [False, True])
+def test_gpt_oss_layout_with_bias_gradcheck(through_plan):
+    plan, x, _ = make_inputs("cpu", torch.float64)
+    w = torch.randn(E, H, 2 * I, dtype=torch.float64) / H**0.5
+    bias = torch.randn(E, 2 * I, dtype=torch.float64)
+    rows = (x if through_plan else ops.permute(x, plan)).requires_grad_()
+    use_plan = plan if through_plan else None
+
+    def fn(rows, w, bias):
+        return ops.grouped_mm_swiglu(
+            rows, w, plan.expert_offsets, use_plan, bias=bias, weight_transposed=True,
+            variant="gpt_oss", limit=1.25,
+        )  # fmt: skip
+
+    torch.autograd.gradcheck(fn, (rows, w.requires_grad_(), bias.requires_grad_()))
+
+
+def test_gpt_oss_layout_opcheck(device):
+    plan, x, _ = make_inputs(device, torch.float32)
+    w = torch.randn(E, H, 2 * I, device=device) / H**0.5
+    bias = torch.randn(E, 2 * I, device=device)
+    args = (x, w, plan.expert_offsets, plan.sorted_pairs, plan.pair_to_row, None, None, 1.0, bias)
+    torch.library.opcheck(
+        torch.ops.moeforge.grouped_mm_swiglu.default, (*args, True, "gpt_oss", 1.702, 1.25)
+    )

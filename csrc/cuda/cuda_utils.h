@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "moeforge/kernels/grouped_gemm.h"
+#include "moeforge/kernels/swiglu.h"
 #include "row_source.h"
 
 namespace moeforge {
@@ -97,7 +98,8 @@ struct Sm90LoraExpand {
   double scaling;
 };
 // out [S, n] = x's rows (in expert order, or through source's plan) times w_nk[e]^T per expert,
-// bias[e] added when defined, rows past the experts' end zero, by our sm_90a kernel
+// bias[e] added when defined (then with lora its up-projection: the order of grouped_mm's bias
+// and lora_expand_add_), rows past the experts' end zero, by our sm_90a kernel
 // (grouped_mm_sm90.cpp): under MOEFORGE_GROUPED_GEMM=sm90, for the GEMMs it covers (bfloat16,
 // w_nk [E, n, k] with unit stride along k or along n, sizes / strides multiples of 8, 16-byte
 // aligned, E <= 1024; with lora, its up-projection added in the epilogue: bfloat16, rank a
@@ -109,14 +111,21 @@ std::optional<at::Tensor> sm90_grouped_gemm(const at::Tensor& x, const RowSource
                                             cudaStream_t stream,
                                             const Sm90LoraExpand* lora = nullptr);
 
-// (h, a) of grouped_mm_swiglu in one launch of our sm_90a kernel (the SwiGLU, and with lora the
-// gate_up adapter's up-projection before it, in its epilogue): h = x's rows times
-// gate_up_proj[e]^T [S, 2I], a = swiglu(h) [S, I], rows of no expert zero in both. Same
-// conditions as sm90_grouped_gemm, and I a multiple of 8; std::nullopt otherwise.
+// The gated activation of grouped_mm_swiglu's kernel: HF's SiLU halves or gpt-oss's interleaved
+// clamped pairs (alpha, limit).
+struct Sm90Glu {
+  kernels::GluVariant variant;
+  double alpha, limit;
+};
+// (h, a) of grouped_mm_swiglu in one launch of our sm_90a kernel: h = x's rows times
+// gate_up_w_nk[e]^T [S, 2I] (+ bias[e] when defined, then with lora the gate_up adapter's
+// up-projection, as grouped_mm and lora_expand_add_ add them), a = the activation of h [S, I],
+// rows of no expert zero in both. Same conditions as sm90_grouped_gemm, and I a multiple of 8;
+// std::nullopt otherwise.
 std::optional<std::tuple<at::Tensor, at::Tensor>> sm90_grouped_gemm_swiglu(
-    const at::Tensor& x, const RowSource& source, const at::Tensor& gate_up_proj,
-    const at::Tensor& offsets, std::string_view op, cudaStream_t stream,
-    const Sm90LoraExpand* lora = nullptr);
+    const at::Tensor& x, const RowSource& source, const at::Tensor& gate_up_w_nk,
+    const at::Tensor& offsets, const Sm90Glu& glu, const at::Tensor& bias,
+    const Sm90LoraExpand* lora, std::string_view op, cudaStream_t stream);
 
 // G [E, p, q], G_e = first_e^T second_e over the rows of expert e (first [S, p], second [S, q];
 // with source's plan the operand named by gather_first - first if true, else second - is

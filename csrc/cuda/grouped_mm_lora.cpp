@@ -19,20 +19,21 @@ at::Tensor grouped_mm_lora_cuda(const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& lora_u, const at::Tensor& lora_weight,
                                 double lora_scaling, bool lora_rank_major,
                                 const std::optional<at::Tensor>& sorted_pairs,
-                                const std::optional<at::Tensor>& pair_to_row) {
+                                const std::optional<at::Tensor>& pair_to_row,
+                                const std::optional<at::Tensor>& bias) {
   const RowSource source =
       check_grouped_mm_lora_inputs(x, weight, expert_offsets, weight_transposed, lora_u,
-                                   lora_weight, lora_rank_major, sorted_pairs, pair_to_row);
+                                   lora_weight, lora_rank_major, sorted_pairs, pair_to_row, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const Sm90LoraExpand lora{lora_u, lora_weight, lora_rank_major, lora_scaling};
   // sm90's w_nk is W_e as [out, in] (either layout's strides).
   if (auto fused = sm90_grouped_gemm(x, source, weight_transposed ? weight.transpose(1, 2) : weight,
-                                     expert_offsets.contiguous(), at::Tensor(), kGroupedMmLoraOp,
-                                     at::cuda::getCurrentCUDAStream(), &lora)) {
+                                     expert_offsets.contiguous(), bias.value_or(at::Tensor()),
+                                     kGroupedMmLoraOp, at::cuda::getCurrentCUDAStream(), &lora)) {
     return *fused;
   }
   return grouped_mm_lora_composed(x, weight, expert_offsets, weight_transposed, lora_u, lora_weight,
-                                  lora_scaling, lora_rank_major, sorted_pairs, pair_to_row);
+                                  lora_scaling, lora_rank_major, sorted_pairs, pair_to_row, bias);
 }
 
 }  // namespace

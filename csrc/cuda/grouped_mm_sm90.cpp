@@ -89,36 +89,62 @@ std::optional<kernels::GroupedGemmSm90Args> sm90_args(const at::Tensor& x, const
   return args;
 }
 
-// LoRA's operands as the kernel reads them (kept alive by the caller until the launch is queued):
-// u with unit stride along its rows, M_e [r, n] row-major - lora_A's rows as they are, the
-// rank-major lora_B through an [E, r, n] copy (2 n r E bytes, as lora_expand_add_ makes).
-struct LoraOperands {
-  at::Tensor u, m;
+// The epilogue's operands as the kernel reads them (kept alive by the caller until the launch
+// is queued): the bias with unit stride along n; u with unit stride along its rows, M_e [r, n]
+// row-major - lora_A's rows as they are, the rank-major lora_B through an [E, r, n] copy (2 n r E
+// bytes, as lora_expand_add_ makes).
+struct EpilogueOperands {
+  at::Tensor bias, u, m;
 };
 
-// Points args (n and num_experts set) at LoRA's operands; false where the kernel does not take
-// them (dtype, rank; strides and alignment are checked with the rest by args_valid).
-bool set_lora_args(kernels::GroupedGemmSm90Args& args, const Sm90LoraExpand& lora,
-                   LoraOperands& keep) {
-  const int64_t rank = lora.u.size(1), n = args.n, num_experts = args.num_experts;
-  if (lora.u.scalar_type() != at::kBFloat16 || lora.lora_weight.scalar_type() != at::kBFloat16 ||
-      rank % 8 != 0 || rank > kernels::kSm90MaxLoraRank) {
-    return false;
+// Points args (outputs set, otherwise valid) at the bias and LoRA's operands; false where the
+// kernel does not take them (dtype, rank, strides, alignment).
+bool set_epilogue_args(kernels::GroupedGemmSm90Args& args, const at::Tensor& bias,
+                       const Sm90LoraExpand* lora, EpilogueOperands& keep) {
+  if (bias.defined()) {
+    if (bias.scalar_type() != at::kBFloat16) return false;
+    keep.bias = bias.size(1) > 1 && bias.stride(1) != 1 ? bias.contiguous() : bias;
+    args.bias = cuda_ptr<at::BFloat16>(keep.bias);
+    args.bias_stride_e = leading_dim(keep.bias, 0, args.n);
   }
-  keep.u = as_rows(lora.u);
-  keep.m = lora.rank_major ? lora.lora_weight.reshape({n, rank, num_experts})
-                                 .permute({2, 1, 0})
-                                 .contiguous()
-                                 .reshape({num_experts * rank, n})
-                           : as_rows(lora.lora_weight);
-  args.lora_u = cuda_ptr<at::BFloat16>(keep.u);
-  args.ld_lora_u = leading_dim(keep.u, 0, rank);
-  args.lora_rank = rank;
-  args.lora_m = cuda_ptr<at::BFloat16>(keep.m);
-  args.ld_lora_m = leading_dim(keep.m, 0, n);
-  args.lora_m_stride_e = rank * args.ld_lora_m;
-  args.lora_scale = static_cast<float>(lora.scaling);
-  return true;
+  if (lora != nullptr) {
+    const int64_t rank = lora->u.size(1), n = args.n, num_experts = args.num_experts;
+    if (lora->u.scalar_type() != at::kBFloat16 ||
+        lora->lora_weight.scalar_type() != at::kBFloat16 || rank % 8 != 0 ||
+        rank > kernels::kSm90MaxLoraRank) {
+      return false;
+    }
+    keep.u = as_rows(lora->u);
+    keep.m = lora->rank_major ? lora->lora_weight.reshape({n, rank, num_experts})
+                                    .permute({2, 1, 0})
+                                    .contiguous()
+                                    .reshape({num_experts * rank, n})
+                              : as_rows(lora->lora_weight);
+    args.lora_u = cuda_ptr<at::BFloat16>(keep.u);
+    args.ld_lora_u = leading_dim(keep.u, 0, rank);
+    args.lora_rank = rank;
+    args.lora_m = cuda_ptr<at::BFloat16>(keep.m);
+    args.ld_lora_m = leading_dim(keep.m, 0, n);
+    args.lora_m_stride_e = rank * args.ld_lora_m;
+    args.lora_scale = static_cast<float>(lora->scaling);
+  }
+  return kernels::grouped_gemm_sm90_args_valid(args);
+}
+
+// Launches args (outputs and epilogue set) and zeroes the rows of no expert in y (and a).
+void launch_and_finish(const kernels::GroupedGemmSm90Args& args, const at::Tensor& offsets,
+                       std::string_view op, cudaStream_t stream) {
+  const at::Tensor ends = expert_row_ends(offsets, args.num_rows, op, stream);
+  const int32_t* end = ends.const_data_ptr<int32_t>() + (ends.size(0) - 1);
+  check_cuda(kernels::launch_grouped_gemm_sm90(args, stream), op);
+  check_cuda(kernels::launch_zero_rows_from<__nv_bfloat16>(args.y, args.ldy, args.num_rows, args.n,
+                                                           end, stream),
+             op);
+  if (args.a != nullptr) {  // rows of no expert: zero, as swiglu gives for zero h
+    check_cuda(kernels::launch_zero_rows_from<__nv_bfloat16>(args.a, args.lda, args.num_rows,
+                                                             args.n / 2, end, stream),
+               op);
+  }
 }
 
 }  // namespace
@@ -131,30 +157,29 @@ std::optional<at::Tensor> sm90_grouped_gemm(const at::Tensor& x_in, const RowSou
   const at::Tensor x = as_rows(x_in);
   std::optional<kernels::GroupedGemmSm90Args> args = sm90_args(x, source, w_nk, offsets, op);
   if (!args) return std::nullopt;
-  LoraOperands lora_operands;
-  if (lora != nullptr && !set_lora_args(*args, *lora, lora_operands)) return std::nullopt;
   at::Tensor out = at::empty({args->num_rows, args->n}, x.options());
   args->y = cuda_mutable_ptr<at::BFloat16>(out);
   args->ldy = args->n;
-  // Alignment and multiples of 8 (the kernel's 16-byte copies): checked on the real pointers.
-  if (!kernels::grouped_gemm_sm90_args_valid(*args)) return std::nullopt;
-  const at::Tensor ends = expert_row_ends(offsets, args->num_rows, op, stream);
-  check_cuda(kernels::launch_grouped_gemm_sm90(*args, stream), op);
-  finish_grouped_rows(out, ends, bias, op, stream);
+  // Alignment and multiples of 8 (the kernel's 16-byte copies): checked on the real pointers,
+  // first without the epilogue's operands (no copy of them for a call that falls back anyway).
+  EpilogueOperands keep;
+  if (!kernels::grouped_gemm_sm90_args_valid(*args) ||
+      !set_epilogue_args(*args, bias, lora, keep)) {
+    return std::nullopt;
+  }
+  launch_and_finish(*args, offsets, op, stream);
   return out;
 }
 
 std::optional<std::tuple<at::Tensor, at::Tensor>> sm90_grouped_gemm_swiglu(
-    const at::Tensor& x_in, const RowSource& source, const at::Tensor& gate_up_proj,
-    const at::Tensor& offsets, std::string_view op, cudaStream_t stream,
-    const Sm90LoraExpand* lora) {
+    const at::Tensor& x_in, const RowSource& source, const at::Tensor& gate_up_w_nk,
+    const at::Tensor& offsets, const Sm90Glu& glu, const at::Tensor& bias,
+    const Sm90LoraExpand* lora, std::string_view op, cudaStream_t stream) {
   if (!sm90_engine_requested()) return std::nullopt;  // before as_rows' copy
   const at::Tensor x = as_rows(x_in);
   std::optional<kernels::GroupedGemmSm90Args> args =
-      sm90_args(x, source, gate_up_proj, offsets, op);
+      sm90_args(x, source, gate_up_w_nk, offsets, op);
   if (!args) return std::nullopt;
-  LoraOperands lora_operands;
-  if (lora != nullptr && !set_lora_args(*args, *lora, lora_operands)) return std::nullopt;
   const int64_t rows = args->num_rows, inter = args->n / 2;
   at::Tensor h = at::empty({rows, args->n}, x.options());
   at::Tensor a = at::empty({rows, inter}, x.options());
@@ -162,14 +187,15 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> sm90_grouped_gemm_swiglu(
   args->ldy = args->n;
   args->a = cuda_mutable_ptr<at::BFloat16>(a);
   args->lda = inter;
-  if (!kernels::grouped_gemm_sm90_args_valid(*args)) return std::nullopt;  // e.g. I % 8 != 0
-  const at::Tensor ends = expert_row_ends(offsets, rows, op, stream);
-  check_cuda(kernels::launch_grouped_gemm_sm90(*args, stream), op);
-  finish_grouped_rows(h, ends, at::Tensor(), op, stream);    // rows of no expert: zero, as
-  check_cuda(kernels::launch_zero_rows_from<__nv_bfloat16>(  // swiglu gives for zero h
-                 cuda_mutable_ptr<at::BFloat16>(a), inter, rows, inter,
-                 ends.const_data_ptr<int32_t>() + (ends.size(0) - 1), stream),
-             op);
+  args->glu = glu.variant;
+  args->glu_alpha = static_cast<float>(glu.alpha);
+  args->glu_limit = static_cast<float>(glu.limit);
+  EpilogueOperands keep;  // e.g. I % 8 != 0 falls back
+  if (!kernels::grouped_gemm_sm90_args_valid(*args) ||
+      !set_epilogue_args(*args, bias, lora, keep)) {
+    return std::nullopt;
+  }
+  launch_and_finish(*args, offsets, op, stream);
   return std::make_tuple(h, a);
 }
 

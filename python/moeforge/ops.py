@@ -285,25 +285,34 @@ def grouped_mm_swiglu(
     expert_offsets: Tensor,
     plan: RoutingPlan | None = None,
     *,
+    bias: Tensor | None = None,
+    weight_transposed: bool = False,
+    variant: str = "silu",
+    alpha: float = 1.702,
+    limit: float = 7.0,
     lora_u: Tensor | None = None,
     lora_B: Tensor | None = None,
     lora_scaling: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """The expert FFN's gate_up GEMM and its SwiGLU in one op (HF layout, SiLU, no bias),
-    optionally with the gate_up adapter's LoRA up-projection added into ``h`` between them.
+    """An expert FFN's gate_up GEMM and its gated activation in one op, optionally with the
+    gate_up adapter's LoRA up-projection added into ``h`` between them.
 
-    Exactly ``h = grouped_mm(x, gate_up_proj, expert_offsets, plan=plan)``, then (with
-    ``lora_u``) ``lora_expand_add_(h, lora_u, lora_B, expert_offsets, lora_scaling, True)``, and
-    ``a = swiglu(h, "silu")``; under ``MOEFORGE_GROUPED_GEMM=sm90`` (bfloat16, compute capability
-    9.0) one kernel writes both, the LoRA add and the activation computed in the GEMM's epilogue
-    from the rounded ``h`` (the same rounding rules; ``a`` is bitwise ``swiglu(h)``), with the
-    rows gathered through ``plan`` in its loads.
+    Exactly ``h = grouped_mm(x, gate_up_proj, expert_offsets, bias, weight_transposed, plan)``,
+    then (with ``lora_u``) ``lora_expand_add_(h, lora_u, lora_B, expert_offsets, lora_scaling,
+    True)``, and ``a = swiglu(h, variant, alpha, limit)``; under ``MOEFORGE_GROUPED_GEMM=sm90``
+    (bfloat16, compute capability 9.0) one kernel writes both, the bias, the LoRA add and the
+    activation computed in the GEMM's epilogue from the rounded ``h`` (the same rounding rules;
+    ``a`` is bitwise ``swiglu(h)``), with the rows gathered through ``plan`` in its loads.
 
     Args:
         x: ``[S, H]`` rows in expert order or, with ``plan``, token-major ``[T, H]``.
-        gate_up_proj: ``[E, 2I, H]``: gate rows ``[0, I)``, then up rows ``[I, 2I)``.
+        gate_up_proj: ``[E, 2I, H]`` (HF: gate rows ``[0, I)``, then up rows) or, with
+            ``weight_transposed``, ``[E, H, 2I]`` (gpt-oss: gate / up interleaved, ``variant=
+            "gpt_oss"``).
         expert_offsets: ``[E + 1]`` int32 from :func:`routing`.
         plan: optional routing plan (as for :func:`grouped_mm`).
+        bias: optional ``[E, 2I]``.
+        variant, alpha, limit: the activation (as for :func:`swiglu`).
         lora_u: optional ``[S, r]`` adapter intermediate ``x A_e^T`` in expert order.
         lora_B: PEFT's ``[2I, r*E]`` (rank-major), with ``lora_u``.
         lora_scaling: the adapter's scaling.
@@ -313,8 +322,9 @@ def grouped_mm_swiglu(
     """
     pairs, rows = (plan.sorted_pairs, plan.pair_to_row) if plan is not None else (None, None)
     return _ops.grouped_mm_swiglu(
-        x, gate_up_proj, expert_offsets, pairs, rows, lora_u, lora_B, lora_scaling
-    )
+        x, gate_up_proj, expert_offsets, pairs, rows, lora_u, lora_B, lora_scaling, bias,
+        weight_transposed, variant, alpha, limit,
+    )  # fmt: skip
 
 
 @torch.library.register_fake("moeforge::grouped_mm_swiglu")
@@ -327,40 +337,48 @@ def _grouped_mm_swiglu_fake(
     lora_u=None,
     lora_B=None,
     lora_scaling=1.0,
+    bias=None,
+    weight_transposed=False,
+    variant="silu",
+    alpha=1.702,
+    limit=7.0,
 ):
     num_rows = sorted_pairs.shape[0] if sorted_pairs is not None else x.shape[0]
-    two_inter = gate_up_proj.shape[1]
+    two_inter = gate_up_proj.shape[2 if weight_transposed else 1]
     return x.new_empty(num_rows, two_inter), x.new_empty(num_rows, two_inter // 2)
 
 
 def _grouped_mm_swiglu_setup(ctx, inputs, output):
-    x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row, lora_u, lora_B, scaling = inputs
-    ctx.lora_scaling = scaling
-    ctx.save_for_backward(
-        x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row, output[0], lora_u, lora_B
-    )
+    x, gate_up_proj, offsets, pairs, rows, lora_u, lora_B, scaling, bias = inputs[:9]
+    ctx.lora_scaling, ctx.has_bias = scaling, bias is not None
+    ctx.weight_transposed, ctx.variant, ctx.alpha, ctx.limit = inputs[9:]
+    ctx.save_for_backward(x, gate_up_proj, offsets, pairs, rows, output[0], lora_u, lora_B)
 
 
 def _grouped_mm_swiglu_backward(ctx, grad_h, grad_a):
-    x, gate_up_proj, expert_offsets, sorted_pairs, pair_to_row, h, lora_u, lora_B = (
-        ctx.saved_tensors
-    )
-    nothing = (None,) * 8
+    x, gate_up_proj, offsets, pairs, rows, h, lora_u, lora_B = ctx.saved_tensors
+    nothing = (None,) * 13
     needs = ctx.needs_input_grad
-    if not (needs[0] or needs[1] or needs[5] or needs[6]) or (grad_h is None and grad_a is None):
+    need_bias = ctx.has_bias and needs[8]
+    if not (needs[0] or needs[1] or needs[5] or needs[6] or need_bias):
         return nothing
-    grad = None if grad_a is None else _ops.swiglu_backward(grad_a, h, "silu", 1.702, 7.0)
+    if grad_h is None and grad_a is None:
+        return nothing
+    grad = None
+    if grad_a is not None:
+        grad = _ops.swiglu_backward(grad_a, h, ctx.variant, ctx.alpha, ctx.limit)
     if grad_h is not None:
         grad = grad_h if grad is None else grad + grad_h
-    grad_x, grad_w = _grouped_mm_input_grads(
-        grad, x, gate_up_proj, expert_offsets, False, needs[0], needs[1], sorted_pairs, pair_to_row
-    )
+    grad_x, grad_w, grad_b = _grouped_mm_input_grads(
+        grad, x, gate_up_proj, offsets, ctx.weight_transposed, (needs[0], needs[1], need_bias),
+        pairs, rows,
+    )  # fmt: skip
     grad_u = grad_B = None
     if lora_u is not None and (needs[5] or needs[6]):
         grad_u, grad_B = _lora_expand_grads(
-            grad, lora_u, lora_B, expert_offsets, ctx.lora_scaling, True, needs[5], needs[6]
+            grad, lora_u, lora_B, offsets, ctx.lora_scaling, True, needs[5], needs[6]
         )
-    return grad_x, grad_w, None, None, None, grad_u, grad_B, None
+    return grad_x, grad_w, None, None, None, grad_u, grad_B, None, grad_b, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -371,19 +389,19 @@ torch.library.register_autograd(
 
 
 def _grouped_mm_input_grads(
-    grad, x, weight, expert_offsets, weight_transposed, need_x, need_w, sorted_pairs, pair_to_row
-) -> tuple[Tensor | None, Tensor | None]:
-    """(grad_x, grad_weight) of ``grouped_mm(x, weight, ...)`` without bias (None where not
-    needed); grad_x per token where x was read through the plan."""
-    if not (need_x or need_w):
-        return None, None
-    grad_x, grad_w, _ = _ops.grouped_mm_backward(
-        grad, x, weight, expert_offsets, weight_transposed, [need_x, need_w, False],
-        sorted_pairs, pair_to_row,
-    )  # fmt: skip
-    if need_x and sorted_pairs is not None:  # per routed row -> per token
+    grad, x, weight, expert_offsets, weight_transposed, needs, sorted_pairs, pair_to_row
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(grad_x, grad_weight, grad_bias) of ``grouped_mm(x, weight, ...)`` for the
+    ``needs = (x, weight, bias)`` asked for (None for the rest); grad_x per token where x was read
+    through the plan."""
+    if not any(needs):
+        return None, None, None
+    grad_x, grad_w, grad_b = _ops.grouped_mm_backward(
+        grad, x, weight, expert_offsets, weight_transposed, list(needs), sorted_pairs, pair_to_row
+    )
+    if needs[0] and sorted_pairs is not None:  # per routed row -> per token
         grad_x = _ops.combine(grad_x, sorted_pairs, pair_to_row, None)
-    return (grad_x if need_x else None), (grad_w if need_w else None)
+    return tuple(g if need else None for g, need in zip((grad_x, grad_w, grad_b), needs))
 
 
 def _lora_expand_grads(
@@ -435,16 +453,17 @@ def grouped_mm_lora(
     *,
     lora_rank_major: bool = True,
     weight_transposed: bool = False,
+    bias: Tensor | None = None,
     plan: RoutingPlan | None = None,
 ) -> Tensor:
     """A grouped GEMM with LoRA's up-projection added into its output, in one op.
 
-    Exactly ``y = grouped_mm(x, weight, expert_offsets, None, weight_transposed, plan)`` then
+    Exactly ``y = grouped_mm(x, weight, expert_offsets, bias, weight_transposed, plan)`` then
     ``lora_expand_add_(y, lora_u, lora_weight, expert_offsets, lora_scaling,
     lora_rank_major)``: ``y[i] += lora_scaling * lora_u[i] M_e`` on the rows of expert e. Under
     ``MOEFORGE_GROUPED_GEMM=sm90`` (bfloat16, compute capability 9.0, rank a multiple of 8 up to
-    64) one kernel: the add in the GEMM's epilogue on the rounded output (``lora_expand_add_``'s
-    rounding rule), so ``y`` is written once.
+    64) one kernel: the bias and the add in the GEMM's epilogue on the rounded output (the same
+    rounding rules), so ``y`` is written once.
 
     Args:
         x: ``[S, in]`` rows in expert order or, with ``plan``, token-major ``[T, in]``.
@@ -454,6 +473,7 @@ def grouped_mm_lora(
         lora_weight: ``lora_rank_major``: PEFT's lora_B ``[out, r*E]`` (M_e = B_e^T, the
             forward); else PEFT's lora_A ``[E*r, out]`` (M_e = A_e, an input's gradient).
         lora_scaling: the adapter's scaling.
+        bias: optional ``[E, out]``, added before LoRA's up-projection.
 
     Returns:
         ``[S, out]`` in expert order; rows past ``expert_offsets[E]`` are zero.
@@ -461,7 +481,7 @@ def grouped_mm_lora(
     pairs, rows = (plan.sorted_pairs, plan.pair_to_row) if plan is not None else (None, None)
     return _ops.grouped_mm_lora(
         x, weight, expert_offsets, weight_transposed, lora_u, lora_weight, lora_scaling,
-        lora_rank_major, pairs, rows,
+        lora_rank_major, pairs, rows, bias,
     )  # fmt: skip
 
 
@@ -477,28 +497,33 @@ def _grouped_mm_lora_fake(
     lora_rank_major,
     sorted_pairs=None,
     pair_to_row=None,
+    bias=None,
 ):
     num_rows = sorted_pairs.shape[0] if sorted_pairs is not None else x.shape[0]
     return x.new_empty(num_rows, weight.shape[2 if weight_transposed else 1])
 
 
 def _grouped_mm_lora_setup(ctx, inputs, output):
-    x, weight, offsets, transposed, lora_u, lora_weight, scaling, rank_major, pairs, rows = inputs
+    x, weight, offsets, transposed, lora_u, lora_weight, scaling, rank_major, pairs, rows = inputs[
+        :10
+    ]
     ctx.weight_transposed, ctx.lora_scaling, ctx.lora_rank_major = transposed, scaling, rank_major
+    ctx.has_bias = inputs[10] is not None
     ctx.save_for_backward(x, weight, offsets, lora_u, lora_weight, pairs, rows)
 
 
 def _grouped_mm_lora_backward(ctx, grad):
     x, weight, offsets, lora_u, lora_weight, pairs, rows = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    grad_x, grad_w = _grouped_mm_input_grads(
-        grad, x, weight, offsets, ctx.weight_transposed, needs[0], needs[1], pairs, rows
-    )
+    grad_x, grad_w, grad_b = _grouped_mm_input_grads(
+        grad, x, weight, offsets, ctx.weight_transposed,
+        (needs[0], needs[1], ctx.has_bias and needs[10]), pairs, rows,
+    )  # fmt: skip
     grad_u, grad_lora = _lora_expand_grads(
         grad, lora_u, lora_weight, offsets, ctx.lora_scaling, ctx.lora_rank_major, needs[4],
         needs[5],
     )  # fmt: skip
-    return grad_x, grad_w, None, None, grad_u, grad_lora, None, None, None, None
+    return grad_x, grad_w, None, None, grad_u, grad_lora, None, None, None, None, grad_b
 
 
 torch.library.register_autograd(
