@@ -20,6 +20,9 @@ layout; "sm90" reads the weight K-major in the forward GEMMs, MN-major in the ba
                         s u B_e^T in the epilogue; the others run grouped_mm, lora_expand_add_
                         and swiglu (the fused layer's frozen + LoRA forward)
     down + LoRA         grouped_mm_lora: y = a W_dn^T + s u B_e^T (one kernel under "sm90")
+    gpt-oss gate_up     grouped_mm_swiglu in gpt-oss's layout: x W_gu + b_gu with [E, H, 2I]
+                        read MN-major, a its clamped interleaved activation ("sm90": bias and
+                        activation in the epilogue; the others: GEMM, bias pass, swiglu)
     grad_aw + LoRA      grouped_mm_lora: dO W_dn + s du A_e, dO gathered (the LoRA backward)
 
 The LoRA rows count the base GEMM's FLOPs only (the rank-16 add is < 2% of them).
@@ -67,6 +70,9 @@ def gemm_cases(T: int, H: int, I: int, E: int, K: int, device: str):
     gu_B = torch.randn(2 * I, r * E, device=device, dtype=dt) / r
     dn_B = torch.randn(H, r * E, device=device, dtype=dt) / r
     dn_A = torch.randn(E * r, I, device=device, dtype=dt) / I**0.5
+    w_gu_t = w_gu.transpose(1, 2).contiguous()  # [E, H, 2I]: gpt-oss's layout
+    b_gu = torch.randn(E, 2 * I, device=device, dtype=dt)
+    gpt_oss = {"bias": b_gu, "weight_transposed": True, "variant": "gpt_oss"}
     return [
         ("gate_up (gathered)", lambda: ops.grouped_mm(x, w_gu, offs, plan=plan), gate_up),
         ("gate_up (dense)", lambda: ops.grouped_mm(xs, w_gu, offs), gate_up),
@@ -95,6 +101,11 @@ def gemm_cases(T: int, H: int, I: int, E: int, K: int, device: str):
             gate_up,
         ),
         ("down + LoRA", lambda: ops.grouped_mm_lora(a, w_dn, offs, u, dn_B, 2.0), 2 * S * H * I),
+        (
+            "gpt-oss gate_up",
+            lambda: ops.grouped_mm_swiglu(x, w_gu_t, offs, plan, **gpt_oss),
+            gate_up,
+        ),
         (
             "grad_aw + LoRA",
             lambda: ops.grouped_mm_lora(

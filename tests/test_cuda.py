@@ -908,18 +908,30 @@ def lora_rule(base, u, lora_weight, offs, scaling, rank_major):
     return out
 
 
+LORA_SHAPES = [  # T, E, H, N, rank, bias
+    (500, 16, 200, 328, 16, False),
+    (300, 4, 64, 136, 8, True),  # a zero-filled half k16 step
+    (300, 4, 64, 136, 64, False),  # four k16 steps
+    # 16384 rows x 5 column tiles: more tiles than SMs, so CTAs reload LoRA's tiles for another
+    # tile; three k16 steps; the bias first
+    (4096, 8, 256, 640, 40, True),
+]
+
+
+@pytest.mark.parametrize("T,E,H,N,R,with_bias", LORA_SHAPES)
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("rank_major", [True, False])
 @pytest.mark.parametrize("through_plan", [False, True])
 def test_grouped_mm_lora_adds_by_lora_expand_adds_rule(
-    monkeypatch, engine, transposed, rank_major, through_plan
+    monkeypatch, engine, transposed, rank_major, through_plan, T, E, H, N, R, with_bias
 ):
-    """grouped_mm_lora on every engine: bitwise the engine's own grouped_mm with LoRA's
-    up-projection added by lora_expand_add_'s rule (exact rank sums, so bitwise on every engine);
-    under "sm90" one launch of our kernel (the add in its epilogue, no lora_expand_add_ kernel),
-    the same under both pipelines; dropped rows zero; within bf16 rounding of float64."""
+    """grouped_mm_lora on every engine: bitwise the engine's own grouped_mm (with the bias) with
+    LoRA's up-projection added by lora_expand_add_'s rule (exact rank sums, so bitwise on every
+    engine); under "sm90" one launch of our kernel (the bias and the add in its epilogue, no
+    lora_expand_add_ or bias kernel), the same under both pipelines; dropped rows zero; within
+    bf16 rounding of float64."""
     torch.manual_seed(5)
-    T, K, E, H, N, R = 500, 4, 16, 200, 328, 16
+    K = 4
     ids = random_topk_ids(T, K, E, device="cuda", drop_fraction=0.03, skip_experts=(2,))
     plan = ops.routing(ids, E)
     offs = plan.expert_offsets
@@ -928,13 +940,14 @@ def test_grouped_mm_lora_adds_by_lora_expand_adds_rule(
     use_plan = plan if through_plan else None
     shape = (E, H, N) if transposed else (E, N, H)
     w = torch.randn(shape, device="cuda", dtype=torch.bfloat16) / H**0.5
+    bias = torch.randn(E, N, device="cuda", dtype=torch.bfloat16) if with_bias else None
     u = coarse((T * K, R), device="cuda")
     lora_w = coarse((N, R * E) if rank_major else (E * R, N), scale=0.25, device="cuda")
 
     def run():
         return ops.grouped_mm_lora(
             rows, w, offs, u, lora_w, 0.5, lora_rank_major=rank_major,
-            weight_transposed=transposed, plan=use_plan,
+            weight_transposed=transposed, bias=bias, plan=use_plan,
         )  # fmt: skip
 
     poison_allocator()
@@ -942,52 +955,92 @@ def test_grouped_mm_lora_adds_by_lora_expand_adds_rule(
     assert torch.isfinite(y).all(), "unwritten (NaN-poisoned) rows"
     kept = int(offs[-1])
     assert (y[kept:] == 0).all()
-    base = ops.grouped_mm(rows, w, offs, None, transposed, plan=use_plan)
+    base = ops.grouped_mm(rows, w, offs, bias, transposed, plan=use_plan)
     assert torch.equal(y, lora_rule(base, u, lora_w, offs, 0.5, rank_major))
-    want = reference.lora_expand_add(
-        reference.grouped_mm(ops.permute(x, plan).double(), w.double(), offs, None, transposed),
-        u, lora_w, offs, 0.5, rank_major,
-    )  # fmt: skip
-    assert_normwise_close(y, want, 4e-3, "y vs float64")
+    if T * K * H * N < 1e8:  # the float64 reference runs on the CPU
+        want = reference.lora_expand_add(
+            reference.grouped_mm(
+                ops.permute(x, plan).double(), w.double(), offs,
+                None if bias is None else bias.double(), transposed,
+            ),
+            u, lora_w, offs, 0.5, rank_major,
+        )  # fmt: skip
+        assert_normwise_close(y, want, 4e-3, "y vs float64")
     if engine == "sm90":
         names = cuda_kernels_called(run)
         assert any("grouped_gemm_sm90_kernel" in n for n in names), sorted(names)
-        assert not any("lora_expand" in n for n in names), sorted(names)
+        assert not any("lora_expand" in n or "bias" in n for n in names), sorted(names)
         monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", "overlapped")
         assert torch.equal(run(), y)
 
 
+def test_grouped_mm_lora_falls_back_where_the_sm90_epilogue_does_not_apply(monkeypatch):
+    """Rank 12 (not a multiple of 8) or 72 (past one k block) under "sm90": the GEMM on our
+    kernel, then lora_expand_add_ - the same rule."""
+    if not sm90_engine_applies():
+        pytest.skip("the sm90 engine needs a compute capability 9.0 GPU")
+    monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
+    torch.manual_seed(7)
+    T, K, E, H, N = 200, 2, 4, 64, 128
+    ids = random_topk_ids(T, K, E, device="cuda", drop_fraction=0.0)
+    plan = ops.routing(ids, E)
+    offs = plan.expert_offsets
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(E, N, H, device="cuda", dtype=torch.bfloat16) / 8
+    for rank in (12, 72):
+        u = coarse((T * K, rank), device="cuda")
+        lora_B = coarse((N, rank * E), scale=0.25, device="cuda")
+
+        def run(u=u, lora_B=lora_B):
+            return ops.grouped_mm_lora(x, w, offs, u, lora_B, 0.5, plan=plan)
+
+        names = cuda_kernels_called(run)
+        assert any("lora_expand" in n for n in names), (rank, sorted(names))
+        base = ops.grouped_mm(x, w, offs, plan=plan)
+        assert torch.equal(run(), lora_rule(base, u, lora_B, offs, 0.5, True)), rank
+
+
+@pytest.mark.parametrize("layout", ["hf", "gpt_oss"])
 @pytest.mark.parametrize("through_plan", [False, True])
-def test_grouped_mm_swiglu_with_lora_adds_by_the_rule(monkeypatch, engine, through_plan):
-    """grouped_mm_swiglu with the gate_up adapter on every engine: h bitwise the op's h without
-    LoRA with the up-projection added by lora_expand_add_'s rule (exact rank sums), a bitwise
-    swiglu(h); under "sm90" one kernel (no lora_expand_add_, no swiglu kernel)."""
+def test_grouped_mm_swiglu_with_lora_adds_by_the_rule(monkeypatch, engine, layout, through_plan):
+    """grouped_mm_swiglu with the gate_up adapter on every engine, HF's layout and gpt-oss's
+    (with its bias and clamped interleaved activation): h bitwise the op's h without LoRA with the
+    up-projection added by lora_expand_add_'s rule (exact rank sums), a bitwise swiglu(h); under
+    "sm90" one kernel (no lora_expand_add_, bias or swiglu kernel)."""
     torch.manual_seed(6)
     T, K, E, H, I, R = 400, 4, 16, 256, 200, 16
+    gpt_oss = layout == "gpt_oss"
     ids = random_topk_ids(T, K, E, device="cuda", drop_fraction=0.03, skip_experts=(5,))
     plan = ops.routing(ids, E)
     offs = plan.expert_offsets
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     rows = x if through_plan else ops.permute(x, plan)
     use_plan = plan if through_plan else None
-    w = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / H**0.5
+    shape = (E, H, 2 * I) if gpt_oss else (E, 2 * I, H)
+    w = torch.randn(shape, device="cuda", dtype=torch.bfloat16) / H**0.5
     u = coarse((T * K, R), device="cuda")
     lora_B = coarse((2 * I, R * E), scale=0.25, device="cuda")
+    kw = {}
+    if gpt_oss:
+        kw = {"weight_transposed": True, "variant": "gpt_oss", "alpha": 1.702, "limit": 2.0}
+        kw["bias"] = torch.randn(E, 2 * I, device="cuda", dtype=torch.bfloat16)
 
     def run():
         return ops.grouped_mm_swiglu(
-            rows, w, offs, use_plan, lora_u=u, lora_B=lora_B, lora_scaling=0.5
+            rows, w, offs, use_plan, lora_u=u, lora_B=lora_B, lora_scaling=0.5, **kw
         )
 
     poison_allocator()
     h, a = run()
     assert torch.isfinite(h).all() and torch.isfinite(a).all(), "unwritten (NaN-poisoned) rows"
-    h0, _ = ops.grouped_mm_swiglu(rows, w, offs, use_plan)
+    h0, _ = ops.grouped_mm_swiglu(rows, w, offs, use_plan, **kw)
     assert torch.equal(h, lora_rule(h0, u, lora_B, offs, 0.5, True))
-    assert torch.equal(a, ops.swiglu(h))
+    glu = {"variant": "gpt_oss", "alpha": 1.702, "limit": 2.0} if gpt_oss else {}
+    assert torch.equal(a, ops.swiglu(h, **glu))
     kept = int(offs[-1])
     assert (h[kept:] == 0).all() and (a[kept:] == 0).all()
     if engine == "sm90":
         names = cuda_kernels_called(run)
         assert any("grouped_gemm_sm90_kernel" in n for n in names), sorted(names)
-        assert not any("lora_expand" in n or "swiglu" in n for n in names), sorted(names)
+        unwanted = ("lora_expand", "swiglu", "bias")
+        assert not any(k in n for n in names for k in unwanted), sorted(names)

@@ -117,31 +117,51 @@ def test_torch_engine_lora_path_matches_eager_loop(monkeypatch, layout, bias, ga
     assert calls.get("moeforge::expert_lora_backward", 0) == 0
 
 
-@pytest.mark.parametrize("layout", ["hf", "gpt_oss"])
-def test_sm90_lora_epilogue_path_matches_eager_loop(monkeypatch, layout):
+@pytest.mark.parametrize("layout,bias", [("hf", False), ("gpt_oss", False), ("gpt_oss", True)])
+def test_sm90_lora_epilogue_path_matches_eager_loop(monkeypatch, layout, bias):
     """The path under the experimental MOEFORGE_GROUPED_GEMM=sm90 (where grouped_mm_lora and
-    grouped_mm_swiglu's LoRA arguments are one kernel each: LoRA's up-projections in the base
-    GEMMs' epilogues - h, y, grad_aw, grad_x - instead of lora_expand_add_ after them), forced on
-    CPU in float64 with a rank it applies to (8; no biases, which keep the in-place path): every
-    gradient subset against the eager loop."""
+    grouped_mm_swiglu are one kernel each: the biases and LoRA's up-projections in the base
+    GEMMs' epilogues - h, y, grad_aw, grad_x - instead of a bias pass and lora_expand_add_ after
+    them), forced on CPU in float64 with a rank it applies to (8): every gradient subset against
+    the eager loop."""
     from moeforge import fused
 
     monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
     monkeypatch.setattr(fused, "_torch_engine", lambda x, num_experts: True)
-    ids, leaves = make_inputs("cpu", layout, lora=True, bias=False, rank=8)
+    ids, leaves = make_inputs("cpu", layout, lora=True, bias=bias, rank=8)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         check_every_gradient_subset(ids, leaves, layout)
     calls = {e.key: e.count for e in prof.key_averages()}
     subsets = trainable_subsets(list(leaves))
-    # Per subset: the down projection (and gpt-oss's gate_up) in the forward, grad_aw in the
-    # backward, and grad_x where x is trainable.
-    per_run = 2 if layout == "hf" else 3
+    # Per subset: gate_up (with its adapter and bias) in grouped_mm_swiglu; the down projection
+    # in the forward and grad_aw in the backward through grouped_mm_lora, and grad_x where x is
+    # trainable.
     with_x = sum("x" in s for s in subsets)
-    assert calls.get("moeforge::grouped_mm_lora", 0) == per_run * len(subsets) + with_x
-    if layout == "hf":  # gate_up's adapter in grouped_mm_swiglu
-        assert calls.get("moeforge::grouped_mm_swiglu", 0) == len(subsets)
+    assert calls.get("moeforge::grouped_mm_swiglu", 0) == len(subsets)
+    assert calls.get("moeforge::grouped_mm_lora", 0) == 2 * len(subsets) + with_x
     assert calls.get("moeforge::expert_lora_backward", 0) == 0
     assert calls.get("moeforge::expert_lora", 0) == 0
+
+
+def test_sm90_lora_path_survives_an_engine_change_between_forward_and_backward(monkeypatch):
+    """The engine is read per call: a forward under "sm90" (LoRA in the epilogues) and a backward
+    under "auto" (in place), or the other way round, give the same gradients (float64, CPU,
+    torch's engine forced)."""
+    from moeforge import fused
+
+    monkeypatch.setattr(fused, "_torch_engine", lambda x, num_experts: True)
+    ids, leaves = make_inputs("cpu", "gpt_oss", lora=True, bias=True, rank=8)
+    results = []
+    for forward_engine, backward_engine in (("sm90", "sm90"), ("sm90", "auto"), ("auto", "sm90")):
+        p = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+        monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", forward_engine)
+        out = run_fused(ids, p, "gpt_oss")
+        monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", backward_engine)
+        grads = torch.autograd.grad(out, list(p.values()), torch.ones_like(out))
+        results.append([out, *grads])
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            torch.testing.assert_close(a, b)
 
 
 def test_torch_engine_lora_path_beyond_lora_expand_expert_limit(monkeypatch):

@@ -2,11 +2,12 @@
 
 Forward (same values and rounding as composing the ops one by one): routing ->
 ``h = x_rows W_gu^T`` (+ split LoRA) -> ``a = swiglu(h)`` -> ``y = a W_d^T`` (+ split LoRA) ->
-``out[t] = sum_k w[t,k] y[row(t,k)]``, with ``x_rows`` the tokens in expert order. Without a
-gate_up adapter or bias (HF's layout), ``h`` and ``a`` come from one op,
-:func:`moeforge.ops.grouped_mm_swiglu`: one kernel under the experimental
-``MOEFORGE_GROUPED_GEMM=sm90`` (the activation in the GEMM's epilogue, the rows gathered in its
-loads), else the two ops.
+``out[t] = sum_k w[t,k] y[row(t,k)]``, with ``x_rows`` the tokens in expert order. ``h`` and
+``a`` come from one op, :func:`moeforge.ops.grouped_mm_swiglu`: one kernel under the
+experimental ``MOEFORGE_GROUPED_GEMM=sm90`` (the bias, the gate_up adapter's up-projection and
+the activation in the GEMM's epilogue, the rows gathered in its loads; the down projection's
+bias and adapter likewise through :func:`moeforge.ops.grouped_mm_lora`), else the same ops one
+by one.
 
 The permute is fused into the gate_up GEMMs: they read the token-major ``x`` through the routing
 plan (``grouped_mm`` / ``expert_lora`` with ``sorted_pairs``), in the forward and in the weight
@@ -298,43 +299,35 @@ class FusedMoEExperts(torch.autograd.Function):
         if gate_up_lora_A is not None and _gathers_to_a_copy(x, num_experts, True):
             x_in, x_plan = _ops.permute(x, *plan, None), ()  # one copy for both GEMMs
         gate_up_u = None
-        gu_epilogue = gate_up_lora_A is not None and gate_up_bias is None
-        gu_epilogue = gu_epilogue and _lora_in_epilogue(
+        in_place = gate_up_lora_A is not None and not _lora_in_epilogue(
             gate_up_lora_A, num_experts, x.dtype, torch_engine
         )
-        if gu_epilogue:  # the adapter's up-projection added in the GEMM's epilogue
-            gate_up_u = _lora_u(x_in, x_plan, gate_up_lora_A, offsets)
-            lora = (gate_up_u, gate_up_lora_B, gate_up_scaling)
-            if transposed:
-                h = _ops.grouped_mm_lora(
-                    x_in, gate_up_proj, offsets, True, *lora, True, *_plan_args(x_plan)
-                )
-                a = _ops.swiglu(h, variant, alpha, limit)
-            else:
-                h, a = _ops.grouped_mm_swiglu(
-                    x_in, gate_up_proj, offsets, *_plan_args(x_plan), *lora
-                )
-        elif transposed or gate_up_bias is not None or gate_up_lora_A is not None:
+        if in_place:  # LoRA's up-projection added into h after the GEMM
             h = _ops.grouped_mm(x_in, gate_up_proj, offsets, gate_up_bias, transposed, *x_plan)
-            if gate_up_lora_A is not None:
-                gate_up_u = _add_lora(
-                    h, x_in, x_plan, gate_up_lora_A, gate_up_lora_B, offsets, gate_up_scaling,
-                    torch_engine,
-                )  # fmt: skip
+            gate_up_u = _add_lora(
+                h, x_in, x_plan, gate_up_lora_A, gate_up_lora_B, offsets, gate_up_scaling,
+                torch_engine,
+            )  # fmt: skip
             a = _ops.swiglu(h, variant, alpha, limit)
-        else:  # the same h and a from one op (one kernel under MOEFORGE_GROUPED_GEMM=sm90)
-            h, a = _ops.grouped_mm_swiglu(x_in, gate_up_proj, offsets, *x_plan)
+        else:  # h and a from one op (one kernel under MOEFORGE_GROUPED_GEMM=sm90)
+            lora = (None, None, 1.0)
+            if gate_up_lora_A is not None:  # the adapter's up-projection in the GEMM's epilogue
+                gate_up_u = _lora_u(x_in, x_plan, gate_up_lora_A, offsets)
+                lora = (gate_up_u, gate_up_lora_B, gate_up_scaling)
+            h, a = _ops.grouped_mm_swiglu(
+                x_in, gate_up_proj, offsets, *_plan_args(x_plan), *lora, gate_up_bias, transposed,
+                variant, alpha, limit,
+            )  # fmt: skip
         del x_in
         down_u = None
-        if (
-            down_lora_A is not None
-            and down_bias is None
-            and _lora_in_epilogue(down_lora_A, num_experts, a.dtype, torch_engine)
-        ):
+        if down_lora_A is not None and _lora_in_epilogue(
+            down_lora_A, num_experts, a.dtype, torch_engine
+        ):  # the bias and the adapter's up-projection in the GEMM's epilogue
             down_u = _lora_u(a, (), down_lora_A, offsets)
             y = _ops.grouped_mm_lora(
-                a, down_proj, offsets, transposed, down_u, down_lora_B, down_scaling, True
-            )
+                a, down_proj, offsets, transposed, down_u, down_lora_B, down_scaling, True,
+                None, None, down_bias,
+            )  # fmt: skip
         else:
             y = _ops.grouped_mm(a, down_proj, offsets, down_bias, transposed)
             if down_lora_A is not None:
@@ -418,8 +411,11 @@ class FusedMoEExperts(torch.autograd.Function):
         dO, dO_plan, dO_lora_plan = grad_out, plan, (*plan, False, True)
         dO_readers = 1 + (down_lora_A is not None) + need_dn + (need_dn_A or need_dn_B)
         dO_readers += need_dn_bias
-        # Under "sm90" every GEMM reader but the down adapter's gathers in its own loads.
-        gemms_only = down_lora_A is None
+        # Under "sm90" every GEMM reader gathers in its own loads; the down adapter's readers are
+        # GEMMs where its up-projection goes into the epilogue (else expert_lora_backward's).
+        gemms_only = down_lora_A is None or _lora_in_epilogue(
+            down_lora_A, gate_up_proj.shape[0], grad_out.dtype, ctx.torch_engine
+        )
         if dO_readers > 1 and _gathers_to_a_copy(grad_out, gate_up_proj.shape[0], gemms_only):
             dO, dO_plan, dO_lora_plan = _ops.permute(grad_out, *plan, None), (), ()
         num_experts = offsets.shape[0] - 1
