@@ -20,6 +20,7 @@ RowSource check_grouped_mm_swiglu_inputs(const at::Tensor& x, const at::Tensor& 
   check_grouped_mm_inputs(x, gate_up_proj, expert_offsets, options.bias, options.weight_transposed,
                           op);
   parse_swiglu_variant(op, options.variant);
+  MOEFORGE_CHECK_VALUE(options.limit > 0, op, "limit must be > 0, got ", options.limit);
   const int64_t two_inter = gate_up_proj.size(options.weight_transposed ? 2 : 1);
   MOEFORGE_CHECK_VALUE(two_inter % 2 == 0, op,
                        "gate_up_proj must have an even number of output "

@@ -742,6 +742,13 @@ def test_sm90_engine_forward_matches_float64(
         torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=1.6e-2, atol=1e-2)
         dropped = int(offs[-1])
         assert (got[dropped:] == 0).all()
+        if bias is not None:  # the epilogue's bias: round(round(x W_e) + b_e), bit for bit
+            plain = forward(bias=None)
+            expert = torch.repeat_interleave(
+                torch.arange(E, device="cuda"), offs.diff().long(), output_size=dropped
+            )
+            want_bits = (plain[:dropped].float() + bias[expert].float()).bfloat16()
+            assert torch.equal(got[:dropped], want_bits)
         other = "serial" if pipeline == "overlapped" else "overlapped"
         monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", other)
         assert torch.equal(forward(), got)
@@ -1000,7 +1007,7 @@ def test_grouped_mm_lora_falls_back_where_the_sm90_epilogue_does_not_apply(monke
         assert torch.equal(run(), lora_rule(base, u, lora_B, offs, 0.5, True)), rank
 
 
-@pytest.mark.parametrize("layout", ["hf", "gpt_oss"])
+@pytest.mark.parametrize("layout", ["hf", "gpt_oss", "gpt_oss_k_major"])
 @pytest.mark.parametrize("through_plan", [False, True])
 def test_grouped_mm_swiglu_with_lora_adds_by_the_rule(monkeypatch, engine, layout, through_plan):
     """grouped_mm_swiglu with the gate_up adapter on every engine, HF's layout and gpt-oss's
@@ -1009,20 +1016,22 @@ def test_grouped_mm_swiglu_with_lora_adds_by_the_rule(monkeypatch, engine, layou
     "sm90" one kernel (no lora_expand_add_, bias or swiglu kernel)."""
     torch.manual_seed(6)
     T, K, E, H, I, R = 400, 4, 16, 256, 200, 16
-    gpt_oss = layout == "gpt_oss"
+    gpt_oss = layout.startswith("gpt_oss")
+    transposed = layout == "gpt_oss"  # gpt_oss_k_major: the activation with HF's layout
     ids = random_topk_ids(T, K, E, device="cuda", drop_fraction=0.03, skip_experts=(5,))
     plan = ops.routing(ids, E)
     offs = plan.expert_offsets
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     rows = x if through_plan else ops.permute(x, plan)
     use_plan = plan if through_plan else None
-    shape = (E, H, 2 * I) if gpt_oss else (E, 2 * I, H)
+    shape = (E, H, 2 * I) if transposed else (E, 2 * I, H)
     w = torch.randn(shape, device="cuda", dtype=torch.bfloat16) / H**0.5
     u = coarse((T * K, R), device="cuda")
     lora_B = coarse((2 * I, R * E), scale=0.25, device="cuda")
-    kw = {}
+    kw, glu = {}, {}
     if gpt_oss:
-        kw = {"weight_transposed": True, "variant": "gpt_oss", "alpha": 1.702, "limit": 2.0}
+        glu = {"variant": "gpt_oss", "alpha": 1.5, "limit": 2.0}  # not the default alpha
+        kw = {"weight_transposed": transposed, **glu}
         kw["bias"] = torch.randn(E, 2 * I, device="cuda", dtype=torch.bfloat16)
 
     def run():
@@ -1035,7 +1044,6 @@ def test_grouped_mm_swiglu_with_lora_adds_by_the_rule(monkeypatch, engine, layou
     assert torch.isfinite(h).all() and torch.isfinite(a).all(), "unwritten (NaN-poisoned) rows"
     h0, _ = ops.grouped_mm_swiglu(rows, w, offs, use_plan, **kw)
     assert torch.equal(h, lora_rule(h0, u, lora_B, offs, 0.5, True))
-    glu = {"variant": "gpt_oss", "alpha": 1.702, "limit": 2.0} if gpt_oss else {}
     assert torch.equal(a, ops.swiglu(h, **glu))
     kept = int(offs[-1])
     assert (h[kept:] == 0).all() and (a[kept:] == 0).all()

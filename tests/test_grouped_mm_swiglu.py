@@ -128,6 +128,8 @@ def test_bad_input_errors():
         op(torch.randn(5, 4), torch.randn(2, 4, 7), offs, weight_transposed=True)
     with pytest.raises(ValueError, match=r"moeforge\.grouped_mm_swiglu: variant must be"):
         op(torch.randn(5, 4), torch.randn(2, 8, 4), offs, variant="relu")
+    with pytest.raises(ValueError, match=r"moeforge\.grouped_mm_swiglu: limit must be > 0, got -1"):
+        op(torch.randn(5, 4), torch.randn(2, 8, 4), offs, variant="gpt_oss", limit=-1.0)
     with pytest.raises(ValueError, match=r"moeforge\.grouped_mm_swiglu: .*weight"):
         op(torch.randn(5, 4), torch.randn(2, 8, 3), offs)
     with pytest.raises(

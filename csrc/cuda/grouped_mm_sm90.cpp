@@ -97,23 +97,28 @@ struct EpilogueOperands {
   at::Tensor bias, u, m;
 };
 
-// Points args (outputs set, otherwise valid) at the bias and LoRA's operands; false where the
-// kernel does not take them (dtype, rank, strides, alignment).
+// Points args (outputs set, otherwise valid) at the bias and LoRA's operands, copying only after
+// the dtype and rank checks; false where the kernel does not take them (dtype, rank; LoRA
+// operands' strides and alignment).
 bool set_epilogue_args(kernels::GroupedGemmSm90Args& args, const at::Tensor& bias,
                        const Sm90LoraExpand* lora, EpilogueOperands& keep) {
-  if (bias.defined()) {
-    if (bias.scalar_type() != at::kBFloat16) return false;
-    keep.bias = bias.size(1) > 1 && bias.stride(1) != 1 ? bias.contiguous() : bias;
+  if (bias.defined() && bias.scalar_type() != at::kBFloat16) return false;
+  const int64_t rank = lora != nullptr ? lora->u.size(1) : 0;
+  if (lora != nullptr &&
+      (lora->u.scalar_type() != at::kBFloat16 || lora->lora_weight.scalar_type() != at::kBFloat16 ||
+       rank % 8 != 0 || rank > kernels::kSm90MaxLoraRank)) {
+    return false;
+  }
+  if (bias.defined()) {  // read as 4-byte pairs: a view the kernel cannot take is copied
+    const bool fits = (bias.size(1) <= 1 || bias.stride(1) == 1) &&
+                      (bias.size(0) <= 1 || bias.stride(0) % 8 == 0) &&
+                      reinterpret_cast<uintptr_t>(bias.const_data_ptr()) % 16 == 0;
+    keep.bias = fits ? bias : bias.clone(at::MemoryFormat::Contiguous);
     args.bias = cuda_ptr<at::BFloat16>(keep.bias);
     args.bias_stride_e = leading_dim(keep.bias, 0, args.n);
   }
   if (lora != nullptr) {
-    const int64_t rank = lora->u.size(1), n = args.n, num_experts = args.num_experts;
-    if (lora->u.scalar_type() != at::kBFloat16 ||
-        lora->lora_weight.scalar_type() != at::kBFloat16 || rank % 8 != 0 ||
-        rank > kernels::kSm90MaxLoraRank) {
-      return false;
-    }
+    const int64_t n = args.n, num_experts = args.num_experts;
     keep.u = as_rows(lora->u);
     keep.m = lora->rank_major ? lora->lora_weight.reshape({n, rank, num_experts})
                                     .permute({2, 1, 0})

@@ -128,6 +128,10 @@ std::vector<bf16> run(const Case& c, const std::vector<int32_t>& offsets,
     args.a = d_a.data();
     args.lda = c.n / 2;
     args.glu = c.gpt_oss ? kernels::GluVariant::kGptOss : kernels::GluVariant::kSilu;
+    if (c.gpt_oss) {  // not the defaults, and a limit that clamps some of the values
+      args.glu_alpha = 1.5f;
+      args.glu_limit = 1.25f;
+    }
   }
   if (lora != nullptr) set_lora(args, *lora, d_u, d_m);
   if (bias != nullptr) {
@@ -535,7 +539,7 @@ TEST_P(GroupedGemmSm90, BiasEpilogue) {
 }
 
 // gpt-oss's gate_up: [E, H, 2I] read MN-major, h's columns (2j, 2j + 1) the pair (gate, up) of a's
-// column j, clamped (limit 7) with sigmoid(1.702 gate).
+// column j, clamped (limit 1.25 here) with sigmoid(alpha gate) (alpha 1.5 here).
 Case gpt_oss(Case c) {
   c.w_mn_major = true;
   c.gpt_oss = true;
@@ -549,6 +553,11 @@ TEST_P(GroupedGemmSm90, GptOssSwigluEpilogue) {
   // gpt-oss-20b's 2I = 5760 is 45 tiles of 128 columns; 2I = 720 keeps the emulator short.
   check_case(gpt_oss({"gpt-oss, E = 8 random", random_offsets(8, 600, 82, 9), 600, 192, 720}), 83,
              true);
+  // The interleaved activation with a K-major weight ([E, 2I, H]: gpt-oss's activation, HF's
+  // layout): the same plain tile mapping through the other B loader.
+  Case k_major = gpt_oss({"gpt-oss activation, K-major weight", {0, 50, 50, 300}, 310, 128, 400});
+  k_major.w_mn_major = false;
+  check_case(k_major, 85, true);
   // gpt-oss's gate_up has a bias and may carry an adapter: both before the activation.
   check_epilogue_case(gpt_oss({"gpt-oss, bias and LoRA", {0, 37, 37, 200}, 210, 64, 400}), 16, 0.5f,
                       84, true, true);

@@ -38,7 +38,8 @@
 // Requirements (else cudaErrorInvalidValue): k, n, ldx, ldy, ldw multiples of 8; x, y, w 16-byte
 // aligned; w_stride_e a multiple of 8; 1 <= num_experts <= kGroupedGemmSm90MaxExperts; with
 // LoRA, lora_rank a multiple of 8 in [8, kSm90MaxLoraRank], ld_lora_u >= lora_rank, ld_lora_m >=
-// n and lora_m_stride_e multiples of 8, lora_u and lora_m 16-byte aligned. Not
+// n and lora_m_stride_e multiples of 8, lora_u and lora_m 16-byte aligned; with a bias, bias
+// 16-byte aligned and bias_stride_e a multiple of 8. Not
 // checked: y must not overlap x or w, and W_e must not overlap W_(e+1) (w_stride_e >= n ldw for
 // distinct weights). Runs on compute capability 9.0 only (grouped_gemm_sm90_supported says
 // whether this build and device can).
