@@ -2,9 +2,9 @@
 #include "grouped_mm_lora.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "op_calls.h"
 #include "validation.h"
 
 namespace moeforge {
@@ -27,15 +27,6 @@ RowSource check_grouped_mm_lora_inputs(const at::Tensor& x, const at::Tensor& we
   return source;
 }
 
-void lora_expand_add_call(at::Tensor& out, const at::Tensor& u, const at::Tensor& lora_weight,
-                          const at::Tensor& expert_offsets, double scaling, bool rank_major) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("moeforge::lora_expand_add_", "")
-                             .typed<void(at::Tensor, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, double, bool)>();
-  op.call(out, u, lora_weight, expert_offsets, scaling, rank_major);
-}
-
 at::Tensor grouped_mm_lora_composed(const at::Tensor& x, const at::Tensor& weight,
                                     const at::Tensor& expert_offsets, bool weight_transposed,
                                     const at::Tensor& lora_u, const at::Tensor& lora_weight,
@@ -43,13 +34,7 @@ at::Tensor grouped_mm_lora_composed(const at::Tensor& x, const at::Tensor& weigh
                                     const std::optional<at::Tensor>& sorted_pairs,
                                     const std::optional<at::Tensor>& pair_to_row,
                                     const std::optional<at::Tensor>& bias) {
-  static const auto grouped_mm =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("moeforge::grouped_mm", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, bool,
-                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
-  at::Tensor y = grouped_mm.call(x, weight, expert_offsets, bias, weight_transposed, sorted_pairs,
+  at::Tensor y = grouped_mm_call(x, weight, expert_offsets, bias, weight_transposed, sorted_pairs,
                                  pair_to_row);
   lora_expand_add_call(y, lora_u, lora_weight, expert_offsets, lora_scaling, lora_rank_major);
   return y;

@@ -38,8 +38,4 @@ at::Tensor grouped_mm_lora_composed(const at::Tensor& x, const at::Tensor& weigh
                                     const std::optional<at::Tensor>& pair_to_row,
                                     const std::optional<at::Tensor>& bias);
 
-// lora_expand_add_ through the dispatcher (the compositions above and grouped_mm_swiglu's).
-void lora_expand_add_call(at::Tensor& out, const at::Tensor& u, const at::Tensor& lora_weight,
-                          const at::Tensor& expert_offsets, double scaling, bool rank_major);
-
 }  // namespace moeforge

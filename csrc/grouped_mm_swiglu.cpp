@@ -2,11 +2,10 @@
 #include "grouped_mm_swiglu.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "checks.h"
-#include "grouped_mm_lora.h"
+#include "op_calls.h"
 #include "validation.h"
 
 namespace moeforge {
@@ -49,23 +48,13 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_swiglu_composed(
     const at::Tensor& x, const at::Tensor& gate_up_proj, const at::Tensor& expert_offsets,
     const std::optional<at::Tensor>& sorted_pairs, const std::optional<at::Tensor>& pair_to_row,
     const GroupedMmSwigluOptions& options) {
-  static const auto grouped_mm =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("moeforge::grouped_mm", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, bool,
-                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
-  static const auto swiglu =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("moeforge::swiglu", "")
-          .typed<at::Tensor(const at::Tensor&, c10::string_view, double, double)>();
-  at::Tensor h = grouped_mm.call(x, gate_up_proj, expert_offsets, options.bias,
+  at::Tensor h = grouped_mm_call(x, gate_up_proj, expert_offsets, options.bias,
                                  options.weight_transposed, sorted_pairs, pair_to_row);
   if (options.lora_u.has_value()) {
     lora_expand_add_call(h, *options.lora_u, *options.lora_B, expert_offsets, options.lora_scaling,
                          /*rank_major=*/true);
   }
-  at::Tensor a = swiglu.call(h, options.variant, options.alpha, options.limit);
+  at::Tensor a = swiglu_call(h, options.variant, options.alpha, options.limit);
   return {h, a};
 }
 
