@@ -30,10 +30,12 @@ The LoRA rows count the base GEMM's FLOPs only (the rank-16 add is < 2% of them)
 TFLOP/s count 2 * S * n * k. "max rel err" is |engine - first| / |first| (normwise) of the
 same call against the first engine that ran it: a wrong kernel shows up here before it shows up
 in a speed (for gate_up + swiglu, of a). An engine "sm90:<pipeline>"
-runs the sm90 engine with MOEFORGE_SM90_PIPELINE=<pipeline> (serial, overlapped).
+runs the sm90 engine with MOEFORGE_SM90_PIPELINE=<pipeline> (serial, overlapped,
+warp_specialized; the weight gradient runs "overlapped" under warp_specialized).
 
     python benchmarks/bench_grouped_mm.py [--models qwen3-30b-a3b ...] [--tokens 4096 16384]
-        [--engines auto sm90:serial sm90:overlapped moeforge] [--json out.json]
+        [--engines auto sm90:serial sm90:overlapped sm90:warp_specialized moeforge]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -137,7 +139,9 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["qwen3-30b-a3b"], choices=sorted(MODEL_SHAPES))
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     p.add_argument(
-        "--engines", nargs="+", default=["auto", "sm90:serial", "sm90:overlapped", "moeforge"]
+        "--engines",
+        nargs="+",
+        default=["auto", "sm90:serial", "sm90:overlapped", "sm90:warp_specialized", "moeforge"],
     )
     p.add_argument("--json", default=None)
     args = p.parse_args()

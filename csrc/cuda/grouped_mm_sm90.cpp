@@ -4,9 +4,10 @@
 // an engine to test and time against at::_grouped_mm before it becomes the default.
 //
 // MOEFORGE_SM90_PIPELINE picks the kernel's main-loop pipeline (read on every call, so that one
-// benchmark run times both): unset, "" or "serial" (each k block's MMAs retire before the loop
-// goes on), "overlapped" (one k block's MMAs stay in flight); anything else raises. Both give
-// bitwise the same results.
+// benchmark run times each): unset, "" or "serial" (each k block's MMAs retire before the loop
+// goes on), "overlapped" (one k block's MMAs stay in flight), "warp_specialized" (a producer
+// warpgroup loads while two consumer warpgroups multiply; the weight gradient, which has no such
+// variant, runs "overlapped" then); anything else raises. All give bitwise the same results.
 #include <ATen/ATen.h>
 
 #include <cstdint>
@@ -43,8 +44,10 @@ kernels::Sm90Pipeline requested_pipeline() {
   const std::string_view name = env == nullptr ? std::string_view() : std::string_view(env);
   if (name.empty() || name == "serial") return kernels::Sm90Pipeline::kSerial;
   if (name == "overlapped") return kernels::Sm90Pipeline::kOverlapped;
+  if (name == "warp_specialized") return kernels::Sm90Pipeline::kWarpSpecialized;
   TORCH_CHECK_VALUE(false,
-                    "moeforge: MOEFORGE_SM90_PIPELINE must be \"serial\" or \"overlapped\", got \"",
+                    "moeforge: MOEFORGE_SM90_PIPELINE must be \"serial\", \"overlapped\" or "
+                    "\"warp_specialized\", got \"",
                     name, "\"");
   return kernels::Sm90Pipeline::kSerial;
 }
@@ -80,7 +83,9 @@ std::optional<kernels::GroupedGemmSm90Args> sm90_args(const at::Tensor& x, const
   args.n = n;
   args.num_experts = num_experts;
   args.expert_offsets = offsets.const_data_ptr<int32_t>();
-  args.pipeline = requested_pipeline();
+  args.pipeline = requested_pipeline() == kernels::Sm90Pipeline::kWarpSpecialized
+                      ? kernels::Sm90Pipeline::kOverlapped  // the wgrad kernel has two pipelines
+                      : requested_pipeline();
   if (source.gathered()) {
     args.sorted_pairs = source.sorted_pairs.const_data_ptr<int32_t>();
     args.num_tokens = x.size(0);
@@ -228,7 +233,9 @@ std::optional<at::Tensor> sm90_grouped_wgrad(const at::Tensor& first_in,
   args.q = q;
   args.num_experts = num_experts;
   args.expert_offsets = offsets.const_data_ptr<int32_t>();
-  args.pipeline = requested_pipeline();
+  args.pipeline = requested_pipeline() == kernels::Sm90Pipeline::kWarpSpecialized
+                      ? kernels::Sm90Pipeline::kOverlapped  // the wgrad kernel has two pipelines
+                      : requested_pipeline();
   if (source.gathered()) {
     args.sorted_pairs = source.sorted_pairs.const_data_ptr<int32_t>();
     args.num_tokens = (gather_first ? first : second).size(0);

@@ -52,14 +52,19 @@ class Sm90PipelineTest : public ::testing::TestWithParam<kernels::Sm90Pipeline> 
 };
 
 inline std::string pipeline_name(const ::testing::TestParamInfo<kernels::Sm90Pipeline>& info) {
-  return info.param == kernels::Sm90Pipeline::kSerial ? "Serial" : "Overlapped";
+  switch (info.param) {
+    case kernels::Sm90Pipeline::kSerial:
+      return "Serial";
+    case kernels::Sm90Pipeline::kOverlapped:
+      return "Overlapped";
+    default:
+      return "WarpSpecialized";
+  }
 }
 
 }  // namespace moeforge::testing
 
-// Runs every TEST_P of `suite` (a Sm90PipelineTest) under both pipelines.
-#define MOEFORGE_INSTANTIATE_FOR_PIPELINES(suite)                                             \
-  INSTANTIATE_TEST_SUITE_P(Pipelines, suite,                                                  \
-                           ::testing::Values(::moeforge::kernels::Sm90Pipeline::kSerial,      \
-                                             ::moeforge::kernels::Sm90Pipeline::kOverlapped), \
+// Runs every TEST_P of `suite` (a Sm90PipelineTest) under each of the listed pipelines.
+#define MOEFORGE_INSTANTIATE_FOR_PIPELINES(suite, ...)                       \
+  INSTANTIATE_TEST_SUITE_P(Pipelines, suite, ::testing::Values(__VA_ARGS__), \
                            ::moeforge::testing::pipeline_name)

@@ -229,7 +229,10 @@ void check_case(const Case& c, uint32_t seed, bool glu = false) {
 }
 
 class GroupedGemmSm90 : public Sm90PipelineTest {};
-MOEFORGE_INSTANTIATE_FOR_PIPELINES(GroupedGemmSm90);
+// The row-grouped kernel has all three pipelines.
+MOEFORGE_INSTANTIATE_FOR_PIPELINES(GroupedGemmSm90, kernels::Sm90Pipeline::kSerial,
+                                   kernels::Sm90Pipeline::kOverlapped,
+                                   kernels::Sm90Pipeline::kWarpSpecialized);
 
 TEST_P(GroupedGemmSm90, OneTileOneKBlock) {
   MOEFORGE_SKIP_WITHOUT_SM90();
@@ -609,7 +612,7 @@ TEST(GroupedGemmSm90Arguments, RejectsBadArguments) {
   bad([](auto& a) { a.x = reinterpret_cast<const bf16*>(uintptr_t{258}); });
   bad([](auto& a) { a.expert_offsets = nullptr; });
   bad([](auto& a) { a.num_rows = -1; });
-  bad([](auto& a) { a.pipeline = static_cast<kernels::Sm90Pipeline>(2); });
+  bad([](auto& a) { a.pipeline = static_cast<kernels::Sm90Pipeline>(3); });
   bad([](auto& a) {  // MN-major: a row of W_e^T holds n values
     a.w_mn_major = true;
     a.n = a.ldy = 128;

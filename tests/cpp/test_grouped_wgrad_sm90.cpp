@@ -128,7 +128,9 @@ void check_case(const WgradCase& c, uint32_t seed) {
 }
 
 class GroupedWgradSm90 : public Sm90PipelineTest {};
-MOEFORGE_INSTANTIATE_FOR_PIPELINES(GroupedWgradSm90);
+// The weight gradient has no warp-specialised pipeline (rejected: the Arguments case).
+MOEFORGE_INSTANTIATE_FOR_PIPELINES(GroupedWgradSm90, kernels::Sm90Pipeline::kSerial,
+                                   kernels::Sm90Pipeline::kOverlapped);
 
 TEST_P(GroupedWgradSm90, OneTileOneKBlock) {
   MOEFORGE_SKIP_WITHOUT_SM90();
@@ -227,6 +229,7 @@ TEST(GroupedWgradSm90Arguments, RejectsBadArguments) {
   bad([](auto& a) { a.b = reinterpret_cast<const bf16*>(uintptr_t{258}); });
   bad([](auto& a) { a.gather_a = a.gather_b = true; });
   bad([](auto& a) { a.gather_a = true; });  // no sorted_pairs
+  bad([](auto& a) { a.pipeline = kernels::Sm90Pipeline::kWarpSpecialized; });
   bad([](auto& a) { a.pipeline = static_cast<kernels::Sm90Pipeline>(3); });
 }
 

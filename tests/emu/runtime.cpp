@@ -78,8 +78,16 @@ struct Fiber {
   std::vector<std::vector<std::function<void()>>> mma_groups;  // committed, oldest first
 };
 
+struct Mbarrier {
+  int count = 0;    // arrivals per phase
+  int pending = 0;  // arrivals the current phase still needs
+  uint64_t phase = 0;
+  std::vector<PendingCopy> copies;  // land when the current phase completes
+};
+
 struct Block {
   std::vector<Fiber>* fibers = nullptr;
+  std::map<const void*, Mbarrier> mbarriers;  // by shared-memory address, reset per block
   int num_threads = 0;
   int exited = 0;
   int barrier_arrived = 0;
@@ -279,6 +287,7 @@ cudaError_t run_launch(dim3 grid, dim3 block, size_t smem_bytes,
     for (unsigned by = 0; by < grid.y; ++by) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         b.exited = b.barrier_arrived = 0;
+        b.mbarriers.clear();
         b.descending = (bx + by + bz) % 2 == 1;
         std::memset(smem.get(), 0xFF, smem_bytes);
         int linear = 0;
@@ -383,6 +392,60 @@ void async_mma_wait(int groups_left_in_flight) {
     for (const auto& retire : groups.front()) retire();
     groups.erase(groups.begin());
   }
+}
+
+namespace {
+
+Mbarrier& mbarrier_at(void* bar, bool init) {
+  auto* const p = static_cast<unsigned char*>(bar);
+  const auto* const smem = g_block->dynamic_smem;
+  if (p < smem || reinterpret_cast<uintptr_t>(p) % 8 != 0) {
+    trap("mbarrier: not an 8-byte aligned object in dynamic shared memory");
+  }
+  const auto it = g_block->mbarriers.find(bar);
+  if (it == g_block->mbarriers.end()) {
+    if (!init) trap("mbarrier used before mbarrier.init");
+    return g_block->mbarriers[bar];
+  }
+  return it->second;
+}
+
+void mbarrier_arrive_on(Mbarrier& m) {
+  ++g_block->progress;
+  if (--m.pending > 0) return;
+  for (const PendingCopy& c : m.copies) std::memcpy(c.dst, c.data.data(), c.bytes);
+  m.copies.clear();
+  ++m.phase;
+  m.pending = m.count;
+}
+
+}  // namespace
+
+void mbarrier_init(void* bar, int count) {
+  if (count < 1) trap("mbarrier.init: the expected arrival count must be at least 1");
+  Mbarrier& m = mbarrier_at(bar, /*init=*/true);
+  if (!m.copies.empty()) trap("mbarrier.init of a barrier with copies in flight");
+  m = Mbarrier{count, count, 0, {}};
+  std::memset(bar, 0, 8);  // the object's bytes; kernels must not use them otherwise
+}
+
+void mbarrier_arrive(void* bar) {
+  mbarrier_arrive_on(mbarrier_at(bar, false));
+}
+
+void mbarrier_arrive_async_copies(void* bar) {
+  Mbarrier& m = mbarrier_at(bar, false);
+  Fiber& f = *g_current;
+  for (auto& group : f.copy_groups) m.copies.insert(m.copies.end(), group.begin(), group.end());
+  m.copies.insert(m.copies.end(), f.open_copies.begin(), f.open_copies.end());
+  f.copy_groups.clear();
+  f.open_copies.clear();
+  mbarrier_arrive_on(m);
+}
+
+void mbarrier_wait_parity(void* bar, uint32_t parity) {
+  const Mbarrier& m = mbarrier_at(bar, false);
+  while ((m.phase & 1u) == (parity & 1u)) wait("an mbarrier phase");
 }
 
 void sync_block() {

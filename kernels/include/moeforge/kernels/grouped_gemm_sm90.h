@@ -57,10 +57,13 @@ namespace moeforge::kernels {
 inline constexpr int64_t kGroupedGemmSm90MaxExperts = 1024;
 inline constexpr int64_t kSm90MaxLoraRank = 64;  // one k block of the epilogue's MMAs
 
-// The main loop's pipeline, a tuning choice (both give bitwise the same results): kSerial (3
+// The main loop's pipeline, a tuning choice (all give bitwise the same results): kSerial (3
 // shared-memory stages) waits for each k block's MMAs before the loop goes on; kOverlapped (4
-// stages) keeps one k block's MMAs in flight while it waits for and loads the next ones.
-enum class Sm90Pipeline : int { kSerial = 0, kOverlapped = 1 };
+// stages) keeps one k block's MMAs in flight while it waits for and loads the next ones;
+// kWarpSpecialized (row-grouped GEMM only: 5 stages, 384 threads) has a producer warpgroup load
+// the stages, running ahead across tiles, while two consumer warpgroups multiply (one k block's
+// MMAs in flight) and write the epilogue, handing stages back and forth through mbarriers.
+enum class Sm90Pipeline : int { kSerial = 0, kOverlapped = 1, kWarpSpecialized = 2 };
 
 struct GroupedGemmSm90Args {
   const __nv_bfloat16* x = nullptr;
@@ -107,7 +110,8 @@ inline bool grouped_gemm_sm90_args_valid(const GroupedGemmSm90Args& a) {
          a.expert_offsets != nullptr && aligned(a.x) && aligned(a.y) && aligned(a.w) &&
          (a.a == nullptr || (a.n % 16 == 0 && a.lda % 8 == 0 && a.lda >= a.n / 2 &&
                              reinterpret_cast<uintptr_t>(a.a) % 16 == 0)) &&
-         (a.pipeline == Sm90Pipeline::kSerial || a.pipeline == Sm90Pipeline::kOverlapped) &&
+         (a.pipeline == Sm90Pipeline::kSerial || a.pipeline == Sm90Pipeline::kOverlapped ||
+          a.pipeline == Sm90Pipeline::kWarpSpecialized) &&
          (a.sorted_pairs == nullptr ||
           (a.top_k >= 1 && a.num_tokens >= 0 && a.num_tokens <= INT32_MAX / a.top_k)) &&
          (a.glu == GluVariant::kSilu || a.glu == GluVariant::kGptOss) &&
@@ -158,7 +162,8 @@ struct GroupedWgradSm90Args {
   const int32_t* sorted_pairs = nullptr;  // [>= num_rows] device, with gather_a or gather_b
   int64_t num_tokens = 0, top_k = 1;
   bool gather_a = false, gather_b = false;
-  Sm90Pipeline pipeline = Sm90Pipeline::kSerial;
+  Sm90Pipeline pipeline =
+      Sm90Pipeline::kSerial;  // kSerial or kOverlapped (no warp-specialised one)
 };
 
 inline bool grouped_wgrad_sm90_args_valid(const GroupedWgradSm90Args& a) {

@@ -71,6 +71,17 @@ constexpr size_t kWarpScratchBytes = 64 * 64 * sizeof(double);
 void async_mma(std::function<void()> retire);
 void async_mma_commit();
 void async_mma_wait(int groups_left_in_flight);
+// mbarrier (shared-memory barrier objects of the sm90 warp-specialised pipeline): init with an
+// expected arrival count; a phase completes when that many arrivals have come, then the count
+// restarts. arrive_async_copies is cp.async.mbarrier.arrive.noinc: every cp.async the thread has
+// issued so far (committed or not) lands when the phase it arrives on completes (until then the
+// destination holds 0xFF), and the arrival counts toward the expected count. wait_parity blocks
+// until the phase of that parity has completed (PTX try_wait.parity: the current phase's parity
+// differs from it); a barrier used before init, or a misaligned one, traps.
+void mbarrier_init(void* bar, int count);
+void mbarrier_arrive(void* bar);
+void mbarrier_arrive_async_copies(void* bar);
+void mbarrier_wait_parity(void* bar, uint32_t parity);
 
 // Exchange v among the lanes in mask; returns src_lane's value (own value when src_lane < 0).
 template <typename T>

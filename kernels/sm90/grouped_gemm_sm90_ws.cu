@@ -1,0 +1,253 @@
+// The warp-specialised row-grouped GEMM (Sm90Pipeline::kWarpSpecialized; contract:
+// moeforge/kernels/grouped_gemm_sm90.h), built for sm_90a only, not yet run on a GPU (the host
+// kernel emulator runs it, with wgmma, cp.async and mbarriers emulated).
+//
+// The same tiles, loads, MMAs and epilogue as grouped_gemm_sm90.cu (grouped_gemm_sm90_tile.cuh),
+// so its results are bitwise the other pipelines'; what differs is who does what, and when
+// (docs/hopper-gemm-plan.md 1.2, the CUTLASS / DeepGEMM cooperative split):
+// - 384 threads: warpgroups 0 and 1 are consumers (rows 0-63 / 64-127 of each tile: MMAs and
+//   epilogue), warpgroup 2 the producer (all 128 threads issue the cp.async copies of A, B and
+//   LoRA's tiles). setmaxnreg moves registers from the producer (88) to the consumers (208):
+//   128 x 88 + 256 x 208 = 384 x 168, the budget the launch bounds give at entry (no spills
+//   either side; 56 / 224 spilled the K-major producer).
+// - Five stages, each with a `full` mbarrier (128 arrivals: each producer thread's
+//   cp.async.mbarrier.arrive.noinc, i.e. once its copies have landed) and an `empty` one (8
+//   arrivals: lane 0 of each consumer warp once the warp's MMAs reading the stage retired).
+//   LoRA's tiles have their own pair (one region, one tile at a time).
+// - Both sides walk the same tile sequence and the same ring of stages, so the producer runs
+//   ahead by up to five k blocks, across tile boundaries: the next tile's loads overlap this
+//   tile's last MMAs and its epilogue, which the single-role pipelines serialise.
+// - The consumer fences the async proxy after each full-barrier wait (cp.async writes through the
+//   generic proxy, wgmma reads through the async one): the conservative reading of the PTX ISA
+//   for copies whose completion another thread observes (docs/hopper-gemm-plan.md 1.5).
+#include <cstdint>
+
+#include "../launch.cuh"
+#include "grouped_gemm_sm90_tile.cuh"
+#include "mbarrier.cuh"
+#include "moeforge/kernels/cuda_check.h"
+#include "moeforge/kernels/grouped_gemm_sm90.h"
+#include "wgmma.cuh"
+
+namespace moeforge::kernels::sm90 {
+namespace {
+
+constexpr int kStages = 5;
+constexpr int kConsumerThreads = 256;  // two warpgroups
+constexpr int kProducerThreads = 128;  // one warpgroup
+constexpr int kWsThreads = kConsumerThreads + kProducerThreads;
+constexpr int kProducerRegisters = 88, kConsumerRegisters = 208;
+static_assert(kProducerThreads * kProducerRegisters + kConsumerThreads * kConsumerRegisters <=
+                  kWsThreads * (65536 / kWsThreads / 8 * 8),
+              "setmaxnreg may only redistribute the registers the launch bounds give at entry");
+
+struct Barriers {
+  uint64_t full[kStages];   // stage s's copies have landed
+  uint64_t empty[kStages];  // the MMAs that read stage s have retired
+  uint64_t lora_full, lora_empty;
+};
+
+// Dynamic shared memory: bounds and tile prefix, the barriers, then 1024-byte aligned stages
+// (+ slack) and LoRA's tiles.
+constexpr size_t kBarrierOffset = kBoundsBytes;
+static_assert(kBarrierOffset % 8 == 0, "mbarriers are 8-byte objects");
+constexpr size_t kSmemBytes =
+    kBarrierOffset + sizeof(Barriers) + 1024 + (kStages + 1) * kStageBytes;
+
+// A position in the ring of stages and the phase parity its barriers are in.
+struct Ring {
+  uint32_t stage = 0, phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1u;
+    }
+  }
+};
+
+// Where the kernel's pieces live in its dynamic shared memory (recomputed by each role after it
+// has set its register budget, so that nothing is held across the setmaxnreg).
+struct SharedLayout {
+  int32_t* bound;       // [E + 1] the experts' row bounds
+  int32_t* tile_start;  // [E + 1] the prefix of their M tiles
+  int32_t* warp_max;    // build_expert_bounds's scratch
+  Barriers* bars;
+  uint32_t stages;           // shared-window address of stage 0 (1024-byte aligned)
+  unsigned char* stage_ptr;  // the same bytes, as a pointer
+  uint32_t lora_tiles;       // LoRA's tiles, after the stages
+  unsigned char* lora_ptr;
+};
+
+__device__ __forceinline__ SharedLayout shared_layout() {
+  unsigned char* smem = dynamic_shared_memory<unsigned char>();
+  SharedLayout l;
+  l.bound = reinterpret_cast<int32_t*>(smem);
+  l.tile_start = l.bound + kGroupedGemmSm90MaxExperts + 1;
+  l.warp_max = l.tile_start + kGroupedGemmSm90MaxExperts + 1;
+  l.bars = reinterpret_cast<Barriers*>(smem + kBarrierOffset);
+  const uint32_t smem_base = shared_address(smem);
+  l.stages =
+      (smem_base + static_cast<uint32_t>(kBarrierOffset + sizeof(Barriers)) + 1023u) & ~1023u;
+  l.stage_ptr = smem + (l.stages - smem_base);
+  l.lora_tiles = l.stages + kStages * kStageBytes;
+  l.lora_ptr = l.stage_ptr + kStages * kStageBytes;
+  return l;
+}
+
+// One arrival per consumer warp, after all its lanes have passed the point (their MMAs retired).
+__device__ __forceinline__ void warp_arrive(uint64_t* bar, int lane) {
+  __syncwarp();
+  if (lane == 0) mbarrier_arrive(bar);
+}
+
+// LoRA's region for finish_tile: full once the producer's copies of the tile's LoRA operands have
+// landed; handed back once this warp's LoRA MMAs have retired.
+struct BarrierLoraSync {
+  Barriers* bars;
+  uint32_t* phase;
+  int lane;
+  __device__ __forceinline__ void acquire() const {
+    mbarrier_wait(&bars->lora_full, *phase);
+    fence_proxy_async_shared();
+  }
+  __device__ __forceinline__ void release() const {
+    warp_arrive(&bars->lora_empty, lane);
+    *phase ^= 1u;
+  }
+};
+
+template <bool BMnMajor>
+__device__ __forceinline__ void produce(const GroupedGemmSm90Args& args, int loader) {
+  const SharedLayout l = shared_layout();
+  const RowSchedule schedule = row_schedule(args, l.tile_start);
+  const int32_t* bound = l.bound;
+  const int32_t* tile_start = l.tile_start;
+  Barriers* bars = l.bars;
+  unsigned char* const stage_ptr = l.stage_ptr;
+  unsigned char* const lora_ptr = l.lora_ptr;
+  Ring ring;
+  uint32_t lora_phase = 0;
+  for (int64_t t = blockIdx.x; t < schedule.num_tiles; t += gridDim.x) {
+    const TileCoord tile =
+        tile_coord<int32_t>(t, bound, tile_start, args.num_experts, schedule.n_tiles, kBM);
+    const int64_t n0 = tile.n_tile * schedule.tile_cols;
+    const __nv_bfloat16* w_e = args.w + tile.expert * args.w_stride_e;
+    const TileLoads<kProducerThreads> loads =  // this thread's copies, resolved once per tile
+        plan_tile_loads<BMnMajor, kProducerThreads>(args, tile, n0, loader);
+    for (int64_t kb = 0; kb < schedule.k_blocks; ++kb) {
+      mbarrier_wait(&bars->empty[ring.stage], ring.phase ^ 1u);  // a fresh stage passes at once
+      load_stage<BMnMajor, kProducerThreads>(args, loads, stage_ptr + ring.stage * kStageBytes, w_e,
+                                             kb * kBK, loader);
+      cp_async_mbarrier_arrive(&bars->full[ring.stage]);
+      ring.advance();
+    }
+    // After the tile's k blocks: the consumers need LoRA's operands only after them, and by now
+    // the previous tile's LoRA MMAs have long retired.
+    if (args.lora_u != nullptr) {
+      mbarrier_wait(&bars->lora_empty, lora_phase ^ 1u);
+      load_lora<kProducerThreads>(args, lora_ptr, tile, n0, loader);
+      cp_async_mbarrier_arrive(&bars->lora_full);
+      lora_phase ^= 1u;
+    }
+  }
+  cp_async_commit();  // no copy of this thread is in flight when it exits
+  cp_async_wait<0>();
+}
+
+template <bool BMnMajor>
+__device__ __forceinline__ void consume(const GroupedGemmSm90Args& args, int tid) {
+  const SharedLayout l = shared_layout();
+  const RowSchedule schedule = row_schedule(args, l.tile_start);
+  const int32_t* bound = l.bound;
+  const int32_t* tile_start = l.tile_start;
+  Barriers* bars = l.bars;
+  const uint32_t stages = l.stages, lora_tiles = l.lora_tiles;
+  const int warp = tid / 32, lane = tid % 32;
+  const int group = warp / 4;  // rows 64 group .. of the tile
+  const uint32_t a_offset = static_cast<uint32_t>(group) * (64 * 128);
+  Ring ring;
+  uint32_t lora_phase = 0;
+  for (int64_t t = blockIdx.x; t < schedule.num_tiles; t += gridDim.x) {
+    const TileCoord tile =
+        tile_coord<int32_t>(t, bound, tile_start, args.num_experts, schedule.n_tiles, kBM);
+    const int64_t n0 = tile.n_tile * schedule.tile_cols;
+    float d[kWgmmaAcc];
+#pragma unroll
+    for (int i = 0; i < kWgmmaAcc; ++i) d[i] = 0.0f;
+    uint32_t previous = 0;  // the stage of the k block before, whose MMAs may be in flight
+    for (int64_t kb = 0; kb < schedule.k_blocks; ++kb) {
+      mbarrier_wait(&bars->full[ring.stage], ring.phase);
+      fence_proxy_async_shared();
+      const uint32_t stage = stages + ring.stage * kStageBytes;
+      fence_accumulators(d);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < kBK / 16; ++j) {
+        wgmma_m64n128k16<false, BMnMajor>(d, operand_descriptor<false>(stage + a_offset, j),
+                                          operand_descriptor<BMnMajor>(stage + kTileBytes, j));
+      }
+      wgmma_commit_group();
+      wgmma_wait<1>();  // k block kb - 1's MMAs have retired: its stage goes back
+      fence_accumulators(d);
+      if (kb > 0) warp_arrive(&bars->empty[previous], lane);
+      previous = ring.stage;
+      ring.advance();
+    }
+    wgmma_wait<0>();
+    fence_accumulators(d);
+    if (schedule.k_blocks > 0) warp_arrive(&bars->empty[previous], lane);
+    finish_tile(args, tile, n0, d, lora_tiles, group, warp % 4, lane,
+                BarrierLoraSync{bars, &lora_phase, lane});
+  }
+}
+
+template <bool BMnMajor>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    grouped_gemm_sm90_ws_kernel(const GroupedGemmSm90Args args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(MOEFORGE_KERNEL_EMULATION)
+  const int tid = static_cast<int>(threadIdx.x);
+  {
+    const SharedLayout l = shared_layout();
+    build_tile_prefix(args, l.bound, l.tile_start, l.warp_max);
+    if (tid == 0) {
+      for (int s = 0; s < kStages; ++s) {
+        mbarrier_init(&l.bars->full[s], kProducerThreads);
+        mbarrier_init(&l.bars->empty[s], kConsumerThreads / 32);
+      }
+      mbarrier_init(&l.bars->lora_full, kProducerThreads);
+      mbarrier_init(&l.bars->lora_empty, kConsumerThreads / 32);
+      fence_mbarrier_init();
+    }
+  }
+  __syncthreads();  // the tile prefix and the barriers; no block-wide barrier after this
+  if (tid >= kConsumerThreads) {
+    warpgroup_release_registers<kProducerRegisters>();
+    produce<BMnMajor>(args, tid - kConsumerThreads);
+  } else {
+    warpgroup_claim_registers<kConsumerRegisters>();
+    consume<BMnMajor>(args, tid);
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built without sm_90a features: never launched (CMakeLists.txt builds 90a only)
+#endif
+}
+
+}  // namespace
+
+cudaError_t raise_smem_limit_warp_specialized() {
+  for (auto* kernel : {grouped_gemm_sm90_ws_kernel<false>, grouped_gemm_sm90_ws_kernel<true>}) {
+    MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(kSmemBytes)));
+  }
+  return cudaSuccess;
+}
+
+cudaError_t launch_warp_specialized(const GroupedGemmSm90Args& args, int sms, cudaStream_t stream) {
+  auto* kernel =
+      args.w_mn_major ? grouped_gemm_sm90_ws_kernel<true> : grouped_gemm_sm90_ws_kernel<false>;
+  MOEFORGE_CUDA_CHECK(launch_kernel(kernel, dim3(static_cast<unsigned>(sms)), dim3(kWsThreads),
+                                    kSmemBytes, stream, args));
+  return cudaSuccess;
+}
+
+}  // namespace moeforge::kernels::sm90
