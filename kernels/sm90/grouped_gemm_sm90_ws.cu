@@ -20,6 +20,7 @@
 // - The consumer fences the async proxy after each full-barrier wait (cp.async writes through the
 //   generic proxy, wgmma reads through the async one): the conservative reading of the PTX ISA
 //   for copies whose completion another thread observes (docs/hopper-gemm-plan.md 1.5).
+// - A barrier wait that never ends (a phase bug) traps after ~8 s (mbarrier.cuh's watchdog).
 #include <cstdint>
 
 #include "../launch.cuh"

@@ -60,24 +60,37 @@ __device__ __forceinline__ void cp_async_mbarrier_arrive(uint64_t* bar) {
 #endif
 }
 
+// A wait this long (~8 s at the H100's clock) is a pipeline bug, not a slow GPU: the kernel
+// traps (the launch fails with an error) instead of hanging the process and the GPU session.
+inline constexpr long long kMbarrierWatchdogCycles = 1ll << 34;
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ uint32_t mbarrier_try_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(shared_address(bar)), "r"(parity)
+      : "memory");
+  return done;
+}
+#endif
+
 // Blocks until the phase of parity `parity` (0 / 1) has completed (acquire semantics: what the
 // arrivals released, and the copies tied to them, are visible after it).
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 #if defined(MOEFORGE_KERNEL_EMULATION)
   ::moeforge::emu::mbarrier_wait_parity(bar, parity);
 #elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(shared_address(bar)), "r"(parity)
-        : "memory");
-  } while (done == 0);
+  if (mbarrier_try_wait(bar, parity)) return;  // the common case: no clock read
+  const long long start = clock64();
+  while (!mbarrier_try_wait(bar, parity)) {
+    if (clock64() - start > kMbarrierWatchdogCycles) __trap();
+  }
 #else
   (void)bar, (void)parity;
 #endif
