@@ -648,6 +648,21 @@ def test_deterministic():
 
 
 def test_moe_layer_forward_backward_in_a_cuda_graph(engine):
+    check_layer_in_a_cuda_graph()
+
+
+def test_sm90_warp_specialized_layer_in_a_cuda_graph(monkeypatch):
+    """The warp-specialised pipeline (mbarriers initialised per launch) replays in a graph."""
+    if not sm90_engine_applies():
+        pytest.skip("the sm90 engine needs a compute capability 9.0 GPU")
+    monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
+    monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", "warp_specialized")
+    check_layer_in_a_cuda_graph()
+
+
+def check_layer_in_a_cuda_graph():
+    """A LoRA MoE layer's forward + backward (and the router losses) captured in a CUDA graph,
+    replayed on new input: the loss and every gradient as an eager step computes them."""
     torch.manual_seed(0)
     moe = moeforge.MoE(256, 128, 32, 4, lora_rank=4, device="cuda", dtype=torch.bfloat16)
     for p in moe.experts.lora.parameters():
@@ -886,10 +901,12 @@ def test_grouped_mm_swiglu_is_grouped_mm_then_swiglu(monkeypatch, engine, throug
         assert torch.equal(h, want_h)
         return
     assert_normwise_close(h, want_h, 2e-3, "h vs grouped_mm")
-    monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", "overlapped")
-    assert all(
-        torch.equal(o, f) for o, f in zip(ops.grouped_mm_swiglu(rows, w, offs, use_plan), (h, a))
-    )
+    for pipeline in SM90_PIPELINES:
+        monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", pipeline)
+        assert all(
+            torch.equal(o, f)
+            for o, f in zip(ops.grouped_mm_swiglu(rows, w, offs, use_plan), (h, a), strict=True)
+        ), pipeline
     ref = reference.grouped_mm(ops.permute(x, plan).double(), w.double(), offs)
     assert_normwise_close(h, ref, 4e-3, "h vs float64")
     names = cuda_kernels_called(lambda: ops.grouped_mm_swiglu(rows, w, offs, use_plan))
@@ -985,8 +1002,9 @@ def test_grouped_mm_lora_adds_by_lora_expand_adds_rule(
         names = cuda_kernels_called(run)
         assert any(is_sm90_gemm_kernel(n) for n in names), sorted(names)
         assert not any("lora_expand" in n or "bias" in n for n in names), sorted(names)
-        monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", "overlapped")
-        assert torch.equal(run(), y)
+        for pipeline in SM90_PIPELINES:
+            monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", pipeline)
+            assert torch.equal(run(), y), pipeline
 
 
 def test_grouped_mm_lora_falls_back_where_the_sm90_epilogue_does_not_apply(monkeypatch):
