@@ -1,6 +1,7 @@
 // moeforge/kernels/grouped_gemm_sm90.h for builds without CUDA architecture 9.0 (CMakeLists.txt
 // links this file instead of grouped_gemm_sm90.cu): the kernel is not in the build.
 #include "moeforge/kernels/grouped_gemm_sm90.h"
+#include "moeforge/kernels/sm90_pipeline_probe.h"
 
 namespace moeforge::kernels {
 
@@ -15,6 +16,11 @@ cudaError_t launch_grouped_gemm_sm90(const GroupedGemmSm90Args& args, cudaStream
 
 cudaError_t launch_grouped_wgrad_sm90(const GroupedWgradSm90Args& args, cudaStream_t) {
   return grouped_wgrad_sm90_args_valid(args) ? cudaErrorNotSupported : cudaErrorInvalidValue;
+}
+
+cudaError_t launch_sm90_pipeline_probe(const uint32_t*, uint32_t*, int64_t, int, int,
+                                       cudaStream_t) {
+  return cudaErrorNotSupported;
 }
 
 }  // namespace moeforge::kernels

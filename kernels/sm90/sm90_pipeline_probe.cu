@@ -1,0 +1,102 @@
+// The pipeline probe (contract: moeforge/kernels/sm90_pipeline_probe.h): the warp-specialised
+// GEMM's stage hand-over (grouped_gemm_sm90_ws.cu) with a copy in place of the MMAs.
+#include <cstdint>
+
+#include "../async_copy.cuh"
+#include "../launch.cuh"
+#include "mbarrier.cuh"
+#include "moeforge/kernels/cuda_check.h"
+#include "moeforge/kernels/grouped_gemm_sm90.h"
+#include "moeforge/kernels/sm90_pipeline_probe.h"
+
+namespace moeforge::kernels {
+namespace {
+
+constexpr int kConsumerThreads = 256, kProducerThreads = 128;
+constexpr int kThreads = kConsumerThreads + kProducerThreads;
+constexpr int kStageBytes = kSm90ProbeWordsPerRound * 4;
+constexpr int kChunks = kStageBytes / 16;  // 256 16-byte chunks per stage
+
+struct ProbeBarriers {
+  uint64_t full[kSm90ProbeMaxStages];
+  uint64_t empty[kSm90ProbeMaxStages];
+};
+
+__global__ void __launch_bounds__(kThreads, 1)
+    sm90_pipeline_probe_kernel(const uint32_t* in, uint32_t* out, int64_t rounds, int stages) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(MOEFORGE_KERNEL_EMULATION)
+  unsigned char* smem = dynamic_shared_memory<unsigned char>();
+  auto* bars = reinterpret_cast<ProbeBarriers*>(smem);
+  unsigned char* ring = smem + 1024;  // after the barriers
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid == 0) {
+    for (int s = 0; s < stages; ++s) {
+      sm90::mbarrier_init(&bars->full[s], kProducerThreads);
+      sm90::mbarrier_init(&bars->empty[s], kConsumerThreads / 32);
+    }
+    sm90::fence_mbarrier_init();
+  }
+  __syncthreads();
+  uint32_t stage = 0, phase = 0;
+  const auto advance = [&] {
+    if (++stage == static_cast<uint32_t>(stages)) {
+      stage = 0;
+      phase ^= 1u;
+    }
+  };
+  if (tid >= kConsumerThreads) {  // the producer: two chunks per thread and round
+    sm90::warpgroup_release_registers<88>();
+    const int loader = tid - kConsumerThreads;
+    for (int64_t r = blockIdx.x; r < rounds; r += gridDim.x) {
+      sm90::mbarrier_wait(&bars->empty[stage], phase ^ 1u);
+      const uint32_t* src = in + r * kSm90ProbeWordsPerRound;
+      unsigned char* dst = ring + stage * kStageBytes;
+      for (int c = loader; c < kChunks; c += kProducerThreads) {
+        cp_async_16(dst + c * 16, src + c * 4);
+      }
+      sm90::cp_async_mbarrier_arrive(&bars->full[stage]);
+      advance();
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+  } else {  // the consumers: one chunk per thread and round
+    sm90::warpgroup_claim_registers<208>();
+    const int lane = tid % 32;
+    for (int64_t r = blockIdx.x; r < rounds; r += gridDim.x) {
+      sm90::mbarrier_wait(&bars->full[stage], phase);
+      const uint4 v = reinterpret_cast<const uint4*>(ring + stage * kStageBytes)[tid];
+      __syncwarp();
+      if (lane == 0) sm90::mbarrier_arrive(&bars->empty[stage]);
+      reinterpret_cast<uint4*>(out + r * kSm90ProbeWordsPerRound)[tid] =
+          uint4{v.x + 1, v.y + 1, v.z + 1, v.w + 1};
+      advance();
+    }
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built without sm_90a features: never launched
+#endif
+}
+
+}  // namespace
+
+cudaError_t launch_sm90_pipeline_probe(const uint32_t* in, uint32_t* out, int64_t rounds,
+                                       int stages, int blocks, cudaStream_t stream) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (rounds < 0 || stages < 1 || stages > kSm90ProbeMaxStages || blocks < 1 || !aligned(in) ||
+      !aligned(out)) {
+    return cudaErrorInvalidValue;
+  }
+  bool supported = false;
+  MOEFORGE_CUDA_CHECK(grouped_gemm_sm90_supported(&supported));
+  if (!supported) return cudaErrorNotSupported;
+  if (rounds == 0) return cudaSuccess;
+  const size_t smem = 1024 + size_t{kStageBytes} * static_cast<size_t>(stages);
+  MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(sm90_pipeline_probe_kernel,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem)));
+  MOEFORGE_CUDA_CHECK(launch_kernel(sm90_pipeline_probe_kernel, dim3(static_cast<unsigned>(blocks)),
+                                    dim3(kThreads), smem, stream, in, out, rounds, stages));
+  return cudaSuccess;
+}
+
+}  // namespace moeforge::kernels
