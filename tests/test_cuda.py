@@ -657,6 +657,10 @@ def test_sm90_warp_specialized_layer_in_a_cuda_graph(monkeypatch):
         pytest.skip("the sm90 engine needs a compute capability 9.0 GPU")
     monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
     monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", "warp_specialized")
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4, 128, 256, device="cuda", dtype=torch.bfloat16)
+    offs = torch.tensor([0, 10, 30, 30, 64], dtype=torch.int32, device="cuda")
+    assert sm90_kernel_launched(lambda: ops.grouped_mm(x, w, offs), "warp_specialized")
     check_layer_in_a_cuda_graph()
 
 
@@ -700,13 +704,17 @@ def check_layer_in_a_cuda_graph():
         torch.testing.assert_close(graph_grads[n], p.grad, msg=n)
 
 
-def is_sm90_gemm_kernel(name: str) -> bool:
-    """Whether a CUDA kernel name is our row-grouped sm_90a GEMM (any pipeline)."""
-    return "grouped_gemm_sm90_kernel" in name or "grouped_gemm_sm90_ws_kernel" in name
+def is_sm90_gemm_kernel(name: str, pipeline: str | None = None) -> bool:
+    """Whether a CUDA kernel name is our row-grouped sm_90a GEMM: the warp-specialised kernel
+    for pipeline "warp_specialized", the single-role one for the others, either for None."""
+    ws = "grouped_gemm_sm90_ws_kernel" in name
+    if pipeline is None:
+        return ws or "grouped_gemm_sm90_kernel" in name
+    return ws if pipeline == "warp_specialized" else "grouped_gemm_sm90_kernel" in name
 
 
-def sm90_kernel_launched(fn) -> bool:
-    return any(is_sm90_gemm_kernel(name) for name in cuda_kernels_called(fn))
+def sm90_kernel_launched(fn, pipeline: str | None = None) -> bool:
+    return any(is_sm90_gemm_kernel(name, pipeline) for name in cuda_kernels_called(fn))
 
 
 @pytest.mark.parametrize(
@@ -754,7 +762,7 @@ def test_sm90_engine_forward_matches_float64(
             return ops.grouped_mm(rows, w, offs, bias, transposed, plan=plan)
 
         poison_allocator()
-        assert sm90_kernel_launched(forward)
+        assert sm90_kernel_launched(forward, pipeline)
         called = aten_ops_called(forward)
         assert "aten::_grouped_mm" not in called, sorted(called)
         poison_allocator()
@@ -811,7 +819,7 @@ def test_sm90_engine_backward(monkeypatch, pipeline, transposed, through_plan):
     monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
     monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", pipeline)
     names = cuda_kernels_called(backward)
-    assert any(is_sm90_gemm_kernel(n) for n in names), sorted(names)
+    assert any(is_sm90_gemm_kernel(n, pipeline) for n in names), sorted(names)
     assert any("grouped_wgrad_sm90_kernel" in n for n in names), sorted(names)
     assert "aten::_grouped_mm" not in aten_ops_called(backward)
     poison_allocator()
@@ -903,10 +911,12 @@ def test_grouped_mm_swiglu_is_grouped_mm_then_swiglu(monkeypatch, engine, throug
     assert_normwise_close(h, want_h, 2e-3, "h vs grouped_mm")
     for pipeline in SM90_PIPELINES:
         monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", pipeline)
-        assert all(
-            torch.equal(o, f)
-            for o, f in zip(ops.grouped_mm_swiglu(rows, w, offs, use_plan), (h, a), strict=True)
-        ), pipeline
+
+        def fused():
+            return ops.grouped_mm_swiglu(rows, w, offs, use_plan)
+
+        assert all(torch.equal(o, f) for o, f in zip(fused(), (h, a), strict=True)), pipeline
+        assert sm90_kernel_launched(fused, pipeline), pipeline
     ref = reference.grouped_mm(ops.permute(x, plan).double(), w.double(), offs)
     assert_normwise_close(h, ref, 4e-3, "h vs float64")
     names = cuda_kernels_called(lambda: ops.grouped_mm_swiglu(rows, w, offs, use_plan))
@@ -1005,6 +1015,7 @@ def test_grouped_mm_lora_adds_by_lora_expand_adds_rule(
         for pipeline in SM90_PIPELINES:
             monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", pipeline)
             assert torch.equal(run(), y), pipeline
+            assert sm90_kernel_launched(run, pipeline), pipeline
 
 
 def test_grouped_mm_lora_falls_back_where_the_sm90_epilogue_does_not_apply(monkeypatch):

@@ -83,9 +83,7 @@ std::optional<kernels::GroupedGemmSm90Args> sm90_args(const at::Tensor& x, const
   args.n = n;
   args.num_experts = num_experts;
   args.expert_offsets = offsets.const_data_ptr<int32_t>();
-  args.pipeline = requested_pipeline() == kernels::Sm90Pipeline::kWarpSpecialized
-                      ? kernels::Sm90Pipeline::kOverlapped  // the wgrad kernel has two pipelines
-                      : requested_pipeline();
+  args.pipeline = requested_pipeline();  // the row-grouped kernel has all three
   if (source.gathered()) {
     args.sorted_pairs = source.sorted_pairs.const_data_ptr<int32_t>();
     args.num_tokens = x.size(0);

@@ -74,6 +74,9 @@ struct TileLoads {
   static constexpr int kRowStep = kLoaders / kChunksPerRow;
   static constexpr int kKStep = kLoaders / (2 * kChunksPerRow);
   static_assert(kRowStep * kChunks == kBM && kKStep * kChunks == kBK, "chunks tile evenly");
+  // Chunk i's shared-memory offset is chunk 0's plus i strides only if the swizzle's row bits
+  // (row % 8) repeat from chunk to chunk; the up half of SwiGLU's B is chunks >= kChunks / 2.
+  static_assert(kRowStep % 8 == 0 && kKStep % 8 == 0 && kChunks % 2 == 0, "constant strides");
 
   int32_t a_row[kChunks];  // x's row of A chunk i, or -1 (zero)
   int32_t b_index;         // K-major: W_e's row of chunk 0; MN-major: W_e's column of chunk cm

@@ -121,24 +121,20 @@ template <bool BMnMajor>
 __device__ __forceinline__ void produce(const GroupedGemmSm90Args& args, int loader) {
   const SharedLayout l = shared_layout();
   const RowSchedule schedule = row_schedule(args, l.tile_start);
-  const int32_t* bound = l.bound;
-  const int32_t* tile_start = l.tile_start;
-  Barriers* bars = l.bars;
-  unsigned char* const stage_ptr = l.stage_ptr;
-  unsigned char* const lora_ptr = l.lora_ptr;
+  Barriers* const bars = l.bars;
   Ring ring;
   uint32_t lora_phase = 0;
   for (int64_t t = blockIdx.x; t < schedule.num_tiles; t += gridDim.x) {
     const TileCoord tile =
-        tile_coord<int32_t>(t, bound, tile_start, args.num_experts, schedule.n_tiles, kBM);
+        tile_coord<int32_t>(t, l.bound, l.tile_start, args.num_experts, schedule.n_tiles, kBM);
     const int64_t n0 = tile.n_tile * schedule.tile_cols;
     const __nv_bfloat16* w_e = args.w + tile.expert * args.w_stride_e;
     const TileLoads<kProducerThreads> loads =  // this thread's copies, resolved once per tile
         plan_tile_loads<BMnMajor, kProducerThreads>(args, tile, n0, loader);
     for (int64_t kb = 0; kb < schedule.k_blocks; ++kb) {
       mbarrier_wait(&bars->empty[ring.stage], ring.phase ^ 1u);  // a fresh stage passes at once
-      load_stage<BMnMajor, kProducerThreads>(args, loads, stage_ptr + ring.stage * kStageBytes, w_e,
-                                             kb * kBK, loader);
+      load_stage<BMnMajor, kProducerThreads>(args, loads, l.stage_ptr + ring.stage * kStageBytes,
+                                             w_e, kb * kBK, loader);
       cp_async_mbarrier_arrive(&bars->full[ring.stage]);
       ring.advance();
     }
@@ -146,7 +142,7 @@ __device__ __forceinline__ void produce(const GroupedGemmSm90Args& args, int loa
     // the previous tile's LoRA MMAs have long retired.
     if (args.lora_u != nullptr) {
       mbarrier_wait(&bars->lora_empty, lora_phase ^ 1u);
-      load_lora<kProducerThreads>(args, lora_ptr, tile, n0, loader);
+      load_lora<kProducerThreads>(args, l.lora_ptr, tile, n0, loader);
       cp_async_mbarrier_arrive(&bars->lora_full);
       lora_phase ^= 1u;
     }
@@ -159,10 +155,7 @@ template <bool BMnMajor>
 __device__ __forceinline__ void consume(const GroupedGemmSm90Args& args, int tid) {
   const SharedLayout l = shared_layout();
   const RowSchedule schedule = row_schedule(args, l.tile_start);
-  const int32_t* bound = l.bound;
-  const int32_t* tile_start = l.tile_start;
-  Barriers* bars = l.bars;
-  const uint32_t stages = l.stages, lora_tiles = l.lora_tiles;
+  Barriers* const bars = l.bars;
   const int warp = tid / 32, lane = tid % 32;
   const int group = warp / 4;  // rows 64 group .. of the tile
   const uint32_t a_offset = static_cast<uint32_t>(group) * (64 * 128);
@@ -170,7 +163,7 @@ __device__ __forceinline__ void consume(const GroupedGemmSm90Args& args, int tid
   uint32_t lora_phase = 0;
   for (int64_t t = blockIdx.x; t < schedule.num_tiles; t += gridDim.x) {
     const TileCoord tile =
-        tile_coord<int32_t>(t, bound, tile_start, args.num_experts, schedule.n_tiles, kBM);
+        tile_coord<int32_t>(t, l.bound, l.tile_start, args.num_experts, schedule.n_tiles, kBM);
     const int64_t n0 = tile.n_tile * schedule.tile_cols;
     float d[kWgmmaAcc];
 #pragma unroll
@@ -179,7 +172,7 @@ __device__ __forceinline__ void consume(const GroupedGemmSm90Args& args, int tid
     for (int64_t kb = 0; kb < schedule.k_blocks; ++kb) {
       mbarrier_wait(&bars->full[ring.stage], ring.phase);
       fence_proxy_async_shared();
-      const uint32_t stage = stages + ring.stage * kStageBytes;
+      const uint32_t stage = l.stages + ring.stage * kStageBytes;
       fence_accumulators(d);
       wgmma_fence();
 #pragma unroll
@@ -197,7 +190,7 @@ __device__ __forceinline__ void consume(const GroupedGemmSm90Args& args, int tid
     wgmma_wait<0>();
     fence_accumulators(d);
     if (schedule.k_blocks > 0) warp_arrive(&bars->empty[previous], lane);
-    finish_tile(args, tile, n0, d, lora_tiles, group, warp % 4, lane,
+    finish_tile(args, tile, n0, d, l.lora_tiles, group, warp % 4, lane,
                 BarrierLoraSync{bars, &lora_phase, lane});
   }
 }

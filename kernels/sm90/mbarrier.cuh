@@ -23,8 +23,9 @@ __device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
 #elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(bar)), "r"(count)
                : "memory");
-#else
+#elif defined(__CUDA_ARCH__)
   (void)bar, (void)count;
+  __trap();  // no mbarriers below sm_90a: a kernel that needs them must not run
 #endif
 }
 
@@ -42,8 +43,9 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
   ::moeforge::emu::mbarrier_arrive(bar);
 #elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(shared_address(bar)) : "memory");
-#else
+#elif defined(__CUDA_ARCH__)
   (void)bar;
+  __trap();
 #endif
 }
 
@@ -55,8 +57,9 @@ __device__ __forceinline__ void cp_async_mbarrier_arrive(uint64_t* bar) {
 #elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(shared_address(bar))
                : "memory");
-#else
+#elif defined(__CUDA_ARCH__)
   (void)bar;
+  __trap();
 #endif
 }
 
@@ -91,8 +94,9 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   while (!mbarrier_try_wait(bar, parity)) {
     if (clock64() - start > kMbarrierWatchdogCycles) __trap();
   }
-#else
+#elif defined(__CUDA_ARCH__)
   (void)bar, (void)parity;
+  __trap();
 #endif
 }
 

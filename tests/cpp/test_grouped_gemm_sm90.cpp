@@ -607,6 +607,7 @@ TEST(GroupedGemmSm90Arguments, RejectsBadArguments) {
   bad([](auto& a) { a.k = 60; });
   bad([](auto& a) { a.n = 12; });
   bad([](auto& a) { a.ldy = 56; });
+  bad([](auto& a) { a.n = a.ldy = kernels::kGroupedGemmSm90MaxN + 8; });
   bad([](auto& a) { a.num_experts = 0; });
   bad([](auto& a) { a.num_experts = kernels::kGroupedGemmSm90MaxExperts + 1; });
   bad([](auto& a) { a.x = reinterpret_cast<const bf16*>(uintptr_t{258}); });

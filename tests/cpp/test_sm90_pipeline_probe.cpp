@@ -63,15 +63,17 @@ TEST(Sm90PipelineProbe, ManyBlocks) {
 }
 
 TEST(Sm90PipelineProbe, RejectsBadArguments) {
-  DeviceBuffer<uint32_t> buf(kernels::kSm90ProbeWordsPerRound);
+  // Checked before anything is read or launched (runs without a GPU: the pointers are never
+  // dereferenced).
+  alignas(16) static uint32_t words[8];
   const auto launch = [&](int64_t rounds, int stages, int blocks, const uint32_t* in) {
-    return kernels::launch_sm90_pipeline_probe(in, buf.data(), rounds, stages, blocks, nullptr);
+    return kernels::launch_sm90_pipeline_probe(in, words, rounds, stages, blocks, nullptr);
   };
-  EXPECT_EQ(launch(-1, 2, 1, buf.data()), cudaErrorInvalidValue);
-  EXPECT_EQ(launch(1, 0, 1, buf.data()), cudaErrorInvalidValue);
-  EXPECT_EQ(launch(1, kernels::kSm90ProbeMaxStages + 1, 1, buf.data()), cudaErrorInvalidValue);
-  EXPECT_EQ(launch(1, 2, 0, buf.data()), cudaErrorInvalidValue);
-  EXPECT_EQ(launch(1, 2, 1, buf.data() + 1), cudaErrorInvalidValue);  // 4-byte aligned only
+  EXPECT_EQ(launch(-1, 2, 1, words), cudaErrorInvalidValue);
+  EXPECT_EQ(launch(1, 0, 1, words), cudaErrorInvalidValue);
+  EXPECT_EQ(launch(1, kernels::kSm90ProbeMaxStages + 1, 1, words), cudaErrorInvalidValue);
+  EXPECT_EQ(launch(1, 2, 0, words), cudaErrorInvalidValue);
+  EXPECT_EQ(launch(1, 2, 1, words + 1), cudaErrorInvalidValue);  // 4-byte aligned only
 }
 
 }  // namespace

@@ -26,6 +26,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -92,7 +93,8 @@ struct Block {
   int exited = 0;
   int barrier_arrived = 0;
   uint64_t barrier_generation = 0;
-  bool descending = false;  // warp order of this block (see run_block)
+  bool descending = false;  // warp order of this block's first round (see run_block)
+  uint32_t seed = 0;        // of its later rounds' warp orders
   uint64_t progress = 0;
   std::string error;
   const std::function<void()>* body = nullptr;
@@ -217,14 +219,22 @@ bool run_block(Block& b) {
     makecontext(&f.context, fiber_entry, 0);
   }
   // Warps run greedily, one at a time, each until it stalls (at __syncthreads, or waiting for
-  // another warp); even blocks take the warps in ascending order, odd blocks in descending order.
-  // A warp therefore reads shared memory before the other warps have written it unless a barrier
-  // orders the two, so a missing __syncthreads shows as wrong results in one of the orders.
+  // another warp); in the first round even blocks take the warps in ascending order, odd blocks
+  // in descending order. A warp therefore reads shared memory before the other warps have written
+  // it unless a barrier orders the two, so a missing __syncthreads shows as wrong results in one
+  // of the orders. Later rounds take the warps in a seeded random order (the same every run), so
+  // that warps which meet only through mbarriers (the warp-specialised sm90 pipeline) also
+  // interleave in orders a fixed sweep never produces: a producer refilling a stage that one
+  // consumer warpgroup still reads shows.
   const int num_warps = (b.num_threads + kWarpLanes - 1) / kWarpLanes;
-  for (;;) {
+  std::vector<int> order(num_warps);
+  for (int w = 0; w < num_warps; ++w) order[w] = b.descending ? num_warps - 1 - w : w;
+  std::mt19937 shuffle(b.seed);
+  for (bool first_round = true;; first_round = false) {
     const uint64_t before = b.progress;
+    if (!first_round) std::shuffle(order.begin(), order.end(), shuffle);
     for (int wi = 0; wi < num_warps; ++wi) {
-      const int w = b.descending ? num_warps - 1 - wi : wi;
+      const int w = order[wi];
       const int end = std::min(b.num_threads, (w + 1) * kWarpLanes);
       for (;;) {
         const uint64_t warp_before = b.progress;
@@ -289,6 +299,7 @@ cudaError_t run_launch(dim3 grid, dim3 block, size_t smem_bytes,
         b.exited = b.barrier_arrived = 0;
         b.mbarriers.clear();
         b.descending = (bx + by + bz) % 2 == 1;
+        b.seed = 0x9E3779B9u * (bx + 1) + 0x85EBCA6Bu * (by + 1) + 0xC2B2AE35u * (bz + 1);
         std::memset(smem.get(), 0xFF, smem_bytes);
         int linear = 0;
         for (unsigned tz = 0; tz < block.z; ++tz) {
@@ -664,9 +675,13 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
     case cudaDevAttrComputeCapabilityMinor:
       *value = moeforge::emu::g_sm % 10;
       return cudaSuccess;
-    case cudaDevAttrMultiProcessorCount:
-      *value = 132;
+    case cudaDevAttrMultiProcessorCount: {
+      // An H100's 132, or MOEFORGE_EMU_SM_COUNT: a few SMs give the persistent kernels many
+      // tiles per CTA on small problems (their barriers' phases wrap many times).
+      const char* sms = std::getenv("MOEFORGE_EMU_SM_COUNT");
+      *value = sms != nullptr && std::atoi(sms) > 0 ? std::atoi(sms) : 132;
       return cudaSuccess;
+    }
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
       *value = 227 * 1024;
       return cudaSuccess;

@@ -35,7 +35,8 @@
 // with row stride ld_lora_m (LoRA's B_e^T from a [E, r, out] copy of lora_B, or A_e = lora_A's
 // rows e r..); with SwiGLU M_e's columns are h's (gate, then up).
 //
-// Requirements (else cudaErrorInvalidValue): k, n, ldx, ldy, ldw multiples of 8; x, y, w 16-byte
+// Requirements (else cudaErrorInvalidValue): k, n, ldx, ldy, ldw multiples of 8, n <=
+// kGroupedGemmSm90MaxN; x, y, w 16-byte
 // aligned; w_stride_e a multiple of 8; 1 <= num_experts <= kGroupedGemmSm90MaxExperts; with
 // LoRA, lora_rank a multiple of 8 in [8, kSm90MaxLoraRank], ld_lora_u >= lora_rank, ld_lora_m >=
 // n and lora_m_stride_e multiples of 8, lora_u and lora_m 16-byte aligned; with a bias, bias
@@ -56,6 +57,8 @@ namespace moeforge::kernels {
 
 inline constexpr int64_t kGroupedGemmSm90MaxExperts = 1024;
 inline constexpr int64_t kSm90MaxLoraRank = 64;  // one k block of the epilogue's MMAs
+// n's bound: the loaders keep a tile's weight row / column index in 32 bits.
+inline constexpr int64_t kGroupedGemmSm90MaxN = int64_t{1} << 30;
 
 // The main loop's pipeline, a tuning choice (all give bitwise the same results): kSerial (3
 // shared-memory stages) waits for each k block's MMAs before the loop goes on; kOverlapped (4
@@ -103,7 +106,8 @@ struct GroupedGemmSm90Args {
 // The requirements above (sizes, multiples of 8, alignment, expert count).
 inline bool grouped_gemm_sm90_args_valid(const GroupedGemmSm90Args& a) {
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return a.num_rows >= 0 && a.num_rows <= INT32_MAX && a.k >= 0 && a.n >= 0 && a.num_experts >= 1 &&
+  return a.num_rows >= 0 && a.num_rows <= INT32_MAX && a.k >= 0 && a.n >= 0 &&
+         a.n <= kGroupedGemmSm90MaxN && a.num_experts >= 1 &&
          a.num_experts <= kGroupedGemmSm90MaxExperts && a.k % 8 == 0 && a.n % 8 == 0 &&
          a.ldx % 8 == 0 && a.ldy % 8 == 0 && a.ldw % 8 == 0 && a.w_stride_e % 8 == 0 &&
          a.ldx >= a.k && a.ldw >= (a.w_mn_major ? a.n : a.k) && a.ldy >= a.n && a.w_stride_e >= 0 &&
