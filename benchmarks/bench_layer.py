@@ -19,10 +19,11 @@ fused layer, to measure what the fusion buys in time and peak memory.
 csrc/cuda/grouped_mm.cpp): ``auto`` (the default: torch's ``at::_grouped_mm`` where it applies,
 bfloat16 on sm90 / sm100, our engine elsewhere; LoRA's GEMMs too), ``moeforge``
 (our kernels only: WMMA tensor cores for fp16 / bf16 on sm80+, SIMT for the rest) and ``simt``
-(our SIMT kernels only) and ``sm90`` (experimental: our sm_90a wgmma kernel for the bfloat16
-GEMMs with a K-major weight - HF's forward, with the gather fused - torch's for the rest), labelled
-"moeforge", "moeforge (own gemm)", "moeforge (simt gemm)" and "moeforge (sm90 gemm)"; the
-speedup column is relative to the first engine listed.
+(our SIMT kernels only) and ``sm90`` (experimental: our sm_90a wgmma kernels for the bfloat16
+GEMMs, torch's for the rest; ``sm90:<pipeline>`` with MOEFORGE_SM90_PIPELINE=<pipeline>:
+serial, overlapped or warp_specialized), labelled "moeforge", "moeforge (own gemm)",
+"moeforge (simt gemm)", "moeforge (sm90 gemm)" and e.g. "moeforge (sm90:warp_specialized gemm)";
+the speedup column is relative to the first engine listed.
 """
 
 from __future__ import annotations
@@ -167,6 +168,12 @@ def layer_variant(unfused: bool):
         experts_interface.moe_experts = fused
 
 
+# MOEFORGE_GROUPED_GEMM's values, and the sm90 engine with each MOEFORGE_SM90_PIPELINE.
+ENGINES = ["auto", "moeforge", "simt", "sm90"] + [
+    f"sm90:{p}" for p in ("serial", "overlapped", "warp_specialized")
+]
+
+
 def engine_label(engine: str) -> str:
     return {"auto": "moeforge", "torch": "moeforge", "moeforge": "moeforge (own gemm)"}.get(
         engine, f"moeforge ({engine} gemm)"
@@ -175,17 +182,23 @@ def engine_label(engine: str) -> str:
 
 @contextlib.contextmanager
 def grouped_gemm_engine(engine: str | None):
-    """Sets MOEFORGE_GROUPED_GEMM (read by the CUDA ops on every call) for the block."""
-    old = os.environ.get("MOEFORGE_GROUPED_GEMM")
+    """Sets MOEFORGE_GROUPED_GEMM (read by the CUDA ops on every call) for the block; an engine
+    "sm90:<pipeline>" also sets MOEFORGE_SM90_PIPELINE (serial, overlapped, warp_specialized)."""
+    names = ("MOEFORGE_GROUPED_GEMM", "MOEFORGE_SM90_PIPELINE")
+    old = {name: os.environ.get(name) for name in names}
     if engine is not None:
-        os.environ["MOEFORGE_GROUPED_GEMM"] = engine
+        gemm, _, pipeline = engine.partition(":")
+        os.environ["MOEFORGE_GROUPED_GEMM"] = gemm
+        if pipeline:
+            os.environ["MOEFORGE_SM90_PIPELINE"] = pipeline
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("MOEFORGE_GROUPED_GEMM", None)
-        else:
-            os.environ["MOEFORGE_GROUPED_GEMM"] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def train_step(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
@@ -248,9 +261,12 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--eager-max-tokens", type=int, default=4096)
     p.add_argument(
-        "--engines", nargs="+", default=["auto"], choices=["auto", "moeforge", "simt", "sm90"],
+        "--engines",
+        nargs="+",
+        default=["auto"],
+        choices=ENGINES,
         help="grouped GEMM engines to run the moeforge path with (MOEFORGE_GROUPED_GEMM)",
-    )  # fmt: skip
+    )
     p.add_argument("--unfused", action="store_true", help="also run the op-by-op composition")
     p.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")
     p.add_argument("--json", default=None, help="also write the rows to this file")
