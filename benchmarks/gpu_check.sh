@@ -59,12 +59,12 @@ if wants build; then
     || { tail -60 "$LOGS/build.log"; exit 1; }
 fi
 # CUDA-specific cases first (every engine), then the whole suite on cuda.
-wants pytest_cuda && step pytest_cuda 240 python -m pytest tests/test_cuda.py -q -rf --timeout 120 -p no:cacheprovider
+wants pytest_cuda && step pytest_cuda 300 python -m pytest tests/test_cuda.py -q -rf --timeout 120 -p no:cacheprovider
 wants ctest && step ctest 240 ctest --test-dir build/gpu --output-on-failure --timeout 120 -j 4 \
   ${CTEST_REGEX:+-R "$CTEST_REGEX"}
 cd benchmarks
 # Our sm_90a kernel (MOEFORGE_GROUPED_GEMM=sm90) against at::_grouped_mm, GEMM by GEMM.
-wants bench_grouped_mm && step bench_grouped_mm 240 python bench_grouped_mm.py --models $MODELS \
+wants bench_grouped_mm && step bench_grouped_mm 300 python bench_grouped_mm.py --models $MODELS \
   --tokens ${BENCH_TOKENS:-4096 16384} --json "$LOGS/bench_grouped_mm.json"
 wants bench_layer && step bench_layer "${BENCH_LAYER_TIMEOUT:-420}" python bench_layer.py --models $MODELS \
   --tokens ${BENCH_TOKENS:-4096 16384} --engines ${BENCH_ENGINES:-auto moeforge} ${BENCH_UNFUSED---unfused} \
