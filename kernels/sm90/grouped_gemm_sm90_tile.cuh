@@ -333,11 +333,32 @@ __device__ __forceinline__ void finish_tile(const GroupedGemmSm90Args& args, con
       const FragCoord c = accumulator_coord(warp, lane, i);
       const int64_t r = 64 * group + c.row, col = n0 + c.col;
       if (r < tile.rows && col < args.n) {
-        const __nv_bfloat162 pair = __floats2bfloat162_rn(d[i], d[i + 1]);
-        *reinterpret_cast<__nv_bfloat162*>(args.y + (tile.row0 + r) * args.ldy + col) = pair;
-        if (glu) {  // gpt-oss: gate column col, up column col + 1 (col even), as swiglu pairs them
-          args.a[(tile.row0 + r) * args.lda + col / 2] = __float2bfloat16_rn(
-              gpt_oss_glu(__low2float(pair), __high2float(pair), args.glu_alpha, args.glu_limit));
+        *reinterpret_cast<__nv_bfloat162*>(args.y + (tile.row0 + r) * args.ldy + col) =
+            __floats2bfloat162_rn(d[i], d[i + 1]);
+      }
+    }
+    if (glu) {
+      // gpt-oss: gate column col, up column col + 1 (col even), as swiglu pairs them, from the
+      // rounded h. Value pairs i and i + 2 are rows r and r + 8 of h's columns (col, col + 1),
+      // a's column col / 2; lane q ^ 1 holds a's next (or previous) column. One shuffle gives
+      // the even lane row r's two adjacent a values and the odd lane row r + 8's: one 4-byte
+      // store each instead of two 2-byte ones. Every lane takes part (no branch around it).
+      const bool odd = (lane & 1) != 0;
+#pragma unroll
+      for (int i = 0; i < kAcc; i += 4) {
+        const auto glu_of = [&](int v) {
+          const __nv_bfloat162 h = __floats2bfloat162_rn(d[v], d[v + 1]);
+          return __float2bfloat16_rn(
+              gpt_oss_glu(__low2float(h), __high2float(h), args.glu_alpha, args.glu_limit));
+        };
+        const __nv_bfloat16 top = glu_of(i), bottom = glu_of(i + 2);  // rows r, r + 8
+        const __nv_bfloat16 other = __shfl_xor_sync(0xffffffffu, odd ? top : bottom, 1);
+        const FragCoord c = accumulator_coord(warp, lane, odd ? i + 2 : i);
+        const int64_t r = 64 * group + c.row;
+        const int64_t col = n0 + c.col - (odd ? 2 : 0);  // the even lane's h column
+        if (r < tile.rows && col < args.n) {             // col and col + 2 share an 8-column group
+          *reinterpret_cast<__nv_bfloat162*>(args.a + (tile.row0 + r) * args.lda + col / 2) =
+              odd ? __halves2bfloat162(other, bottom) : __halves2bfloat162(top, other);
         }
       }
     }
