@@ -248,7 +248,17 @@ bool run_block(Block& b) {
         if (!live || b.progress == warp_before) break;
       }
     }
-    if (b.exited == b.num_threads) return true;
+    if (b.exited == b.num_threads) {
+      for (const auto& [bar, m] : b.mbarriers) {
+        if (!m.copies.empty()) {
+          b.error =
+              "the block ended with cp.async copies handed to an mbarrier whose phase never "
+              "completed (they never landed)";
+          return false;
+        }
+      }
+      return true;
+    }
     if (b.progress == before) {
       std::string waits;
       for (int i = 0; i < b.num_threads && waits.size() < 600; ++i) {
@@ -418,6 +428,8 @@ Mbarrier& mbarrier_at(void* bar, bool init) {
     if (!init) trap("mbarrier used before mbarrier.init");
     return g_block->mbarriers[bar];
   }
+  static const unsigned char kZeros[8] = {};
+  if (std::memcmp(bar, kZeros, 8) != 0) trap("an mbarrier's bytes were overwritten by a store");
   return it->second;
 }
 
@@ -433,7 +445,9 @@ void mbarrier_arrive_on(Mbarrier& m) {
 }  // namespace
 
 void mbarrier_init(void* bar, int count) {
-  if (count < 1) trap("mbarrier.init: the expected arrival count must be at least 1");
+  if (count < 1 || count > (1 << 20) - 1) {
+    trap("mbarrier.init: the expected arrival count must be in [1, 2^20 - 1]");
+  }
   Mbarrier& m = mbarrier_at(bar, /*init=*/true);
   if (!m.copies.empty()) trap("mbarrier.init of a barrier with copies in flight");
   m = Mbarrier{count, count, 0, {}};
