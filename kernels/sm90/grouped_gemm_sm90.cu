@@ -82,10 +82,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = tid / 32, lane = tid % 32;
   const int group = warp / 4;  // warpgroup: rows 64 group .. of the tile
 
-  for (int64_t t = blockIdx.x; t < schedule.num_tiles; t += gridDim.x) {
-    const TileCoord tile =
-        tile_coord<int32_t>(t, bound, tile_start, args.num_experts, schedule.n_tiles, kBM);
-    const int64_t n0 = tile.n_tile * schedule.tile_cols;
+  for_each_tile(args, schedule, bound, tile_start, [&](const TileCoord& tile, int64_t n0) {
     const __nv_bfloat16* w_e = args.w + tile.expert * args.w_stride_e;
     // This thread's copies, resolved once per tile and used by every k block.
     const TileLoads<kThreads> loads = plan_tile_loads<BMnMajor, kThreads>(args, tile, n0, tid);
@@ -102,7 +99,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         });
     finish_tile(args, tile, n0, d, lora_tiles, group, warp % 4, lane,
                 BlockLoraSync{schedule.k_blocks});
-  }
+  });
 #elif defined(__CUDA_ARCH__)
   __trap();  // built without sm_90a features: never launched (CMakeLists.txt builds 90a only)
 #endif

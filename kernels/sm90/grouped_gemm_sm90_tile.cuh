@@ -265,6 +265,20 @@ __device__ __forceinline__ RowSchedule row_schedule(const GroupedGemmSm90Args& a
   return s;
 }
 
+// Calls body(tile, n0) for each of this CTA's tiles of the schedule, in the order every role of
+// the CTA walks them (blockIdx.x, + gridDim.x, ...); n0 is the tile's first output column (an
+// intermediate column with SwiGLU halves).
+template <typename Body>
+__device__ __forceinline__ void for_each_tile(const GroupedGemmSm90Args& args,
+                                              const RowSchedule& schedule, const int32_t* bound,
+                                              const int32_t* tile_start, Body&& body) {
+  for (int64_t t = blockIdx.x; t < schedule.num_tiles; t += gridDim.x) {
+    const TileCoord tile =
+        tile_coord<int32_t>(t, bound, tile_start, args.num_experts, schedule.n_tiles, kBM);
+    body(tile, tile.n_tile * schedule.tile_cols);
+  }
+}
+
 // The epilogue of one tile, run by the two warpgroups that hold its accumulators d (warpgroup
 // `group` rows 64 group.., `warp` / `lane` the thread's place in it): the bias and LoRA's
 // up-projection when given, then y (or h and a) stored. With LoRA, `lora_tiles` (a shared-window

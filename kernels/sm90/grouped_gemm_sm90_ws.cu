@@ -124,10 +124,7 @@ __device__ __forceinline__ void produce(const GroupedGemmSm90Args& args, int loa
   Barriers* const bars = l.bars;
   Ring ring;
   uint32_t lora_phase = 0;
-  for (int64_t t = blockIdx.x; t < schedule.num_tiles; t += gridDim.x) {
-    const TileCoord tile =
-        tile_coord<int32_t>(t, l.bound, l.tile_start, args.num_experts, schedule.n_tiles, kBM);
-    const int64_t n0 = tile.n_tile * schedule.tile_cols;
+  for_each_tile(args, schedule, l.bound, l.tile_start, [&](const TileCoord& tile, int64_t n0) {
     const __nv_bfloat16* w_e = args.w + tile.expert * args.w_stride_e;
     const TileLoads<kProducerThreads> loads =  // this thread's copies, resolved once per tile
         plan_tile_loads<BMnMajor, kProducerThreads>(args, tile, n0, loader);
@@ -146,7 +143,7 @@ __device__ __forceinline__ void produce(const GroupedGemmSm90Args& args, int loa
       cp_async_mbarrier_arrive(&bars->lora_full);
       lora_phase ^= 1u;
     }
-  }
+  });
   cp_async_commit();  // no copy of this thread is in flight when it exits
   cp_async_wait<0>();
 }
@@ -161,10 +158,7 @@ __device__ __forceinline__ void consume(const GroupedGemmSm90Args& args, int tid
   const uint32_t a_offset = static_cast<uint32_t>(group) * (64 * 128);
   Ring ring;
   uint32_t lora_phase = 0;
-  for (int64_t t = blockIdx.x; t < schedule.num_tiles; t += gridDim.x) {
-    const TileCoord tile =
-        tile_coord<int32_t>(t, l.bound, l.tile_start, args.num_experts, schedule.n_tiles, kBM);
-    const int64_t n0 = tile.n_tile * schedule.tile_cols;
+  for_each_tile(args, schedule, l.bound, l.tile_start, [&](const TileCoord& tile, int64_t n0) {
     float d[kWgmmaAcc];
 #pragma unroll
     for (int i = 0; i < kWgmmaAcc; ++i) d[i] = 0.0f;
@@ -192,7 +186,7 @@ __device__ __forceinline__ void consume(const GroupedGemmSm90Args& args, int tid
     if (schedule.k_blocks > 0) warp_arrive(&bars->empty[previous], lane);
     finish_tile(args, tile, n0, d, l.lora_tiles, group, warp % 4, lane,
                 BarrierLoraSync{bars, &lora_phase, lane});
-  }
+  });
 }
 
 template <bool BMnMajor>
