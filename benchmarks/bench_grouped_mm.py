@@ -31,10 +31,12 @@ TFLOP/s count 2 * S * n * k. "max rel err" is |engine - first| / |first| (normwi
 same call against the first engine that ran it: a wrong kernel shows up here before it shows up
 in a speed (for gate_up + swiglu, of a). An engine "sm90:<pipeline>"
 runs the sm90 engine with MOEFORGE_SM90_PIPELINE=<pipeline> (serial, overlapped,
-warp_specialized; the weight gradient runs "overlapped" under warp_specialized).
+warp_specialized, warp_specialized_wide: 128 x 256 tiles, LoRA rows on 128 x 128 ones; the
+weight gradient runs "overlapped" under both warp-specialised ones).
 
     python benchmarks/bench_grouped_mm.py [--models qwen3-30b-a3b ...] [--tokens 4096 16384]
-        [--engines auto sm90:serial sm90:overlapped sm90:warp_specialized moeforge]
+        [--engines auto sm90:serial sm90:overlapped sm90:warp_specialized
+                   sm90:warp_specialized_wide moeforge]
         [--json out.json]
 """
 
@@ -141,7 +143,14 @@ def main() -> None:
     p.add_argument(
         "--engines",
         nargs="+",
-        default=["auto", "sm90:serial", "sm90:overlapped", "sm90:warp_specialized", "moeforge"],
+        default=[
+            "auto",
+            "sm90:serial",
+            "sm90:overlapped",
+            "sm90:warp_specialized",
+            "sm90:warp_specialized_wide",
+            "moeforge",
+        ],
     )
     p.add_argument("--json", default=None)
     args = p.parse_args()

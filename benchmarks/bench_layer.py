@@ -21,8 +21,9 @@ bfloat16 on sm90 / sm100, our engine elsewhere; LoRA's GEMMs too), ``moeforge``
 (our kernels only: WMMA tensor cores for fp16 / bf16 on sm80+, SIMT for the rest) and ``simt``
 (our SIMT kernels only) and ``sm90`` (experimental: our sm_90a wgmma kernels for the bfloat16
 GEMMs, torch's for the rest; ``sm90:<pipeline>`` with MOEFORGE_SM90_PIPELINE=<pipeline>:
-serial, overlapped or warp_specialized), labelled "moeforge", "moeforge (own gemm)",
-"moeforge (simt gemm)", "moeforge (sm90 gemm)" and e.g. "moeforge (sm90:warp_specialized gemm)";
+serial, overlapped, warp_specialized or warp_specialized_wide), labelled "moeforge",
+"moeforge (own gemm)", "moeforge (simt gemm)", "moeforge (sm90 gemm)" and e.g.
+"moeforge (sm90:warp_specialized gemm)";
 the speedup column is relative to the first engine listed.
 """
 
@@ -170,7 +171,7 @@ def layer_variant(unfused: bool):
 
 # MOEFORGE_GROUPED_GEMM's values, and the sm90 engine with each MOEFORGE_SM90_PIPELINE.
 ENGINES = ["auto", "moeforge", "simt", "sm90"] + [
-    f"sm90:{p}" for p in ("serial", "overlapped", "warp_specialized")
+    f"sm90:{p}" for p in ("serial", "overlapped", "warp_specialized", "warp_specialized_wide")
 ]
 
 
@@ -183,7 +184,7 @@ def engine_label(engine: str) -> str:
 @contextlib.contextmanager
 def grouped_gemm_engine(engine: str | None):
     """Sets MOEFORGE_GROUPED_GEMM (read by the CUDA ops on every call) for the block; an engine
-    "sm90:<pipeline>" also sets MOEFORGE_SM90_PIPELINE (serial, overlapped, warp_specialized)."""
+    "sm90:<pipeline>" also sets MOEFORGE_SM90_PIPELINE (one of ENGINES' pipelines)."""
     names = ("MOEFORGE_GROUPED_GEMM", "MOEFORGE_SM90_PIPELINE")
     old = {name: os.environ.get(name) for name in names}
     if engine is not None:

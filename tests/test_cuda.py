@@ -20,7 +20,7 @@ from moeforge import ops, reference
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # MOEFORGE_SM90_PIPELINE's values: the row-grouped kernel's main loops (bitwise the same results).
-SM90_PIPELINES = ("serial", "overlapped", "warp_specialized")
+SM90_PIPELINES = ("serial", "overlapped", "warp_specialized", "warp_specialized_wide")
 
 
 @functools.cache
@@ -651,16 +651,17 @@ def test_moe_layer_forward_backward_in_a_cuda_graph(engine):
     check_layer_in_a_cuda_graph()
 
 
-def test_sm90_warp_specialized_layer_in_a_cuda_graph(monkeypatch):
-    """The warp-specialised pipeline (mbarriers initialised per launch) replays in a graph."""
+@pytest.mark.parametrize("pipeline", ["warp_specialized", "warp_specialized_wide"])
+def test_sm90_warp_specialized_layer_in_a_cuda_graph(monkeypatch, pipeline):
+    """The warp-specialised pipelines (mbarriers initialised per launch) replay in a graph."""
     if not sm90_engine_applies():
         pytest.skip("the sm90 engine needs a compute capability 9.0 GPU")
     monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
-    monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", "warp_specialized")
+    monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", pipeline)
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(4, 128, 256, device="cuda", dtype=torch.bfloat16)
     offs = torch.tensor([0, 10, 30, 30, 64], dtype=torch.int32, device="cuda")
-    assert sm90_kernel_launched(lambda: ops.grouped_mm(x, w, offs), "warp_specialized")
+    assert sm90_kernel_launched(lambda: ops.grouped_mm(x, w, offs), pipeline)
     check_layer_in_a_cuda_graph()
 
 
@@ -704,17 +705,23 @@ def check_layer_in_a_cuda_graph():
         torch.testing.assert_close(graph_grads[n], p.grad, msg=n)
 
 
-def is_sm90_gemm_kernel(name: str, pipeline: str | None = None) -> bool:
-    """Whether a CUDA kernel name is our row-grouped sm_90a GEMM: the warp-specialised kernel
-    for pipeline "warp_specialized", the single-role one for the others, either for None."""
+def is_sm90_gemm_kernel(name: str, pipeline: str | None = None, lora: bool = False) -> bool:
+    """Whether a CUDA kernel name is our row-grouped sm_90a GEMM: for pipeline
+    "warp_specialized" the warp-specialised kernel on 128 x 128 tiles (WsShape<1>), for
+    "warp_specialized_wide" the one on 128 x 256 tiles (WsShape<2>; WsShape<1> for a GEMM with
+    LoRA's epilogue, which the wide tiles do not hold), the single-role kernel for the others,
+    any of them for None. (Mangled names spell WsShape<n> as WsShapeILin.)"""
     ws = "grouped_gemm_sm90_ws_kernel" in name
     if pipeline is None:
         return ws or "grouped_gemm_sm90_kernel" in name
-    return ws if pipeline == "warp_specialized" else "grouped_gemm_sm90_kernel" in name
+    if pipeline.startswith("warp_specialized"):
+        tiles = 2 if pipeline == "warp_specialized_wide" and not lora else 1
+        return ws and (f"WsShape<{tiles}>" in name or f"WsShapeILi{tiles}E" in name)
+    return "grouped_gemm_sm90_kernel" in name
 
 
-def sm90_kernel_launched(fn, pipeline: str | None = None) -> bool:
-    return any(is_sm90_gemm_kernel(name, pipeline) for name in cuda_kernels_called(fn))
+def sm90_kernel_launched(fn, pipeline: str | None = None, lora: bool = False) -> bool:
+    return any(is_sm90_gemm_kernel(name, pipeline, lora) for name in cuda_kernels_called(fn))
 
 
 @pytest.mark.parametrize(
@@ -1015,7 +1022,7 @@ def test_grouped_mm_lora_adds_by_lora_expand_adds_rule(
         for pipeline in SM90_PIPELINES:
             monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", pipeline)
             assert torch.equal(run(), y), pipeline
-            assert sm90_kernel_launched(run, pipeline), pipeline
+            assert sm90_kernel_launched(run, pipeline, lora=True), pipeline
 
 
 def test_grouped_mm_lora_falls_back_where_the_sm90_epilogue_does_not_apply(monkeypatch):

@@ -7,7 +7,9 @@
 // benchmark run times each): unset, "" or "serial" (each k block's MMAs retire before the loop
 // goes on), "overlapped" (one k block's MMAs stay in flight), "warp_specialized" (a producer
 // warpgroup loads while two consumer warpgroups multiply; the weight gradient, which has no such
-// variant, runs "overlapped" then); anything else raises. All give bitwise the same results.
+// variant, runs "overlapped" then), "warp_specialized_wide" (the same on 128 x 256 tiles; GEMMs
+// with LoRA's epilogue run "warp_specialized", the weight gradient "overlapped"); anything else
+// raises. All give bitwise the same results.
 #include <ATen/ATen.h>
 
 #include <cstdint>
@@ -45,9 +47,10 @@ kernels::Sm90Pipeline requested_pipeline() {
   if (name.empty() || name == "serial") return kernels::Sm90Pipeline::kSerial;
   if (name == "overlapped") return kernels::Sm90Pipeline::kOverlapped;
   if (name == "warp_specialized") return kernels::Sm90Pipeline::kWarpSpecialized;
+  if (name == "warp_specialized_wide") return kernels::Sm90Pipeline::kWarpSpecializedWide;
   TORCH_CHECK_VALUE(false,
-                    "moeforge: MOEFORGE_SM90_PIPELINE must be \"serial\", \"overlapped\" or "
-                    "\"warp_specialized\", got \"",
+                    "moeforge: MOEFORGE_SM90_PIPELINE must be \"serial\", \"overlapped\", "
+                    "\"warp_specialized\" or \"warp_specialized_wide\", got \"",
                     name, "\"");
   return kernels::Sm90Pipeline::kSerial;
 }
@@ -231,9 +234,11 @@ std::optional<at::Tensor> sm90_grouped_wgrad(const at::Tensor& first_in,
   args.q = q;
   args.num_experts = num_experts;
   args.expert_offsets = offsets.const_data_ptr<int32_t>();
-  args.pipeline = requested_pipeline() == kernels::Sm90Pipeline::kWarpSpecialized
+  const kernels::Sm90Pipeline pipeline = requested_pipeline();
+  args.pipeline = pipeline == kernels::Sm90Pipeline::kWarpSpecialized ||
+                          pipeline == kernels::Sm90Pipeline::kWarpSpecializedWide
                       ? kernels::Sm90Pipeline::kOverlapped  // the wgrad kernel has two pipelines
-                      : requested_pipeline();
+                      : pipeline;
   if (source.gathered()) {
     args.sorted_pairs = source.sorted_pairs.const_data_ptr<int32_t>();
     args.num_tokens = (gather_first ? first : second).size(0);

@@ -166,6 +166,7 @@ cudaError_t launch_grouped_gemm_sm90(const GroupedGemmSm90Args& args, cudaStream
     case Sm90Pipeline::kOverlapped:
       return launch_pipeline<OverlappedPipeline>(args, sms, stream);
     case Sm90Pipeline::kWarpSpecialized:
+    case Sm90Pipeline::kWarpSpecializedWide:
       return launch_warp_specialized(args, sms, stream);
     default:
       return launch_pipeline<SerialPipeline>(args, sms, stream);

@@ -68,7 +68,11 @@ __device__ __forceinline__ int64_t output_column(const GroupedGemmSm90Args& args
 // A rows past the segment's tail, weight rows / columns past n and k past k are zero-filled
 // (src-size 0). With SwiGLU halves the B tile's rows (or columns) 0-63 are the gate rows n0..
 // and 64-127 the matching up rows I + n0.. (chunks i >= kChunks / 2 of a K-major B).
-template <int kLoaders>
+// A wide tile (kBTiles = 2: 128 x 256) has two such B tiles side by side, the second kTileBytes
+// after the first, for the columns one B tile further (n0 + b_tile_columns): both are planned
+// and loaded alike, so a K-major pair is one 256-row operand and an MN-major pair four 64-value
+// blocks kMnBlockBytes apart, each what one wgmma.m64n256k16 descriptor reads.
+template <int kLoaders, int kBTiles = 1>
 struct TileLoads {
   static constexpr int kChunks = kTileChunks / kLoaders;
   static constexpr int kRowStep = kLoaders / kChunksPerRow;
@@ -78,10 +82,10 @@ struct TileLoads {
   // (row % 8) repeat from chunk to chunk; the up half of SwiGLU's B is chunks >= kChunks / 2.
   static_assert(kRowStep % 8 == 0 && kKStep % 8 == 0 && kChunks % 2 == 0, "constant strides");
 
-  int32_t a_row[kChunks];  // x's row of A chunk i, or -1 (zero)
-  int32_t b_index;         // K-major: W_e's row of chunk 0; MN-major: W_e's column of chunk cm
-  int32_t b_up_shift;      // K-major: added to the rows of the up half (chunks >= kChunks / 2)
-  uint32_t b_ok;           // K-major: bit i, chunk i's row exists; MN-major: bit 0, the column
+  int32_t a_row[kChunks];    // x's row of A chunk i, or -1 (zero)
+  int32_t b_index[kBTiles];  // K-major: W_e's row of chunk 0; MN-major: W_e's column of chunk cm
+  int32_t b_up_shift;        // K-major: added to the rows of the up half (chunks >= kChunks / 2)
+  uint32_t b_ok[kBTiles];    // K-major: bit i, chunk i's row exists; MN-major: bit 0, the column
 
   __device__ __forceinline__ static int column(int loader) { return loader % kChunksPerRow; }
   __device__ __forceinline__ static int first_row(int loader) { return loader / kChunksPerRow; }
@@ -114,11 +118,16 @@ __device__ __forceinline__ int64_t mn_major_column(const GroupedGemmSm90Args& ar
   return (halves && half == 1 ? args.n / 2 : 0) + j;
 }
 
-template <bool BMnMajor, int kLoaders>
-__device__ __forceinline__ TileLoads<kLoaders> plan_tile_loads(const GroupedGemmSm90Args& args,
-                                                               const TileCoord& tile, int64_t n0,
-                                                               int loader) {
-  using Loads = TileLoads<kLoaders>;
+// The columns one B tile stands for: 128 output columns, or 64 intermediate ones with SwiGLU
+// halves (64 gate + 64 up).
+__device__ __forceinline__ int64_t b_tile_columns(const GroupedGemmSm90Args& args) {
+  return glu_halves(args) ? kGluHalf : kBN;
+}
+
+template <bool BMnMajor, int kLoaders, int kBTiles = 1>
+__device__ __forceinline__ TileLoads<kLoaders, kBTiles> plan_tile_loads(
+    const GroupedGemmSm90Args& args, const TileCoord& tile, int64_t n0, int loader) {
+  using Loads = TileLoads<kLoaders, kBTiles>;
   Loads p;
   const int r0 = Loads::first_row(loader);
 #pragma unroll
@@ -126,35 +135,40 @@ __device__ __forceinline__ TileLoads<kLoaders> plan_tile_loads(const GroupedGemm
     p.a_row[i] =
         static_cast<int32_t>(a_source_row(args, tile.row0, tile.rows, r0 + i * Loads::kRowStep));
   }
-  p.b_ok = 0;
-  if constexpr (BMnMajor) {
-    bool ok = false;
-    p.b_index = static_cast<int32_t>(mn_major_column(args, n0, Loads::mn_chunk(loader), &ok));
-    p.b_up_shift = 0;
-    p.b_ok = ok ? 1u : 0u;
-  } else {
-    const bool halves = glu_halves(args);
-    const int64_t inter = args.n / 2;
-    p.b_index = static_cast<int32_t>(n0 + r0);
-    p.b_up_shift = halves ? static_cast<int32_t>(inter - kGluHalf) : 0;
+  const bool halves = glu_halves(args);
+  p.b_up_shift = !BMnMajor && halves ? static_cast<int32_t>(args.n / 2 - kGluHalf) : 0;
 #pragma unroll
-    for (int i = 0; i < Loads::kChunks; ++i) {
-      const int r = r0 + i * Loads::kRowStep;
-      const bool ok = halves ? n0 + r % kGluHalf < inter : n0 + r < args.n;
-      p.b_ok |= ok ? 1u << i : 0u;
+  for (int s = 0; s < kBTiles; ++s) {
+    const int64_t n0_s = n0 + s * b_tile_columns(args);  // B tile s's first column
+    p.b_ok[s] = 0;
+    if constexpr (BMnMajor) {
+      bool ok = false;
+      p.b_index[s] =
+          static_cast<int32_t>(mn_major_column(args, n0_s, Loads::mn_chunk(loader), &ok));
+      p.b_ok[s] = ok ? 1u : 0u;
+    } else {
+      const int64_t inter = args.n / 2;
+      p.b_index[s] = static_cast<int32_t>(n0_s + r0);
+#pragma unroll
+      for (int i = 0; i < Loads::kChunks; ++i) {
+        const int r = r0 + i * Loads::kRowStep;
+        const bool ok = halves ? n0_s + r % kGluHalf < inter : n0_s + r < args.n;
+        p.b_ok[s] |= ok ? 1u << i : 0u;
+      }
     }
   }
   return p;
 }
 
 // Loader thread `loader`'s (of kLoaders) copies of one stage at `stage`: the A tile (rows of x
-// as planned) and the B tile (W_e at w_e, K-major or MN-major: BMnMajor = args.w_mn_major),
-// k block k0.
-template <bool BMnMajor, int kLoaders>
+// as planned) and the kBTiles B tiles after it (W_e at w_e, K-major or MN-major: BMnMajor =
+// args.w_mn_major), k block k0.
+template <bool BMnMajor, int kLoaders, int kBTiles = 1>
 __device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args,
-                                           const TileLoads<kLoaders>& p, unsigned char* stage,
-                                           const __nv_bfloat16* w_e, int64_t k0, int loader) {
-  using Loads = TileLoads<kLoaders>;
+                                           const TileLoads<kLoaders, kBTiles>& p,
+                                           unsigned char* stage, const __nv_bfloat16* w_e,
+                                           int64_t k0, int loader) {
+  using Loads = TileLoads<kLoaders, kBTiles>;
   const int64_t k = k0 + Loads::column(loader) * 8;
   const bool k_ok = k < args.k;  // k is a multiple of 8: a chunk is all in or all out
   unsigned char* const a_dst = stage + Loads::k_major_offset(loader);
@@ -164,25 +178,28 @@ __device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args,
     cp_async_16_zfill(a_dst + i * Loads::kKMajorStride,
                       ok ? args.x + int64_t{p.a_row[i]} * args.ldx + k : args.x, ok ? 16 : 0);
   }
-  if constexpr (!BMnMajor) {
-    unsigned char* const b_dst = stage + kTileBytes + Loads::k_major_offset(loader);
 #pragma unroll
-    for (int i = 0; i < Loads::kChunks; ++i) {
-      const int64_t row =
-          int64_t{p.b_index} + i * Loads::kRowStep + (i >= Loads::kChunks / 2 ? p.b_up_shift : 0);
-      const bool ok = k_ok && ((p.b_ok >> i) & 1u);
-      cp_async_16_zfill(b_dst + i * Loads::kKMajorStride, ok ? w_e + row * args.ldw + k : args.w,
-                        ok ? 16 : 0);
-    }
-  } else {
-    unsigned char* const b_dst = stage + kTileBytes + Loads::mn_major_offset(loader);
-    const int64_t k_row = k0 + Loads::first_k_row(loader);
+  for (int s = 0; s < kBTiles; ++s) {
+    if constexpr (!BMnMajor) {
+      unsigned char* const b_dst = stage + (1 + s) * kTileBytes + Loads::k_major_offset(loader);
 #pragma unroll
-    for (int i = 0; i < Loads::kChunks; ++i) {
-      const int64_t kb = k_row + i * Loads::kKStep;
-      const bool ok = p.b_ok != 0 && kb < args.k;
-      cp_async_16_zfill(b_dst + i * Loads::kMnMajorStride,
-                        ok ? w_e + kb * args.ldw + p.b_index : args.w, ok ? 16 : 0);
+      for (int i = 0; i < Loads::kChunks; ++i) {
+        const int64_t row = int64_t{p.b_index[s]} + i * Loads::kRowStep +
+                            (i >= Loads::kChunks / 2 ? p.b_up_shift : 0);
+        const bool ok = k_ok && ((p.b_ok[s] >> i) & 1u);
+        cp_async_16_zfill(b_dst + i * Loads::kKMajorStride, ok ? w_e + row * args.ldw + k : args.w,
+                          ok ? 16 : 0);
+      }
+    } else {
+      unsigned char* const b_dst = stage + (1 + s) * kTileBytes + Loads::mn_major_offset(loader);
+      const int64_t k_row = k0 + Loads::first_k_row(loader);
+#pragma unroll
+      for (int i = 0; i < Loads::kChunks; ++i) {
+        const int64_t kb = k_row + i * Loads::kKStep;
+        const bool ok = p.b_ok[s] != 0 && kb < args.k;
+        cp_async_16_zfill(b_dst + i * Loads::kMnMajorStride,
+                          ok ? w_e + kb * args.ldw + p.b_index[s] : args.w, ok ? 16 : 0);
+      }
     }
   }
 }
@@ -233,7 +250,7 @@ __device__ __forceinline__ void load_lora(const GroupedGemmSm90Args& args, unsig
 // The tile schedule of a launch, the same in every thread once build_row_schedule has run.
 struct RowSchedule {
   int64_t tile_cols;  // output columns of a tile (intermediate ones with SwiGLU halves)
-  int64_t n_tiles;    // N tiles per M tile
+  int64_t n_tiles;    // N tiles per M tile, each of kBTiles B tiles (b_tile_columns)
   int64_t num_tiles;  // M tiles x N tiles
   int64_t k_blocks;   // 64-deep k blocks per tile
 };
@@ -254,11 +271,12 @@ __device__ __forceinline__ void build_tile_prefix(const GroupedGemmSm90Args& arg
   }
 }
 
+template <int kBTiles = 1>
 __device__ __forceinline__ RowSchedule row_schedule(const GroupedGemmSm90Args& args,
                                                     const int32_t* tile_start) {
   RowSchedule s;
   const bool halves = glu_halves(args);
-  s.tile_cols = halves ? kGluHalf : kBN;
+  s.tile_cols = kBTiles * b_tile_columns(args);
   s.n_tiles = ((halves ? args.n / 2 : args.n) + s.tile_cols - 1) / s.tile_cols;
   s.num_tiles = int64_t{tile_start[args.num_experts]} * s.n_tiles;
   s.k_blocks = (args.k + kBK - 1) / kBK;
@@ -279,18 +297,20 @@ __device__ __forceinline__ void for_each_tile(const GroupedGemmSm90Args& args,
   }
 }
 
-// The epilogue of one tile, run by the two warpgroups that hold its accumulators d (warpgroup
-// `group` rows 64 group.., `warp` / `lane` the thread's place in it): the bias and LoRA's
-// up-projection when given, then y (or h and a) stored. With LoRA, `lora_tiles` (a shared-window
-// address) holds the tile's LoRA operands once lora.acquire() returns, and lora.release() is
-// called after the MMAs that read them have retired.
-template <typename LoraSync>
+// The epilogue of one B tile's columns (n0..), run by the two warpgroups that hold its
+// accumulators d (warpgroup `group` rows 64 group.., `warp` / `lane` the thread's place in it):
+// the bias and LoRA's up-projection when given, then y (or h and a) stored. With LoRA,
+// `lora_tiles` (a shared-window address) holds the tile's LoRA operands once lora.acquire()
+// returns, and lora.release() is called after the MMAs that read them have retired. A kernel
+// without LoRA's region instantiates it with kLoraRegion = false (its launcher never passes
+// LoRA's operands; the MMAs on them are not compiled in).
+template <bool kLoraRegion = true, typename LoraSync>
 __device__ __forceinline__ void finish_tile(const GroupedGemmSm90Args& args, const TileCoord& tile,
                                             int64_t n0, float (&d)[kWgmmaAcc], uint32_t lora_tiles,
                                             int group, int warp, int lane, LoraSync&& lora_sync) {
   constexpr int kAcc = kWgmmaAcc;
   const bool glu = args.a != nullptr, halves = glu_halves(args);
-  const bool lora = args.lora_u != nullptr, bias = args.bias != nullptr;
+  const bool lora = kLoraRegion && args.lora_u != nullptr, bias = args.bias != nullptr;
   if (bias || lora) {
     // grouped_mm's bias pass and lora_expand_add_'s rule on the tile, in that order: the GEMM's
     // result rounded as the plain kernel stores it, the bias added and rounded, then u M_e on
@@ -314,23 +334,25 @@ __device__ __forceinline__ void finish_tile(const GroupedGemmSm90Args& args, con
         }
       }
     }
-    if (lora) {
-      lora_sync.acquire();
-      fence_accumulators(d);
-      wgmma_fence();
-      // (ptxas adds a warpgroup.arrive before each of these branchy MMAs: once per tile.)
+    if constexpr (kLoraRegion) {
+      if (lora) {
+        lora_sync.acquire();
+        fence_accumulators(d);
+        wgmma_fence();
+        // (ptxas adds a warpgroup.arrive before each of these branchy MMAs: once per tile.)
 #pragma unroll
-      for (int j = 0; j < kBK / 16; ++j) {
-        if (j < lora_k_steps(args)) {  // uniform over the block
-          wgmma_m64n128k16<false, true>(
-              d, operand_descriptor<false>(lora_tiles + group * (64 * 128), j),
-              operand_descriptor<true>(lora_tiles + kTileBytes, j));
+        for (int j = 0; j < kBK / 16; ++j) {
+          if (j < lora_k_steps(args)) {  // uniform over the block
+            wgmma_m64n128k16<false, true>(
+                d, operand_descriptor<false>(lora_tiles + group * (64 * 128), j),
+                operand_descriptor<true>(lora_tiles + kTileBytes, j));
+          }
         }
+        wgmma_commit_group();
+        wgmma_wait<0>();
+        fence_accumulators(d);
+        lora_sync.release();
       }
-      wgmma_commit_group();
-      wgmma_wait<0>();
-      fence_accumulators(d);
-      lora_sync.release();
     }
 #pragma unroll
     for (int i = 0; i < kAcc; i += 2) {
@@ -404,7 +426,8 @@ __device__ __forceinline__ void finish_tile(const GroupedGemmSm90Args& args, con
 // Raises its dynamic shared-memory limit (a per-device setting; run once per device).
 cudaError_t raise_smem_limit_warp_specialized();
 
-// Launches it over `sms` persistent CTAs; the arguments are already validated.
+// Launches it over `sms` persistent CTAs, on 128 x 256 tiles for kWarpSpecializedWide without
+// LoRA, else on 128 x 128 tiles; the arguments are already validated.
 cudaError_t launch_warp_specialized(const GroupedGemmSm90Args& args, int sms, cudaStream_t stream);
 
 }  // namespace moeforge::kernels::sm90

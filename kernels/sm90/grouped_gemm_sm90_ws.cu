@@ -1,6 +1,12 @@
-// The warp-specialised row-grouped GEMM (Sm90Pipeline::kWarpSpecialized; contract:
-// moeforge/kernels/grouped_gemm_sm90.h), built for sm_90a only, not yet run on a GPU (the host
-// kernel emulator runs it, with wgmma, cp.async and mbarriers emulated).
+// The warp-specialised row-grouped GEMM (Sm90Pipeline::kWarpSpecialized on 128 x 128 tiles and
+// kWarpSpecializedWide on 128 x 256 ones; contract: moeforge/kernels/grouped_gemm_sm90.h), built
+// for sm_90a only, not yet run on a GPU (the host kernel emulator runs it, with wgmma, cp.async
+// and mbarriers emulated).
+//
+// A wide tile is two 128-row B tiles side by side in the stage (WsShape<2>), multiplied by one
+// wgmma.m64n256k16 per k16 step and finished by the shared epilogue once per B tile; it has four
+// stages and no LoRA region (the launcher sends GEMMs with LoRA to the narrow tiles). The notes
+// below give the narrow shape's numbers; WsShape has both.
 //
 // The same tiles, loads, MMAs and epilogue as grouped_gemm_sm90.cu (grouped_gemm_sm90_tile.cuh),
 // so its results are bitwise the other pipelines'; what differs is who does what, and when
@@ -33,33 +39,60 @@
 namespace moeforge::kernels::sm90 {
 namespace {
 
-constexpr int kStages = 5;
 constexpr int kConsumerThreads = 256;  // two warpgroups
 constexpr int kProducerThreads = 128;  // one warpgroup
 constexpr int kWsThreads = kConsumerThreads + kProducerThreads;
-constexpr int kProducerRegisters = 88, kConsumerRegisters = 208;
-static_assert(kProducerThreads * kProducerRegisters + kConsumerThreads * kConsumerRegisters <=
-                  kWsThreads * (65536 / kWsThreads / 8 * 8),
-              "setmaxnreg may only redistribute the registers the launch bounds give at entry");
+
+// The two tile shapes: kBTiles B tiles of 128 rows per stage beside A's 128 x 64 tile (1: 128 x
+// 128 tiles, five stages and LoRA's region; 2: 128 x 256 tiles, four 48 KB stages, no LoRA), and
+// the registers setmaxnreg gives each role: producer x 128 + consumer x 256 <= 384 x 168, the
+// budget the launch bounds give at entry.
+template <int kBTilesOfShape>
+struct WsShape {
+  static constexpr int kBTiles = kBTilesOfShape;
+  static constexpr bool kLoraRegion = kBTiles == 1;
+  static constexpr int kStages = kBTiles == 1 ? 5 : 4;
+  static constexpr int kStageBytes = (1 + kBTiles) * kTileBytes;
+  static constexpr int kAcc = kBTiles * kWgmmaAcc;  // fp32 accumulators per consumer thread
+  // ptxas -v, no spills: narrow 88 / 208 (56 / 224 spilled the K-major producer); wide 104 /
+  // 200 (the consumer's 128 accumulators fit; the K-major producer, 24 copies per k block,
+  // spilled at 96 and below).
+  static constexpr int kProducerRegisters = kBTiles == 1 ? 88 : 104;
+  static constexpr int kConsumerRegisters = kBTiles == 1 ? 208 : 200;
+  static_assert(kProducerThreads * kProducerRegisters + kConsumerThreads * kConsumerRegisters <=
+                    kWsThreads * (65536 / kWsThreads / 8 * 8),
+                "setmaxnreg may only redistribute the registers the launch bounds give at entry");
+};
+using NarrowShape = WsShape<1>;  // Sm90Pipeline::kWarpSpecialized
+using WideShape = WsShape<2>;    // Sm90Pipeline::kWarpSpecializedWide
+constexpr int kMaxStages = 5;
+static_assert(NarrowShape::kStages <= kMaxStages && WideShape::kStages <= kMaxStages,
+              "a barrier pair per stage");
 
 struct Barriers {
-  uint64_t full[kStages];   // stage s's copies have landed
-  uint64_t empty[kStages];  // the MMAs that read stage s have retired
+  uint64_t full[kMaxStages];   // stage s's copies have landed
+  uint64_t empty[kMaxStages];  // the MMAs that read stage s have retired
   uint64_t lora_full, lora_empty;
 };
 
 // Dynamic shared memory: bounds and tile prefix, the barriers, then 1024-byte aligned stages
-// (+ slack) and LoRA's tiles.
+// (+ slack) and LoRA's tiles (a narrow stage's size).
 constexpr size_t kBarrierOffset = kBoundsBytes;
 static_assert(kBarrierOffset % 8 == 0, "mbarriers are 8-byte objects");
-constexpr size_t kSmemBytes =
-    kBarrierOffset + sizeof(Barriers) + 1024 + (kStages + 1) * kStageBytes;
+template <typename Shape>
+constexpr size_t smem_bytes() {
+  return kBarrierOffset + sizeof(Barriers) + 1024 + size_t{Shape::kStages} * Shape::kStageBytes +
+         (Shape::kLoraRegion ? size_t{kStageBytes} : 0);
+}
+static_assert(smem_bytes<NarrowShape>() <= 232448 && smem_bytes<WideShape>() <= 232448,
+              "within the opt-in shared memory of a block on sm_90");
 
 // A position in the ring of stages and the phase parity its barriers are in.
+template <typename Shape>
 struct Ring {
   uint32_t stage = 0, phase = 0;
   __device__ __forceinline__ void advance() {
-    if (++stage == kStages) {
+    if (++stage == Shape::kStages) {
       stage = 0;
       phase ^= 1u;
     }
@@ -75,10 +108,11 @@ struct SharedLayout {
   Barriers* bars;
   uint32_t stages;           // shared-window address of stage 0 (1024-byte aligned)
   unsigned char* stage_ptr;  // the same bytes, as a pointer
-  uint32_t lora_tiles;       // LoRA's tiles, after the stages
+  uint32_t lora_tiles;       // LoRA's tiles, after the stages (narrow shape only)
   unsigned char* lora_ptr;
 };
 
+template <typename Shape>
 __device__ __forceinline__ SharedLayout shared_layout() {
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
   SharedLayout l;
@@ -90,8 +124,8 @@ __device__ __forceinline__ SharedLayout shared_layout() {
   l.stages =
       (smem_base + static_cast<uint32_t>(kBarrierOffset + sizeof(Barriers)) + 1023u) & ~1023u;
   l.stage_ptr = smem + (l.stages - smem_base);
-  l.lora_tiles = l.stages + kStages * kStageBytes;
-  l.lora_ptr = l.stage_ptr + kStages * kStageBytes;
+  l.lora_tiles = l.stages + Shape::kStages * Shape::kStageBytes;
+  l.lora_ptr = l.stage_ptr + Shape::kStages * Shape::kStageBytes;
   return l;
 }
 
@@ -117,63 +151,78 @@ struct BarrierLoraSync {
   }
 };
 
-template <bool BMnMajor>
+template <typename Shape, bool BMnMajor>
 __device__ __forceinline__ void produce(const GroupedGemmSm90Args& args, int loader) {
-  const SharedLayout l = shared_layout();
-  const RowSchedule schedule = row_schedule(args, l.tile_start);
+  constexpr int kBTiles = Shape::kBTiles;
+  const SharedLayout l = shared_layout<Shape>();
+  const RowSchedule schedule = row_schedule<kBTiles>(args, l.tile_start);
   Barriers* const bars = l.bars;
-  Ring ring;
+  Ring<Shape> ring;
   uint32_t lora_phase = 0;
   for_each_tile(args, schedule, l.bound, l.tile_start, [&](const TileCoord& tile, int64_t n0) {
     const __nv_bfloat16* w_e = args.w + tile.expert * args.w_stride_e;
-    const TileLoads<kProducerThreads> loads =  // this thread's copies, resolved once per tile
-        plan_tile_loads<BMnMajor, kProducerThreads>(args, tile, n0, loader);
+    const TileLoads<kProducerThreads, kBTiles> loads =  // this thread's copies, once per tile
+        plan_tile_loads<BMnMajor, kProducerThreads, kBTiles>(args, tile, n0, loader);
     for (int64_t kb = 0; kb < schedule.k_blocks; ++kb) {
       mbarrier_wait(&bars->empty[ring.stage], ring.phase ^ 1u);  // a fresh stage passes at once
-      load_stage<BMnMajor, kProducerThreads>(args, loads, l.stage_ptr + ring.stage * kStageBytes,
-                                             w_e, kb * kBK, loader);
+      load_stage<BMnMajor, kProducerThreads, kBTiles>(
+          args, loads, l.stage_ptr + ring.stage * Shape::kStageBytes, w_e, kb * kBK, loader);
       cp_async_mbarrier_arrive(&bars->full[ring.stage]);
       ring.advance();
     }
     // After the tile's k blocks: the consumers need LoRA's operands only after them, and by now
     // the previous tile's LoRA MMAs have long retired.
-    if (args.lora_u != nullptr) {
-      mbarrier_wait(&bars->lora_empty, lora_phase ^ 1u);
-      load_lora<kProducerThreads>(args, l.lora_ptr, tile, n0, loader);
-      cp_async_mbarrier_arrive(&bars->lora_full);
-      lora_phase ^= 1u;
+    if constexpr (Shape::kLoraRegion) {
+      if (args.lora_u != nullptr) {
+        mbarrier_wait(&bars->lora_empty, lora_phase ^ 1u);
+        load_lora<kProducerThreads>(args, l.lora_ptr, tile, n0, loader);
+        cp_async_mbarrier_arrive(&bars->lora_full);
+        lora_phase ^= 1u;
+      }
     }
   });
   cp_async_commit();  // no copy of this thread is in flight when it exits
   cp_async_wait<0>();
 }
 
-template <bool BMnMajor>
+// The k16 step j of k block `stage`: this warpgroup's 64 rows of A (a_offset bytes into the A
+// tile) times the stage's B tiles (one m64n128k16, or one m64n256k16 over both of a wide tile).
+template <typename Shape, bool BMnMajor>
+__device__ __forceinline__ void mma_step(float (&d)[Shape::kAcc], uint32_t stage, uint32_t a_offset,
+                                         int j) {
+  const uint64_t desc_a = operand_descriptor<false>(stage + a_offset, j);
+  const uint64_t desc_b = operand_descriptor<BMnMajor>(stage + kTileBytes, j);
+  if constexpr (Shape::kBTiles == 1) {
+    wgmma_m64n128k16<false, BMnMajor>(d, desc_a, desc_b);
+  } else {
+    wgmma_m64n256k16<false, BMnMajor>(d, desc_a, desc_b);
+  }
+}
+
+template <typename Shape, bool BMnMajor>
 __device__ __forceinline__ void consume(const GroupedGemmSm90Args& args, int tid) {
-  const SharedLayout l = shared_layout();
-  const RowSchedule schedule = row_schedule(args, l.tile_start);
+  constexpr int kAcc = Shape::kAcc;
+  const SharedLayout l = shared_layout<Shape>();
+  const RowSchedule schedule = row_schedule<Shape::kBTiles>(args, l.tile_start);
   Barriers* const bars = l.bars;
   const int warp = tid / 32, lane = tid % 32;
   const int group = warp / 4;  // rows 64 group .. of the tile
   const uint32_t a_offset = static_cast<uint32_t>(group) * (64 * 128);
-  Ring ring;
+  Ring<Shape> ring;
   uint32_t lora_phase = 0;
   for_each_tile(args, schedule, l.bound, l.tile_start, [&](const TileCoord& tile, int64_t n0) {
-    float d[kWgmmaAcc];
+    float d[kAcc];
 #pragma unroll
-    for (int i = 0; i < kWgmmaAcc; ++i) d[i] = 0.0f;
+    for (int i = 0; i < kAcc; ++i) d[i] = 0.0f;
     uint32_t previous = 0;  // the stage of the k block before, whose MMAs may be in flight
     for (int64_t kb = 0; kb < schedule.k_blocks; ++kb) {
       mbarrier_wait(&bars->full[ring.stage], ring.phase);
       fence_proxy_async_shared();
-      const uint32_t stage = l.stages + ring.stage * kStageBytes;
+      const uint32_t stage = l.stages + ring.stage * Shape::kStageBytes;
       fence_accumulators(d);
       wgmma_fence();
 #pragma unroll
-      for (int j = 0; j < kBK / 16; ++j) {
-        wgmma_m64n128k16<false, BMnMajor>(d, operand_descriptor<false>(stage + a_offset, j),
-                                          operand_descriptor<BMnMajor>(stage + kTileBytes, j));
-      }
+      for (int j = 0; j < kBK / 16; ++j) mma_step<Shape, BMnMajor>(d, stage, a_offset, j);
       wgmma_commit_group();
       wgmma_wait<1>();  // k block kb - 1's MMAs have retired: its stage goes back
       fence_accumulators(d);
@@ -184,21 +233,28 @@ __device__ __forceinline__ void consume(const GroupedGemmSm90Args& args, int tid
     wgmma_wait<0>();
     fence_accumulators(d);
     if (schedule.k_blocks > 0) warp_arrive(&bars->empty[previous], lane);
-    finish_tile(args, tile, n0, d, l.lora_tiles, group, warp % 4, lane,
-                BarrierLoraSync{bars, &lora_phase, lane});
+#pragma unroll
+    for (int s = 0; s < Shape::kBTiles; ++s) {
+      // B tile s's columns are accumulators 64 s .. 64 s + 63 (the m64n256 map's second half is
+      // the m64n128 map 128 columns on).
+      finish_tile<Shape::kLoraRegion>(args, tile, n0 + s * b_tile_columns(args),
+                                      *reinterpret_cast<float(*)[kWgmmaAcc]>(d + s * kWgmmaAcc),
+                                      l.lora_tiles, group, warp % 4, lane,
+                                      BarrierLoraSync{bars, &lora_phase, lane});
+    }
   });
 }
 
-template <bool BMnMajor>
+template <typename Shape, bool BMnMajor>
 __global__ void __launch_bounds__(kWsThreads, 1)
     grouped_gemm_sm90_ws_kernel(const GroupedGemmSm90Args args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(MOEFORGE_KERNEL_EMULATION)
   const int tid = static_cast<int>(threadIdx.x);
   {
-    const SharedLayout l = shared_layout();
+    const SharedLayout l = shared_layout<Shape>();
     build_tile_prefix(args, l.bound, l.tile_start, l.warp_max);
     if (tid == 0) {
-      for (int s = 0; s < kStages; ++s) {
+      for (int s = 0; s < Shape::kStages; ++s) {
         mbarrier_init(&l.bars->full[s], kProducerThreads);
         mbarrier_init(&l.bars->empty[s], kConsumerThreads / 32);
       }
@@ -209,33 +265,48 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   }
   __syncthreads();  // the tile prefix and the barriers; no block-wide barrier after this
   if (tid >= kConsumerThreads) {
-    warpgroup_release_registers<kProducerRegisters>();
-    produce<BMnMajor>(args, tid - kConsumerThreads);
+    warpgroup_release_registers<Shape::kProducerRegisters>();
+    produce<Shape, BMnMajor>(args, tid - kConsumerThreads);
   } else {
-    warpgroup_claim_registers<kConsumerRegisters>();
-    consume<BMnMajor>(args, tid);
+    warpgroup_claim_registers<Shape::kConsumerRegisters>();
+    consume<Shape, BMnMajor>(args, tid);
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // built without sm_90a features: never launched (CMakeLists.txt builds 90a only)
 #endif
 }
 
-}  // namespace
-
-cudaError_t raise_smem_limit_warp_specialized() {
-  for (auto* kernel : {grouped_gemm_sm90_ws_kernel<false>, grouped_gemm_sm90_ws_kernel<true>}) {
+template <typename Shape>
+cudaError_t raise_smem_limit() {
+  for (auto* kernel :
+       {grouped_gemm_sm90_ws_kernel<Shape, false>, grouped_gemm_sm90_ws_kernel<Shape, true>}) {
     MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(kSmemBytes)));
+                                             static_cast<int>(smem_bytes<Shape>())));
   }
   return cudaSuccess;
 }
 
-cudaError_t launch_warp_specialized(const GroupedGemmSm90Args& args, int sms, cudaStream_t stream) {
-  auto* kernel =
-      args.w_mn_major ? grouped_gemm_sm90_ws_kernel<true> : grouped_gemm_sm90_ws_kernel<false>;
+template <typename Shape>
+cudaError_t launch_shape(const GroupedGemmSm90Args& args, int sms, cudaStream_t stream) {
+  auto* kernel = args.w_mn_major ? grouped_gemm_sm90_ws_kernel<Shape, true>
+                                 : grouped_gemm_sm90_ws_kernel<Shape, false>;
   MOEFORGE_CUDA_CHECK(launch_kernel(kernel, dim3(static_cast<unsigned>(sms)), dim3(kWsThreads),
-                                    kSmemBytes, stream, args));
+                                    smem_bytes<Shape>(), stream, args));
   return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t raise_smem_limit_warp_specialized() {
+  MOEFORGE_CUDA_CHECK(raise_smem_limit<NarrowShape>());
+  return raise_smem_limit<WideShape>();
+}
+
+cudaError_t launch_warp_specialized(const GroupedGemmSm90Args& args, int sms, cudaStream_t stream) {
+  // LoRA's operands have no region beside the wide stages: the narrow tiles take such GEMMs.
+  const bool wide = args.pipeline == Sm90Pipeline::kWarpSpecializedWide && args.lora_u == nullptr;
+  return wide ? launch_shape<WideShape>(args, sms, stream)
+              : launch_shape<NarrowShape>(args, sms, stream);
 }
 
 }  // namespace moeforge::kernels::sm90

@@ -24,7 +24,8 @@
 
 namespace moeforge::kernels::sm90 {
 
-inline constexpr int kWgmmaAcc = 64;  // fp32 accumulators per thread of an m64n128 result
+inline constexpr int kWgmmaAcc = 64;       // fp32 accumulators per thread of an m64n128 result
+inline constexpr int kWideWgmmaAcc = 128;  // of an m64n256 result
 
 // The tiles of the kernels: 256 threads (two warpgroups, 64 rows of the 128-row tile each), 128 x
 // 64 bf16 operand tiles (a K-major row or an MN-major 64-value block row is 128 bytes) for A and
@@ -96,37 +97,11 @@ __device__ __forceinline__ void wgmma_wait() {
 #endif
 }
 
-// d[64 x 128] += A[64 x 16] B, both bf16 in shared memory through their descriptors, each
-// K-major (A: 64 m rows of 16 k values; B: 128 n rows of 16 k values) or MN-major (16 k rows of
-// 64 m / 128 n values; TransA / TransB: the instruction's transpose immediates); fp32
-// accumulators (scale-d = 1: added to d).
-template <bool TransA, bool TransB>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kWgmmaAcc], uint64_t desc_a,
-                                                 uint64_t desc_b) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  const int scale_d = 1;
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
-      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "
-      "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "
-      "%56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, %67, %68;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
-        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
-        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
-        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
-        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
-        "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TransA ? 1 : 0), "n"(TransB ? 1 : 0));
-#elif defined(MOEFORGE_KERNEL_EMULATION)
+#if defined(MOEFORGE_KERNEL_EMULATION)
+// The emulator's wgmma.m64nNk16 (f32 += bf16 x bf16; kAcc = N / 2 accumulators per thread).
+template <int kN, bool TransA, bool TransB>
+void emulated_wgmma(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
+  constexpr int kAcc = kN / 2;
   // Each thread adds its own accumulators' products (accumulator_coord), reading both operands
   // through their descriptors as the hardware is documented to: K-major rows of 128 bytes in
   // 8-row atoms SBO bytes apart, the 128-byte swizzle applied to the address (sm90_layout.h).
@@ -157,7 +132,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kWgmmaAcc], uint64_t
   // columns of B its accumulators take (col = 8 (i / 4) + 2 (lane % 4) + i % 2: 32 of them).
   struct Operands {
     float a[2][16];
-    float b[kWgmmaAcc / 2][16];
+    float b[kAcc / 2][16];
   };
   const int lane = static_cast<int>(threadIdx.x) % 32,
             warp = (static_cast<int>(threadIdx.x) / 32) % 4;
@@ -168,7 +143,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kWgmmaAcc], uint64_t
       for (int kk = 0; kk < 16; ++kk)
         o.a[h][kk] = element(desc_a, 16 * warp + lane / 4 + 8 * h, kk, TransA);
     }
-    for (int i = 0; i < kWgmmaAcc; ++i) {
+    for (int i = 0; i < kAcc; ++i) {
       const sm90::FragCoord c = sm90::accumulator_coord(warp, lane, i);
       for (int kk = 0; kk < 16; ++kk) o.b[b_slot(i)][kk] = element(desc_b, c.col, kk, TransB);
     }
@@ -181,7 +156,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kWgmmaAcc], uint64_t
       ::moeforge::emu::trap(
           "emulated wgmma: shared memory read by an MMA changed before wait_group retired it");
     }
-    for (int i = 0; i < kWgmmaAcc; ++i) {
+    for (int i = 0; i < kAcc; ++i) {
       const sm90::FragCoord c = sm90::accumulator_coord(warp, lane, i);
       const float* row = o.a[(c.row % 16) / 8];
       float acc = d[i];
@@ -189,6 +164,88 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kWgmmaAcc], uint64_t
       d[i] = acc;
     }
   });
+}
+#endif
+
+// d[64 x N] += A[64 x 16] B, both bf16 in shared memory through their descriptors, each
+// K-major (A: 64 m rows of 16 k values; B: N n rows of 16 k values) or MN-major (16 k rows of
+// 64 m / N n values; TransA / TransB: the instruction's transpose immediates); fp32
+// accumulators (scale-d = 1: added to d). N = 128 (kWgmmaAcc accumulators per thread) or 256
+// (kWideWgmmaAcc: two 128-column halves, values i < 64 the first, 64 + i the second's value i).
+template <bool TransA, bool TransB>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  const int scale_d = 1;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
+      "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "
+      "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "
+      "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, %67, %68;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TransA ? 1 : 0), "n"(TransB ? 1 : 0));
+#elif defined(MOEFORGE_KERNEL_EMULATION)
+  emulated_wgmma<128, TransA, TransB>(d, desc_a, desc_b);
+#else
+  (void)d, (void)desc_a, (void)desc_b;
+#endif
+}
+
+template <bool TransA, bool TransB>
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a,
+                                                 uint64_t desc_b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  const int scale_d = 1;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
+      "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "
+      "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "
+      "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, "
+      "%70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, "
+      "%87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, "
+      "%103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, "
+      "%117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, "
+      "%131, %132;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]),
+        "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]),
+        "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
+        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]),
+        "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]),
+        "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),
+        "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
+        "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
+        "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TransA ? 1 : 0), "n"(TransB ? 1 : 0));
+#elif defined(MOEFORGE_KERNEL_EMULATION)
+  emulated_wgmma<256, TransA, TransB>(d, desc_a, desc_b);
 #else
   (void)d, (void)desc_a, (void)desc_b;
 #endif
@@ -196,12 +253,13 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kWgmmaAcc], uint64_t
 
 // Makes every later use of d depend on the asm statements before it: the compiler may not move
 // the epilogue's reads of the accumulators above the wgmma wait, which names no registers.
-__device__ __forceinline__ void fence_accumulators(float (&d)[kWgmmaAcc]) {
+template <int kAcc>
+__device__ __forceinline__ void fence_accumulators(float (&d)[kAcc]) {
 #if defined(MOEFORGE_KERNEL_EMULATION)
   (void)d;  // the emulated wgmma is an ordinary call
 #else
 #pragma unroll
-  for (int i = 0; i < kWgmmaAcc; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < kAcc; ++i) asm volatile("" : "+f"(d[i])::"memory");
 #endif
 }
 

@@ -57,8 +57,10 @@ inline std::string pipeline_name(const ::testing::TestParamInfo<kernels::Sm90Pip
       return "Serial";
     case kernels::Sm90Pipeline::kOverlapped:
       return "Overlapped";
-    default:
+    case kernels::Sm90Pipeline::kWarpSpecialized:
       return "WarpSpecialized";
+    default:
+      return "WarpSpecializedWide";
   }
 }
 

@@ -229,10 +229,12 @@ void check_case(const Case& c, uint32_t seed, bool glu = false) {
 }
 
 class GroupedGemmSm90 : public Sm90PipelineTest {};
-// The row-grouped kernel has all three pipelines.
+// The row-grouped kernel has all four pipelines (the wide one runs the LoRA cases on 128-column
+// tiles).
 MOEFORGE_INSTANTIATE_FOR_PIPELINES(GroupedGemmSm90, kernels::Sm90Pipeline::kSerial,
                                    kernels::Sm90Pipeline::kOverlapped,
-                                   kernels::Sm90Pipeline::kWarpSpecialized);
+                                   kernels::Sm90Pipeline::kWarpSpecialized,
+                                   kernels::Sm90Pipeline::kWarpSpecializedWide);
 
 TEST_P(GroupedGemmSm90, OneTileOneKBlock) {
   MOEFORGE_SKIP_WITHOUT_SM90();
@@ -613,7 +615,7 @@ TEST(GroupedGemmSm90Arguments, RejectsBadArguments) {
   bad([](auto& a) { a.x = reinterpret_cast<const bf16*>(uintptr_t{258}); });
   bad([](auto& a) { a.expert_offsets = nullptr; });
   bad([](auto& a) { a.num_rows = -1; });
-  bad([](auto& a) { a.pipeline = static_cast<kernels::Sm90Pipeline>(3); });
+  bad([](auto& a) { a.pipeline = static_cast<kernels::Sm90Pipeline>(4); });
   bad([](auto& a) {  // MN-major: a row of W_e^T holds n values
     a.w_mn_major = true;
     a.n = a.ldy = 128;

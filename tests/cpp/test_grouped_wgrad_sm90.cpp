@@ -230,7 +230,8 @@ TEST(GroupedWgradSm90Arguments, RejectsBadArguments) {
   bad([](auto& a) { a.gather_a = a.gather_b = true; });
   bad([](auto& a) { a.gather_a = true; });  // no sorted_pairs
   bad([](auto& a) { a.pipeline = kernels::Sm90Pipeline::kWarpSpecialized; });
-  bad([](auto& a) { a.pipeline = static_cast<kernels::Sm90Pipeline>(3); });
+  bad([](auto& a) { a.pipeline = kernels::Sm90Pipeline::kWarpSpecializedWide; });
+  bad([](auto& a) { a.pipeline = static_cast<kernels::Sm90Pipeline>(4); });
 }
 
 }  // namespace

@@ -65,8 +65,17 @@ inline constexpr int64_t kGroupedGemmSm90MaxN = int64_t{1} << 30;
 // stages) keeps one k block's MMAs in flight while it waits for and loads the next ones;
 // kWarpSpecialized (row-grouped GEMM only: 5 stages, 384 threads) has a producer warpgroup load
 // the stages, running ahead across tiles, while two consumer warpgroups multiply (one k block's
-// MMAs in flight) and write the epilogue, handing stages back and forth through mbarriers.
-enum class Sm90Pipeline : int { kSerial = 0, kOverlapped = 1, kWarpSpecialized = 2 };
+// MMAs in flight) and write the epilogue, handing stages back and forth through mbarriers;
+// kWarpSpecializedWide is that pipeline on 128 x 256 tiles (4 stages of A 128 x 64 and B 256 x
+// 64; one wgmma.m64n256k16 per k16 step reads 20 KB of shared memory per 524k MACs where two
+// m64n128k16 read 24 KB), the tile shape torch's CUTLASS grouped GEMM runs; with LoRA (its
+// operands do not fit beside four wide stages) it runs kWarpSpecialized.
+enum class Sm90Pipeline : int {
+  kSerial = 0,
+  kOverlapped = 1,
+  kWarpSpecialized = 2,
+  kWarpSpecializedWide = 3
+};
 
 struct GroupedGemmSm90Args {
   const __nv_bfloat16* x = nullptr;
@@ -115,7 +124,8 @@ inline bool grouped_gemm_sm90_args_valid(const GroupedGemmSm90Args& a) {
          (a.a == nullptr || (a.n % 16 == 0 && a.lda % 8 == 0 && a.lda >= a.n / 2 &&
                              reinterpret_cast<uintptr_t>(a.a) % 16 == 0)) &&
          (a.pipeline == Sm90Pipeline::kSerial || a.pipeline == Sm90Pipeline::kOverlapped ||
-          a.pipeline == Sm90Pipeline::kWarpSpecialized) &&
+          a.pipeline == Sm90Pipeline::kWarpSpecialized ||
+          a.pipeline == Sm90Pipeline::kWarpSpecializedWide) &&
          (a.sorted_pairs == nullptr ||
           (a.top_k >= 1 && a.num_tokens >= 0 && a.num_tokens <= INT32_MAX / a.top_k)) &&
          (a.glu == GluVariant::kSilu || a.glu == GluVariant::kGptOss) &&
