@@ -659,7 +659,7 @@ def test_sm90_warp_specialized_layer_in_a_cuda_graph(monkeypatch, pipeline):
     monkeypatch.setenv("MOEFORGE_GROUPED_GEMM", "sm90")
     monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", pipeline)
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(4, 128, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4, 384, 256, device="cuda", dtype=torch.bfloat16)
     offs = torch.tensor([0, 10, 30, 30, 64], dtype=torch.int32, device="cuda")
     assert sm90_kernel_launched(lambda: ops.grouped_mm(x, w, offs), pipeline)
     check_layer_in_a_cuda_graph()
@@ -705,23 +705,24 @@ def check_layer_in_a_cuda_graph():
         torch.testing.assert_close(graph_grads[n], p.grad, msg=n)
 
 
-def is_sm90_gemm_kernel(name: str, pipeline: str | None = None, lora: bool = False) -> bool:
+def is_sm90_gemm_kernel(name: str, pipeline: str | None = None, narrow: bool = False) -> bool:
     """Whether a CUDA kernel name is our row-grouped sm_90a GEMM: for pipeline
     "warp_specialized" the warp-specialised kernel on 128 x 128 tiles (WsShape<1>), for
-    "warp_specialized_wide" the one on 128 x 256 tiles (WsShape<2>; WsShape<1> for a GEMM with
-    LoRA's epilogue, which the wide tiles do not hold), the single-role kernel for the others,
-    any of them for None. (Mangled names spell WsShape<n> as WsShapeILin.)"""
+    "warp_specialized_wide" the one on 128 x 256 tiles (WsShape<2>; WsShape<1> for a `narrow`
+    GEMM: one with LoRA's epilogue, which the wide tiles do not hold, or whose columns one
+    128-column tile covers), the single-role kernel for the others, any of them for None.
+    (Mangled names spell WsShape<n> as WsShapeILin.)"""
     ws = "grouped_gemm_sm90_ws_kernel" in name
     if pipeline is None:
         return ws or "grouped_gemm_sm90_kernel" in name
     if pipeline.startswith("warp_specialized"):
-        tiles = 2 if pipeline == "warp_specialized_wide" and not lora else 1
+        tiles = 2 if pipeline == "warp_specialized_wide" and not narrow else 1
         return ws and (f"WsShape<{tiles}>" in name or f"WsShapeILi{tiles}E" in name)
     return "grouped_gemm_sm90_kernel" in name
 
 
-def sm90_kernel_launched(fn, pipeline: str | None = None, lora: bool = False) -> bool:
-    return any(is_sm90_gemm_kernel(name, pipeline, lora) for name in cuda_kernels_called(fn))
+def sm90_kernel_launched(fn, pipeline: str | None = None, narrow: bool = False) -> bool:
+    return any(is_sm90_gemm_kernel(name, pipeline, narrow) for name in cuda_kernels_called(fn))
 
 
 @pytest.mark.parametrize(
@@ -769,7 +770,7 @@ def test_sm90_engine_forward_matches_float64(
             return ops.grouped_mm(rows, w, offs, bias, transposed, plan=plan)
 
         poison_allocator()
-        assert sm90_kernel_launched(forward, pipeline)
+        assert sm90_kernel_launched(forward, pipeline, narrow=n_out <= 128)
         called = aten_ops_called(forward)
         assert "aten::_grouped_mm" not in called, sorted(called)
         poison_allocator()
@@ -799,7 +800,8 @@ def test_sm90_engine_forward_matches_float64(
 def test_sm90_engine_backward(monkeypatch, pipeline, transposed, through_plan):
     """Under "sm90" grouped_mm_backward runs only our kernels: grad_x in both weight layouts ([E,
     out, in] read MN-major, [E, in, out] K-major) and the K-grouped weight gradient (x read
-    through the plan or in expert order; experts without rows zero), no at::_grouped_mm; all
+    through the plan or in expert order; experts without rows zero; the pipeline's own kernel),
+    no at::_grouped_mm; all
     outputs as "auto" computes them (normwise; only the accumulation order differs), dropped
     rows of grad_x zero."""
     if not sm90_engine_applies():
@@ -827,7 +829,12 @@ def test_sm90_engine_backward(monkeypatch, pipeline, transposed, through_plan):
     monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", pipeline)
     names = cuda_kernels_called(backward)
     assert any(is_sm90_gemm_kernel(n, pipeline) for n in names), sorted(names)
-    assert any("grouped_wgrad_sm90_kernel" in n for n in names), sorted(names)
+    wgrad = (
+        "grouped_wgrad_sm90_ws_kernel"  # both warp-specialised pipelines: 128 x 128 tiles
+        if pipeline.startswith("warp_specialized")
+        else "grouped_wgrad_sm90_kernel"
+    )
+    assert any(wgrad in n for n in names), sorted(names)
     assert "aten::_grouped_mm" not in aten_ops_called(backward)
     poison_allocator()
     got = backward()
@@ -1022,7 +1029,7 @@ def test_grouped_mm_lora_adds_by_lora_expand_adds_rule(
         for pipeline in SM90_PIPELINES:
             monkeypatch.setenv("MOEFORGE_SM90_PIPELINE", pipeline)
             assert torch.equal(run(), y), pipeline
-            assert sm90_kernel_launched(run, pipeline, lora=True), pipeline
+            assert sm90_kernel_launched(run, pipeline, narrow=True), pipeline
 
 
 def test_grouped_mm_lora_falls_back_where_the_sm90_epilogue_does_not_apply(monkeypatch):

@@ -6,10 +6,9 @@
 // MOEFORGE_SM90_PIPELINE picks the kernel's main-loop pipeline (read on every call, so that one
 // benchmark run times each): unset, "" or "serial" (each k block's MMAs retire before the loop
 // goes on), "overlapped" (one k block's MMAs stay in flight), "warp_specialized" (a producer
-// warpgroup loads while two consumer warpgroups multiply; the weight gradient, which has no such
-// variant, runs "overlapped" then), "warp_specialized_wide" (the same on 128 x 256 tiles; GEMMs
-// with LoRA's epilogue run "warp_specialized", the weight gradient "overlapped"); anything else
-// raises. All give bitwise the same results.
+// warpgroup loads while two consumer warpgroups multiply), "warp_specialized_wide" (the same on
+// 128 x 256 tiles; GEMMs with LoRA's epilogue or one tile's columns, and the weight gradient,
+// run "warp_specialized"); anything else raises. All give bitwise the same results.
 #include <ATen/ATen.h>
 
 #include <cstdint>
@@ -86,7 +85,7 @@ std::optional<kernels::GroupedGemmSm90Args> sm90_args(const at::Tensor& x, const
   args.n = n;
   args.num_experts = num_experts;
   args.expert_offsets = offsets.const_data_ptr<int32_t>();
-  args.pipeline = requested_pipeline();  // the row-grouped kernel has all three
+  args.pipeline = requested_pipeline();  // the row-grouped kernel has all four
   if (source.gathered()) {
     args.sorted_pairs = source.sorted_pairs.const_data_ptr<int32_t>();
     args.num_tokens = x.size(0);
@@ -235,9 +234,8 @@ std::optional<at::Tensor> sm90_grouped_wgrad(const at::Tensor& first_in,
   args.num_experts = num_experts;
   args.expert_offsets = offsets.const_data_ptr<int32_t>();
   const kernels::Sm90Pipeline pipeline = requested_pipeline();
-  args.pipeline = pipeline == kernels::Sm90Pipeline::kWarpSpecialized ||
-                          pipeline == kernels::Sm90Pipeline::kWarpSpecializedWide
-                      ? kernels::Sm90Pipeline::kOverlapped  // the wgrad kernel has two pipelines
+  args.pipeline = pipeline == kernels::Sm90Pipeline::kWarpSpecializedWide
+                      ? kernels::Sm90Pipeline::kWarpSpecialized  // the wgrad kernel's tiles
                       : pipeline;
   if (source.gathered()) {
     args.sorted_pairs = source.sorted_pairs.const_data_ptr<int32_t>();

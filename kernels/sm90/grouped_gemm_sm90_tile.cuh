@@ -3,7 +3,7 @@
 // and grouped_gemm_sm90_ws.cu (a producer warpgroup loads, two consumer warpgroups multiply).
 // - the schedule: the experts' row bounds and the prefix of M tiles per expert in shared memory,
 //   walked tile by tile (sm90_layout.h tile_coord: 128-row M tiles over unpadded expert segments,
-//   N tiles of 128 columns fastest);
+//   N tiles of one or, on the warp-specialised kernel's wide tiles, two B tiles fastest);
 // - the operand loads of one stage through cp.async into 1024-byte aligned K-major (A) and K- or
 //   MN-major (B) SW128 tiles, with the row gather (A rows read through the routing plan) and
 //   SwiGLU's B tiles (64 gate + 64 up rows); LoRA's tiles (u's rows, M_e's rank rows);

@@ -3,30 +3,18 @@
 // for sm_90a only, not yet run on a GPU (the host kernel emulator runs it, with wgmma, cp.async
 // and mbarriers emulated).
 //
-// A wide tile is two 128-row B tiles side by side in the stage (WsShape<2>), multiplied by one
-// wgmma.m64n256k16 per k16 step and finished by the shared epilogue once per B tile; it has four
-// stages and no LoRA region (the launcher sends GEMMs with LoRA to the narrow tiles). The notes
-// below give the narrow shape's numbers; WsShape has both.
-//
 // The same tiles, loads, MMAs and epilogue as grouped_gemm_sm90.cu (grouped_gemm_sm90_tile.cuh),
-// so its results are bitwise the other pipelines'; what differs is who does what, and when
-// (docs/hopper-gemm-plan.md 1.2, the CUTLASS / DeepGEMM cooperative split):
-// - 384 threads: warpgroups 0 and 1 are consumers (rows 0-63 / 64-127 of each tile: MMAs and
-//   epilogue), warpgroup 2 the producer (all 128 threads issue the cp.async copies of A, B and
-//   LoRA's tiles). setmaxnreg moves registers from the producer (88) to the consumers (208):
-//   128 x 88 + 256 x 208 = 384 x 168, the budget the launch bounds give at entry (no spills
-//   either side; 56 / 224 spilled the K-major producer).
-// - Five stages, each with a `full` mbarrier (128 arrivals: each producer thread's
-//   cp.async.mbarrier.arrive.noinc, i.e. once its copies have landed) and an `empty` one (8
-//   arrivals: lane 0 of each consumer warp once the warp's MMAs reading the stage retired).
-//   LoRA's tiles have their own pair (one region, one tile at a time).
-// - Both sides walk the same tile sequence and the same ring of stages, so the producer runs
-//   ahead by up to five k blocks, across tile boundaries: the next tile's loads overlap this
-//   tile's last MMAs and its epilogue, which the single-role pipelines serialise.
-// - The consumer fences the async proxy after each full-barrier wait (cp.async writes through the
-//   generic proxy, wgmma reads through the async one): the conservative reading of the PTX ISA
-//   for copies whose completion another thread observes (docs/hopper-gemm-plan.md 1.5).
-// - A barrier wait that never ends (a phase bug) traps after ~8 s (mbarrier.cuh's watchdog).
+// so its results are bitwise the other pipelines'; what differs is who does what, and when: the
+// main loop of ws_pipeline.cuh (docs/hopper-gemm-plan.md 1.2, the CUTLASS / DeepGEMM cooperative
+// split). Warpgroups 0 and 1 are consumers (rows 0-63 / 64-127 of each tile: MMAs and epilogue),
+// warpgroup 2 the producer (all 128 threads issue the cp.async copies of A, B and LoRA's tiles).
+// The producer runs ahead across tiles, so the next tile's loads overlap this tile's last MMAs
+// and its epilogue, which the single-role pipelines serialise.
+// - Narrow tiles (WsShape<1>): five stages and LoRA's region with its own barrier pair (one
+//   tile's LoRA operands at a time); setmaxnreg 88 / 208 (56 / 224 spilled the K-major producer).
+// - Wide tiles (WsShape<2>): two 128-row B tiles side by side in the stage, multiplied by one
+//   wgmma.m64n256k16 per k16 step and finished by the shared epilogue once per B tile; four
+//   stages, no LoRA region (the launcher sends GEMMs with LoRA to the narrow tiles); 104 / 200.
 #include <cstdint>
 
 #include "../launch.cuh"
@@ -35,13 +23,10 @@
 #include "moeforge/kernels/cuda_check.h"
 #include "moeforge/kernels/grouped_gemm_sm90.h"
 #include "wgmma.cuh"
+#include "ws_pipeline.cuh"
 
 namespace moeforge::kernels::sm90 {
 namespace {
-
-constexpr int kConsumerThreads = 256;  // two warpgroups
-constexpr int kProducerThreads = 128;  // one warpgroup
-constexpr int kWsThreads = kConsumerThreads + kProducerThreads;
 
 // The two tile shapes: kBTiles B tiles of 128 rows per stage beside A's 128 x 64 tile (1: 128 x
 // 128 tiles, five stages and LoRA's region; 2: 128 x 256 tiles, four 48 KB stages, no LoRA), and
@@ -59,9 +44,6 @@ struct WsShape {
   // spilled at 96 and below).
   static constexpr int kProducerRegisters = kBTiles == 1 ? 88 : 104;
   static constexpr int kConsumerRegisters = kBTiles == 1 ? 208 : 200;
-  static_assert(kProducerThreads * kProducerRegisters + kConsumerThreads * kConsumerRegisters <=
-                    kWsThreads * (65536 / kWsThreads / 8 * 8),
-                "setmaxnreg may only redistribute the registers the launch bounds give at entry");
 };
 using NarrowShape = WsShape<1>;  // Sm90Pipeline::kWarpSpecialized
 using WideShape = WsShape<2>;    // Sm90Pipeline::kWarpSpecializedWide
@@ -70,9 +52,8 @@ static_assert(NarrowShape::kStages <= kMaxStages && WideShape::kStages <= kMaxSt
               "a barrier pair per stage");
 
 struct Barriers {
-  uint64_t full[kMaxStages];   // stage s's copies have landed
-  uint64_t empty[kMaxStages];  // the MMAs that read stage s have retired
-  uint64_t lora_full, lora_empty;
+  StageBarriers<kMaxStages> ring;  // the stages' full / empty pairs (ws_pipeline.cuh)
+  uint64_t lora_full, lora_empty;  // LoRA's region
 };
 
 // Dynamic shared memory: bounds and tile prefix, the barriers, then 1024-byte aligned stages
@@ -86,18 +67,6 @@ constexpr size_t smem_bytes() {
 }
 static_assert(smem_bytes<NarrowShape>() <= 232448 && smem_bytes<WideShape>() <= 232448,
               "within the opt-in shared memory of a block on sm_90");
-
-// A position in the ring of stages and the phase parity its barriers are in.
-template <typename Shape>
-struct Ring {
-  uint32_t stage = 0, phase = 0;
-  __device__ __forceinline__ void advance() {
-    if (++stage == Shape::kStages) {
-      stage = 0;
-      phase ^= 1u;
-    }
-  }
-};
 
 // Where the kernel's pieces live in its dynamic shared memory (recomputed by each role after it
 // has set its register budget, so that nothing is held across the setmaxnreg).
@@ -129,12 +98,6 @@ __device__ __forceinline__ SharedLayout shared_layout() {
   return l;
 }
 
-// One arrival per consumer warp, after all its lanes have passed the point (their MMAs retired).
-__device__ __forceinline__ void warp_arrive(uint64_t* bar, int lane) {
-  __syncwarp();
-  if (lane == 0) mbarrier_arrive(bar);
-}
-
 // LoRA's region for finish_tile: full once the producer's copies of the tile's LoRA operands have
 // landed; handed back once this warp's LoRA MMAs have retired.
 struct BarrierLoraSync {
@@ -157,19 +120,16 @@ __device__ __forceinline__ void produce(const GroupedGemmSm90Args& args, int loa
   const SharedLayout l = shared_layout<Shape>();
   const RowSchedule schedule = row_schedule<kBTiles>(args, l.tile_start);
   Barriers* const bars = l.bars;
-  Ring<Shape> ring;
-  uint32_t lora_phase = 0;
+  Ring<Shape::kStages> ring;
+  [[maybe_unused]] uint32_t lora_phase = 0;  // narrow shape only
   for_each_tile(args, schedule, l.bound, l.tile_start, [&](const TileCoord& tile, int64_t n0) {
     const __nv_bfloat16* w_e = args.w + tile.expert * args.w_stride_e;
     const TileLoads<kProducerThreads, kBTiles> loads =  // this thread's copies, once per tile
         plan_tile_loads<BMnMajor, kProducerThreads, kBTiles>(args, tile, n0, loader);
-    for (int64_t kb = 0; kb < schedule.k_blocks; ++kb) {
-      mbarrier_wait(&bars->empty[ring.stage], ring.phase ^ 1u);  // a fresh stage passes at once
+    produce_k_blocks(&bars->ring, ring, schedule.k_blocks, [&](uint32_t stage, int64_t kb) {
       load_stage<BMnMajor, kProducerThreads, kBTiles>(
-          args, loads, l.stage_ptr + ring.stage * Shape::kStageBytes, w_e, kb * kBK, loader);
-      cp_async_mbarrier_arrive(&bars->full[ring.stage]);
-      ring.advance();
-    }
+          args, loads, l.stage_ptr + stage * Shape::kStageBytes, w_e, kb * kBK, loader);
+    });
     // After the tile's k blocks: the consumers need LoRA's operands only after them, and by now
     // the previous tile's LoRA MMAs have long retired.
     if constexpr (Shape::kLoraRegion) {
@@ -208,31 +168,17 @@ __device__ __forceinline__ void consume(const GroupedGemmSm90Args& args, int tid
   const int warp = tid / 32, lane = tid % 32;
   const int group = warp / 4;  // rows 64 group .. of the tile
   const uint32_t a_offset = static_cast<uint32_t>(group) * (64 * 128);
-  Ring<Shape> ring;
+  Ring<Shape::kStages> ring;
   uint32_t lora_phase = 0;
   for_each_tile(args, schedule, l.bound, l.tile_start, [&](const TileCoord& tile, int64_t n0) {
     float d[kAcc];
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) d[i] = 0.0f;
-    uint32_t previous = 0;  // the stage of the k block before, whose MMAs may be in flight
-    for (int64_t kb = 0; kb < schedule.k_blocks; ++kb) {
-      mbarrier_wait(&bars->full[ring.stage], ring.phase);
-      fence_proxy_async_shared();
-      const uint32_t stage = l.stages + ring.stage * Shape::kStageBytes;
-      fence_accumulators(d);
-      wgmma_fence();
+    consume_k_blocks(&bars->ring, ring, schedule.k_blocks, lane, d, [&](uint32_t stage_index) {
+      const uint32_t stage = l.stages + stage_index * Shape::kStageBytes;
 #pragma unroll
       for (int j = 0; j < kBK / 16; ++j) mma_step<Shape, BMnMajor>(d, stage, a_offset, j);
-      wgmma_commit_group();
-      wgmma_wait<1>();  // k block kb - 1's MMAs have retired: its stage goes back
-      fence_accumulators(d);
-      if (kb > 0) warp_arrive(&bars->empty[previous], lane);
-      previous = ring.stage;
-      ring.advance();
-    }
-    wgmma_wait<0>();
-    fence_accumulators(d);
-    if (schedule.k_blocks > 0) warp_arrive(&bars->empty[previous], lane);
+    });
 #pragma unroll
     for (int s = 0; s < Shape::kBTiles; ++s) {
       // B tile s's columns are accumulators 64 s .. 64 s + 63 (the m64n256 map's second half is
@@ -249,28 +195,20 @@ template <typename Shape, bool BMnMajor>
 __global__ void __launch_bounds__(kWsThreads, 1)
     grouped_gemm_sm90_ws_kernel(const GroupedGemmSm90Args args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(MOEFORGE_KERNEL_EMULATION)
-  const int tid = static_cast<int>(threadIdx.x);
   {
     const SharedLayout l = shared_layout<Shape>();
     build_tile_prefix(args, l.bound, l.tile_start, l.warp_max);
-    if (tid == 0) {
-      for (int s = 0; s < Shape::kStages; ++s) {
-        mbarrier_init(&l.bars->full[s], kProducerThreads);
-        mbarrier_init(&l.bars->empty[s], kConsumerThreads / 32);
-      }
+    if (threadIdx.x == 0) {
+      l.bars->ring.init(Shape::kStages);
       mbarrier_init(&l.bars->lora_full, kProducerThreads);
       mbarrier_init(&l.bars->lora_empty, kConsumerThreads / 32);
       fence_mbarrier_init();
     }
   }
   __syncthreads();  // the tile prefix and the barriers; no block-wide barrier after this
-  if (tid >= kConsumerThreads) {
-    warpgroup_release_registers<Shape::kProducerRegisters>();
-    produce<Shape, BMnMajor>(args, tid - kConsumerThreads);
-  } else {
-    warpgroup_claim_registers<Shape::kConsumerRegisters>();
-    consume<Shape, BMnMajor>(args, tid);
-  }
+  run_roles<Shape::kProducerRegisters, Shape::kConsumerRegisters>(
+      [&](int loader) { produce<Shape, BMnMajor>(args, loader); },
+      [&](int tid) { consume<Shape, BMnMajor>(args, tid); });
 #elif defined(__CUDA_ARCH__)
   __trap();  // built without sm_90a features: never launched (CMakeLists.txt builds 90a only)
 #endif
@@ -303,8 +241,12 @@ cudaError_t raise_smem_limit_warp_specialized() {
 }
 
 cudaError_t launch_warp_specialized(const GroupedGemmSm90Args& args, int sms, cudaStream_t stream) {
-  // LoRA's operands have no region beside the wide stages: the narrow tiles take such GEMMs.
-  const bool wide = args.pipeline == Sm90Pipeline::kWarpSpecializedWide && args.lora_u == nullptr;
+  // LoRA's operands have no region beside the wide stages: the narrow tiles take such GEMMs, and
+  // those whose columns one narrow tile covers (half of each wide tile would be zero columns).
+  const bool halves = args.a != nullptr && args.glu == GluVariant::kSilu;
+  const int64_t columns = halves ? args.n / 2 : args.n, narrow_columns = halves ? kGluHalf : kBN;
+  const bool wide = args.pipeline == Sm90Pipeline::kWarpSpecializedWide && args.lora_u == nullptr &&
+                    columns > narrow_columns;
   return wide ? launch_shape<WideShape>(args, sms, stream)
               : launch_shape<NarrowShape>(args, sms, stream);
 }

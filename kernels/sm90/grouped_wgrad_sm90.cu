@@ -11,62 +11,23 @@
 //   tile covers its expert's rows (none for an empty expert: its tile is stored as zeros).
 // - Warpgroup g computes rows p0 + 64g .. + 63 of the tile (the A block g), 128 columns.
 // - Gather: the operand read through the routing plan resolves each row's token per k block.
-// - The k loop and its pipelines are those of grouped_gemm_sm90.cu (wgmma.cuh mma_k_loop).
-#include <algorithm>
+// - The k loop and its pipelines are those of grouped_gemm_sm90.cu (wgmma.cuh mma_k_loop); the
+//   loads, schedule and store are shared with the warp-specialised variant
+//   (grouped_wgrad_sm90_tile.cuh, grouped_wgrad_sm90_ws.cu).
 #include <atomic>
 #include <cstdint>
 
-#include "../async_copy.cuh"
 #include "../expert_bounds.cuh"
 #include "../launch.cuh"
+#include "grouped_wgrad_sm90_tile.cuh"
 #include "moeforge/kernels/cuda_check.h"
 #include "moeforge/kernels/grouped_gemm_sm90.h"
-#include "moeforge/kernels/sm90_layout.h"
 #include "wgmma.cuh"
 
 namespace moeforge::kernels {
 namespace {
 
-using namespace sm90;  // the shared tile constants and pipelines (wgmma.cuh)
-constexpr int kAcc = sm90::kWgmmaAcc;
-constexpr int kChunksPerKRow = kTileMn * 2 / 16;                   // 16 per operand row
-constexpr int kChunksPerThread = kBK * kChunksPerKRow / kThreads;  // 4 of A, 4 of B
-
-// The row of an operand that routed row r reads: r itself, or through the plan the token of
-// pair sorted_pairs[r] (-1: a corrupt pair, read as a zero row).
-__device__ __forceinline__ int64_t source_row(const GroupedWgradSm90Args& args, bool gathered,
-                                              int64_t r) {
-  if (!gathered) return r;
-  const int32_t pair = args.sorted_pairs[r];  // < num_tokens * top_k <= INT32_MAX
-  return pair >= 0 && pair < args.num_tokens * args.top_k
-             ? static_cast<int64_t>(pair / static_cast<int32_t>(args.top_k))
-             : -1;
-}
-
-// Loads one stage: k rows row0 + kr (kr < 64) of the expert (valid below row_end), columns
-// p0.. of a into the A tile and q0.. of b into the B tile, both MN-major.
-__device__ __forceinline__ void load_stage(const GroupedWgradSm90Args& args, unsigned char* stage,
-                                           int64_t row0, int64_t row_end, int64_t p0, int64_t q0) {
-  const int tid = static_cast<int>(threadIdx.x);
-#pragma unroll
-  for (int i = 0; i < kChunksPerThread; ++i) {
-    const int id = tid + i * kThreads;
-    const int kr = id / kChunksPerKRow, chunk = id % kChunksPerKRow;
-    const int64_t r = row0 + kr;
-    const uint32_t offset = sm90::sw128_mn_offset(static_cast<uint32_t>(kr),
-                                                  static_cast<uint32_t>(chunk), kMnBlockBytes);
-    const int64_t ra = r < row_end ? source_row(args, args.gather_a, r) : -1;
-    const int64_t rb = r < row_end ? source_row(args, args.gather_b, r) : -1;
-    const int64_t pa = p0 + chunk * 8, qb = q0 + chunk * 8;
-    const int a_bytes =
-        ra >= 0 && pa < args.p ? static_cast<int>(std::min<int64_t>(8, args.p - pa)) * 2 : 0;
-    const int b_bytes =
-        rb >= 0 && qb < args.q ? static_cast<int>(std::min<int64_t>(8, args.q - qb)) * 2 : 0;
-    cp_async_16_zfill(stage + offset, a_bytes > 0 ? args.a + ra * args.lda + pa : args.a, a_bytes);
-    cp_async_16_zfill(stage + kTileBytes + offset,
-                      b_bytes > 0 ? args.b + rb * args.ldb + qb : args.b, b_bytes);
-  }
-}
+using namespace sm90;  // the shared tile constants and pipelines (wgmma.cuh), loads and stores
 
 template <typename Pipeline>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -75,43 +36,29 @@ __global__ void __launch_bounds__(kThreads, 1)
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
   int32_t* bound = reinterpret_cast<int32_t*>(smem);  // [E + 1]
   int32_t* warp_max = bound + 2 * (kGroupedGemmSm90MaxExperts + 1);
-  const uint32_t smem_base = sm90::shared_address(smem);
+  const uint32_t smem_base = shared_address(smem);
   const uint32_t stages = (smem_base + static_cast<uint32_t>(kBoundsBytes) + 1023u) & ~1023u;
   unsigned char* const stage_ptr = smem + (stages - smem_base);
-  const int64_t E = args.num_experts;
-  build_expert_bounds(args.expert_offsets, E, args.num_rows, bound, warp_max);
+  build_expert_bounds(args.expert_offsets, args.num_experts, args.num_rows, bound, warp_max);
 
-  const int64_t p_tiles = (args.p + kTileMn - 1) / kTileMn,
-                q_tiles = (args.q + kTileMn - 1) / kTileMn;
-  const int64_t num_tiles = E * p_tiles * q_tiles;
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const WgradSchedule schedule = wgrad_schedule(args);
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / 32, lane = tid % 32;
   const int group = warp / 4;  // warpgroup: rows 64 group .. of the tile
 
-  for (int64_t t = blockIdx.x; t < num_tiles; t += gridDim.x) {
-    const int64_t e = t / (p_tiles * q_tiles), pq = t % (p_tiles * q_tiles);
-    const int64_t p0 = (pq / q_tiles) * kTileMn, q0 = (pq % q_tiles) * kTileMn;
-    const int64_t row_begin = bound[e], row_end = bound[e + 1];
-    const int64_t k_blocks = (row_end - row_begin + kBK - 1) / kBK;
-    float d[kAcc];
+  for (int64_t t = blockIdx.x; t < schedule.num_tiles; t += gridDim.x) {
+    const WgradTile tile = wgrad_tile(schedule, bound, t);
+    float d[kWgmmaAcc];
 #pragma unroll
-    for (int i = 0; i < kAcc; ++i) d[i] = 0.0f;
+    for (int i = 0; i < kWgmmaAcc; ++i) d[i] = 0.0f;
 
-    sm90::mma_k_loop<Pipeline, true, true>(
-        k_blocks, stage_ptr, stages, static_cast<uint32_t>(group) * kMnBlockBytes, d,
+    mma_k_loop<Pipeline, true, true>(
+        tile.k_blocks, stage_ptr, stages, static_cast<uint32_t>(group) * kMnBlockBytes, d,
         [&](unsigned char* stage, int64_t kb) {
-          load_stage(args, stage, row_begin + kb * kBK, row_end, p0, q0);
+          load_wgrad_stage<kThreads>(args, stage, tile.row_begin + kb * kBK, tile.row_end, tile.p0,
+                                     tile.q0, tid);
         });
-
-    __nv_bfloat16* g_e = args.g + e * args.g_stride_e;
-#pragma unroll
-    for (int i = 0; i < kAcc; i += 2) {  // value pairs (i, i + 1): columns (c, c + 1), one row
-      const sm90::FragCoord c = sm90::accumulator_coord(warp % 4, lane, i);
-      const int64_t row = p0 + 64 * group + c.row, col = q0 + c.col;
-      if (row < args.p && col < args.q) {
-        *reinterpret_cast<__nv_bfloat162*>(g_e + row * args.ldg + col) =
-            __floats2bfloat162_rn(d[i], d[i + 1]);
-      }
-    }
+    store_wgrad_tile(args, tile, d, group, warp % 4, lane);
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // built without sm_90a features: never launched (CMakeLists.txt builds 90a only)
@@ -140,9 +87,13 @@ cudaError_t launch_grouped_wgrad_sm90(const GroupedWgradSm90Args& args, cudaStre
       g_launch_cache,
       [] {
         MOEFORGE_CUDA_CHECK(raise_smem_limit<SerialPipeline>());
-        return raise_smem_limit<OverlappedPipeline>();
+        MOEFORGE_CUDA_CHECK(raise_smem_limit<OverlappedPipeline>());
+        return raise_smem_limit_wgrad_warp_specialized();
       },
       &sms));
+  if (args.pipeline == Sm90Pipeline::kWarpSpecialized) {
+    return launch_wgrad_warp_specialized(args, sms, stream);
+  }
   const dim3 grid(static_cast<unsigned>(sms)), block(kThreads);
   if (args.pipeline == Sm90Pipeline::kOverlapped) {
     MOEFORGE_CUDA_CHECK(launch_kernel(grouped_wgrad_sm90_kernel<OverlappedPipeline>, grid, block,

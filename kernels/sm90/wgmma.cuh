@@ -173,7 +173,8 @@ void emulated_wgmma(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
 // accumulators (scale-d = 1: added to d). N = 128 (kWgmmaAcc accumulators per thread) or 256
 // (kWideWgmmaAcc: two 128-column halves, values i < 64 the first, 64 + i the second's value i).
 template <bool TransA, bool TransB>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kWgmmaAcc], uint64_t desc_a,
+                                                 uint64_t desc_b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   const int scale_d = 1;
   asm volatile(
@@ -205,7 +206,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a
 }
 
 template <bool TransA, bool TransB>
-__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a,
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[kWideWgmmaAcc], uint64_t desc_a,
                                                  uint64_t desc_b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   const int scale_d = 1;

@@ -59,8 +59,10 @@ inline std::string pipeline_name(const ::testing::TestParamInfo<kernels::Sm90Pip
       return "Overlapped";
     case kernels::Sm90Pipeline::kWarpSpecialized:
       return "WarpSpecialized";
-    default:
+    case kernels::Sm90Pipeline::kWarpSpecializedWide:
       return "WarpSpecializedWide";
+    default:
+      return "Pipeline" + std::to_string(static_cast<int>(info.param));
   }
 }
 

@@ -251,7 +251,8 @@ TEST_P(GroupedGemmSm90, ManyTilesOneExpert) {
   MOEFORGE_SKIP_WITHOUT_SM90();
   check_case({"1000 rows, n = 384", {0, 1000}, 1000, 256, 384}, 4);
   // 32 x 8 = 256 tiles: more than the persistent grid (one CTA per SM, <= 132), so CTAs run a
-  // second tile (re-zeroed accumulators, stages refilled after the previous tile read them).
+  // second tile (re-zeroed accumulators, stages refilled after the previous tile read them); on
+  // 128 x 256 tiles 128, a second tile only in the emulator's 4-SM run (tests/emu).
   check_case({"256 tiles, CTAs run several", {0, 4096}, 4096, 64, 1024}, 14);
 }
 
@@ -392,7 +393,7 @@ TEST_P(GroupedGemmSm90, MnMajorWeights) {
   check_case(mn_major({"MN-major, E = 32 random", random_offsets(32, 3000, 7, 13), 3000, 512, 256}),
              43);
   // 16 x 9 = 144 tiles, more than the persistent grid (132 CTAs on an H100): CTAs run a second
-  // MN-major tile.
+  // MN-major tile (on 128 x 256 tiles 80: in the emulator's 4-SM run).
   check_case(mn_major({"MN-major, 144 tiles", {0, 2048}, 2048, 64, 1152}), 48);
   check_case(mn_major({"MN-major, corrupt offsets", {9, 40, -3, 90, 20, 500}, 100, 64, 128}), 44);
   // Qwen3's grad_x of gate_up reduces over k = 2I = 1536 (24 k blocks); n = 384 keeps the

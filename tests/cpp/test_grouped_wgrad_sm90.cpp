@@ -3,10 +3,10 @@
 // reference, in an order that isolates its pieces on a first GPU run — one tile of one k block,
 // a long k loop, p / q tails and padded strides, empty experts (G_e = 0), row tails, many
 // experts, corrupt offsets, an operand read through the routing plan (bitwise equal to the dense
-// kernel on the gathered rows), determinism and both pipelines. g starts as NaN bytes; every
-// element of g must be written and its padding (row ends, between experts) left alone. Launching
-// cases skip without an sm_90 GPU and a build that holds the kernel; the host kernel emulator runs
-// them with wgmma emulated.
+// kernel on the gathered rows), determinism and every pipeline (grouped_wgrad_sm90_ws.cu too). g
+// starts as NaN bytes; every element of g must be written and its padding (row ends, between
+// experts) left alone. Launching cases skip without an sm_90 GPU and a build that holds the kernel;
+// the host kernel emulator runs them with wgmma emulated.
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
@@ -128,9 +128,10 @@ void check_case(const WgradCase& c, uint32_t seed) {
 }
 
 class GroupedWgradSm90 : public Sm90PipelineTest {};
-// The weight gradient has no warp-specialised pipeline (rejected: the Arguments case).
+// The weight gradient has three pipelines (no wide tiles: rejected, the Arguments case).
 MOEFORGE_INSTANTIATE_FOR_PIPELINES(GroupedWgradSm90, kernels::Sm90Pipeline::kSerial,
-                                   kernels::Sm90Pipeline::kOverlapped);
+                                   kernels::Sm90Pipeline::kOverlapped,
+                                   kernels::Sm90Pipeline::kWarpSpecialized);
 
 TEST_P(GroupedWgradSm90, OneTileOneKBlock) {
   MOEFORGE_SKIP_WITHOUT_SM90();
@@ -229,7 +230,6 @@ TEST(GroupedWgradSm90Arguments, RejectsBadArguments) {
   bad([](auto& a) { a.b = reinterpret_cast<const bf16*>(uintptr_t{258}); });
   bad([](auto& a) { a.gather_a = a.gather_b = true; });
   bad([](auto& a) { a.gather_a = true; });  // no sorted_pairs
-  bad([](auto& a) { a.pipeline = kernels::Sm90Pipeline::kWarpSpecialized; });
   bad([](auto& a) { a.pipeline = kernels::Sm90Pipeline::kWarpSpecializedWide; });
   bad([](auto& a) { a.pipeline = static_cast<kernels::Sm90Pipeline>(4); });
 }

@@ -63,13 +63,14 @@ inline constexpr int64_t kGroupedGemmSm90MaxN = int64_t{1} << 30;
 // The main loop's pipeline, a tuning choice (all give bitwise the same results): kSerial (3
 // shared-memory stages) waits for each k block's MMAs before the loop goes on; kOverlapped (4
 // stages) keeps one k block's MMAs in flight while it waits for and loads the next ones;
-// kWarpSpecialized (row-grouped GEMM only: 5 stages, 384 threads) has a producer warpgroup load
-// the stages, running ahead across tiles, while two consumer warpgroups multiply (one k block's
-// MMAs in flight) and write the epilogue, handing stages back and forth through mbarriers;
-// kWarpSpecializedWide is that pipeline on 128 x 256 tiles (4 stages of A 128 x 64 and B 256 x
-// 64; one wgmma.m64n256k16 per k16 step reads 20 KB of shared memory per 524k MACs where two
-// m64n128k16 read 24 KB), the tile shape torch's CUTLASS grouped GEMM runs; with LoRA (its
-// operands do not fit beside four wide stages) it runs kWarpSpecialized.
+// kWarpSpecialized (5 stages for the row-grouped GEMM, 6 for the weight gradient; 384 threads)
+// has a producer warpgroup load the stages, running ahead across tiles, while two consumer
+// warpgroups multiply (one k block's MMAs in flight) and write the epilogue, handing stages back
+// and forth through mbarriers; kWarpSpecializedWide (row-grouped GEMM only) is that pipeline on
+// 128 x 256 tiles (4 stages of A 128 x 64 and B 256 x 64; one wgmma.m64n256k16 per k16 step
+// reads 20 KB of shared memory per 524k MACs where two m64n128k16 read 24 KB), the tile shape
+// torch's CUTLASS grouped GEMM runs; with LoRA (its operands do not fit beside four wide stages)
+// or columns that one 128-column tile covers it runs kWarpSpecialized.
 enum class Sm90Pipeline : int {
   kSerial = 0,
   kOverlapped = 1,
@@ -176,8 +177,8 @@ struct GroupedWgradSm90Args {
   const int32_t* sorted_pairs = nullptr;  // [>= num_rows] device, with gather_a or gather_b
   int64_t num_tokens = 0, top_k = 1;
   bool gather_a = false, gather_b = false;
-  Sm90Pipeline pipeline =
-      Sm90Pipeline::kSerial;  // kSerial or kOverlapped (no warp-specialised one)
+  // kSerial, kOverlapped or kWarpSpecialized (128 x 128 tiles only: no kWarpSpecializedWide)
+  Sm90Pipeline pipeline = Sm90Pipeline::kSerial;
 };
 
 inline bool grouped_wgrad_sm90_args_valid(const GroupedWgradSm90Args& a) {
@@ -188,7 +189,8 @@ inline bool grouped_wgrad_sm90_args_valid(const GroupedWgradSm90Args& a) {
          a.lda >= a.p && a.ldb >= a.q && a.ldg >= a.q && a.g_stride_e >= a.p * a.ldg &&
          a.expert_offsets != nullptr && aligned(a.a) && aligned(a.b) && aligned(a.g) &&
          !(a.gather_a && a.gather_b) &&
-         (a.pipeline == Sm90Pipeline::kSerial || a.pipeline == Sm90Pipeline::kOverlapped) &&
+         (a.pipeline == Sm90Pipeline::kSerial || a.pipeline == Sm90Pipeline::kOverlapped ||
+          a.pipeline == Sm90Pipeline::kWarpSpecialized) &&
          (!(a.gather_a || a.gather_b) ||
           (a.sorted_pairs != nullptr && a.top_k >= 1 && a.num_tokens >= 0 &&
            a.num_tokens <= INT32_MAX / a.top_k));
