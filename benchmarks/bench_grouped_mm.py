@@ -31,8 +31,8 @@ TFLOP/s count 2 * S * n * k. "max rel err" is |engine - first| / |first| (normwi
 same call against the first engine that ran it: a wrong kernel shows up here before it shows up
 in a speed (for gate_up + swiglu, of a). An engine "sm90:<pipeline>"
 runs the sm90 engine with MOEFORGE_SM90_PIPELINE=<pipeline> (serial, overlapped,
-warp_specialized, warp_specialized_wide: 128 x 256 tiles, LoRA rows and the weight gradient
-on the 128 x 128 warp-specialised kernels).
+warp_specialized, warp_specialized_wide: 128 x 256 tiles; LoRA rows, GEMMs of <= 128
+columns and the weight gradient on the 128 x 128 warp-specialised kernels).
 
     python benchmarks/bench_grouped_mm.py [--models qwen3-30b-a3b ...] [--tokens 4096 16384]
         [--engines auto sm90:serial sm90:overlapped sm90:warp_specialized

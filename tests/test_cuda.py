@@ -801,9 +801,8 @@ def test_sm90_engine_backward(monkeypatch, pipeline, transposed, through_plan):
     """Under "sm90" grouped_mm_backward runs only our kernels: grad_x in both weight layouts ([E,
     out, in] read MN-major, [E, in, out] K-major) and the K-grouped weight gradient (x read
     through the plan or in expert order; experts without rows zero; the pipeline's own kernel),
-    no at::_grouped_mm; all
-    outputs as "auto" computes them (normwise; only the accumulation order differs), dropped
-    rows of grad_x zero."""
+    no at::_grouped_mm; all outputs as "auto" computes them (normwise; only the accumulation
+    order differs), dropped rows of grad_x zero."""
     if not sm90_engine_applies():
         pytest.skip("the sm90 engine needs a compute capability 9.0 GPU")
     torch.manual_seed(1)

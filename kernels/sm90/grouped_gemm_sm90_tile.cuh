@@ -44,7 +44,7 @@ __device__ __forceinline__ int64_t a_source_row(const GroupedGemmSm90Args& args,
 
 // Whether the B tile pairs HF's SwiGLU halves: 64 gate columns n0.. then the 64 up columns
 // I + n0.. (gpt-oss's interleaved pairs are adjacent columns of an ordinary tile).
-__device__ __forceinline__ bool glu_halves(const GroupedGemmSm90Args& args) {
+__host__ __device__ __forceinline__ bool glu_halves(const GroupedGemmSm90Args& args) {
   return args.a != nullptr && args.glu == GluVariant::kSilu;
 }
 
@@ -120,7 +120,7 @@ __device__ __forceinline__ int64_t mn_major_column(const GroupedGemmSm90Args& ar
 
 // The columns one B tile stands for: 128 output columns, or 64 intermediate ones with SwiGLU
 // halves (64 gate + 64 up).
-__device__ __forceinline__ int64_t b_tile_columns(const GroupedGemmSm90Args& args) {
+__host__ __device__ __forceinline__ int64_t b_tile_columns(const GroupedGemmSm90Args& args) {
   return glu_halves(args) ? kGluHalf : kBN;
 }
 

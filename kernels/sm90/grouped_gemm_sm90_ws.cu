@@ -14,7 +14,8 @@
 //   tile's LoRA operands at a time); setmaxnreg 88 / 208 (56 / 224 spilled the K-major producer).
 // - Wide tiles (WsShape<2>): two 128-row B tiles side by side in the stage, multiplied by one
 //   wgmma.m64n256k16 per k16 step and finished by the shared epilogue once per B tile; four
-//   stages, no LoRA region (the launcher sends GEMMs with LoRA to the narrow tiles); 104 / 200.
+//   stages, no LoRA region (the launcher sends GEMMs with LoRA, and those whose columns one
+//   narrow tile covers, to the narrow tiles); 104 / 200.
 #include <cstdint>
 
 #include "../launch.cuh"
@@ -243,10 +244,9 @@ cudaError_t raise_smem_limit_warp_specialized() {
 cudaError_t launch_warp_specialized(const GroupedGemmSm90Args& args, int sms, cudaStream_t stream) {
   // LoRA's operands have no region beside the wide stages: the narrow tiles take such GEMMs, and
   // those whose columns one narrow tile covers (half of each wide tile would be zero columns).
-  const bool halves = args.a != nullptr && args.glu == GluVariant::kSilu;
-  const int64_t columns = halves ? args.n / 2 : args.n, narrow_columns = halves ? kGluHalf : kBN;
+  const int64_t columns = glu_halves(args) ? args.n / 2 : args.n;
   const bool wide = args.pipeline == Sm90Pipeline::kWarpSpecializedWide && args.lora_u == nullptr &&
-                    columns > narrow_columns;
+                    columns > b_tile_columns(args);
   return wide ? launch_shape<WideShape>(args, sms, stream)
               : launch_shape<NarrowShape>(args, sms, stream);
 }
