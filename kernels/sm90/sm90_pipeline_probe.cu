@@ -1,5 +1,6 @@
 // The pipeline probe (contract: moeforge/kernels/sm90_pipeline_probe.h): the warp-specialised
-// GEMM's stage hand-over (grouped_gemm_sm90_ws.cu) with a copy in place of the MMAs.
+// kernels' stage hand-over (ws_pipeline.cuh's barriers, arrivals and role split) with a copy in
+// place of the MMAs.
 #include <cstdint>
 
 #include "../async_copy.cuh"
@@ -8,35 +9,30 @@
 #include "moeforge/kernels/cuda_check.h"
 #include "moeforge/kernels/grouped_gemm_sm90.h"
 #include "moeforge/kernels/sm90_pipeline_probe.h"
+#include "ws_pipeline.cuh"
 
 namespace moeforge::kernels {
 namespace {
 
-constexpr int kConsumerThreads = 256, kProducerThreads = 128;
-constexpr int kThreads = kConsumerThreads + kProducerThreads;
+using sm90::kConsumerThreads;
+using sm90::kProducerThreads;
 constexpr int kStageBytes = kSm90ProbeWordsPerRound * 4;
 constexpr int kChunks = kStageBytes / 16;  // 256 16-byte chunks per stage
+constexpr size_t kRingOffset = 1024;       // the barriers first
+static_assert(sizeof(sm90::StageBarriers<kSm90ProbeMaxStages>) <= kRingOffset, "barriers fit");
 
-struct ProbeBarriers {
-  uint64_t full[kSm90ProbeMaxStages];
-  uint64_t empty[kSm90ProbeMaxStages];
-};
-
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(sm90::kWsThreads, 1)
     sm90_pipeline_probe_kernel(const uint32_t* in, uint32_t* out, int64_t rounds, int stages) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(MOEFORGE_KERNEL_EMULATION)
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
-  auto* bars = reinterpret_cast<ProbeBarriers*>(smem);
-  unsigned char* ring = smem + 1024;  // after the barriers
-  const int tid = static_cast<int>(threadIdx.x);
-  if (tid == 0) {
-    for (int s = 0; s < stages; ++s) {
-      sm90::mbarrier_init(&bars->full[s], kProducerThreads);
-      sm90::mbarrier_init(&bars->empty[s], kConsumerThreads / 32);
-    }
+  auto* bars = reinterpret_cast<sm90::StageBarriers<kSm90ProbeMaxStages>*>(smem);
+  unsigned char* ring = smem + kRingOffset;
+  if (threadIdx.x == 0) {
+    bars->init(stages);
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
+  // The ring's length is a run-time argument here (the kernels' sm90::Ring fixes it).
   uint32_t stage = 0, phase = 0;
   const auto advance = [&] {
     if (++stage == static_cast<uint32_t>(stages)) {
@@ -44,34 +40,32 @@ __global__ void __launch_bounds__(kThreads, 1)
       phase ^= 1u;
     }
   };
-  if (tid >= kConsumerThreads) {  // the producer: two chunks per thread and round
-    sm90::warpgroup_release_registers<88>();
-    const int loader = tid - kConsumerThreads;
-    for (int64_t r = blockIdx.x; r < rounds; r += gridDim.x) {
-      sm90::mbarrier_wait(&bars->empty[stage], phase ^ 1u);
-      const uint32_t* src = in + r * kSm90ProbeWordsPerRound;
-      unsigned char* dst = ring + stage * kStageBytes;
-      for (int c = loader; c < kChunks; c += kProducerThreads) {
-        cp_async_16(dst + c * 16, src + c * 4);
-      }
-      sm90::cp_async_mbarrier_arrive(&bars->full[stage]);
-      advance();
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-  } else {  // the consumers: one chunk per thread and round
-    sm90::warpgroup_claim_registers<208>();
-    const int lane = tid % 32;
-    for (int64_t r = blockIdx.x; r < rounds; r += gridDim.x) {
-      sm90::mbarrier_wait(&bars->full[stage], phase);
-      const uint4 v = reinterpret_cast<const uint4*>(ring + stage * kStageBytes)[tid];
-      __syncwarp();
-      if (lane == 0) sm90::mbarrier_arrive(&bars->empty[stage]);
-      reinterpret_cast<uint4*>(out + r * kSm90ProbeWordsPerRound)[tid] =
-          uint4{v.x + 1, v.y + 1, v.z + 1, v.w + 1};
-      advance();
-    }
-  }
+  // The GEMM's register split, so that setmaxnreg is exercised as it is used there.
+  sm90::run_roles<88, 208>(
+      [&](int loader) {  // the producer: two chunks per thread and round
+        for (int64_t r = blockIdx.x; r < rounds; r += gridDim.x) {
+          sm90::mbarrier_wait(&bars->empty[stage], phase ^ 1u);
+          const uint32_t* src = in + r * kSm90ProbeWordsPerRound;
+          unsigned char* dst = ring + stage * kStageBytes;
+          for (int c = loader; c < kChunks; c += kProducerThreads) {
+            cp_async_16(dst + c * 16, src + c * 4);
+          }
+          sm90::cp_async_mbarrier_arrive(&bars->full[stage]);
+          advance();
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+      },
+      [&](int tid) {  // the consumers: one chunk per thread and round
+        for (int64_t r = blockIdx.x; r < rounds; r += gridDim.x) {
+          sm90::mbarrier_wait(&bars->full[stage], phase);
+          const uint4 v = reinterpret_cast<const uint4*>(ring + stage * kStageBytes)[tid];
+          sm90::warp_arrive(&bars->empty[stage], tid % 32);
+          reinterpret_cast<uint4*>(out + r * kSm90ProbeWordsPerRound)[tid] =
+              uint4{v.x + 1, v.y + 1, v.z + 1, v.w + 1};
+          advance();
+        }
+      });
 #elif defined(__CUDA_ARCH__)
   __trap();  // built without sm_90a features: never launched
 #endif
@@ -90,12 +84,12 @@ cudaError_t launch_sm90_pipeline_probe(const uint32_t* in, uint32_t* out, int64_
   MOEFORGE_CUDA_CHECK(grouped_gemm_sm90_supported(&supported));
   if (!supported) return cudaErrorNotSupported;
   if (rounds == 0) return cudaSuccess;
-  const size_t smem = 1024 + size_t{kStageBytes} * static_cast<size_t>(stages);
+  const size_t smem = kRingOffset + size_t{kStageBytes} * static_cast<size_t>(stages);
   MOEFORGE_CUDA_CHECK(cudaFuncSetAttribute(sm90_pipeline_probe_kernel,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(smem)));
   MOEFORGE_CUDA_CHECK(launch_kernel(sm90_pipeline_probe_kernel, dim3(static_cast<unsigned>(blocks)),
-                                    dim3(kThreads), smem, stream, in, out, rounds, stages));
+                                    dim3(sm90::kWsThreads), smem, stream, in, out, rounds, stages));
   return cudaSuccess;
 }
 
