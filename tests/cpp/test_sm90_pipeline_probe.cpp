@@ -50,7 +50,7 @@ TEST(Sm90PipelineProbe, OneRound) {
 }
 
 TEST(Sm90PipelineProbe, PhasesWrapManyTimes) {
-  // 40 rounds through 2, 3 and 5 stages in one block: every barrier's phase flips 8-20 times.
+  // 40 rounds through 1, 2, 3 and 5 stages in one block: every barrier's phase flips 8-40 times.
   MOEFORGE_SKIP_WITHOUT_SM90();
   for (int stages : {1, 2, 3, 5}) check_probe(40, stages, 1);
 }
