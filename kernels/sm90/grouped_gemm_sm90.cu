@@ -166,8 +166,12 @@ cudaError_t launch_grouped_gemm_sm90(const GroupedGemmSm90Args& args, cudaStream
     case Sm90Pipeline::kOverlapped:
       return launch_pipeline<OverlappedPipeline>(args, sms, stream);
     case Sm90Pipeline::kWarpSpecialized:
-    case Sm90Pipeline::kWarpSpecializedWide:
-      return launch_warp_specialized(args, sms, stream);
+    case Sm90Pipeline::kWarpSpecializedWide: {
+      bool launched = false;
+      MOEFORGE_CUDA_CHECK(launch_warp_specialized(args, sms, stream, &launched));
+      // A weight layout TMA cannot describe: the overlapped pipeline's cp.async loads take it.
+      return launched ? cudaSuccess : launch_pipeline<OverlappedPipeline>(args, sms, stream);
+    }
     default:
       return launch_pipeline<SerialPipeline>(args, sms, stream);
   }

@@ -5,7 +5,8 @@
 //   walked tile by tile (sm90_layout.h tile_coord: 128-row M tiles over unpadded expert segments,
 //   N tiles of one or, on the warp-specialised kernel's wide tiles, two B tiles fastest);
 // - the operand loads of one stage through cp.async into 1024-byte aligned K-major (A) and K- or
-//   MN-major (B) SW128 tiles, with the row gather (A rows read through the routing plan) and
+//   MN-major (B) SW128 tiles (the warp-specialised kernel copies B with TMA instead, into the
+//   same layout), with the row gather (A rows read through the routing plan) and
 //   SwiGLU's B tiles (64 gate + 64 up rows); LoRA's tiles (u's rows, M_e's rank rows);
 // - the epilogue of a tile from the accumulators: the bias, LoRA's up-projection on the tensor
 //   cores, the store of y or h and the activation a.
@@ -160,14 +161,12 @@ __device__ __forceinline__ TileLoads<kLoaders, kBTiles> plan_tile_loads(
   return p;
 }
 
-// Loader thread `loader`'s (of kLoaders) copies of one stage at `stage`: the A tile (rows of x
-// as planned) and the kBTiles B tiles after it (W_e at w_e, K-major or MN-major: BMnMajor =
-// args.w_mn_major), k block k0.
-template <bool BMnMajor, int kLoaders, int kBTiles = 1>
-__device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args,
-                                           const TileLoads<kLoaders, kBTiles>& p,
-                                           unsigned char* stage, const __nv_bfloat16* w_e,
-                                           int64_t k0, int loader) {
+// Loader thread `loader`'s (of kLoaders) copies of the A tile (rows of x as planned) of k block
+// k0 into the stage at `stage`.
+template <int kLoaders, int kBTiles>
+__device__ __forceinline__ void load_a_tile(const GroupedGemmSm90Args& args,
+                                            const TileLoads<kLoaders, kBTiles>& p,
+                                            unsigned char* stage, int64_t k0, int loader) {
   using Loads = TileLoads<kLoaders, kBTiles>;
   const int64_t k = k0 + Loads::column(loader) * 8;
   const bool k_ok = k < args.k;  // k is a multiple of 8: a chunk is all in or all out
@@ -178,6 +177,20 @@ __device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args,
     cp_async_16_zfill(a_dst + i * Loads::kKMajorStride,
                       ok ? args.x + int64_t{p.a_row[i]} * args.ldx + k : args.x, ok ? 16 : 0);
   }
+}
+
+// Loader thread `loader`'s (of kLoaders) copies of one stage at `stage`: the A tile and the
+// kBTiles B tiles after it (W_e at w_e, K-major or MN-major: BMnMajor = args.w_mn_major), k
+// block k0.
+template <bool BMnMajor, int kLoaders, int kBTiles = 1>
+__device__ __forceinline__ void load_stage(const GroupedGemmSm90Args& args,
+                                           const TileLoads<kLoaders, kBTiles>& p,
+                                           unsigned char* stage, const __nv_bfloat16* w_e,
+                                           int64_t k0, int loader) {
+  using Loads = TileLoads<kLoaders, kBTiles>;
+  load_a_tile(args, p, stage, k0, loader);
+  const int64_t k = k0 + Loads::column(loader) * 8;
+  const bool k_ok = k < args.k;
 #pragma unroll
   for (int s = 0; s < kBTiles; ++s) {
     if constexpr (!BMnMajor) {
@@ -427,7 +440,9 @@ __device__ __forceinline__ void finish_tile(const GroupedGemmSm90Args& args, con
 cudaError_t raise_smem_limit_warp_specialized();
 
 // Launches it over `sms` persistent CTAs, on 128 x 256 tiles for kWarpSpecializedWide without
-// LoRA, else on 128 x 128 tiles; the arguments are already validated.
-cudaError_t launch_warp_specialized(const GroupedGemmSm90Args& args, int sms, cudaStream_t stream);
+// LoRA, else on 128 x 128 tiles; the arguments are already validated. *launched is false (and
+// nothing is launched) where the weight's layout is one a TMA tensor map cannot describe.
+cudaError_t launch_warp_specialized(const GroupedGemmSm90Args& args, int sms, cudaStream_t stream,
+                                    bool* launched);
 
 }  // namespace moeforge::kernels::sm90

@@ -14,12 +14,21 @@ cudaError_t launch_grouped_gemm_sm90(const GroupedGemmSm90Args& args, cudaStream
   return grouped_gemm_sm90_args_valid(args) ? cudaErrorNotSupported : cudaErrorInvalidValue;
 }
 
+bool grouped_gemm_sm90_weight_via_tma(const GroupedGemmSm90Args&) {
+  return false;
+}
+
 cudaError_t launch_grouped_wgrad_sm90(const GroupedWgradSm90Args& args, cudaStream_t) {
   return grouped_wgrad_sm90_args_valid(args) ? cudaErrorNotSupported : cudaErrorInvalidValue;
 }
 
 cudaError_t launch_sm90_pipeline_probe(const uint32_t*, uint32_t*, int64_t, int, int,
                                        cudaStream_t) {
+  return cudaErrorNotSupported;
+}
+
+cudaError_t launch_sm90_tma_probe(const __nv_bfloat16*, int64_t, int64_t, int64_t, int32_t, int32_t,
+                                  unsigned char*, cudaStream_t) {
   return cudaErrorNotSupported;
 }
 

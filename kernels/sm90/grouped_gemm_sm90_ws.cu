@@ -1,17 +1,21 @@
 // The warp-specialised row-grouped GEMM (Sm90Pipeline::kWarpSpecialized on 128 x 128 tiles and
 // kWarpSpecializedWide on 128 x 256 ones; contract: moeforge/kernels/grouped_gemm_sm90.h), built
-// for sm_90a only, not yet run on a GPU (the host kernel emulator runs it, with wgmma, cp.async
-// and mbarriers emulated).
+// for sm_90a only, not yet run on a GPU (the host kernel emulator runs it, with wgmma, cp.async,
+// TMA and mbarriers emulated).
 //
 // The same tiles, loads, MMAs and epilogue as grouped_gemm_sm90.cu (grouped_gemm_sm90_tile.cuh),
 // so its results are bitwise the other pipelines'; what differs is who does what, and when: the
 // main loop of ws_pipeline.cuh (docs/hopper-gemm-plan.md 1.2, the CUTLASS / DeepGEMM cooperative
 // split). Warpgroups 0 and 1 are consumers (rows 0-63 / 64-127 of each tile: MMAs and epilogue),
-// warpgroup 2 the producer (all 128 threads issue the cp.async copies of A, B and LoRA's tiles).
-// The producer runs ahead across tiles, so the next tile's loads overlap this tile's last MMAs
-// and its epilogue, which the single-role pipelines serialise.
+// warpgroup 2 the producer: all 128 threads issue the cp.async copies of A's gathered rows (and
+// LoRA's tiles), and its first thread copies the weight's tiles with TMA (tma.cuh), two 8 KB
+// boxes per B tile, announcing their bytes on the stage's full barrier. The producer runs ahead
+// across tiles, so the next tile's loads overlap this tile's last MMAs and its epilogue, which
+// the single-role pipelines serialise. A weight layout that a tensor map cannot describe (e.g.
+// experts sharing one weight, w_stride_e = 0) runs the overlapped single-role pipeline instead
+// (bitwise the same results).
 // - Narrow tiles (WsShape<1>): five stages and LoRA's region with its own barrier pair (one
-//   tile's LoRA operands at a time); setmaxnreg 88 / 208 (56 / 224 spilled the K-major producer).
+//   tile's LoRA operands at a time).
 // - Wide tiles (WsShape<2>): two 128-row B tiles side by side in the stage, multiplied by one
 //   wgmma.m64n256k16 per k16 step and finished by the shared epilogue once per B tile; four
 //   stages, no LoRA region (the launcher sends GEMMs with LoRA, and those whose columns one
@@ -23,6 +27,7 @@
 #include "mbarrier.cuh"
 #include "moeforge/kernels/cuda_check.h"
 #include "moeforge/kernels/grouped_gemm_sm90.h"
+#include "tma.cuh"
 #include "wgmma.cuh"
 #include "ws_pipeline.cuh"
 
@@ -40,11 +45,10 @@ struct WsShape {
   static constexpr int kStages = kBTiles == 1 ? 5 : 4;
   static constexpr int kStageBytes = (1 + kBTiles) * kTileBytes;
   static constexpr int kAcc = kBTiles * kWgmmaAcc;  // fp32 accumulators per consumer thread
-  // ptxas -v, no spills: narrow 88 / 208 (56 / 224 spilled the K-major producer); wide 104 /
-  // 200 (the consumer's 128 accumulators fit; the K-major producer, 24 copies per k block,
-  // spilled at 96 and below).
-  static constexpr int kProducerRegisters = kBTiles == 1 ? 88 : 104;
-  static constexpr int kConsumerRegisters = kBTiles == 1 ? 208 : 200;
+  // 40 / 232, CUTLASS's split for a TMA producer (ptxas -v: no spills in either shape). Before
+  // the weight's tiles went to TMA the producer's cp.async of B needed 88 (narrow) / 104 (wide).
+  static constexpr int kProducerRegisters = 40;
+  static constexpr int kConsumerRegisters = 232;
 };
 using NarrowShape = WsShape<1>;  // Sm90Pipeline::kWarpSpecialized
 using WideShape = WsShape<2>;    // Sm90Pipeline::kWarpSpecializedWide
@@ -115,8 +119,68 @@ struct BarrierLoraSync {
   }
 };
 
+// The weight W [E, n, k] (K-major) or W^T [E, k, n] (MN-major) as a 4-dimensional tensor for
+// TMA, whose 64 x 64 boxes are the halves of a B tile: dims (k, rows, part, E) or (columns, part,
+// k, E), where `part` splits SwiGLU's gate and up halves (rows / columns I each) and is 1
+// otherwise. Out-of-range rows, columns and k read zeros, as the cp.async loaders zero-fill them.
+TmaTensor4d weight_tma_tensor(const GroupedGemmSm90Args& args) {
+  const bool halves = glu_halves(args);
+  const uint64_t n = static_cast<uint64_t>(halves ? args.n / 2 : args.n);
+  const uint64_t parts = halves ? 2 : 1, k = static_cast<uint64_t>(args.k);
+  const uint64_t ldw = static_cast<uint64_t>(args.ldw) * 2;  // bytes
+  const uint64_t e_stride = static_cast<uint64_t>(args.w_stride_e) * 2;
+  const uint64_t experts = static_cast<uint64_t>(args.num_experts);
+  TmaTensor4d t;
+  t.base = args.w;
+  if (!args.w_mn_major) {
+    t.dims[0] = k, t.dims[1] = n, t.dims[2] = parts, t.dims[3] = experts;
+    t.strides[0] = ldw, t.strides[1] = ldw * n, t.strides[2] = e_stride;
+    t.box[0] = 64, t.box[1] = 64, t.box[2] = 1, t.box[3] = 1;
+  } else {
+    t.dims[0] = n, t.dims[1] = parts, t.dims[2] = k, t.dims[3] = experts;
+    t.strides[0] = 2 * n, t.strides[1] = ldw, t.strides[2] = e_stride;
+    t.box[0] = 64, t.box[1] = 1, t.box[2] = 64, t.box[3] = 1;
+  }
+  // One expert's stride is never stepped: any value the rules accept.
+  if (experts == 1) t.strides[2] = t.strides[1] * t.dims[2];
+  return t;
+}
+
+// The first producer thread's copies of the weight's tiles of one stage (k block k0 of the tile
+// whose first output column is n0): an arrival announcing their bytes on the stage's full
+// barrier, then two 64 x 64 boxes per B tile (K-major: rows 0-63 and 64-127; MN-major: the two
+// 64-column blocks kMnBlockBytes apart), which TMA writes in the layout the cp.async loaders
+// write (sm90_layout.h's SW128 offsets are the 128-byte swizzle).
 template <typename Shape, bool BMnMajor>
-__device__ __forceinline__ void produce(const GroupedGemmSm90Args& args, int loader) {
+__device__ __forceinline__ void load_weight_tiles(const GroupedGemmSm90Args& args,
+                                                  const CUtensorMap* w_map, uint64_t* full,
+                                                  unsigned char* stage, const TileCoord& tile,
+                                                  int64_t n0, int64_t k0) {
+  constexpr int kHalfBytes = kTileBytes / 2;
+  static_assert(kHalfBytes == static_cast<int>(kMnBlockBytes), "a box is one 64-column block");
+  const bool halves = glu_halves(args);
+  mbarrier_arrive_expect_tx(full, Shape::kBTiles * kTileBytes);
+  const int32_t e = static_cast<int32_t>(tile.expert), k = static_cast<int32_t>(k0);
+#pragma unroll
+  for (int s = 0; s < Shape::kBTiles; ++s) {
+    const int64_t n0_s = n0 + s * b_tile_columns(args);  // B tile s's first column
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int32_t first = static_cast<int32_t>(halves ? n0_s : n0_s + 64 * h);
+      const int32_t part = halves ? h : 0;
+      unsigned char* const dst = stage + (1 + s) * kTileBytes + h * kHalfBytes;
+      if constexpr (BMnMajor) {
+        tma_load_4d(dst, w_map, full, first, part, k, e);
+      } else {
+        tma_load_4d(dst, w_map, full, k, first, part, e);
+      }
+    }
+  }
+}
+
+template <typename Shape, bool BMnMajor>
+__device__ __forceinline__ void produce(const GroupedGemmSm90Args& args, const CUtensorMap* w_map,
+                                        int loader) {
   constexpr int kBTiles = Shape::kBTiles;
   const SharedLayout l = shared_layout<Shape>();
   const RowSchedule schedule = row_schedule<kBTiles>(args, l.tile_start);
@@ -124,12 +188,15 @@ __device__ __forceinline__ void produce(const GroupedGemmSm90Args& args, int loa
   Ring<Shape::kStages> ring;
   [[maybe_unused]] uint32_t lora_phase = 0;  // narrow shape only
   for_each_tile(args, schedule, l.bound, l.tile_start, [&](const TileCoord& tile, int64_t n0) {
-    const __nv_bfloat16* w_e = args.w + tile.expert * args.w_stride_e;
     const TileLoads<kProducerThreads, kBTiles> loads =  // this thread's copies, once per tile
         plan_tile_loads<BMnMajor, kProducerThreads, kBTiles>(args, tile, n0, loader);
     produce_k_blocks(&bars->ring, ring, schedule.k_blocks, [&](uint32_t stage, int64_t kb) {
-      load_stage<BMnMajor, kProducerThreads, kBTiles>(
-          args, loads, l.stage_ptr + stage * Shape::kStageBytes, w_e, kb * kBK, loader);
+      unsigned char* const stage_ptr = l.stage_ptr + stage * Shape::kStageBytes;
+      if (loader == 0) {
+        load_weight_tiles<Shape, BMnMajor>(args, w_map, &bars->ring.full[stage], stage_ptr, tile,
+                                           n0, kb * kBK);
+      }
+      load_a_tile(args, loads, stage_ptr, kb * kBK, loader);
     });
     // After the tile's k blocks: the consumers need LoRA's operands only after them, and by now
     // the previous tile's LoRA MMAs have long retired.
@@ -192,23 +259,27 @@ __device__ __forceinline__ void consume(const GroupedGemmSm90Args& args, int tid
   });
 }
 
+// w_map: the weight as weight_tma_tensor describes it (a kernel parameter, as TMA requires).
 template <typename Shape, bool BMnMajor>
 __global__ void __launch_bounds__(kWsThreads, 1)
-    grouped_gemm_sm90_ws_kernel(const GroupedGemmSm90Args args) {
+    grouped_gemm_sm90_ws_kernel(const GroupedGemmSm90Args args,
+                                const __grid_constant__ CUtensorMap w_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(MOEFORGE_KERNEL_EMULATION)
   {
     const SharedLayout l = shared_layout<Shape>();
     build_tile_prefix(args, l.bound, l.tile_start, l.warp_max);
     if (threadIdx.x == 0) {
-      l.bars->ring.init(Shape::kStages);
+      // A full phase: each producer thread's cp.async arrival and the TMA bytes' announcement.
+      l.bars->ring.init(Shape::kStages, kProducerThreads + 1);
       mbarrier_init(&l.bars->lora_full, kProducerThreads);
       mbarrier_init(&l.bars->lora_empty, kConsumerThreads / 32);
       fence_mbarrier_init();
+      fence_proxy_async_shared();  // TMA's complete_tx reaches the barriers through the async proxy
     }
   }
   __syncthreads();  // the tile prefix and the barriers; no block-wide barrier after this
   run_roles<Shape::kProducerRegisters, Shape::kConsumerRegisters>(
-      [&](int loader) { produce<Shape, BMnMajor>(args, loader); },
+      [&](int loader) { produce<Shape, BMnMajor>(args, &w_map, loader); },
       [&](int tid) { consume<Shape, BMnMajor>(args, tid); });
 #elif defined(__CUDA_ARCH__)
   __trap();  // built without sm_90a features: never launched (CMakeLists.txt builds 90a only)
@@ -226,11 +297,12 @@ cudaError_t raise_smem_limit() {
 }
 
 template <typename Shape>
-cudaError_t launch_shape(const GroupedGemmSm90Args& args, int sms, cudaStream_t stream) {
+cudaError_t launch_shape(const GroupedGemmSm90Args& args, const CUtensorMap& w_map, int sms,
+                         cudaStream_t stream) {
   auto* kernel = args.w_mn_major ? grouped_gemm_sm90_ws_kernel<Shape, true>
                                  : grouped_gemm_sm90_ws_kernel<Shape, false>;
   MOEFORGE_CUDA_CHECK(launch_kernel(kernel, dim3(static_cast<unsigned>(sms)), dim3(kWsThreads),
-                                    smem_bytes<Shape>(), stream, args));
+                                    smem_bytes<Shape>(), stream, args, w_map));
   return cudaSuccess;
 }
 
@@ -241,14 +313,33 @@ cudaError_t raise_smem_limit_warp_specialized() {
   return raise_smem_limit<WideShape>();
 }
 
-cudaError_t launch_warp_specialized(const GroupedGemmSm90Args& args, int sms, cudaStream_t stream) {
+cudaError_t launch_warp_specialized(const GroupedGemmSm90Args& args, int sms, cudaStream_t stream,
+                                    bool* launched) {
+  *launched = false;
+  CUtensorMap w_map;
+  const cudaError_t encoded = encode_tma_tensor(weight_tma_tensor(args), &w_map);
+  // A layout TMA cannot describe, or no TMA in the driver: the caller runs another pipeline.
+  // Any other error (e.g. no context) is reported.
+  if (encoded == cudaErrorInvalidValue || encoded == cudaErrorNotSupported) return cudaSuccess;
+  MOEFORGE_CUDA_CHECK(encoded);
+  *launched = true;
   // LoRA's operands have no region beside the wide stages: the narrow tiles take such GEMMs, and
   // those whose columns one narrow tile covers (half of each wide tile would be zero columns).
   const int64_t columns = glu_halves(args) ? args.n / 2 : args.n;
   const bool wide = args.pipeline == Sm90Pipeline::kWarpSpecializedWide && args.lora_u == nullptr &&
                     columns > b_tile_columns(args);
-  return wide ? launch_shape<WideShape>(args, sms, stream)
-              : launch_shape<NarrowShape>(args, sms, stream);
+  return wide ? launch_shape<WideShape>(args, w_map, sms, stream)
+              : launch_shape<NarrowShape>(args, w_map, sms, stream);
 }
 
 }  // namespace moeforge::kernels::sm90
+
+namespace moeforge::kernels {
+
+bool grouped_gemm_sm90_weight_via_tma(const GroupedGemmSm90Args& args) {
+  CUtensorMap w_map;
+  return grouped_gemm_sm90_args_valid(args) && args.w != nullptr &&
+         sm90::encode_tma_tensor(sm90::weight_tma_tensor(args), &w_map) == cudaSuccess;
+}
+
+}  // namespace moeforge::kernels

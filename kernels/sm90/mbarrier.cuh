@@ -1,12 +1,13 @@
 // The shared-memory barrier objects (mbarrier) and the register reallocation (setmaxnreg) of the
 // warp-specialised sm_90a pipeline (grouped_gemm_sm90_ws.cu), and their model on the host kernel
-// emulator (tests/emu: a phase completes after its expected arrivals; cp.async copies tied to a
-// barrier land only then).
+// emulator (tests/emu: a phase completes after its expected arrivals and announced TMA bytes;
+// cp.async and TMA copies tied to a barrier land only then).
 //
 // PTX ISA 8.x, sections mbarrier / cp.async.mbarrier.arrive / setmaxnreg. A barrier's phase
-// completes when its expected number of arrivals has come; try_wait.parity(P) succeeds once the
-// phase of parity P has completed (the current phase's parity is then !P), so a waiter tracks one
-// phase bit per barrier, flipping it each time it passes.
+// completes when its expected number of arrivals has come (and, where TMA copies announce their
+// bytes with expect_tx, tma.cuh, once those bytes have landed); try_wait.parity(P) succeeds once
+// the phase of parity P has completed (the current phase's parity is then !P), so a waiter tracks
+// one phase bit per barrier, flipping it each time it passes.
 #pragma once
 
 #include <cstdint>

@@ -1,6 +1,6 @@
-// The pipeline probe (contract: moeforge/kernels/sm90_pipeline_probe.h): the warp-specialised
-// kernels' stage hand-over (ws_pipeline.cuh's barriers, arrivals and role split) with a copy in
-// place of the MMAs.
+// The probes of moeforge/kernels/sm90_pipeline_probe.h: the warp-specialised kernels' stage
+// hand-over (ws_pipeline.cuh's barriers, arrivals and role split) with a copy in place of the
+// MMAs, and one TMA copy (tma.cuh) as the row-grouped GEMM issues them.
 #include <cstdint>
 
 #include "../async_copy.cuh"
@@ -9,6 +9,7 @@
 #include "moeforge/kernels/cuda_check.h"
 #include "moeforge/kernels/grouped_gemm_sm90.h"
 #include "moeforge/kernels/sm90_pipeline_probe.h"
+#include "tma.cuh"
 #include "ws_pipeline.cuh"
 
 namespace moeforge::kernels {
@@ -40,7 +41,8 @@ __global__ void __launch_bounds__(sm90::kWsThreads, 1)
       phase ^= 1u;
     }
   };
-  // The GEMM's register split, so that setmaxnreg is exercised as it is used there.
+  // The weight gradient's register split (its producer issues cp.async as this one does), so
+  // that setmaxnreg is exercised as it is used there.
   sm90::run_roles<88, 208>(
       [&](int loader) {  // the producer: two chunks per thread and round
         for (int64_t r = blockIdx.x; r < rounds; r += gridDim.x) {
@@ -71,7 +73,62 @@ __global__ void __launch_bounds__(sm90::kWsThreads, 1)
 #endif
 }
 
+constexpr int kTmaProbeThreads = 128;
+constexpr size_t kTmaProbeBoxOffset = 1024;  // the barrier first; the box 1024-byte aligned
+
+__global__ void __launch_bounds__(kTmaProbeThreads)
+    sm90_tma_probe_kernel(const __grid_constant__ CUtensorMap map, int32_t row0, int32_t col0,
+                          unsigned char* out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(MOEFORGE_KERNEL_EMULATION)
+  unsigned char* smem = dynamic_shared_memory<unsigned char>();
+  auto* bar = reinterpret_cast<uint64_t*>(smem);
+  unsigned char* box = smem + kTmaProbeBoxOffset;
+  if (threadIdx.x == 0) {
+    sm90::mbarrier_init(bar, 1);
+    sm90::fence_mbarrier_init();
+    sm90::fence_proxy_async_shared();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {  // as the GEMM's producer: announce the bytes, then copy
+    sm90::mbarrier_arrive_expect_tx(bar, kSm90TmaProbeBytes);
+    sm90::tma_load_4d(box, &map, bar, col0, row0, 0, 0);
+  }
+  sm90::mbarrier_wait(bar, 0);
+  for (int c = static_cast<int>(threadIdx.x); c < kSm90TmaProbeBytes / 16; c += kTmaProbeThreads) {
+    reinterpret_cast<uint4*>(out)[c] = reinterpret_cast<const uint4*>(box)[c];
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built without sm_90a features: never launched
+#endif
+}
+
 }  // namespace
+
+cudaError_t launch_sm90_tma_probe(const __nv_bfloat16* src, int64_t rows, int64_t cols, int64_t ld,
+                                  int32_t row0, int32_t col0, unsigned char* out,
+                                  cudaStream_t stream) {
+  if (rows < 1 || cols < 1 || ld < cols || reinterpret_cast<uintptr_t>(out) % 16 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  // The matrix as the GEMM's K-major weight map without SwiGLU halves: (cols, rows, 1, 1).
+  sm90::TmaTensor4d t;
+  t.base = src;
+  t.dims[0] = static_cast<uint64_t>(cols), t.dims[1] = static_cast<uint64_t>(rows);
+  t.dims[2] = t.dims[3] = 1;
+  t.strides[0] = static_cast<uint64_t>(ld) * 2;
+  t.strides[1] = t.strides[2] = t.strides[0] * t.dims[1];
+  t.box[0] = t.box[1] = 64, t.box[2] = t.box[3] = 1;
+  if (!sm90::tma_tensor_valid(t)) return cudaErrorInvalidValue;
+  bool supported = false;
+  MOEFORGE_CUDA_CHECK(grouped_gemm_sm90_supported(&supported));
+  if (!supported) return cudaErrorNotSupported;
+  CUtensorMap map;
+  MOEFORGE_CUDA_CHECK(sm90::encode_tma_tensor(t, &map));
+  const size_t smem = kTmaProbeBoxOffset + kSm90TmaProbeBytes;
+  MOEFORGE_CUDA_CHECK(launch_kernel(sm90_tma_probe_kernel, dim3(1), dim3(kTmaProbeThreads), smem,
+                                    stream, map, row0, col0, out));
+  return cudaSuccess;
+}
 
 cudaError_t launch_sm90_pipeline_probe(const uint32_t* in, uint32_t* out, int64_t rounds,
                                        int stages, int blocks, cudaStream_t stream) {

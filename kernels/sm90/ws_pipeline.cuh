@@ -1,10 +1,11 @@
 // The warp-specialised main loop shared by the sm_90a kernels that have one (the row-grouped GEMM,
 // grouped_gemm_sm90_ws.cu, and the K-grouped weight gradient, grouped_wgrad_sm90_ws.cu):
-// 384 threads, warpgroups 0-1 the consumers (MMAs and epilogue), warpgroup 2 the producer (every
-// cp.async of the stages), handing a ring of shared-memory stages back and forth through
-// mbarriers (docs/hopper-gemm-plan.md 1.2):
+// 384 threads, warpgroups 0-1 the consumers (MMAs and epilogue), warpgroup 2 the producer (the
+// stages' copies: cp.async, and in the row-grouped GEMM TMA for the weight), handing a ring of
+// shared-memory stages back and forth through mbarriers (docs/hopper-gemm-plan.md 1.2):
 // - a stage's `full` barrier completes once each producer thread's copies of it have landed
-//   (cp.async.mbarrier.arrive.noinc: kProducerThreads arrivals); its `empty` barrier once every
+//   (cp.async.mbarrier.arrive.noinc: kProducerThreads arrivals; with the weight's tiles copied by
+//   TMA, one more arrival announcing their bytes, tma.cuh); its `empty` barrier once every
 //   consumer warp's MMAs that read it have retired (lane 0 of each: kConsumerThreads / 32);
 // - both roles walk the same tiles and the same ring, so the producer runs ahead by up to the
 //   ring's length, across tile boundaries (the next tile's first loads overlap this tile's last
@@ -39,10 +40,11 @@ struct StageBarriers {
   uint64_t empty[kStages];  // the MMAs that read stage s have retired
 
   // One thread initialises them (before the block's barrier that publishes them); the first
-  // `stages` are used.
-  __device__ __forceinline__ void init(int stages) {
+  // `stages` are used. A full phase takes `full_arrivals`: each producer thread's, plus one
+  // announcing TMA bytes where the producer issues TMA copies.
+  __device__ __forceinline__ void init(int stages, uint32_t full_arrivals = kProducerThreads) {
     for (int s = 0; s < stages; ++s) {
-      mbarrier_init(&full[s], kProducerThreads);
+      mbarrier_init(&full[s], full_arrivals);
       mbarrier_init(&empty[s], kConsumerThreads / 32);
     }
   }

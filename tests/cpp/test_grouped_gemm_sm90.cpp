@@ -39,9 +39,15 @@ struct Case {
   int64_t pad_x = 0, pad_w = 0, pad_y = 0;
   bool w_mn_major = false;  // w stored [E, k, n + pad_w] instead of [E, n, k + pad_w]
   bool gpt_oss = false;     // with SwiGLU: gpt-oss's interleaved, clamped variant
+  // Every expert reads one weight (w_stride_e = 0): no TMA tensor map describes it, so the
+  // warp-specialised pipelines run the overlapped one.
+  bool shared_weight = false;
 
   int64_t ldw() const { return (w_mn_major ? n : k) + pad_w; }
-  int64_t w_stride_e() const { return (w_mn_major ? k : n) * ldw(); }
+  int64_t w_stride_e() const { return shared_weight ? 0 : (w_mn_major ? k : n) * ldw(); }
+  int64_t w_elements(int64_t experts) const {
+    return (shared_weight ? 1 : experts) * (w_mn_major ? k : n) * ldw();
+  }
   // Element (j, q) of W_e (output column j, reduction index q) in the stored weight.
   int64_t w_index(int64_t e, int64_t j, int64_t q) const {
     return e * w_stride_e() + (w_mn_major ? q * ldw() + j : j * ldw() + q);
@@ -139,6 +145,9 @@ std::vector<bf16> run(const Case& c, const std::vector<int32_t>& offsets,
     args.bias_stride_e = c.n + 8;
   }
   args.pipeline = g_pipeline;
+  // The warp-specialised pipelines read the weight through TMA wherever a tensor map can
+  // describe it (else they run kOverlapped): every case but k = 0 and a shared weight.
+  EXPECT_EQ(kernels::grouped_gemm_sm90_weight_via_tma(args), c.k > 0 && !c.shared_weight);
   EXPECT_EQ(kernels::launch_grouped_gemm_sm90(args, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   if (glu != nullptr) {
@@ -160,7 +169,7 @@ void check_case(const Case& c, uint32_t seed, bool glu = false) {
   const int64_t E = static_cast<int64_t>(c.offsets.size()) - 1;
   const int64_t ldx = c.k + c.pad_x, ldy = c.n + c.pad_y;
   const std::vector<bf16> x = random_bf16(c.rows * ldx, seed, 1.0);
-  const std::vector<bf16> w = random_bf16(E * c.w_stride_e(), seed + 1, 1.0 / std::sqrt(c.k + 1.0));
+  const std::vector<bf16> w = random_bf16(c.w_elements(E), seed + 1, 1.0 / std::sqrt(c.k + 1.0));
   std::vector<bf16> a, swiglu_of_y;
   const std::vector<bf16> y =
       run(c, c.offsets, x, w, glu ? &a : nullptr, glu ? &swiglu_of_y : nullptr);
@@ -259,6 +268,16 @@ TEST_P(GroupedGemmSm90, ManyTilesOneExpert) {
 TEST_P(GroupedGemmSm90, EmptyKGivesZeros) {
   MOEFORGE_SKIP_WITHOUT_SM90();
   check_case({"k = 0", {0, 50, 90}, 100, 0, 64}, 15);
+}
+
+TEST_P(GroupedGemmSm90, SharedWeightWithoutTma) {
+  MOEFORGE_SKIP_WITHOUT_SM90();
+  Case c{"E = 4 sharing W (w_stride_e = 0)", {0, 100, 100, 260, 300}, 300, 136, 200};
+  c.shared_weight = true;
+  check_case(c, 18);
+  c.w_mn_major = true;
+  c.what = "E = 4 sharing an MN-major W";
+  check_case(c, 19);
 }
 
 TEST_P(GroupedGemmSm90, ManyExperts) {
@@ -444,7 +463,7 @@ void check_epilogue_case(const Case& c, int64_t rank, float scale, uint32_t seed
   const int64_t E = static_cast<int64_t>(c.offsets.size()) - 1;
   const int64_t ldx = c.k + c.pad_x, ldy = c.n + c.pad_y;
   const std::vector<bf16> x = random_bf16(c.rows * ldx, seed, 1.0);
-  const std::vector<bf16> w = random_bf16(E * c.w_stride_e(), seed + 1, 1.0 / std::sqrt(c.k + 1.0));
+  const std::vector<bf16> w = random_bf16(c.w_elements(E), seed + 1, 1.0 / std::sqrt(c.k + 1.0));
   const Lora lora = make_lora(c, E, rank, scale, seed + 2);
   const std::vector<bf16> bias = random_bf16(E * (c.n + 8), seed + 3, 1.0);
   std::vector<bf16> a0, a0_ref, a, swiglu_of_y;

@@ -82,9 +82,22 @@ struct Fiber {
 struct Mbarrier {
   int count = 0;    // arrivals per phase
   int pending = 0;  // arrivals the current phase still needs
+  int64_t tx = 0;   // bytes announced (expect_tx) and not yet completed (TMA copies)
   uint64_t phase = 0;
   std::vector<PendingCopy> copies;  // land when the current phase completes
 };
+
+// What encode_tensor_map writes into a CUtensorMap's 128 opaque bytes.
+struct TensorMapFields {
+  uint64_t magic;  // kTensorMapMagic: the map was encoded (not zeros or garbage)
+  const unsigned char* base;
+  int32_t rank;
+  uint64_t dims[5];
+  uint64_t strides[5];  // bytes; strides[0] = 2 (bf16)
+  uint32_t box[5];
+};
+static_assert(sizeof(TensorMapFields) <= 128, "fits a CUtensorMap");
+constexpr uint64_t kTensorMapMagic = 0x544d41706d617073ull;
 
 struct Block {
   std::vector<Fiber>* fibers = nullptr;
@@ -250,6 +263,10 @@ bool run_block(Block& b) {
     }
     if (b.exited == b.num_threads) {
       for (const auto& [bar, m] : b.mbarriers) {
+        if (m.tx != 0) {
+          b.error = "the block ended with TMA bytes announced to an mbarrier that never landed";
+          return false;
+        }
         if (!m.copies.empty()) {
           b.error =
               "the block ended with cp.async copies handed to an mbarrier whose phase never "
@@ -433,13 +450,26 @@ Mbarrier& mbarrier_at(void* bar, bool init) {
   return it->second;
 }
 
-void mbarrier_arrive_on(Mbarrier& m) {
-  ++g_block->progress;
-  if (--m.pending > 0) return;
+// The phase completes once its arrivals have come and every byte announced to it has landed.
+void mbarrier_try_complete(Mbarrier& m) {
+  if (m.pending > 0 || m.tx != 0) return;
   for (const PendingCopy& c : m.copies) std::memcpy(c.dst, c.data.data(), c.bytes);
   m.copies.clear();
   ++m.phase;
   m.pending = m.count;
+}
+
+void mbarrier_arrive_on(Mbarrier& m) {
+  ++g_block->progress;
+  // More arrivals than a phase expects (possible only while its tx-count is outstanding) are
+  // undefined on the hardware.
+  if (--m.pending < 0) trap("mbarrier: more arrivals than the phase expects");
+  mbarrier_try_complete(m);
+}
+
+// tx-count's range (PTX ISA: mbarrier's tx-count, -(2^20 - 1) .. 2^20 - 1).
+void check_tx_range(const Mbarrier& m) {
+  if (m.tx > (1 << 20) - 1 || m.tx < -((1 << 20) - 1)) trap("mbarrier tx-count out of range");
 }
 
 }  // namespace
@@ -449,8 +479,8 @@ void mbarrier_init(void* bar, int count) {
     trap("mbarrier.init: the expected arrival count must be in [1, 2^20 - 1]");
   }
   Mbarrier& m = mbarrier_at(bar, /*init=*/true);
-  if (!m.copies.empty()) trap("mbarrier.init of a barrier with copies in flight");
-  m = Mbarrier{count, count, 0, {}};
+  if (!m.copies.empty() || m.tx != 0) trap("mbarrier.init of a barrier with copies in flight");
+  m = Mbarrier{count, count, 0, 0, {}};
   std::memset(bar, 0, 8);  // the object's bytes; kernels must not use them otherwise
 }
 
@@ -466,6 +496,82 @@ void mbarrier_arrive_async_copies(void* bar) {
   f.copy_groups.clear();
   f.open_copies.clear();
   mbarrier_arrive_on(m);
+}
+
+void mbarrier_arrive_expect_tx(void* bar, uint32_t bytes) {
+  Mbarrier& m = mbarrier_at(bar, false);
+  m.tx += bytes;
+  check_tx_range(m);
+  mbarrier_arrive_on(m);
+}
+
+bool encode_tensor_map(void* map, const void* base, int rank, const uint64_t* dims,
+                       const uint64_t* strides, const uint32_t* box) {
+  // cuTensorMapEncodeTiled's rules for what we use (bf16, no interleave, 128-byte swizzle).
+  if (map == nullptr || reinterpret_cast<uintptr_t>(map) % 64 != 0) return false;
+  if (rank < 1 || rank > 5 || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
+  if (box[0] * 2 % 16 != 0 || box[0] * 2 > 128) return false;
+  TensorMapFields f{};
+  f.magic = kTensorMapMagic;
+  f.base = static_cast<const unsigned char*>(base);
+  f.rank = rank;
+  f.strides[0] = 2;
+  for (int i = 0; i < rank; ++i) {
+    if (dims[i] < 1 || dims[i] > (uint64_t{1} << 32) || box[i] < 1 || box[i] > 256) return false;
+    if (i > 0 && (strides[i - 1] % 16 != 0 || strides[i - 1] >= (uint64_t{1} << 40))) return false;
+    f.dims[i] = dims[i];
+    f.box[i] = box[i];
+    if (i > 0) f.strides[i] = strides[i - 1];
+  }
+  std::memset(map, 0, 128);
+  std::memcpy(map, &f, sizeof f);
+  return true;
+}
+
+void tma_load(void* dst, const void* map, const int32_t* coords, int rank, void* bar) {
+  TensorMapFields f;
+  std::memcpy(&f, map, sizeof f);
+  if (f.magic != kTensorMapMagic) trap("cp.async.bulk.tensor: the tensor map was not encoded");
+  if (f.rank != rank) trap("cp.async.bulk.tensor: the copy's rank is not the tensor map's");
+  auto* const out = static_cast<unsigned char*>(dst);
+  const size_t offset = static_cast<size_t>(out - g_block->dynamic_smem);
+  if (out < g_block->dynamic_smem || offset % 1024 != 0) {
+    trap("cp.async.bulk.tensor: the 128-byte swizzle needs a 1024-byte aligned destination");
+  }
+  Mbarrier& m = mbarrier_at(bar, false);
+  // Box rows of box[0] values (box[0] * 2 <= 128 bytes) in order, dimension 1 fastest; row r's
+  // 16-byte chunk c lands at chunk c ^ (r % 8) of its 128-byte row (the swizzle's row bits are
+  // address bits 7-9 of the aligned destination).
+  const uint32_t chunks = f.box[0] * 2 / 16;
+  if (chunks != 8) trap("cp.async.bulk.tensor: the emulator models 128-byte box rows only");
+  uint64_t rows = 1;
+  for (int i = 1; i < rank; ++i) rows *= f.box[i];
+  for (uint64_t r = 0; r < rows; ++r) {
+    int64_t coord[5] = {coords[0], 0, 0, 0, 0};
+    bool row_in = true;
+    uint64_t rest = r, row_offset = 0;
+    for (int i = 1; i < rank; ++i) {
+      coord[i] = int64_t{coords[i]} + static_cast<int64_t>(rest % f.box[i]);
+      rest /= f.box[i];
+      row_in = row_in && coord[i] >= 0 && coord[i] < static_cast<int64_t>(f.dims[i]);
+      if (row_in) row_offset += static_cast<uint64_t>(coord[i]) * f.strides[i];
+    }
+    for (uint32_t c = 0; c < chunks; ++c) {
+      PendingCopy copy{out + r * 128 + ((c ^ (r % 8)) * 16), 16, {}};
+      for (int v = 0; v < 8; ++v) {  // bf16 values, each in or out of the tensor
+        const int64_t x = coord[0] + c * 8 + v;
+        if (row_in && x >= 0 && x < static_cast<int64_t>(f.dims[0])) {
+          std::memcpy(copy.data.data() + 2 * v, f.base + row_offset + 2 * x, 2);
+        }
+      }
+      std::memset(copy.dst, 0xFF, 16);
+      m.copies.push_back(copy);
+    }
+  }
+  m.tx -= static_cast<int64_t>(rows * f.box[0] * 2);
+  check_tx_range(m);
+  ++g_block->progress;
+  mbarrier_try_complete(m);
 }
 
 void mbarrier_wait_parity(void* bar, uint32_t parity) {

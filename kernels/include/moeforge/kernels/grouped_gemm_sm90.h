@@ -64,7 +64,8 @@ inline constexpr int64_t kGroupedGemmSm90MaxN = int64_t{1} << 30;
 // shared-memory stages) waits for each k block's MMAs before the loop goes on; kOverlapped (4
 // stages) keeps one k block's MMAs in flight while it waits for and loads the next ones;
 // kWarpSpecialized (5 stages for the row-grouped GEMM, 6 for the weight gradient; 384 threads)
-// has a producer warpgroup load the stages, running ahead across tiles, while two consumer
+// has a producer warpgroup load the stages (the row-grouped GEMM's weight tiles through TMA,
+// grouped_gemm_sm90_weight_via_tma), running ahead across tiles, while two consumer
 // warpgroups multiply (one k block's MMAs in flight) and write the epilogue, handing stages back
 // and forth through mbarriers; kWarpSpecializedWide (row-grouped GEMM only) is that pipeline on
 // 128 x 256 tiles (4 stages of A 128 x 64 and B 256 x 64; one wgmma.m64n256k16 per k16 step
@@ -147,6 +148,12 @@ cudaError_t grouped_gemm_sm90_supported(bool* supported);
 // requirements, cudaErrorNotSupported where grouped_gemm_sm90_supported is false, else the first
 // CUDA error.
 cudaError_t launch_grouped_gemm_sm90(const GroupedGemmSm90Args& args, cudaStream_t stream);
+
+// Whether the warp-specialised pipelines read this launch's weight through TMA: a tensor map
+// describes it (kernels/sm90/tma.cuh: positive strides, multiples of 16 bytes, experts not
+// overlapping, k >= 1) and the driver encodes it. Where not (e.g. experts sharing one weight,
+// w_stride_e = 0), kWarpSpecialized / kWarpSpecializedWide run kOverlapped: the same results.
+bool grouped_gemm_sm90_weight_via_tma(const GroupedGemmSm90Args& args);
 
 // ---- the K-grouped weight gradient (kernels/sm90/grouped_wgrad_sm90.cu) ----------------------
 //

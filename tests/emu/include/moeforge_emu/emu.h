@@ -21,6 +21,7 @@
 #define __device__
 #define __global__
 #define __shared__ static
+#define __grid_constant__
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -82,6 +83,17 @@ void mbarrier_init(void* bar, int count);
 void mbarrier_arrive(void* bar);
 void mbarrier_arrive_async_copies(void* bar);
 void mbarrier_wait_parity(void* bar, uint32_t parity);
+// TMA (kernels/sm90/tma.cuh). arrive_expect_tx is mbarrier.arrive.expect_tx: the phase now also
+// waits for `bytes` more of copies to complete. encode_tensor_map writes our own description of
+// a tiled bf16 tensor (base, dims innermost first, byte strides of dims 1.., box; 128-byte
+// swizzle) into the 128 opaque bytes of a CUtensorMap at `map`; false if it breaks the driver's
+// documented rules. tma_load is cp.async.bulk.tensor: the box at `coords` (zeros outside the
+// tensor), swizzled into shared memory at dst (1024-byte aligned), its bytes completed on `bar`
+// at once but its data landing only when the barrier's phase completes (0xFF until then).
+void mbarrier_arrive_expect_tx(void* bar, uint32_t bytes);
+bool encode_tensor_map(void* map, const void* base, int rank, const uint64_t* dims,
+                       const uint64_t* strides, const uint32_t* box);
+void tma_load(void* dst, const void* map, const int32_t* coords, int rank, void* bar);
 
 // Exchange v among the lanes in mask; returns src_lane's value (own value when src_lane < 0).
 template <typename T>
