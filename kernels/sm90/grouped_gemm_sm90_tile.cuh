@@ -20,6 +20,7 @@
 #include "moeforge/kernels/grouped_gemm_sm90.h"
 #include "moeforge/kernels/sm90_layout.h"
 #include "moeforge/kernels/swiglu_math.h"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace moeforge::kernels::sm90 {
@@ -438,6 +439,11 @@ __device__ __forceinline__ void finish_tile(const GroupedGemmSm90Args& args, con
 
 // Raises its dynamic shared-memory limit (a per-device setting; run once per device).
 cudaError_t raise_smem_limit_warp_specialized();
+
+// The weight W [E, n, k] (K-major) or W^T [E, k, n] (MN-major) as the 4-dimensional tensor its
+// TMA copies read, in 64 x 64 boxes that are the halves of a B tile (definition and layout:
+// grouped_gemm_sm90_ws.cu; the TMA probe copies through the same description).
+TmaTensor4d weight_tma_tensor(const GroupedGemmSm90Args& args);
 
 // Launches it over `sms` persistent CTAs, on 128 x 256 tiles for kWarpSpecializedWide without
 // LoRA, else on 128 x 128 tiles; the arguments are already validated. *launched is false (and

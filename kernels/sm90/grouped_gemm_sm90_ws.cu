@@ -119,33 +119,6 @@ struct BarrierLoraSync {
   }
 };
 
-// The weight W [E, n, k] (K-major) or W^T [E, k, n] (MN-major) as a 4-dimensional tensor for
-// TMA, whose 64 x 64 boxes are the halves of a B tile: dims (k, rows, part, E) or (columns, part,
-// k, E), where `part` splits SwiGLU's gate and up halves (rows / columns I each) and is 1
-// otherwise. Out-of-range rows, columns and k read zeros, as the cp.async loaders zero-fill them.
-TmaTensor4d weight_tma_tensor(const GroupedGemmSm90Args& args) {
-  const bool halves = glu_halves(args);
-  const uint64_t n = static_cast<uint64_t>(halves ? args.n / 2 : args.n);
-  const uint64_t parts = halves ? 2 : 1, k = static_cast<uint64_t>(args.k);
-  const uint64_t ldw = static_cast<uint64_t>(args.ldw) * 2;  // bytes
-  const uint64_t e_stride = static_cast<uint64_t>(args.w_stride_e) * 2;
-  const uint64_t experts = static_cast<uint64_t>(args.num_experts);
-  TmaTensor4d t;
-  t.base = args.w;
-  if (!args.w_mn_major) {
-    t.dims[0] = k, t.dims[1] = n, t.dims[2] = parts, t.dims[3] = experts;
-    t.strides[0] = ldw, t.strides[1] = ldw * n, t.strides[2] = e_stride;
-    t.box[0] = 64, t.box[1] = 64, t.box[2] = 1, t.box[3] = 1;
-  } else {
-    t.dims[0] = n, t.dims[1] = parts, t.dims[2] = k, t.dims[3] = experts;
-    t.strides[0] = 2 * n, t.strides[1] = ldw, t.strides[2] = e_stride;
-    t.box[0] = 64, t.box[1] = 1, t.box[2] = 64, t.box[3] = 1;
-  }
-  // One expert's stride is never stepped: any value the rules accept.
-  if (experts == 1) t.strides[2] = t.strides[1] * t.dims[2];
-  return t;
-}
-
 // The first producer thread's copies of the weight's tiles of one stage (k block k0 of the tile
 // whose first output column is n0): an arrival announcing their bytes on the stage's full
 // barrier, then two 64 x 64 boxes per B tile (K-major: rows 0-63 and 64-127; MN-major: the two
@@ -307,6 +280,33 @@ cudaError_t launch_shape(const GroupedGemmSm90Args& args, const CUtensorMap& w_m
 }
 
 }  // namespace
+
+// The weight W [E, n, k] (K-major) or W^T [E, k, n] (MN-major) as a 4-dimensional tensor for
+// TMA, whose 64 x 64 boxes are the halves of a B tile: dims (k, rows, part, E) or (columns, part,
+// k, E), where `part` splits SwiGLU's gate and up halves (rows / columns I each) and is 1
+// otherwise. Out-of-range rows, columns and k read zeros, as the cp.async loaders zero-fill them.
+TmaTensor4d weight_tma_tensor(const GroupedGemmSm90Args& args) {
+  const bool halves = glu_halves(args);
+  const uint64_t n = static_cast<uint64_t>(halves ? args.n / 2 : args.n);
+  const uint64_t parts = halves ? 2 : 1, k = static_cast<uint64_t>(args.k);
+  const uint64_t ldw = static_cast<uint64_t>(args.ldw) * 2;  // bytes
+  const uint64_t e_stride = static_cast<uint64_t>(args.w_stride_e) * 2;
+  const uint64_t experts = static_cast<uint64_t>(args.num_experts);
+  TmaTensor4d t;
+  t.base = args.w;
+  if (!args.w_mn_major) {
+    t.dims[0] = k, t.dims[1] = n, t.dims[2] = parts, t.dims[3] = experts;
+    t.strides[0] = ldw, t.strides[1] = ldw * n, t.strides[2] = e_stride;
+    t.box[0] = 64, t.box[1] = 64, t.box[2] = 1, t.box[3] = 1;
+  } else {
+    t.dims[0] = n, t.dims[1] = parts, t.dims[2] = k, t.dims[3] = experts;
+    t.strides[0] = 2 * n, t.strides[1] = ldw, t.strides[2] = e_stride;
+    t.box[0] = 64, t.box[1] = 1, t.box[2] = 64, t.box[3] = 1;
+  }
+  // One expert's stride is never stepped: any value the rules accept.
+  if (experts == 1) t.strides[2] = t.strides[1] * t.dims[2];
+  return t;
+}
 
 cudaError_t raise_smem_limit_warp_specialized() {
   MOEFORGE_CUDA_CHECK(raise_smem_limit<NarrowShape>());

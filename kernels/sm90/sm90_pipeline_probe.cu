@@ -5,6 +5,7 @@
 
 #include "../async_copy.cuh"
 #include "../launch.cuh"
+#include "grouped_gemm_sm90_tile.cuh"
 #include "mbarrier.cuh"
 #include "moeforge/kernels/cuda_check.h"
 #include "moeforge/kernels/grouped_gemm_sm90.h"
@@ -110,14 +111,12 @@ cudaError_t launch_sm90_tma_probe(const __nv_bfloat16* src, int64_t rows, int64_
   if (rows < 1 || cols < 1 || ld < cols || reinterpret_cast<uintptr_t>(out) % 16 != 0) {
     return cudaErrorInvalidValue;
   }
-  // The matrix as the GEMM's K-major weight map without SwiGLU halves: (cols, rows, 1, 1).
-  sm90::TmaTensor4d t;
-  t.base = src;
-  t.dims[0] = static_cast<uint64_t>(cols), t.dims[1] = static_cast<uint64_t>(rows);
-  t.dims[2] = t.dims[3] = 1;
-  t.strides[0] = static_cast<uint64_t>(ld) * 2;
-  t.strides[1] = t.strides[2] = t.strides[0] * t.dims[1];
-  t.box[0] = t.box[1] = 64, t.box[2] = t.box[3] = 1;
+  // The matrix as the GEMM describes one expert's K-major weight W [n = rows, k = cols]
+  // (without SwiGLU halves): the box at (col0, row0) is the k block col0.. of B rows row0...
+  GroupedGemmSm90Args w;
+  w.w = src;
+  w.n = rows, w.k = cols, w.ldw = ld, w.w_stride_e = rows * ld, w.num_experts = 1;
+  const sm90::TmaTensor4d t = sm90::weight_tma_tensor(w);
   if (!sm90::tma_tensor_valid(t)) return cudaErrorInvalidValue;
   bool supported = false;
   MOEFORGE_CUDA_CHECK(grouped_gemm_sm90_supported(&supported));
